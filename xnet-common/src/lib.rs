@@ -1,0 +1,206 @@
+//! Types shared by the XDP program (`xnet-ebpf`) and the agent (`xnet-user`).
+//!
+//! Every map key and value is `#[repr(C)]` with explicit padding so both sides agree on the
+//! layout byte for byte; with the `user` feature they also implement `bytemuck::Pod` and
+//! `aya::Pod`.
+#![no_std]
+
+pub mod csum;
+pub mod route;
+
+pub use route::*;
+
+/// Most next hops in one ECMP group.
+pub const MAX_ECMP: usize = 16;
+
+/// Names of the BPF maps and programs, so the agent never spells them twice.
+pub mod names {
+    pub const PROG_FORWARD: &str = "xnet_forward";
+    pub const PROG_PASS: &str = "xnet_pass";
+    pub const PROG_BENCH_BASE: &str = "xnet_bench_base";
+    pub const PROG_BENCH_DIR: &str = "xnet_bench_dir";
+    pub const PROG_BENCH_TRIE: &str = "xnet_bench_trie";
+    pub const MAP_ROUTE_NODES: &str = "ROUTE_NODES";
+    pub const MAP_INTERFACES: &str = "INTERFACES";
+    pub const MAP_NEXTHOPS: &str = "NEXTHOPS";
+    pub const MAP_NH_GROUPS: &str = "NH_GROUPS";
+    pub const MAP_TX_PORTS: &str = "TX_PORTS";
+    pub const MAP_LOCAL_V4: &str = "LOCAL_V4";
+    pub const MAP_LOCAL_V6: &str = "LOCAL_V6";
+    pub const MAP_IF_STATS: &str = "IF_STATS";
+    pub const MAP_REASONS: &str = "REASONS";
+    pub const MAP_BENCH_TRIE_V4: &str = "BENCH_TRIE_V4";
+    pub const MAP_BENCH_TRIE_V6: &str = "BENCH_TRIE_V6";
+    pub const MAP_BENCH_ROOTS: &str = "BENCH_ROOTS";
+}
+
+/// Map sizes compiled into the object; `ROUTE_NODES` is sized by the agent at load time.
+pub mod limits {
+    pub const INTERFACES: u32 = 1024;
+    pub const NEXTHOPS: u32 = 65_536;
+    pub const NH_GROUPS: u32 = 65_536;
+    pub const LOCAL_ADDRS: u32 = 4096;
+    pub const BENCH_TRIE: u32 = 1_048_576;
+}
+
+/// Per ingress interface: which segment it belongs to and where that segment's route
+/// tables start in `ROUTE_NODES` (group indexes, see [`route`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct IfConfig {
+    pub segment: u32,
+    pub v4_root: u32,
+    pub v6_root: u32,
+    pub flags: u32,
+}
+
+/// The next hop is usable: its MAC is known and its egress port is in `TX_PORTS`.
+pub const NH_F_VALID: u32 = 1;
+
+/// Where a routed packet leaves: egress interface and the two MACs it gets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct NextHop {
+    pub ifindex: u32,
+    pub flags: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+}
+
+/// An ECMP group: `count` members, each an index into `NEXTHOPS`.
+///
+/// Members are written before `count` grows and after it shrinks, so a packet that reads a
+/// half-updated group still picks a member that was valid in the old or the new group.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct NhGroup {
+    pub count: u32,
+    pub members: [u32; MAX_ECMP],
+}
+
+/// Per-interface packet counters (per CPU in the map; the agent sums them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct IfStats {
+    pub rx: u64,
+    pub forwarded: u64,
+    pub passed: u64,
+    pub dropped: u64,
+}
+
+/// Why a packet was not forwarded by XDP: the index into the `REASONS` per-CPU array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Forwarded by XDP (not a pass reason; counted for completeness).
+    Forwarded = 0,
+    /// Addressed to one of the host's own addresses.
+    PassLocal,
+    PassArp,
+    /// IPv6 neighbour discovery / router solicitation and advertisement.
+    PassNd,
+    /// TTL or hop limit ≤ 1: the kernel sends ICMP time exceeded.
+    PassTtl,
+    PassIpOptions,
+    PassFragment,
+    /// The chosen next hop's MAC is not resolved yet (or its port is not ready).
+    PassNoNeighbour,
+    PassEsp,
+    /// UDP 500 or 4500.
+    PassIke,
+    /// TCP 179.
+    PassBgp,
+    PassNoRoute,
+    /// Neither IPv4 nor IPv6 (or an unsupported tag stack).
+    PassNotIp,
+    /// Multicast, broadcast or link-local destination.
+    PassMulticast,
+    /// IPv6 hop-by-hop options: routers must look at them.
+    PassHopByHop,
+    /// Ingress interface has no xnet configuration.
+    PassNoInterface,
+    /// Truncated or inconsistent headers.
+    DropMalformed,
+}
+
+impl Reason {
+    pub const COUNT: u32 = Reason::DropMalformed as u32 + 1;
+    pub const ALL: [Reason; Reason::COUNT as usize] = [
+        Reason::Forwarded,
+        Reason::PassLocal,
+        Reason::PassArp,
+        Reason::PassNd,
+        Reason::PassTtl,
+        Reason::PassIpOptions,
+        Reason::PassFragment,
+        Reason::PassNoNeighbour,
+        Reason::PassEsp,
+        Reason::PassIke,
+        Reason::PassBgp,
+        Reason::PassNoRoute,
+        Reason::PassNotIp,
+        Reason::PassMulticast,
+        Reason::PassHopByHop,
+        Reason::PassNoInterface,
+        Reason::DropMalformed,
+    ];
+
+    /// Stable name used in status output and tests.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::Forwarded => "forwarded",
+            Reason::PassLocal => "pass_local",
+            Reason::PassArp => "pass_arp",
+            Reason::PassNd => "pass_nd",
+            Reason::PassTtl => "pass_ttl",
+            Reason::PassIpOptions => "pass_ip_options",
+            Reason::PassFragment => "pass_fragment",
+            Reason::PassNoNeighbour => "pass_no_neighbour",
+            Reason::PassEsp => "pass_esp",
+            Reason::PassIke => "pass_ike",
+            Reason::PassBgp => "pass_bgp",
+            Reason::PassNoRoute => "pass_no_route",
+            Reason::PassNotIp => "pass_not_ip",
+            Reason::PassMulticast => "pass_multicast",
+            Reason::PassHopByHop => "pass_hop_by_hop",
+            Reason::PassNoInterface => "pass_no_interface",
+            Reason::DropMalformed => "drop_malformed",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: all of these are repr(C), Copy, without padding holes (checked by bytemuck::Pod).
+    unsafe impl aya::Pod for super::IfConfig {}
+    unsafe impl aya::Pod for super::NextHop {}
+    unsafe impl aya::Pod for super::NhGroup {}
+    unsafe impl aya::Pod for super::IfStats {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_are_fixed() {
+        // The XDP program and the agent are built by different compilers for different
+        // targets: pin the sizes both rely on.
+        assert_eq!(core::mem::size_of::<IfConfig>(), 16);
+        assert_eq!(core::mem::size_of::<NextHop>(), 20);
+        assert_eq!(core::mem::size_of::<NhGroup>(), 4 + 4 * MAX_ECMP);
+        assert_eq!(core::mem::size_of::<IfStats>(), 32);
+    }
+
+    #[test]
+    fn reasons_are_dense_and_named() {
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+            assert!(!r.name().is_empty());
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! xnet's XDP data plane: parse, look up the route of the ingress interface's segment, pick
+//! an ECMP next hop, rewrite and redirect. Anything it must not handle goes to the kernel
+//! with `XDP_PASS`, counted by reason (`xnet_common::Reason`).
+#![no_std]
+#![no_main]
+
+mod maps;
+mod parse;
+mod rewrite;
+mod route;
+mod stats;
+
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+    macros::xdp,
+    maps::lpm_trie::Key,
+    programs::XdpContext,
+};
+use aya_log_ebpf::debug;
+use xnet_common::{IfConfig, Reason, LEAF_NONE, NH_F_VALID};
+
+use maps::{BENCH_ROOTS, BENCH_TRIE_V4, BENCH_TRIE_V6, INTERFACES, LOCAL_V4, LOCAL_V6, TX_PORTS};
+use parse::*;
+
+/// The forwarding program, attached to every interface of the config.
+#[xdp]
+pub fn xnet_forward(ctx: XdpContext) -> u32 {
+    let ifindex = ctx.ingress_ifindex() as u32;
+    let (action, reason) = forward(&ctx, ifindex);
+    if reason == Reason::DropMalformed {
+        debug!(&ctx, "drop malformed packet on ifindex {}", ifindex);
+    }
+    stats::count(ifindex, action, reason);
+    action
+}
+
+/// Attached to the far end of a veth pair so that `XDP_REDIRECT` into it is accepted.
+#[xdp]
+pub fn xnet_pass(_ctx: XdpContext) -> u32 {
+    XDP_PASS
+}
+
+type Verdict = (u32, Reason);
+
+const fn pass(r: Reason) -> Verdict {
+    (XDP_PASS, r)
+}
+const MALFORMED: Verdict = (XDP_DROP, Reason::DropMalformed);
+
+#[inline(always)]
+fn forward(ctx: &XdpContext, ifindex: u32) -> Verdict {
+    // SAFETY: the value is a plain Copy struct; the agent only replaces it whole.
+    let Some(ifc) = (unsafe { INTERFACES.get(&ifindex) }) else {
+        return pass(Reason::PassNoInterface);
+    };
+    let Some(l2) = ethernet(ctx) else {
+        return MALFORMED;
+    };
+    match l2.ethertype {
+        ETH_P_IP => ipv4(ctx, ifindex, ifc, l2.l3),
+        ETH_P_IPV6 => ipv6(ctx, ifindex, ifc, l2.l3),
+        ETH_P_ARP => pass(Reason::PassArp),
+        _ => pass(Reason::PassNotIp),
+    }
+}
+
+/// Control-plane traffic the kernel must see even in transit: ESP, IKE, BGP.
+#[inline(always)]
+fn control_plane(proto: u8, sport: u16, dport: u16) -> Option<Reason> {
+    match proto {
+        IPPROTO_ESP => Some(Reason::PassEsp),
+        IPPROTO_UDP if matches!(sport, 500 | 4500) || matches!(dport, 500 | 4500) => {
+            Some(Reason::PassIke)
+        }
+        IPPROTO_TCP if sport == 179 || dport == 179 => Some(Reason::PassBgp),
+        _ => None,
+    }
+}
+
+#[inline(always)]
+fn ipv4(ctx: &XdpContext, ifindex: u32, ifc: &IfConfig, l3: usize) -> Verdict {
+    let Some(h) = read::<[u8; IPV4_HLEN]>(ctx, l3) else {
+        return MALFORMED;
+    };
+    if h[0] >> 4 != 4 || h[0] & 0x0f < 5 {
+        return MALFORMED;
+    }
+    if h[0] & 0x0f != 5 {
+        return pass(Reason::PassIpOptions);
+    }
+    if u16::from_be_bytes([h[6], h[7]]) & 0x3fff != 0 {
+        return pass(Reason::PassFragment);
+    }
+    let src = [h[12], h[13], h[14], h[15]];
+    let dst = [h[16], h[17], h[18], h[19]];
+    // SAFETY: plain value, only tested for presence.
+    if unsafe { LOCAL_V4.get(&dst) }.is_some() {
+        return pass(Reason::PassLocal);
+    }
+    // Multicast, class E and broadcast (224/3), link-local (169.254/16).
+    if dst[0] >= 224 || (dst[0] == 169 && dst[1] == 254) {
+        return pass(Reason::PassMulticast);
+    }
+    let proto = h[9];
+    let (sport, dport) = ports(ctx, proto, l3 + IPV4_HLEN);
+    if let Some(r) = control_plane(proto, sport, dport) {
+        return pass(r);
+    }
+    if h[8] <= 1 {
+        return pass(Reason::PassTtl);
+    }
+    let nhg = route::lookup(ifc.v4_root, &dst);
+    if nhg == LEAF_NONE {
+        return pass(Reason::PassNoRoute);
+    }
+    let hash = route::flow_hash(route::fold(&src), route::fold(&dst), proto, sport, dport);
+    let Some(nh) = route::select(nhg, hash) else {
+        return pass(Reason::PassNoRoute);
+    };
+    if nh.flags & NH_F_VALID == 0 {
+        return pass(Reason::PassNoNeighbour);
+    }
+    if rewrite::ipv4_ttl(ctx, l3).is_none() || rewrite::ethernet(ctx, l3, nh).is_none() {
+        return MALFORMED;
+    }
+    send(ifindex, nh.ifindex)
+}
+
+#[inline(always)]
+fn ipv6(ctx: &XdpContext, ifindex: u32, ifc: &IfConfig, l3: usize) -> Verdict {
+    let Some(h) = read::<[u8; 8]>(ctx, l3) else {
+        return MALFORMED;
+    };
+    let Some(addrs) = read::<[u8; 32]>(ctx, l3 + 8) else {
+        return MALFORMED;
+    };
+    if h[0] >> 4 != 6 {
+        return MALFORMED;
+    }
+    let proto = h[6];
+    if proto == IPPROTO_HOPOPTS {
+        return pass(Reason::PassHopByHop);
+    }
+    let mut src = [0u8; 16];
+    let mut dst = [0u8; 16];
+    src.copy_from_slice(&addrs[..16]);
+    dst.copy_from_slice(&addrs[16..]);
+    if proto == IPPROTO_ICMPV6 {
+        // Router/neighbour solicitation and advertisement, redirect: types 133..=137.
+        if let Some(t) = read::<u8>(ctx, l3 + IPV6_HLEN) {
+            if (133..=137).contains(&t) {
+                return pass(Reason::PassNd);
+            }
+        }
+    }
+    // SAFETY: plain value, only tested for presence.
+    if unsafe { LOCAL_V6.get(&dst) }.is_some() {
+        return pass(Reason::PassLocal);
+    }
+    // Multicast (ff00::/8) and link-local (fe80::/10).
+    if dst[0] == 0xff || (dst[0] == 0xfe && dst[1] & 0xc0 == 0x80) {
+        return pass(Reason::PassMulticast);
+    }
+    let (sport, dport) = ports(ctx, proto, l3 + IPV6_HLEN);
+    if let Some(r) = control_plane(proto, sport, dport) {
+        return pass(r);
+    }
+    if h[7] <= 1 {
+        return pass(Reason::PassTtl);
+    }
+    let nhg = route::lookup(ifc.v6_root, &dst);
+    if nhg == LEAF_NONE {
+        return pass(Reason::PassNoRoute);
+    }
+    let hash = route::flow_hash(route::fold(&src), route::fold(&dst), proto, sport, dport);
+    let Some(nh) = route::select(nhg, hash) else {
+        return pass(Reason::PassNoRoute);
+    };
+    if nh.flags & NH_F_VALID == 0 {
+        return pass(Reason::PassNoNeighbour);
+    }
+    if rewrite::ipv6_hop_limit(ctx, l3).is_none() || rewrite::ethernet(ctx, l3, nh).is_none() {
+        return MALFORMED;
+    }
+    send(ifindex, nh.ifindex)
+}
+
+/// `XDP_TX` back out of the ingress port, else `XDP_REDIRECT` through `TX_PORTS`.
+#[inline(always)]
+fn send(ingress: u32, egress: u32) -> Verdict {
+    if egress == ingress {
+        return (XDP_TX, Reason::Forwarded);
+    }
+    match TX_PORTS.redirect(egress, 0) {
+        Ok(action) => (action, Reason::Forwarded),
+        // Not in TX_PORTS: the agent marks such next hops invalid, so this is a race with
+        // an interface going away.
+        Err(_) => pass(Reason::PassNoNeighbour),
+    }
+}
+
+// ---- Benchmark programs: the same parsing, each with one route structure. ----
+
+/// Destination address of an untagged IPv4/IPv6 packet.
+#[inline(always)]
+fn bench_dst(ctx: &XdpContext) -> Option<([u8; 16], bool)> {
+    let l2 = ethernet(ctx)?;
+    let mut dst = [0u8; 16];
+    match l2.ethertype {
+        ETH_P_IP => {
+            let d = read::<[u8; 4]>(ctx, l2.l3 + 16)?;
+            dst[..4].copy_from_slice(&d);
+            Some((dst, true))
+        }
+        ETH_P_IPV6 => Some((read::<[u8; 16]>(ctx, l2.l3 + 24)?, false)),
+        _ => None,
+    }
+}
+
+/// Baseline: parse and bounce.
+#[xdp]
+pub fn xnet_bench_base(ctx: XdpContext) -> u32 {
+    match bench_dst(&ctx) {
+        Some(_) => XDP_TX,
+        None => XDP_PASS,
+    }
+}
+
+/// Parse and look up in xnet's own route structure.
+#[xdp]
+pub fn xnet_bench_dir(ctx: XdpContext) -> u32 {
+    let Some((dst, v4)) = bench_dst(&ctx) else {
+        return XDP_PASS;
+    };
+    let leaf = if v4 {
+        let root = BENCH_ROOTS.get(0).copied().unwrap_or(0);
+        route::lookup(root, &[dst[0], dst[1], dst[2], dst[3]])
+    } else {
+        let root = BENCH_ROOTS.get(1).copied().unwrap_or(0);
+        route::lookup(root, &dst)
+    };
+    if leaf == LEAF_NONE {
+        XDP_PASS
+    } else {
+        XDP_TX
+    }
+}
+
+/// Parse and look up in the kernel's LPM trie.
+#[xdp]
+pub fn xnet_bench_trie(ctx: XdpContext) -> u32 {
+    let Some((dst, v4)) = bench_dst(&ctx) else {
+        return XDP_PASS;
+    };
+    let hit = if v4 {
+        BENCH_TRIE_V4.get(&Key::new(32, [dst[0], dst[1], dst[2], dst[3]])).is_some()
+    } else {
+        BENCH_TRIE_V6.get(&Key::new(128, dst)).is_some()
+    };
+    if hit {
+        XDP_TX
+    } else {
+        XDP_PASS
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,53 @@
+//! Every map the XDP programs share with the agent. Names and sizes come from
+//! `xnet_common::{names, limits}` so the agent cannot disagree with them.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, DevMapHash, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap},
+};
+use xnet_common::{limits, IfConfig, IfStats, NextHop, NhGroup, Reason};
+
+/// Lets user space mmap the array (linux/bpf.h).
+const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+/// Route tables of every segment (see `xnet_common::route`). Sized by the agent at load
+/// time; the agent writes it through mmap, one `u32` store per entry.
+#[map]
+pub static ROUTE_NODES: Array<u32> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+
+/// Ingress ifindex → segment and its route-table roots.
+#[map]
+pub static INTERFACES: HashMap<u32, IfConfig> = HashMap::with_max_entries(limits::INTERFACES, 0);
+
+#[map]
+pub static NEXTHOPS: Array<NextHop> = Array::with_max_entries(limits::NEXTHOPS, 0);
+
+#[map]
+pub static NH_GROUPS: Array<NhGroup> = Array::with_max_entries(limits::NH_GROUPS, 0);
+
+/// Egress ports for `XDP_REDIRECT`, keyed by ifindex.
+#[map]
+pub static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(limits::INTERFACES, 0);
+
+/// The host's own addresses: packets to them go to the kernel.
+#[map]
+pub static LOCAL_V4: HashMap<[u8; 4], u32> = HashMap::with_max_entries(limits::LOCAL_ADDRS, 0);
+#[map]
+pub static LOCAL_V6: HashMap<[u8; 16], u32> = HashMap::with_max_entries(limits::LOCAL_ADDRS, 0);
+
+#[map]
+pub static IF_STATS: PerCpuHashMap<u32, IfStats> =
+    PerCpuHashMap::with_max_entries(limits::INTERFACES, 0);
+
+#[map]
+pub static REASONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
+
+/// Benchmark only: the same table in the kernel's LPM trie, for comparison.
+#[map]
+pub static BENCH_TRIE_V4: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(limits::BENCH_TRIE, 0);
+#[map]
+pub static BENCH_TRIE_V6: LpmTrie<[u8; 16], u32> =
+    LpmTrie::with_max_entries(limits::BENCH_TRIE, 0);
+/// Benchmark only: [v4 root, v6 root] of the table `xnet_bench_dir` looks up.
+#[map]
+pub static BENCH_ROOTS: Array<u32> = Array::with_max_entries(2, 0);

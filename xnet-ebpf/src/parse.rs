@@ -1,0 +1,68 @@
+//! Zero-copy views of the headers the fast path reads. Every access is checked against
+//! `data_end` first, in the form the verifier can follow.
+
+use aya_ebpf::programs::XdpContext;
+
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+pub const ETH_P_ARP: u16 = 0x0806;
+pub const ETH_P_8021Q: u16 = 0x8100;
+pub const ETH_P_8021AD: u16 = 0x88a8;
+
+pub const IPPROTO_HOPOPTS: u8 = 0;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ESP: u8 = 50;
+pub const IPPROTO_ICMPV6: u8 = 58;
+
+pub const ETH_HLEN: usize = 14;
+pub const VLAN_HLEN: usize = 4;
+pub const IPV4_HLEN: usize = 20;
+pub const IPV6_HLEN: usize = 40;
+
+/// A pointer to `T` at `off` bytes into the packet, if the whole `T` is inside it.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + off + core::mem::size_of::<T>() > end {
+        return None;
+    }
+    Some((start + off) as *mut T)
+}
+
+#[inline(always)]
+pub fn read<T: Copy>(ctx: &XdpContext, off: usize) -> Option<T> {
+    // SAFETY: ptr_at checked the bounds; packet data has no alignment guarantee.
+    ptr_at::<T>(ctx, off).map(|p| unsafe { p.read_unaligned() })
+}
+
+/// Layer 3 as found after the Ethernet header (and at most one VLAN tag).
+pub struct L2 {
+    pub ethertype: u16,
+    /// Offset of the layer-3 header.
+    pub l3: usize,
+}
+
+#[inline(always)]
+pub fn ethernet(ctx: &XdpContext) -> Option<L2> {
+    let mut ethertype = u16::from_be(read::<u16>(ctx, 12)?);
+    let mut l3 = ETH_HLEN;
+    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+        ethertype = u16::from_be(read::<u16>(ctx, ETH_HLEN + 2)?);
+        l3 += VLAN_HLEN;
+    }
+    Some(L2 { ethertype, l3 })
+}
+
+/// Source and destination ports of a TCP/UDP header at `l4`, zero for other protocols or
+/// when the header is cut short (the kernel deals with those).
+#[inline(always)]
+pub fn ports(ctx: &XdpContext, proto: u8, l4: usize) -> (u16, u16) {
+    if proto == IPPROTO_TCP || proto == IPPROTO_UDP {
+        if let Some(p) = read::<[u8; 4]>(ctx, l4) {
+            return (u16::from_be_bytes([p[0], p[1]]), u16::from_be_bytes([p[2], p[3]]));
+        }
+    }
+    (0, 0)
+}

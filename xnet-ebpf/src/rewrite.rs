@@ -1,0 +1,51 @@
+//! Header rewrites for a forwarded packet: TTL/hop limit, MACs, VLAN tag removal.
+
+use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
+use xnet_common::{csum, NextHop};
+
+use crate::parse::{ptr_at, ETH_HLEN, VLAN_HLEN};
+
+/// Decrements the IPv4 TTL at `l3` and updates the header checksum incrementally.
+#[inline(always)]
+pub fn ipv4_ttl(ctx: &XdpContext, l3: usize) -> Option<()> {
+    let h = ptr_at::<[u8; 12]>(ctx, l3)?;
+    // SAFETY: ptr_at checked that 12 bytes at l3 are inside the packet.
+    unsafe {
+        let old = u16::from_be_bytes([(*h)[8], (*h)[9]]);
+        (*h)[8] -= 1;
+        let new = u16::from_be_bytes([(*h)[8], (*h)[9]]);
+        let check = csum::replace16(u16::from_be_bytes([(*h)[10], (*h)[11]]), old, new);
+        let c = check.to_be_bytes();
+        (*h)[10] = c[0];
+        (*h)[11] = c[1];
+    }
+    Some(())
+}
+
+/// Decrements the IPv6 hop limit at `l3` (IPv6 has no header checksum).
+#[inline(always)]
+pub fn ipv6_hop_limit(ctx: &XdpContext, l3: usize) -> Option<()> {
+    let h = ptr_at::<[u8; 8]>(ctx, l3)?;
+    // SAFETY: bounds checked above.
+    unsafe { (*h)[7] -= 1 };
+    Some(())
+}
+
+/// Writes the next hop's MACs; with a VLAN tag (`l3` past the plain Ethernet header), drops
+/// the tag first: next hops are untagged ports in v1.
+#[inline(always)]
+pub fn ethernet(ctx: &XdpContext, l3: usize, nh: &NextHop) -> Option<()> {
+    if l3 != ETH_HLEN {
+        // SAFETY: moving the start of the packet forward by the tag's length; the MACs are
+        // written below at the new start.
+        if unsafe { bpf_xdp_adjust_head(ctx.ctx, VLAN_HLEN as i32) } != 0 {
+            return None;
+        }
+    }
+    let eth = ptr_at::<[u8; 12]>(ctx, 0)?;
+    // SAFETY: bounds checked above.
+    let eth = unsafe { &mut *eth };
+    eth[..6].copy_from_slice(&nh.dmac);
+    eth[6..].copy_from_slice(&nh.smac);
+    Some(())
+}

@@ -1,0 +1,58 @@
+//! Route lookup and next-hop choice: the one module that knows how routes are stored, so
+//! the table structure can change without touching the rest.
+
+use xnet_common::{NextHop, LEAF_NONE, MAX_ECMP};
+
+use crate::maps::{NEXTHOPS, NH_GROUPS, ROUTE_NODES};
+
+/// Longest-prefix match of `addr` in the table rooted at `root`: the next-hop group id, or
+/// `LEAF_NONE`.
+#[inline(always)]
+pub fn lookup<const N: usize>(root: u32, addr: &[u8; N]) -> u32 {
+    xnet_common::route::lookup(root, addr, |i| match ROUTE_NODES.get(i) {
+        Some(e) => *e,
+        None => LEAF_NONE,
+    })
+}
+
+/// The next hop of group `nhg` that a flow with `hash` takes (ECMP), if the group has one.
+#[inline(always)]
+pub fn select(nhg: u32, hash: u32) -> Option<&'static NextHop> {
+    let group = NH_GROUPS.get(nhg)?;
+    let count = group.count;
+    if count == 0 || count as usize > MAX_ECMP {
+        return None;
+    }
+    let slot = (hash % count) as usize;
+    // The verifier needs the bound spelled out even though count ≤ MAX_ECMP.
+    let member = *group.members.get(slot & (MAX_ECMP - 1))?;
+    NEXTHOPS.get(member)
+}
+
+/// A 5-tuple hash for ECMP: the same flow always takes the same next hop.
+#[inline(always)]
+pub fn flow_hash(src: u32, dst: u32, proto: u8, sport: u16, dport: u16) -> u32 {
+    let mut h = src.wrapping_mul(0x9e37_79b1)
+        ^ dst.rotate_left(13).wrapping_mul(0x85eb_ca6b)
+        ^ (((sport as u32) << 16) | dport as u32).wrapping_mul(0xc2b2_ae35)
+        ^ proto as u32;
+    // murmur3 finaliser: spreads every input bit over the result.
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^= h >> 16;
+    h
+}
+
+/// Folds an address into 32 bits for [`flow_hash`].
+#[inline(always)]
+pub fn fold<const N: usize>(a: &[u8; N]) -> u32 {
+    let mut x = 0u32;
+    let mut i = 0;
+    while i + 4 <= N {
+        x ^= u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
+        i += 4;
+    }
+    x
+}
