@@ -16,7 +16,6 @@ pub const MAX_ECMP: usize = 16;
 /// Names of the BPF maps and programs, so the agent never spells them twice.
 pub mod names {
     pub const PROG_FORWARD: &str = "xnet_forward";
-    pub const PROG_PASS: &str = "xnet_pass";
     pub const PROG_BENCH_BASE: &str = "xnet_bench_base";
     pub const PROG_BENCH_DIR: &str = "xnet_bench_dir";
     pub const PROG_BENCH_TRIE: &str = "xnet_bench_trie";
@@ -84,7 +83,10 @@ pub struct NhGroup {
 /// Per-interface packet counters (per CPU in the map; the agent sums them).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+#[cfg_attr(
+    feature = "user",
+    derive(bytemuck::Pod, bytemuck::Zeroable, serde::Serialize)
+)]
 pub struct IfStats {
     pub rx: u64,
     pub forwarded: u64,

@@ -34,12 +34,6 @@ pub fn xnet_forward(ctx: XdpContext) -> u32 {
     action
 }
 
-/// Attached to the far end of a veth pair so that `XDP_REDIRECT` into it is accepted.
-#[xdp]
-pub fn xnet_pass(_ctx: XdpContext) -> u32 {
-    XDP_PASS
-}
-
 type Verdict = (u32, Reason);
 
 const fn pass(r: Reason) -> Verdict {
@@ -253,7 +247,9 @@ pub fn xnet_bench_trie(ctx: XdpContext) -> u32 {
         return XDP_PASS;
     };
     let hit = if v4 {
-        BENCH_TRIE_V4.get(&Key::new(32, [dst[0], dst[1], dst[2], dst[3]])).is_some()
+        BENCH_TRIE_V4
+            .get(&Key::new(32, [dst[0], dst[1], dst[2], dst[3]]))
+            .is_some()
     } else {
         BENCH_TRIE_V6.get(&Key::new(128, dst)).is_some()
     };

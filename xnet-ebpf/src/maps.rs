@@ -5,15 +5,18 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, DevMapHash, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap},
 };
-use xnet_common::{limits, IfConfig, IfStats, NextHop, NhGroup, Reason};
+use xnet_common::{limits, route::GROUP_SIZE, IfConfig, IfStats, NextHop, NhGroup, Reason};
 
 /// Lets user space mmap the array (linux/bpf.h).
 const BPF_F_MMAPABLE: u32 = 1 << 10;
 
-/// Route tables of every segment (see `xnet_common::route`). Sized by the agent at load
-/// time; the agent writes it through mmap, one `u32` store per entry.
+/// Route tables of every segment (see `xnet_common::route`), one group of 256 entries per
+/// element: array elements are 8-byte aligned, so a bare `u32` element would waste half the
+/// memory and not be contiguous for the agent's mmap. Sized by the agent at load time; the
+/// agent writes it through mmap, one `u32` store per entry.
 #[map]
-pub static ROUTE_NODES: Array<u32> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+pub static ROUTE_NODES: Array<[u32; GROUP_SIZE as usize]> =
+    Array::with_max_entries(1, BPF_F_MMAPABLE);
 
 /// Ingress ifindex → segment and its route-table roots.
 #[map]
@@ -46,8 +49,7 @@ pub static REASONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason::COU
 #[map]
 pub static BENCH_TRIE_V4: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(limits::BENCH_TRIE, 0);
 #[map]
-pub static BENCH_TRIE_V6: LpmTrie<[u8; 16], u32> =
-    LpmTrie::with_max_entries(limits::BENCH_TRIE, 0);
+pub static BENCH_TRIE_V6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(limits::BENCH_TRIE, 0);
 /// Benchmark only: [v4 root, v6 root] of the table `xnet_bench_dir` looks up.
 #[map]
 pub static BENCH_ROOTS: Array<u32> = Array::with_max_entries(2, 0);

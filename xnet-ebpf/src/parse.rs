@@ -61,7 +61,10 @@ pub fn ethernet(ctx: &XdpContext) -> Option<L2> {
 pub fn ports(ctx: &XdpContext, proto: u8, l4: usize) -> (u16, u16) {
     if proto == IPPROTO_TCP || proto == IPPROTO_UDP {
         if let Some(p) = read::<[u8; 4]>(ctx, l4) {
-            return (u16::from_be_bytes([p[0], p[1]]), u16::from_be_bytes([p[2], p[3]]));
+            return (
+                u16::from_be_bytes([p[0], p[1]]),
+                u16::from_be_bytes([p[2], p[3]]),
+            );
         }
     }
     (0, 0)

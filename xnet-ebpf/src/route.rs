@@ -1,7 +1,7 @@
 //! Route lookup and next-hop choice: the one module that knows how routes are stored, so
 //! the table structure can change without touching the rest.
 
-use xnet_common::{NextHop, LEAF_NONE, MAX_ECMP};
+use xnet_common::{route::GROUP_SIZE, NextHop, LEAF_NONE, MAX_ECMP};
 
 use crate::maps::{NEXTHOPS, NH_GROUPS, ROUTE_NODES};
 
@@ -9,8 +9,8 @@ use crate::maps::{NEXTHOPS, NH_GROUPS, ROUTE_NODES};
 /// `LEAF_NONE`.
 #[inline(always)]
 pub fn lookup<const N: usize>(root: u32, addr: &[u8; N]) -> u32 {
-    xnet_common::route::lookup(root, addr, |i| match ROUTE_NODES.get(i) {
-        Some(e) => *e,
+    xnet_common::route::lookup(root, addr, |i| match ROUTE_NODES.get(i / GROUP_SIZE) {
+        Some(group) => group[(i % GROUP_SIZE) as usize],
         None => LEAF_NONE,
     })
 }
@@ -23,9 +23,13 @@ pub fn select(nhg: u32, hash: u32) -> Option<&'static NextHop> {
     if count == 0 || count as usize > MAX_ECMP {
         return None;
     }
-    let slot = (hash % count) as usize;
-    // The verifier needs the bound spelled out even though count ≤ MAX_ECMP.
-    let member = *group.members.get(slot & (MAX_ECMP - 1))?;
+    // Multiply-shift maps the hash onto 0..count without a division.
+    let slot = ((hash as u64 * count as u64) >> 32) as usize;
+    // LLVM knows slot < count ≤ MAX_ECMP and would drop a plain mask; the verifier does not
+    // know it. The volatile read hides the range from LLVM so the mask stays.
+    // SAFETY: reading a local.
+    let slot = unsafe { core::ptr::read_volatile(&slot) } & (MAX_ECMP - 1);
+    let member = group.members[slot];
     NEXTHOPS.get(member)
 }
 

@@ -1,1 +1,313 @@
-fn main(){}
+//! `cargo xtask`: set up, build, run, test and benchmark xnet.
+//!
+//! This crate builds with the machine's own stable Rust and no pinned toolchain, so that
+//! `cargo xtask …` can start on a fresh machine and install everything else itself.
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+/// Stable toolchain for the agent and its tests (aya 0.16 needs rustc ≥ 1.98).
+const USER_TOOLCHAIN: &str = "1.99.0";
+/// Nightly for the XDP program (`-Z build-std=core`); bpf-linker links against its LLVM.
+const BPF_TOOLCHAIN: &str = "nightly-2026-10-30";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Debian packages the lab, the tests and the demo use.
+const DEBIAN_PACKAGES: &[&str] = &["iproute2", "ethtool", "iputils-ping"];
+
+#[derive(Parser)]
+#[command(about = "Build, run, test and benchmark xnet")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the pinned toolchains, bpf-linker and the Debian packages (idempotent).
+    Setup,
+    /// Build the XDP object and the agent (release).
+    Build,
+    /// Run the demo lab (no arguments), or the agent on this host: `-- --config FILE`.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Run every test: unit, BPF_PROG_TEST_RUN packet tests and network-namespace tests
+    /// (the last two need root; they skip with a message elsewhere). Extra arguments go to
+    /// `cargo test`.
+    Test {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Benchmarks: ns/packet of the XDP program with the full Internet table.
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> Result<()> {
+    let root = workspace_root();
+    match Cli::parse().command {
+        Cmd::Setup => setup(&root),
+        Cmd::Build => build(&root).map(|_| ()),
+        Cmd::Run { args } => {
+            let xnet = build(&root)?;
+            let args = if args.is_empty() {
+                vec!["demo".into()]
+            } else {
+                prepend("run", args)
+            };
+            run(Command::new(xnet).args(args))
+        }
+        Cmd::Test { args } => {
+            let obj = build(&root)?;
+            let _ = obj;
+            let mut cmd = cargo(USER_TOOLCHAIN);
+            cmd.current_dir(&root)
+                .args(["test", "--release", "--workspace"])
+                .args(args)
+                .env("XNET_EBPF_OBJ", ebpf_object(&root));
+            run(&mut cmd)
+        }
+        Cmd::Bench { args } => {
+            let xnet = build(&root)?;
+            let mut cmd = Command::new(xnet);
+            cmd.arg("bench");
+            let data = root.join("../shared/data");
+            if data.is_dir() && !args.iter().any(|a| a == "--table-dir") {
+                cmd.arg("--table-dir").arg(data);
+            }
+            run(cmd.args(args))
+        }
+    }
+}
+
+fn prepend(first: &str, rest: Vec<OsString>) -> Vec<OsString> {
+    std::iter::once(OsString::from(first)).chain(rest).collect()
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn step(msg: &str) {
+    eprintln!("xtask: {msg}");
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("starting {:?}", cmd.get_program()))?;
+    if !status.success() {
+        bail!(
+            "{:?} {:?} failed: {status}",
+            cmd.get_program(),
+            cmd.get_args().collect::<Vec<_>>()
+        );
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("starting {:?}", cmd.get_program()))?;
+    if !out.status.success() {
+        bail!(
+            "{:?} failed: {}",
+            cmd.get_program(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `cargo +TOOLCHAIN`, through rustup so that the pinned toolchain is used whatever
+/// toolchain runs xtask itself.
+fn cargo(toolchain: &str) -> Command {
+    let mut c = Command::new("rustup");
+    c.args(["run", toolchain, "cargo"]);
+    // Variables cargo set for xtask would leak into the inner build.
+    for v in [
+        "RUSTC",
+        "RUSTDOC",
+        "CARGO",
+        "RUSTUP_TOOLCHAIN",
+        "CARGO_TARGET_DIR",
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+    ] {
+        c.env_remove(v);
+    }
+    c
+}
+
+fn setup(root: &Path) -> Result<()> {
+    toolchain(USER_TOOLCHAIN, &["clippy", "rustfmt"])?;
+    toolchain(BPF_TOOLCHAIN, &["rust-src"])?;
+    bpf_linker(root)?;
+    debian_packages()?;
+    step("setup complete");
+    Ok(())
+}
+
+fn toolchain(name: &str, components: &[&str]) -> Result<()> {
+    let installed = output(Command::new("rustup").args(["toolchain", "list"]))?;
+    if !installed.lines().any(|l| l.starts_with(name)) {
+        step(&format!(
+            "installing Rust toolchain {name} (minimal, with {})",
+            components.join(", ")
+        ));
+        let mut cmd = Command::new("rustup");
+        cmd.args(["toolchain", "install", name, "--profile", "minimal"]);
+        for c in components {
+            cmd.args(["--component", c]);
+        }
+        run(&mut cmd)?;
+        return Ok(());
+    }
+    let have = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        name,
+    ]))?;
+    for c in components {
+        if !have.lines().any(|l| l.starts_with(c)) {
+            step(&format!("adding component {c} to {name}"));
+            run(Command::new("rustup").args(["component", "add", c, "--toolchain", name]))?;
+        }
+    }
+    Ok(())
+}
+
+fn tools_dir(root: &Path) -> PathBuf {
+    root.join("target/tools")
+}
+
+fn bpf_linker_bin(root: &Path) -> PathBuf {
+    tools_dir(root).join(format!(
+        "bpf-linker-{BPF_LINKER_VERSION}-{BPF_TOOLCHAIN}/bin"
+    ))
+}
+
+/// bpf-linker, built once against the pinned nightly's own libLLVM and cached in target/.
+fn bpf_linker(root: &Path) -> Result<()> {
+    let bin = bpf_linker_bin(root);
+    if bin.join("bpf-linker").is_file() {
+        return Ok(());
+    }
+    let sysroot =
+        output(Command::new("rustup").args(["run", BPF_TOOLCHAIN, "rustc", "--print", "sysroot"]))?;
+    let lib = Path::new(sysroot.trim()).join("lib");
+    let llvm = std::fs::read_dir(&lib)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("libLLVM.so.") || (n.starts_with("libLLVM-") && n.ends_with(".so")))
+        .with_context(|| format!("no libLLVM in {}", lib.display()))?;
+    // LLVM_PREFIX/lib must hold libLLVM.so and the versioned name llvm-sys looks for.
+    let prefix = tools_dir(root).join(format!("llvm-{BPF_TOOLCHAIN}"));
+    let plib = prefix.join("lib");
+    std::fs::create_dir_all(&plib)?;
+    let versioned = std::fs::read_dir(&lib)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("libLLVM.so."))
+        .unwrap_or(llvm.clone());
+    for name in ["libLLVM.so".to_string(), versioned.clone()] {
+        let link = plib.join(&name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(lib.join(&versioned), &link)?;
+    }
+    step(&format!("building bpf-linker {BPF_LINKER_VERSION} against {BPF_TOOLCHAIN}'s LLVM (about a minute, once)"));
+    let dest = bin.parent().unwrap();
+    let mut cmd = cargo(BPF_TOOLCHAIN);
+    cmd.args([
+        "install",
+        "bpf-linker",
+        "--locked",
+        "--version",
+        BPF_LINKER_VERSION,
+        "--root",
+    ])
+    .arg(dest)
+    .env("LLVM_PREFIX", &prefix);
+    run(&mut cmd)
+}
+
+fn debian_packages() -> Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .map(|o| !String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+                .unwrap_or(true)
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { geteuid() } != 0 {
+        step(&format!("not root: cannot install Debian packages {missing:?}; the tests that need them will skip"));
+        return Ok(());
+    }
+    step(&format!("installing Debian packages {missing:?}"));
+    run(Command::new("apt-get")
+        .arg("update")
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+extern "C" {
+    fn geteuid() -> u32;
+}
+
+fn ebpf_object(root: &Path) -> PathBuf {
+    root.join("target/bpfel-unknown-none/release/xnet")
+}
+
+/// Builds the XDP object, then the agent with the object embedded. Returns the agent.
+fn build(root: &Path) -> Result<PathBuf> {
+    setup(root)?;
+    step("building the XDP program (xnet-ebpf)");
+    let path = std::env::join_paths(std::iter::once(bpf_linker_bin(root)).chain(
+        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()),
+    ))?;
+    let mut cmd = cargo(BPF_TOOLCHAIN);
+    cmd.current_dir(root.join("xnet-ebpf"))
+        .args(["build", "--release"])
+        .env("PATH", path);
+    run(&mut cmd)?;
+    step("building the agent (xnet-user)");
+    let mut cmd = cargo(USER_TOOLCHAIN);
+    cmd.current_dir(root)
+        .args(["build", "--release", "-p", "xnet-user"])
+        .env("XNET_EBPF_OBJ", ebpf_object(root));
+    run(&mut cmd)?;
+    Ok(root.join("target/release/xnet"))
+}

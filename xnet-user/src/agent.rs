@@ -1,0 +1,402 @@
+//! The agent: applies a config to the data plane and the kernel, keeps next-hop MACs and
+//! local addresses current, serves status, reloads routes on SIGHUP, and undoes everything
+//! on SIGINT/SIGTERM.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use ipnet::IpNet;
+use log::{error, info, warn};
+use tokio::io::AsyncWriteExt;
+use tokio::net::UnixListener;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::config::{Config, XdpMode};
+use crate::dataplane::{Dataplane, NhKey};
+use crate::kernel::{Kernel, RULE_PRIORITY};
+use crate::status::{self, Status};
+
+/// A route as the agent applies it: segment id, prefix, next hops.
+type RouteSet = HashMap<(u32, IpNet), Vec<NhKey>>;
+
+struct Agent {
+    path: PathBuf,
+    config: Config,
+    kernel: Kernel,
+    dp: Dataplane,
+    /// Interface name → (ifindex, MAC).
+    links: HashMap<String, (u32, [u8; 6])>,
+    routes: RouteSet,
+    managed: HashSet<(u32, IpAddr)>,
+    rules: Vec<String>,
+}
+
+/// Runs the agent on `path` until SIGINT or SIGTERM.
+pub async fn run(path: &Path) -> Result<()> {
+    let config = Config::load(path)?;
+    let kernel = Kernel::connect()?;
+    // Resolve every interface before touching anything, so a typo changes nothing.
+    let mut links = HashMap::new();
+    for (i, itf) in config.interfaces.iter().enumerate() {
+        let l = kernel
+            .link(&itf.name)
+            .await
+            .with_context(|| format!("{}: interfaces[{i}].name", path.display()))?;
+        links.insert(itf.name.clone(), (l.ifindex, l.mac));
+    }
+    let routes = route_set(&config, &links);
+    let dp = Dataplane::load(config.agent.route_table_groups)?;
+    let mut agent = Agent {
+        path: path.to_path_buf(),
+        config,
+        kernel,
+        dp,
+        links,
+        routes: RouteSet::new(),
+        managed: HashSet::new(),
+        rules: Vec::new(),
+    };
+    let result = match agent.start(routes).await {
+        Ok(()) => agent.serve().await,
+        Err(e) => Err(e),
+    };
+    agent.stop().await;
+    result
+}
+
+fn route_set(config: &Config, links: &HashMap<String, (u32, [u8; 6])>) -> RouteSet {
+    config
+        .routes
+        .iter()
+        .map(|r| {
+            let seg = config.segment_id(&r.segment).expect("validated");
+            let hops = r
+                .next_hops
+                .iter()
+                .map(|h| NhKey {
+                    ifindex: links[&h.interface].0,
+                    via: h.via,
+                })
+                .collect();
+            ((seg, r.prefix), hops)
+        })
+        .collect()
+}
+
+impl Agent {
+    fn segment_name(&self, id: u32) -> &str {
+        self.config
+            .segments
+            .get(id as usize - 1)
+            .map(|s| s.name.as_str())
+            .unwrap_or("?")
+    }
+
+    fn link_name(&self, ifindex: u32) -> String {
+        self.links
+            .iter()
+            .find(|(_, (i, _))| *i == ifindex)
+            .map(|(n, _)| n.clone())
+            .unwrap_or_else(|| ifindex.to_string())
+    }
+
+    async fn start(&mut self, routes: RouteSet) -> Result<()> {
+        let c = self.config.clone();
+        for (i, _) in c.segments.iter().enumerate() {
+            self.dp.add_segment(i as u32 + 1)?;
+        }
+        for itf in &c.interfaces {
+            let (ifindex, mac) = self.links[&itf.name];
+            self.dp
+                .set_interface(ifindex, c.segment_id(&itf.segment).unwrap(), mac)?;
+        }
+        self.apply_routes(routes).await?;
+        self.sync_kernel_state().await?;
+        // Maps are complete before the first packet meets the program.
+        let generic = c.agent.xdp_mode == XdpMode::Generic;
+        if generic {
+            warn!("xdp_mode = \"generic\": XDP runs after the kernel allocates an skb; expect far lower throughput than native mode");
+        }
+        for itf in &c.interfaces {
+            let (ifindex, _) = self.links[&itf.name];
+            self.dp.attach(ifindex, generic).with_context(|| {
+                format!("{}: interfaces: {} (set agent.xdp_mode = \"generic\" if its driver has no native XDP)", self.path.display(), itf.name)
+            })?;
+            info!(
+                "attached XDP to {} (ifindex {ifindex}, {} mode, segment {})",
+                itf.name,
+                if generic { "generic" } else { "native" },
+                itf.segment
+            );
+        }
+        if c.agent.kernel_fib {
+            for itf in &c.interfaces {
+                let table = c
+                    .segments
+                    .iter()
+                    .find(|s| s.name == itf.segment)
+                    .unwrap()
+                    .table;
+                self.kernel
+                    .add_segment_rules(&itf.name, table, RULE_PRIORITY)
+                    .await?;
+                self.rules.push(itf.name.clone());
+            }
+        }
+        info!(
+            "xnet agent running: {} interfaces, {} routes, status on {}",
+            c.interfaces.len(),
+            self.routes.len(),
+            c.agent.socket.display()
+        );
+        Ok(())
+    }
+
+    /// Makes the applied routes equal to `want`: data plane first, then the kernel mirror.
+    async fn apply_routes(&mut self, want: RouteSet) -> Result<()> {
+        let old = std::mem::take(&mut self.routes);
+        for ((seg, net), hops) in &want {
+            if old.get(&(*seg, *net)) == Some(hops) {
+                continue;
+            }
+            self.dp
+                .set_route(*seg, *net, hops)
+                .with_context(|| format!("route {net} in segment {}", self.segment_name(*seg)))?;
+            for h in hops {
+                if self.managed.insert((h.ifindex, h.via)) {
+                    if let Err(e) = self.kernel.manage_neighbour(h.ifindex, h.via).await {
+                        warn!(
+                            "{e:#}: XDP will use {} once the kernel resolves it by itself",
+                            h.via
+                        );
+                    }
+                }
+            }
+            if self.config.agent.kernel_fib {
+                let table = self.config.segments[*seg as usize - 1].table;
+                let kh: Vec<(u32, IpAddr)> = hops.iter().map(|h| (h.ifindex, h.via)).collect();
+                if let Err(e) = self.kernel.replace_route(table, *net, &kh).await {
+                    warn!("{e:#}: the slow path will not have this route");
+                }
+            }
+            info!(
+                "route {net} in segment {} via {}",
+                self.segment_name(*seg),
+                hops.iter()
+                    .map(|h| format!("{} dev {}", h.via, self.link_name(h.ifindex)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        for (seg, net) in old.keys() {
+            if want.contains_key(&(*seg, *net)) {
+                continue;
+            }
+            self.dp.remove_route(*seg, *net)?;
+            if self.config.agent.kernel_fib {
+                let table = self.config.segments[*seg as usize - 1].table;
+                if let Err(e) = self.kernel.delete_route(table, *net).await {
+                    warn!("{e:#}");
+                }
+            }
+            info!(
+                "route {net} removed from segment {}",
+                self.segment_name(*seg)
+            );
+        }
+        self.routes = want;
+        Ok(())
+    }
+
+    /// Re-reads the host's addresses and the neighbour table into the data plane.
+    async fn sync_kernel_state(&mut self) -> Result<()> {
+        let addrs = self.kernel.addresses().await?;
+        self.dp.set_local_addrs(&addrs)?;
+        let neighbours = self.kernel.neighbours().await?;
+        for (key, _) in self.dp.nexthops() {
+            let mac = neighbours
+                .iter()
+                .find(|n| n.ifindex == key.ifindex && n.ip == key.via)
+                .and_then(|n| n.mac);
+            let before = self.dp.neighbour(key.ifindex, key.via);
+            if before != mac {
+                self.dp.set_neighbour(key.ifindex, key.via, mac)?;
+                match mac {
+                    Some(m) => info!(
+                        "next hop {} dev {} resolved to {}: fast path",
+                        key.via,
+                        self.link_name(key.ifindex),
+                        status::mac_string(&m)
+                    ),
+                    None => info!(
+                        "next hop {} dev {} unresolved: its packets go to the kernel",
+                        key.via,
+                        self.link_name(key.ifindex)
+                    ),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// SIGHUP: re-reads the config and applies route changes. An invalid file, or one that
+    /// changes interfaces, segments or agent settings (which need a restart), changes nothing.
+    async fn reload(&mut self) {
+        let new = match Config::load(&self.path) {
+            Ok(c) => c,
+            Err(e) => {
+                error!("reload rejected, nothing changed: {e}");
+                return;
+            }
+        };
+        if new.interfaces != self.config.interfaces
+            || new.segments != self.config.segments
+            || new.agent != self.config.agent
+        {
+            error!("reload rejected, nothing changed: {}: interfaces, segments and [agent] only change with a restart", self.path.display());
+            return;
+        }
+        let want = route_set(&new, &self.links);
+        self.config = new;
+        match self.apply_routes(want).await {
+            Ok(()) => info!(
+                "reloaded {}: {} routes",
+                self.path.display(),
+                self.routes.len()
+            ),
+            Err(e) => error!("reload: {e:#}"),
+        }
+    }
+
+    async fn serve(&mut self) -> Result<()> {
+        let socket = self.config.agent.socket.clone();
+        if let Some(dir) = socket.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let _ = std::fs::remove_file(&socket);
+        let listener = UnixListener::bind(&socket)
+            .with_context(|| format!("status socket {}", socket.display()))?;
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        let mut tick =
+            tokio::time::interval(Duration::from_millis(self.config.agent.neighbour_poll_ms));
+        loop {
+            tokio::select! {
+                _ = term.recv() => { info!("SIGTERM: stopping"); break; }
+                _ = int.recv() => { info!("SIGINT: stopping"); break; }
+                _ = hup.recv() => self.reload().await,
+                _ = tick.tick() => {
+                    self.dp.flush_logs();
+                    if let Err(e) = self.sync_kernel_state().await {
+                        warn!("reading neighbours and addresses: {e:#}");
+                    }
+                }
+                conn = listener.accept() => {
+                    if let Ok((mut stream, _)) = conn {
+                        let body = match self.status() {
+                            Ok(s) => serde_json::to_vec(&s)?,
+                            Err(e) => { warn!("status: {e:#}"); continue; }
+                        };
+                        // A client that does not read cannot stall the agent for long.
+                        let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&body)).await;
+                    }
+                }
+            }
+        }
+        let _ = std::fs::remove_file(&socket);
+        Ok(())
+    }
+
+    fn status(&self) -> Result<Status> {
+        let counters = self.dp.counters()?;
+        let attached = self.dp.attached();
+        let mut s = Status {
+            config: self.path.display().to_string(),
+            ..Default::default()
+        };
+        for itf in &self.config.interfaces {
+            let (ifindex, mac) = self.links[&itf.name];
+            let c = counters.interface(ifindex);
+            s.interfaces.push(status::InterfaceStatus {
+                name: itf.name.clone(),
+                ifindex,
+                segment: itf.segment.clone(),
+                mac: status::mac_string(&mac),
+                xdp: if !attached.contains(&ifindex) {
+                    "detached".into()
+                } else if self.config.agent.xdp_mode == XdpMode::Generic {
+                    "generic".into()
+                } else {
+                    "native".into()
+                },
+                rx: c.rx,
+                forwarded: c.forwarded,
+                passed: c.passed,
+                dropped: c.dropped,
+            });
+        }
+        let valid: HashMap<NhKey, bool> = self.dp.nexthops().into_iter().collect();
+        let mut routes: Vec<_> = self.routes.iter().collect();
+        routes.sort_by_key(|((seg, net), _)| (*seg, *net));
+        for ((seg, net), hops) in routes {
+            s.routes.push(status::RouteStatus {
+                segment: self.segment_name(*seg).to_string(),
+                prefix: net.to_string(),
+                next_hops: hops
+                    .iter()
+                    .map(|h| status::NextHopStatus {
+                        via: h.via.to_string(),
+                        interface: self.link_name(h.ifindex),
+                        fast_path: valid.get(h).copied().unwrap_or(false),
+                    })
+                    .collect(),
+            });
+        }
+        for (key, _) in self.dp.nexthops() {
+            s.neighbours.push(status::NeighbourStatus {
+                interface: self.link_name(key.ifindex),
+                ip: key.via.to_string(),
+                mac: self
+                    .dp
+                    .neighbour(key.ifindex, key.via)
+                    .map(|m| status::mac_string(&m)),
+            });
+        }
+        s.reasons = counters
+            .reasons
+            .iter()
+            .map(|(n, v)| (n.to_string(), *v))
+            .collect();
+        let u = self.dp.usage();
+        s.route_table = status::RouteTableStatus {
+            prefixes: u.prefixes,
+            groups_used: u.groups_used,
+            groups_total: u.groups_total,
+        };
+        Ok(s)
+    }
+
+    /// Undoes what start() did, in reverse: XDP first, so no packet meets half-removed state.
+    async fn stop(&mut self) {
+        self.dp.detach_all();
+        for name in std::mem::take(&mut self.rules) {
+            if let Err(e) = self.kernel.delete_segment_rules(&name).await {
+                warn!("removing ip rules of {name}: {e:#}");
+            }
+        }
+        if self.config.agent.kernel_fib {
+            for (seg, net) in self.routes.keys() {
+                let table = self.config.segments[*seg as usize - 1].table;
+                let _ = self.kernel.delete_route(table, *net).await;
+            }
+        }
+        for (ifindex, ip) in std::mem::take(&mut self.managed) {
+            let _ = self.kernel.forget_neighbour(ifindex, ip).await;
+        }
+        info!("xnet agent stopped: XDP detached, kernel routes and rules removed");
+    }
+}

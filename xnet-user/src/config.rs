@@ -1,0 +1,405 @@
+//! The declarative TOML config: segments, interfaces, static routes and the agent's own
+//! settings. `Config::load` parses and validates everything before anything is applied;
+//! every error names the file, the field and the reason.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use xnet_common::MAX_ECMP;
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub agent: AgentSettings,
+    #[serde(default)]
+    pub segments: Vec<Segment>,
+    #[serde(default)]
+    pub interfaces: Vec<Interface>,
+    #[serde(default)]
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    /// Driver mode: the fast path proper.
+    #[default]
+    Native,
+    /// Generic (skb) mode: works everywhere, slower; the agent warns.
+    Generic,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentSettings {
+    pub xdp_mode: XdpMode,
+    /// Unix socket where `xnet status` finds the agent.
+    pub socket: PathBuf,
+    /// Size of the route-table memory, in groups of 256 entries (1 KiB each). Every
+    /// segment takes 512 groups (an IPv4 and an IPv6 root); a full Internet table
+    /// (565k IPv4 + 168k IPv6 prefixes) needs about 200,000.
+    pub route_table_groups: u32,
+    /// Mirror the routes into the kernel FIB (one table per segment) so the slow path
+    /// agrees with the fast path.
+    pub kernel_fib: bool,
+    /// How often the neighbour table and local addresses are re-read, in milliseconds.
+    pub neighbour_poll_ms: u64,
+}
+
+impl Default for AgentSettings {
+    fn default() -> Self {
+        Self {
+            xdp_mode: XdpMode::Native,
+            socket: PathBuf::from("/run/xnet/xnet.sock"),
+            route_table_groups: 8192,
+            kernel_fib: true,
+            neighbour_poll_ms: 250,
+        }
+    }
+}
+
+/// A VRF-like routing domain: its own route table, no traffic to other segments.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Segment {
+    pub name: String,
+    /// Kernel routing table that mirrors this segment's routes (slow path).
+    pub table: u32,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Interface {
+    /// Linux interface name; XDP is attached to it.
+    pub name: String,
+    pub segment: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    pub segment: String,
+    pub prefix: IpNet,
+    /// One or more (ECMP) next hops.
+    pub next_hops: Vec<NextHop>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(deny_unknown_fields)]
+pub struct NextHop {
+    pub via: IpAddr,
+    pub interface: String,
+}
+
+/// A config error: where and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {field}: {reason}")]
+pub struct ConfigError {
+    pub file: String,
+    pub field: String,
+    pub reason: String,
+}
+
+impl Config {
+    /// Reads, parses and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            field: "-".into(),
+            reason: format!("cannot read: {e}"),
+        })?;
+        Self::parse(&text, &file)
+    }
+
+    /// Parses and validates `text`; `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| {
+            let field = match e.span() {
+                Some(span) => {
+                    let line = text[..span.start].matches('\n').count() + 1;
+                    format!("line {line}")
+                }
+                None => "-".into(),
+            };
+            ConfigError {
+                file: file.into(),
+                field,
+                reason: e.message().to_string(),
+            }
+        })?;
+        config.validate().map_err(|(field, reason)| ConfigError {
+            file: file.into(),
+            field,
+            reason,
+        })?;
+        Ok(config)
+    }
+
+    /// Segment ids as the data plane numbers them: position in the list, from 1.
+    pub fn segment_id(&self, name: &str) -> Option<u32> {
+        self.segments
+            .iter()
+            .position(|s| s.name == name)
+            .map(|i| i as u32 + 1)
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        let err = |field: String, reason: String| Err((field, reason));
+        let a = &self.agent;
+        if a.route_table_groups < 512 * self.segments.len().max(1) as u32 {
+            return err(
+                "agent.route_table_groups".into(),
+                format!(
+                    "{} is too small: each of the {} segments needs 512 groups for its roots",
+                    a.route_table_groups,
+                    self.segments.len()
+                ),
+            );
+        }
+        if a.route_table_groups > (1 << 22) {
+            return err(
+                "agent.route_table_groups".into(),
+                "at most 4194304 (4 GiB)".into(),
+            );
+        }
+        if !(10..=60_000).contains(&a.neighbour_poll_ms) {
+            return err(
+                "agent.neighbour_poll_ms".into(),
+                "must be between 10 and 60000".into(),
+            );
+        }
+        let mut names = HashSet::new();
+        let mut tables = HashSet::new();
+        for (i, s) in self.segments.iter().enumerate() {
+            if s.name.is_empty() {
+                return err(format!("segments[{i}].name"), "must not be empty".into());
+            }
+            if !names.insert(&s.name) {
+                return err(
+                    format!("segments[{i}].name"),
+                    format!("segment {:?} is defined twice", s.name),
+                );
+            }
+            // 0 is unspecified, 253-255 are the kernel's default, main and local tables.
+            if s.table == 0 || (253..=255).contains(&s.table) {
+                return err(
+                    format!("segments[{i}].table"),
+                    format!(
+                        "{} is reserved by the kernel; use 1-252 or above 255",
+                        s.table
+                    ),
+                );
+            }
+            if !tables.insert(s.table) {
+                return err(
+                    format!("segments[{i}].table"),
+                    format!("table {} is used by another segment", s.table),
+                );
+            }
+        }
+        let mut if_segment: HashMap<&str, &str> = HashMap::new();
+        for (i, itf) in self.interfaces.iter().enumerate() {
+            if itf.name.is_empty() || itf.name.len() > 15 {
+                return err(
+                    format!("interfaces[{i}].name"),
+                    format!(
+                        "{:?} is not a valid interface name (1-15 characters)",
+                        itf.name
+                    ),
+                );
+            }
+            if self.segment_id(&itf.segment).is_none() {
+                return err(
+                    format!("interfaces[{i}].segment"),
+                    format!("unknown segment {:?}", itf.segment),
+                );
+            }
+            if if_segment.insert(&itf.name, &itf.segment).is_some() {
+                return err(
+                    format!("interfaces[{i}].name"),
+                    format!("interface {:?} is listed twice", itf.name),
+                );
+            }
+        }
+        let mut prefixes = HashSet::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            let f = |sub: &str| format!("routes[{i}].{sub}");
+            if self.segment_id(&r.segment).is_none() {
+                return err(f("segment"), format!("unknown segment {:?}", r.segment));
+            }
+            if r.prefix.trunc() != r.prefix {
+                return err(
+                    f("prefix"),
+                    format!(
+                        "{} has host bits set; did you mean {}?",
+                        r.prefix,
+                        r.prefix.trunc()
+                    ),
+                );
+            }
+            if !prefixes.insert((&r.segment, r.prefix)) {
+                return err(
+                    f("prefix"),
+                    format!("{} is already routed in segment {:?}", r.prefix, r.segment),
+                );
+            }
+            if r.next_hops.is_empty() || r.next_hops.len() > MAX_ECMP {
+                return err(
+                    f("next_hops"),
+                    format!("needs 1 to {MAX_ECMP} next hops, has {}", r.next_hops.len()),
+                );
+            }
+            let mut seen = HashSet::new();
+            for (j, nh) in r.next_hops.iter().enumerate() {
+                let g = |sub: &str| format!("routes[{i}].next_hops[{j}].{sub}");
+                if nh.via.is_ipv4() != r.prefix.addr().is_ipv4() {
+                    return err(
+                        g("via"),
+                        format!(
+                            "{} and prefix {} are of different address families",
+                            nh.via, r.prefix
+                        ),
+                    );
+                }
+                if nh.via.is_unspecified() || nh.via.is_multicast() {
+                    return err(g("via"), format!("{} is not a unicast next hop", nh.via));
+                }
+                match if_segment.get(nh.interface.as_str()) {
+                    None => {
+                        return err(
+                            g("interface"),
+                            format!("{:?} is not in [[interfaces]]", nh.interface),
+                        )
+                    }
+                    Some(seg) if *seg != r.segment => {
+                        return err(
+                            g("interface"),
+                            format!(
+                                "{:?} belongs to segment {:?}, the route to {:?}",
+                                nh.interface, seg, r.segment
+                            ),
+                        )
+                    }
+                    _ => {}
+                }
+                if !seen.insert(nh) {
+                    return err(
+                        g("via"),
+                        format!("next hop {} via {} is listed twice", nh.via, nh.interface),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        [agent]
+        xdp_mode = "generic"
+
+        [[segments]]
+        name = "prod"
+        table = 100
+
+        [[interfaces]]
+        name = "eth1"
+        segment = "prod"
+
+        [[interfaces]]
+        name = "eth2"
+        segment = "prod"
+
+        [[routes]]
+        segment = "prod"
+        prefix = "10.1.0.0/16"
+        next_hops = [ { via = "10.0.1.2", interface = "eth1" }, { via = "10.0.2.2", interface = "eth2" } ]
+
+        [[routes]]
+        segment = "prod"
+        prefix = "fd01::/48"
+        next_hops = [ { via = "fd00:1::2", interface = "eth1" } ]
+    "#;
+
+    fn error(text: &str) -> String {
+        Config::parse(text, "x.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_good_config_parses() {
+        let c = Config::parse(GOOD, "x.toml").unwrap();
+        assert_eq!(c.agent.xdp_mode, XdpMode::Generic);
+        assert_eq!(c.routes[0].next_hops.len(), 2);
+        assert_eq!(c.segment_id("prod"), Some(1));
+        assert!(c.agent.kernel_fib, "defaults fill what is not given");
+    }
+
+    #[test]
+    fn the_shipped_demo_config_is_valid() {
+        let text = include_str!("../config/demo-lab.toml");
+        Config::parse(text, "demo-lab.toml").unwrap();
+    }
+
+    #[test]
+    fn errors_name_file_field_and_reason() {
+        let e = error(&GOOD.replace("10.1.0.0/16", "10.1.0.1/16"));
+        assert_eq!(
+            e,
+            "x.toml: routes[0].prefix: 10.1.0.1/16 has host bits set; did you mean 10.1.0.0/16?"
+        );
+        let e = error(&GOOD.replace("interface = \"eth2\"", "interface = \"eth9\""));
+        assert_eq!(
+            e,
+            "x.toml: routes[0].next_hops[1].interface: \"eth9\" is not in [[interfaces]]"
+        );
+        let e = error(&GOOD.replace("via = \"fd00:1::2\"", "via = \"10.0.0.1\""));
+        assert!(e.starts_with("x.toml: routes[1].next_hops[0].via: "), "{e}");
+        let e = error(&GOOD.replace("table = 100", "table = 254"));
+        assert!(
+            e.starts_with("x.toml: segments[0].table: 254 is reserved"),
+            "{e}"
+        );
+        let e = error(&GOOD.replace(
+            "segment = \"prod\"\n\n        [[interfaces]]\n        name = \"eth2\"",
+            "segment = \"nope\"\n\n        [[interfaces]]\n        name = \"eth2\"",
+        ));
+        assert_eq!(e, "x.toml: interfaces[0].segment: unknown segment \"nope\"");
+    }
+
+    #[test]
+    fn syntax_and_unknown_fields_are_reported_with_a_line() {
+        let e = error("[agent]\nxdp_mode = \"native\"\nbogus = 1\n");
+        assert!(
+            e.starts_with("x.toml: line 3: unknown field `bogus`"),
+            "{e}"
+        );
+        let e = error("[[routes]]\nsegment = \"a\"\nprefix = \"10.0.0.0/33\"\nnext_hops = []\n");
+        assert!(e.starts_with("x.toml: line 3: "), "{e}");
+    }
+
+    #[test]
+    fn duplicate_and_cross_segment_routes_are_rejected() {
+        let twice = format!("{GOOD}\n[[routes]]\nsegment = \"prod\"\nprefix = \"10.1.0.0/16\"\nnext_hops = [ {{ via = \"10.0.1.2\", interface = \"eth1\" }} ]\n");
+        assert!(error(&twice).contains("routes[2].prefix: 10.1.0.0/16 is already routed"));
+        let other = GOOD.replace(
+            "[[interfaces]]\n        name = \"eth2\"\n        segment = \"prod\"",
+            "[[segments]]\n        name = \"dev\"\n        table = 101\n\n        [[interfaces]]\n        name = \"eth2\"\n        segment = \"dev\"",
+        );
+        assert!(
+            error(&other)
+                .contains("routes[0].next_hops[1].interface: \"eth2\" belongs to segment \"dev\""),
+            "{}",
+            error(&other)
+        );
+    }
+}

@@ -1,0 +1,677 @@
+//! The one layer that programs the XDP data plane. Config, BGP, IKE and policy all call this
+//! small API (segments, interfaces, next hops through routes, neighbours, local addresses)
+//! and never touch a BPF map themselves.
+//!
+//! Update order keeps packets in flight safe: a next hop and its group are written before
+//! the route that points to them; a route entry is one 32-bit store (see `lpm`); freed
+//! next-hop and group ids are reused last (FIFO), long after any packet could hold them.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::atomic::AtomicU32;
+
+use anyhow::{anyhow, bail, Context, Result};
+use aya::maps::{
+    Array, DevMapHash, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues,
+};
+use aya::programs::{Xdp, XdpMode};
+use aya::util::nr_cpus;
+use aya::{Ebpf, EbpfLoader};
+use ipnet::IpNet;
+use serde::Serialize;
+use xnet_common::route::GROUP_SIZE;
+use xnet_common::{names, IfConfig, IfStats, NextHop, NhGroup, Reason, MAX_ECMP, NH_F_VALID};
+
+use crate::lpm::{LpmUsage, NodeMemory, RouteTables, TableId};
+
+/// The XDP object, embedded at build time by `cargo xtask build` (see build.rs).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xnet.bpf.o"));
+
+/// A next hop as callers name it: egress interface and gateway address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct NhKey {
+    pub ifindex: u32,
+    pub via: IpAddr,
+}
+
+struct NhState {
+    id: u32,
+    refs: u32,
+}
+
+struct GroupState {
+    id: u32,
+    refs: u32,
+}
+
+struct Segment {
+    v4: TableId,
+    v6: TableId,
+    v4_root: u32,
+    v6_root: u32,
+}
+
+struct Port {
+    segment: u32,
+    mac: [u8; 6],
+}
+
+/// FIFO id allocator: a freed id is the last to be handed out again.
+struct Ids {
+    next: u32,
+    max: u32,
+    free: VecDeque<u32>,
+}
+
+impl Ids {
+    fn new(max: u32) -> Self {
+        // Id 0 stays unused so that a zeroed entry never looks valid.
+        Self {
+            next: 1,
+            max,
+            free: VecDeque::new(),
+        }
+    }
+    fn alloc(&mut self, what: &str) -> Result<u32> {
+        if self.next < self.max {
+            self.next += 1;
+            return Ok(self.next - 1);
+        }
+        self.free
+            .pop_front()
+            .ok_or_else(|| anyhow!("no free {what} id (limit {})", self.max))
+    }
+    fn release(&mut self, id: u32) {
+        self.free.push_back(id);
+    }
+}
+
+/// The route-table array, mapped into this process.
+struct NodeMap {
+    ptr: *mut AtomicU32,
+    len: usize,
+    bytes: usize,
+}
+
+// SAFETY: the mapping is owned by this value and only accessed through atomics.
+unsafe impl Send for NodeMap {}
+
+impl NodeMap {
+    fn new(map: &MapData, entries: u32) -> Result<Self> {
+        let bytes = (entries as usize * 4).next_multiple_of(4096);
+        // SAFETY: mapping a BPF array created with BPF_F_MMAPABLE, shared with the kernel.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            bail!(
+                "mmap of {}: {}",
+                names::MAP_ROUTE_NODES,
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(Self {
+            ptr: ptr.cast(),
+            len: entries as usize,
+            bytes,
+        })
+    }
+}
+
+impl NodeMemory for NodeMap {
+    fn entries(&self) -> &[AtomicU32] {
+        // SAFETY: ptr is a live mapping of len u32 entries for as long as self lives.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl Drop for NodeMap {
+    fn drop(&mut self) {
+        // SAFETY: unmapping what new() mapped.
+        unsafe { libc::munmap(self.ptr.cast(), self.bytes) };
+    }
+}
+
+/// Data-plane counters, summed over CPUs.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Counters {
+    pub interfaces: Vec<(u32, IfStats)>,
+    pub reasons: Vec<(&'static str, u64)>,
+}
+
+impl Counters {
+    pub fn reason(&self, r: Reason) -> u64 {
+        self.reasons
+            .iter()
+            .find(|(n, _)| *n == r.name())
+            .map(|(_, v)| *v)
+            .unwrap_or(0)
+    }
+    pub fn interface(&self, ifindex: u32) -> IfStats {
+        self.interfaces
+            .iter()
+            .find(|(i, _)| *i == ifindex)
+            .map(|(_, s)| *s)
+            .unwrap_or_default()
+    }
+}
+
+pub struct Dataplane {
+    ebpf: Ebpf,
+    _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    tables: RouteTables<NodeMap>,
+    segments: HashMap<u32, Segment>,
+    ports: HashMap<u32, Port>,
+    nexthops: HashMap<NhKey, NhState>,
+    nh_ids: Ids,
+    groups: HashMap<Vec<u32>, GroupState>,
+    group_ids: Ids,
+    routes: HashMap<(u32, IpNet), Vec<u32>>,
+    neighbours: HashMap<(u32, IpAddr), [u8; 6]>,
+    locals: Vec<IpAddr>,
+    attached: Vec<(u32, aya::programs::xdp::XdpLinkId)>,
+}
+
+impl Dataplane {
+    /// Loads the XDP object with `groups` route-table groups (256 entries each).
+    pub fn load(groups: u32) -> Result<Self> {
+        if OBJECT.is_empty() {
+            bail!("this xnet binary was built without its XDP object; build it with `cargo xtask build`");
+        }
+        let entries = groups
+            .checked_mul(GROUP_SIZE)
+            .context("route_table_groups too large")?;
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(names::MAP_ROUTE_NODES, groups)
+            .load(OBJECT)
+            .context("loading the XDP object (are you root, with BPF enabled?)")?;
+        // Kept alive for the program's lifetime: dropping it closes the log map.
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                log::debug!("eBPF logging not available: {e}");
+                None
+            }
+        };
+        let nodes = match ebpf.map(names::MAP_ROUTE_NODES) {
+            Some(aya::maps::Map::Array(data)) => NodeMap::new(data, entries)?,
+            _ => bail!("map {} missing from the XDP object", names::MAP_ROUTE_NODES),
+        };
+        for prog in [names::PROG_FORWARD] {
+            let p: &mut Xdp = ebpf.program_mut(prog).context(prog)?.try_into()?;
+            p.load()
+                .with_context(|| format!("verifier rejected {prog}"))?;
+        }
+        Ok(Self {
+            ebpf,
+            _logger: logger,
+            tables: RouteTables::new(nodes),
+            segments: HashMap::new(),
+            ports: HashMap::new(),
+            nexthops: HashMap::new(),
+            nh_ids: Ids::new(xnet_common::limits::NEXTHOPS),
+            groups: HashMap::new(),
+            group_ids: Ids::new(xnet_common::limits::NH_GROUPS),
+            routes: HashMap::new(),
+            neighbours: HashMap::new(),
+            locals: Vec::new(),
+            attached: Vec::new(),
+        })
+    }
+
+    /// Drains eBPF log records into the agent's log.
+    pub fn flush_logs(&mut self) {
+        if let Some(l) = &mut self._logger {
+            l.flush();
+        }
+    }
+
+    /// Attaches the forwarding program to `ifindex`. `generic` selects skb mode.
+    pub fn attach(&mut self, ifindex: u32, generic: bool) -> Result<()> {
+        let mode = if generic {
+            XdpMode::Skb
+        } else {
+            XdpMode::Driver
+        };
+        let p: &mut Xdp = self
+            .ebpf
+            .program_mut(names::PROG_FORWARD)
+            .unwrap()
+            .try_into()?;
+        let link = p
+            .attach(ifindex, mode)
+            .with_context(|| format!("attaching XDP ({mode:?} mode) to ifindex {ifindex}"))?;
+        self.attached.push((ifindex, link));
+        Ok(())
+    }
+
+    /// Detaches the forwarding program from every interface.
+    pub fn detach_all(&mut self) {
+        let p: &mut Xdp = self
+            .ebpf
+            .program_mut(names::PROG_FORWARD)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        for (ifindex, link) in self.attached.drain(..) {
+            if let Err(e) = p.detach(link) {
+                log::warn!("detaching XDP from ifindex {ifindex}: {e}");
+            }
+        }
+    }
+
+    pub fn attached(&self) -> Vec<u32> {
+        self.attached.iter().map(|(i, _)| *i).collect()
+    }
+
+    /// Gives a segment its two route tables. Idempotent.
+    pub fn add_segment(&mut self, id: u32) -> Result<()> {
+        if self.segments.contains_key(&id) {
+            return Ok(());
+        }
+        let (v4, v4_root) = self.tables.add_table(32)?;
+        let (v6, v6_root) = self.tables.add_table(128)?;
+        self.segments.insert(
+            id,
+            Segment {
+                v4,
+                v6,
+                v4_root,
+                v6_root,
+            },
+        );
+        Ok(())
+    }
+
+    /// Puts `ifindex` (with its MAC) into `segment`: its packets are routed in that
+    /// segment's tables, and it becomes an egress port.
+    pub fn set_interface(&mut self, ifindex: u32, segment: u32, mac: [u8; 6]) -> Result<()> {
+        let seg = self
+            .segments
+            .get(&segment)
+            .with_context(|| format!("unknown segment id {segment}"))?;
+        let cfg = IfConfig {
+            segment,
+            v4_root: seg.v4_root,
+            v6_root: seg.v6_root,
+            flags: 0,
+        };
+        let mut stats: PerCpuHashMap<_, u32, IfStats> = self.map_mut(names::MAP_IF_STATS)?;
+        if stats.get(&ifindex, 0).is_err() {
+            let cpus = nr_cpus().map_err(|(m, e)| anyhow!("{m}: {e}"))?.get() as usize;
+            stats.insert(
+                &ifindex,
+                PerCpuValues::try_from(vec![IfStats::default(); cpus])?,
+                0,
+            )?;
+        }
+        let mut ports: DevMapHash<_> = self.map_mut(names::MAP_TX_PORTS)?;
+        ports
+            .insert(ifindex, ifindex, None, 0)
+            .with_context(|| format!("adding ifindex {ifindex} to TX_PORTS"))?;
+        let mut ifs: BpfHashMap<_, u32, IfConfig> = self.map_mut(names::MAP_INTERFACES)?;
+        ifs.insert(&ifindex, &cfg, 0)?;
+        self.ports.insert(ifindex, Port { segment, mac });
+        // Next hops through this port may have become usable.
+        let keys: Vec<NhKey> = self
+            .nexthops
+            .keys()
+            .filter(|k| k.ifindex == ifindex)
+            .copied()
+            .collect();
+        for k in keys {
+            self.write_nexthop(k)?;
+        }
+        Ok(())
+    }
+
+    pub fn segment_of(&self, ifindex: u32) -> Option<u32> {
+        self.ports.get(&ifindex).map(|p| p.segment)
+    }
+
+    /// Routes `net` in `segment` over `next_hops` (ECMP when more than one); replaces any
+    /// route for the same prefix.
+    pub fn set_route(&mut self, segment: u32, net: IpNet, next_hops: &[NhKey]) -> Result<()> {
+        if next_hops.is_empty() || next_hops.len() > MAX_ECMP {
+            bail!(
+                "{net}: needs 1 to {MAX_ECMP} next hops, got {}",
+                next_hops.len()
+            );
+        }
+        let seg = self
+            .segments
+            .get(&segment)
+            .with_context(|| format!("unknown segment id {segment}"))?;
+        let table = if net.addr().is_ipv4() { seg.v4 } else { seg.v6 };
+        let mut ids = Vec::with_capacity(next_hops.len());
+        for nh in next_hops {
+            if nh.via.is_ipv4() != net.addr().is_ipv4() {
+                bail!("{net}: next hop {} is of the other address family", nh.via);
+            }
+            ids.push(self.acquire_nexthop(*nh)?);
+        }
+        ids.sort_unstable();
+        let group = match self.acquire_group(&ids) {
+            Ok(g) => g,
+            Err(e) => {
+                ids.iter().for_each(|&id| self.release_nexthop(id));
+                return Err(e);
+            }
+        };
+        if let Err(e) = self.tables.insert(table, &net, group) {
+            self.release_group(&ids);
+            return Err(e.into());
+        }
+        if let Some(old) = self.routes.insert((segment, net), ids) {
+            self.release_group(&old);
+        }
+        Ok(())
+    }
+
+    /// Removes the route for `net` in `segment`; returns whether there was one.
+    pub fn remove_route(&mut self, segment: u32, net: IpNet) -> Result<bool> {
+        let Some(seg) = self.segments.get(&segment) else {
+            return Ok(false);
+        };
+        let table = if net.addr().is_ipv4() { seg.v4 } else { seg.v6 };
+        self.tables.remove(table, &net);
+        match self.routes.remove(&(segment, net)) {
+            Some(old) => {
+                self.release_group(&old);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// The next-hop group id a packet to `addr` in `segment` would use (0: no route).
+    pub fn lookup(&self, segment: u32, addr: IpAddr) -> u32 {
+        self.segments
+            .get(&segment)
+            .map(|s| {
+                self.tables
+                    .lookup(if addr.is_ipv4() { s.v4 } else { s.v6 }, addr)
+            })
+            .unwrap_or(0)
+    }
+
+    pub fn routes(&self) -> impl Iterator<Item = (u32, IpNet, Vec<NhKey>)> + '_ {
+        let by_id: HashMap<u32, NhKey> = self.nexthops.iter().map(|(k, s)| (s.id, *k)).collect();
+        self.routes.iter().map(move |((seg, net), ids)| {
+            (
+                *seg,
+                *net,
+                ids.iter().filter_map(|i| by_id.get(i).copied()).collect(),
+            )
+        })
+    }
+
+    pub fn usage(&self) -> LpmUsage {
+        self.tables.usage()
+    }
+
+    /// Learns (or forgets, with `None`) the MAC of neighbour `ip` on `ifindex`: next hops
+    /// through it become usable by XDP, or go back to the kernel.
+    pub fn set_neighbour(&mut self, ifindex: u32, ip: IpAddr, mac: Option<[u8; 6]>) -> Result<()> {
+        let key = (ifindex, ip);
+        let changed = match mac {
+            Some(m) => self.neighbours.insert(key, m) != Some(m),
+            None => self.neighbours.remove(&key).is_some(),
+        };
+        let nh = NhKey { ifindex, via: ip };
+        if changed && self.nexthops.contains_key(&nh) {
+            self.write_nexthop(nh)?;
+        }
+        Ok(())
+    }
+
+    pub fn neighbour(&self, ifindex: u32, ip: IpAddr) -> Option<[u8; 6]> {
+        self.neighbours.get(&(ifindex, ip)).copied()
+    }
+
+    /// Next hops in use, with whether XDP can use them.
+    pub fn nexthops(&self) -> Vec<(NhKey, bool)> {
+        let mut v: Vec<_> = self
+            .nexthops
+            .keys()
+            .map(|k| (*k, self.nexthop_value(*k).flags & NH_F_VALID != 0))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Makes the host's own addresses exactly `addrs`: packets to them go to the kernel.
+    pub fn set_local_addrs(&mut self, addrs: &[IpAddr]) -> Result<()> {
+        let old = std::mem::take(&mut self.locals);
+        let mut v4: BpfHashMap<_, [u8; 4], u32> = self.map_mut(names::MAP_LOCAL_V4)?;
+        for a in &old {
+            if let (IpAddr::V4(x), false) = (a, addrs.contains(a)) {
+                let _ = v4.remove(&x.octets());
+            }
+        }
+        for a in addrs {
+            if let IpAddr::V4(x) = a {
+                v4.insert(&x.octets(), &1, 0)?;
+            }
+        }
+        let mut v6: BpfHashMap<_, [u8; 16], u32> = self.map_mut(names::MAP_LOCAL_V6)?;
+        for a in &old {
+            if let (IpAddr::V6(x), false) = (a, addrs.contains(a)) {
+                let _ = v6.remove(&x.octets());
+            }
+        }
+        for a in addrs {
+            if let IpAddr::V6(x) = a {
+                v6.insert(&x.octets(), &1, 0)?;
+            }
+        }
+        self.locals = addrs.to_vec();
+        Ok(())
+    }
+
+    /// Reads every counter, summed over CPUs.
+    pub fn counters(&self) -> Result<Counters> {
+        let stats: PerCpuHashMap<_, u32, IfStats> = self.map(names::MAP_IF_STATS)?;
+        let mut interfaces = Vec::new();
+        for item in stats.iter() {
+            let (ifindex, per_cpu) = item?;
+            let mut s = IfStats::default();
+            for c in per_cpu.iter() {
+                s.rx += c.rx;
+                s.forwarded += c.forwarded;
+                s.passed += c.passed;
+                s.dropped += c.dropped;
+            }
+            interfaces.push((ifindex, s));
+        }
+        interfaces.sort_by_key(|(i, _)| *i);
+        let reasons_map: PerCpuArray<_, u64> = self.map(names::MAP_REASONS)?;
+        let mut reasons = Vec::new();
+        for r in Reason::ALL {
+            let v = reasons_map.get(&(r as u32), 0)?;
+            reasons.push((r.name(), v.iter().sum()));
+        }
+        Ok(Counters {
+            interfaces,
+            reasons,
+        })
+    }
+
+    /// Runs program `prog` once on `packet` through `BPF_PROG_TEST_RUN`: the XDP action,
+    /// the packet as the program left it, and the run's duration in ns.
+    pub fn test_run(&mut self, prog: &str, packet: &[u8]) -> Result<(u32, Vec<u8>, u64)> {
+        self.test_run_ingress(prog, packet, 0)
+    }
+
+    /// As `test_run`, with the packet arriving on `ifindex` (0: none).
+    pub fn test_run_ingress(
+        &mut self,
+        prog: &str,
+        packet: &[u8],
+        ifindex: u32,
+    ) -> Result<(u32, Vec<u8>, u64)> {
+        use aya::programs::{TestRun, TestRunOptions};
+        let p: &mut Xdp = self
+            .ebpf
+            .program_mut(prog)
+            .with_context(|| format!("no program {prog}"))?
+            .try_into()?;
+        if p.fd().is_err() {
+            p.load()?;
+        }
+        let mut out = vec![0u8; packet.len() + 256];
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+        let mut ctx = [0u32; 6];
+        ctx[1] = packet.len() as u32;
+        ctx[3] = ifindex;
+        let ctx_bytes: &[u8] = bytemuck::cast_slice(&ctx);
+        let opts = TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            ctx_in: if ifindex != 0 { Some(ctx_bytes) } else { None },
+            repeat: 1,
+            ..Default::default()
+        };
+        let r = p
+            .test_run(opts)
+            .with_context(|| format!("BPF_PROG_TEST_RUN of {prog}"))?;
+        out.truncate(r.data_size_out as usize);
+        Ok((r.return_value, out, r.duration.as_nanos() as u64))
+    }
+
+    /// Raw access for the benchmark: its extra maps and programs.
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    // ---- internals ----
+
+    fn map<'a, T: TryFrom<&'a aya::maps::Map, Error = aya::maps::MapError>>(
+        &'a self,
+        name: &str,
+    ) -> Result<T> {
+        let m = self
+            .ebpf
+            .map(name)
+            .with_context(|| format!("map {name} missing"))?;
+        Ok(T::try_from(m)?)
+    }
+
+    fn map_mut<'a, T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>>(
+        &'a mut self,
+        name: &str,
+    ) -> Result<T> {
+        let m = self
+            .ebpf
+            .map_mut(name)
+            .with_context(|| format!("map {name} missing"))?;
+        Ok(T::try_from(m)?)
+    }
+
+    fn nexthop_value(&self, k: NhKey) -> NextHop {
+        let mut nh = NextHop {
+            ifindex: k.ifindex,
+            ..Default::default()
+        };
+        if let (Some(port), Some(mac)) = (
+            self.ports.get(&k.ifindex),
+            self.neighbours.get(&(k.ifindex, k.via)),
+        ) {
+            nh.smac = port.mac;
+            nh.dmac = *mac;
+            nh.flags = NH_F_VALID;
+        }
+        nh
+    }
+
+    fn write_nexthop(&mut self, k: NhKey) -> Result<()> {
+        let id = self.nexthops[&k].id;
+        let value = self.nexthop_value(k);
+        let mut arr: Array<_, NextHop> = self.map_mut(names::MAP_NEXTHOPS)?;
+        arr.set(id, &value, 0)?;
+        Ok(())
+    }
+
+    fn acquire_nexthop(&mut self, k: NhKey) -> Result<u32> {
+        if let Some(s) = self.nexthops.get_mut(&k) {
+            s.refs += 1;
+            return Ok(s.id);
+        }
+        let id = self.nh_ids.alloc("next-hop")?;
+        self.nexthops.insert(k, NhState { id, refs: 1 });
+        if let Err(e) = self.write_nexthop(k) {
+            self.nexthops.remove(&k);
+            self.nh_ids.release(id);
+            return Err(e);
+        }
+        Ok(id)
+    }
+
+    fn release_nexthop(&mut self, id: u32) {
+        let Some((&k, s)) = self.nexthops.iter_mut().find(|(_, s)| s.id == id) else {
+            return;
+        };
+        s.refs -= 1;
+        if s.refs == 0 {
+            self.nexthops.remove(&k);
+            self.nh_ids.release(id);
+        }
+    }
+
+    /// The group for this (sorted) member set, created if new. Takes one reference on the
+    /// group; the caller's next-hop references move into it.
+    fn acquire_group(&mut self, members: &[u32]) -> Result<u32> {
+        if let Some(g) = self.groups.get_mut(members) {
+            g.refs += 1;
+            let id = g.id;
+            // The group already holds references on its members.
+            for &m in members {
+                self.release_nexthop(m);
+            }
+            return Ok(id);
+        }
+        let id = self.group_ids.alloc("next-hop group")?;
+        let mut value = NhGroup {
+            count: members.len() as u32,
+            ..Default::default()
+        };
+        value.members[..members.len()].copy_from_slice(members);
+        let mut arr: Array<_, NhGroup> = self.map_mut(names::MAP_NH_GROUPS)?;
+        if let Err(e) = arr.set(id, &value, 0) {
+            self.group_ids.release(id);
+            return Err(e.into());
+        }
+        self.groups
+            .insert(members.to_vec(), GroupState { id, refs: 1 });
+        Ok(id)
+    }
+
+    fn release_group(&mut self, members: &[u32]) {
+        let Some(g) = self.groups.get_mut(members) else {
+            return;
+        };
+        g.refs -= 1;
+        if g.refs == 0 {
+            let id = g.id;
+            self.groups.remove(members);
+            self.group_ids.release(id);
+            for &m in members {
+                self.release_nexthop(m);
+            }
+        }
+    }
+}
+
+impl Drop for Dataplane {
+    fn drop(&mut self) {
+        self.detach_all();
+    }
+}

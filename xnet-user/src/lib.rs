@@ -1,0 +1,7 @@
+//! The xnet agent as a library: the binary (`xnet`), the tests and the benchmarks share it.
+pub mod agent;
+pub mod config;
+pub mod dataplane;
+pub mod kernel;
+pub mod lpm;
+pub mod status;

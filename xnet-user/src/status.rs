@@ -1,0 +1,160 @@
+//! What `xnet status` shows: the agent serves it as JSON on its Unix socket; the command
+//! prints it as tables or passes the JSON on.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    pub config: String,
+    pub interfaces: Vec<InterfaceStatus>,
+    pub routes: Vec<RouteStatus>,
+    pub neighbours: Vec<NeighbourStatus>,
+    /// Packets by outcome: `forwarded` and each pass/drop reason.
+    pub reasons: Vec<(String, u64)>,
+    pub route_table: RouteTableStatus,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct InterfaceStatus {
+    pub name: String,
+    pub ifindex: u32,
+    pub segment: String,
+    pub mac: String,
+    pub xdp: String,
+    pub rx: u64,
+    pub forwarded: u64,
+    pub passed: u64,
+    pub dropped: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct RouteStatus {
+    pub segment: String,
+    pub prefix: String,
+    pub next_hops: Vec<NextHopStatus>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct NextHopStatus {
+    pub via: String,
+    pub interface: String,
+    /// XDP forwards through it (its MAC is known); otherwise packets go to the kernel.
+    pub fast_path: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct NeighbourStatus {
+    pub interface: String,
+    pub ip: String,
+    pub mac: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct RouteTableStatus {
+    pub prefixes: usize,
+    pub groups_used: u32,
+    pub groups_total: u32,
+}
+
+impl Status {
+    pub fn reason(&self, name: &str) -> u64 {
+        self.reasons
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| *v)
+            .unwrap_or(0)
+    }
+
+    pub fn interface(&self, name: &str) -> Option<&InterfaceStatus> {
+        self.interfaces.iter().find(|i| i.name == name)
+    }
+
+    /// Human-readable tables.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "config: {}", self.config);
+        let _ = writeln!(s, "\nINTERFACE        IFINDEX  SEGMENT      XDP      MAC                        RX   FORWARDED      PASSED     DROPPED");
+        for i in &self.interfaces {
+            let _ = writeln!(
+                s,
+                "{:<16} {:>7}  {:<12} {:<8} {:<17} {:>11} {:>11} {:>11} {:>11}",
+                i.name, i.ifindex, i.segment, i.xdp, i.mac, i.rx, i.forwarded, i.passed, i.dropped
+            );
+        }
+        let _ = writeln!(s, "\nSEGMENT      PREFIX                         NEXT HOPS");
+        for r in &self.routes {
+            let hops: Vec<String> = r
+                .next_hops
+                .iter()
+                .map(|h| {
+                    format!(
+                        "{} dev {} ({})",
+                        h.via,
+                        h.interface,
+                        if h.fast_path {
+                            "xdp"
+                        } else {
+                            "kernel: no MAC yet"
+                        }
+                    )
+                })
+                .collect();
+            let _ = writeln!(s, "{:<12} {:<30} {}", r.segment, r.prefix, hops.join(", "));
+        }
+        let _ = writeln!(
+            s,
+            "\nNEIGHBOUR                                INTERFACE        MAC"
+        );
+        for n in &self.neighbours {
+            let _ = writeln!(
+                s,
+                "{:<40} {:<16} {}",
+                n.ip,
+                n.interface,
+                n.mac.as_deref().unwrap_or("(unresolved)")
+            );
+        }
+        let _ = writeln!(s, "\nPACKETS BY OUTCOME");
+        for (name, v) in &self.reasons {
+            if *v > 0 {
+                let _ = writeln!(s, "  {name:<22} {v:>12}");
+            }
+        }
+        let t = &self.route_table;
+        let _ = writeln!(
+            s,
+            "\nroute table: {} prefixes, {}/{} groups used",
+            t.prefixes, t.groups_used, t.groups_total
+        );
+        s
+    }
+}
+
+pub fn mac_string(m: &[u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Asks the agent listening on `socket` for its status.
+pub async fn fetch(socket: &Path) -> Result<Status> {
+    let mut stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .with_context(|| {
+            format!(
+                "connecting to the agent at {} (is `xnet run` running?)",
+                socket.display()
+            )
+        })?;
+    stream.write_all(b"status\n").await?;
+    stream.shutdown().await?;
+    let mut buf = Vec::new();
+    stream.read_to_end(&mut buf).await?;
+    serde_json::from_slice(&buf).context("the agent's answer is not valid status JSON")
+}
