@@ -2,6 +2,8 @@
 pub mod agent;
 pub mod config;
 pub mod dataplane;
+pub mod demo;
 pub mod kernel;
+pub mod lab;
 pub mod lpm;
 pub mod status;

@@ -30,6 +30,13 @@ enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
+    /// The demo lab: namespaces with two VNets and an on-prem host around a CXP running
+    /// this agent, traffic across, live counters; Ctrl-C tears it down. Needs root.
+    Demo {
+        /// Stop after this many seconds instead of waiting for Ctrl-C.
+        #[arg(long)]
+        duration: Option<u64>,
+    },
     /// Show a running agent's interfaces, routes, neighbours and data-plane counters.
     Status {
         /// The agent's status socket (agent.socket in its config).
@@ -64,6 +71,7 @@ async fn real_main() -> Result<()> {
             );
             Ok(())
         }
+        Command::Demo { duration } => xnet_user::demo::run(duration).await,
         Command::Status { socket, json } => {
             let s = status::fetch(&socket).await?;
             if json {

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Status {
@@ -152,8 +152,6 @@ pub async fn fetch(socket: &Path) -> Result<Status> {
                 socket.display()
             )
         })?;
-    stream.write_all(b"status\n").await?;
-    stream.shutdown().await?;
     let mut buf = Vec::new();
     stream.read_to_end(&mut buf).await?;
     serde_json::from_slice(&buf).context("the agent's answer is not valid status JSON")
