@@ -59,7 +59,12 @@ impl Kernel {
         let msg = links
             .try_next()
             .await
-            .map_err(|e| anyhow!("interface {name:?}: {e}"))?
+            .map_err(|e| match e {
+                rtnetlink::Error::NetlinkError(m) if m.raw_code() == -libc::ENODEV => {
+                    anyhow!("interface {name:?} does not exist")
+                }
+                e => anyhow!("interface {name:?}: {e}"),
+            })?
             .ok_or_else(|| anyhow!("interface {name:?} does not exist"))?;
         let mac = msg
             .attributes

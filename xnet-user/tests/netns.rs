@@ -1,0 +1,600 @@
+//! End to end in network namespaces: the agent binary runs in the lab's `cxp` namespace,
+//! where IP forwarding is off, so every packet that crosses was forwarded by XDP.
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{require_root, sh};
+use xnet_user::lab::Lab;
+use xnet_user::status::{self, Status};
+
+const XNET: &str = env!("CARGO_BIN_EXE_xnet");
+
+/// Runs `f` on a thread that has entered namespace `ns`.
+fn in_netns<R: Send + 'static>(ns: &str, f: impl FnOnce() -> R + Send + 'static) -> R {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // SAFETY: setns only changes this thread's network namespace.
+        assert_eq!(
+            unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
+            0,
+            "setns {path}"
+        );
+        f()
+    })
+    .join()
+    .unwrap_or_else(|e| std::panic::resume_unwind(e))
+}
+
+struct Agent {
+    child: Option<Child>,
+    socket: PathBuf,
+    config: PathBuf,
+    stderr: PathBuf,
+}
+
+impl Agent {
+    /// Starts the agent in the lab's cxp namespace and waits until every next hop is on the
+    /// fast path (its MAC resolved).
+    fn start(lab: &Lab, config: &str) -> Agent {
+        let dir = std::env::temp_dir().join(&lab.prefix);
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("xnet.sock");
+        let path = dir.join("xnet.toml");
+        let stderr = dir.join("agent.log");
+        std::fs::write(
+            &path,
+            config.replace("/run/xnet/demo.sock", socket.to_str().unwrap()),
+        )
+        .unwrap();
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &lab.ns("cxp"),
+                XNET,
+                "run",
+                "--config",
+                path.to_str().unwrap(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap();
+        let mut agent = Agent {
+            child: Some(child),
+            socket,
+            config: path,
+            stderr,
+        };
+        let start = Instant::now();
+        loop {
+            if let Some(s) = agent.try_status() {
+                if s.routes
+                    .iter()
+                    .all(|r| r.next_hops.iter().all(|h| h.fast_path))
+                {
+                    break;
+                }
+            }
+            if let Ok(Some(code)) = agent.child.as_mut().unwrap().try_wait() {
+                panic!("agent exited ({code}): {}", agent.log());
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "agent not ready in 10 s: {}",
+                agent.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        agent
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    fn try_status(&self) -> Option<Status> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(status::fetch(&self.socket)).ok()
+    }
+
+    fn status(&self) -> Status {
+        self.try_status()
+            .unwrap_or_else(|| panic!("no status from the agent: {}", self.log()))
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our child (`ip netns exec` execs the agent in place).
+        unsafe { libc::kill(self.child.as_ref().unwrap().id() as i32, sig) };
+    }
+
+    /// SIGTERM, then the exit status.
+    fn stop(&mut self) -> std::process::ExitStatus {
+        self.signal(libc::SIGTERM);
+        self.child.take().unwrap().wait().unwrap()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.stop();
+        }
+    }
+}
+
+/// Sends `n` UDP datagrams from `src` in namespace `from` to `dst` in namespace `to`;
+/// returns how many arrived.
+fn udp(lab: &Lab, from: &str, src: &str, to: &str, dst: &str, n: usize) -> usize {
+    let dst: SocketAddr = dst.parse().unwrap();
+    let server = in_netns(&lab.ns(to), move || {
+        let s = UdpSocket::bind(dst).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(700)))
+            .unwrap();
+        s
+    });
+    // Read while the client sends, so the socket buffer never decides the result.
+    let server = std::thread::spawn(move || {
+        let mut got = 0;
+        let mut buf = [0u8; 64];
+        while let Ok((k, _)) = server.recv_from(&mut buf) {
+            if buf[..k].starts_with(b"datagram") {
+                got += 1;
+            }
+        }
+        got
+    });
+    let src: SocketAddr = src.parse().unwrap();
+    in_netns(&lab.ns(from), move || {
+        let c = UdpSocket::bind(src).unwrap();
+        // Let the host resolve its gateway first: what is measured is the CXP, not ARP/ND.
+        let _ = c.send_to(b"warm-up", dst);
+        std::thread::sleep(Duration::from_millis(100));
+        for i in 0..n {
+            let _ = c.send_to(format!("datagram {i}").as_bytes(), dst);
+            if i % 50 == 49 {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    });
+    server.join().unwrap()
+}
+
+/// Sends `bytes` over TCP from namespace `from` to `dst` in `to`; returns what the server
+/// counted.
+fn tcp(lab: &Lab, from: &str, src: &str, to: &str, dst: &str, bytes: usize) -> usize {
+    let dst: SocketAddr = dst.parse().unwrap();
+    let listener = in_netns(&lab.ns(to), move || TcpListener::bind(dst).unwrap());
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut total = 0;
+        let mut buf = vec![0u8; 65536];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(k) => total += k,
+            }
+        }
+        total
+    });
+    let src: SocketAddr = src.parse().unwrap();
+    in_netns(&lab.ns(from), move || {
+        let mut s = connect_from(src, dst);
+        let chunk = vec![0x5au8; 16384];
+        let mut sent = 0;
+        while sent < bytes {
+            s.write_all(&chunk).unwrap();
+            sent += chunk.len();
+        }
+    });
+    server.join().unwrap()
+}
+
+/// A TCP connection from a chosen source address (std has no bind-before-connect).
+fn connect_from(src: SocketAddr, dst: SocketAddr) -> TcpStream {
+    // SAFETY: plain socket calls on a descriptor we own; converted into TcpStream below.
+    unsafe {
+        use std::os::fd::FromRawFd;
+        let fam = if src.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        };
+        let fd = libc::socket(fam, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0);
+        let (sa, len) = sockaddr(src);
+        assert_eq!(
+            libc::bind(fd, &sa as *const _ as *const libc::sockaddr, len),
+            0,
+            "bind {src}"
+        );
+        let stream = TcpStream::from_raw_fd(fd);
+        let (da, dlen) = sockaddr(dst);
+        let rc = libc::connect(fd, &da as *const _ as *const libc::sockaddr, dlen);
+        assert_eq!(rc, 0, "connect {dst}: {}", std::io::Error::last_os_error());
+        stream
+    }
+}
+
+fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: zeroed sockaddr_storage is valid; we fill the family-specific view.
+    unsafe {
+        let mut ss: libc::sockaddr_storage = std::mem::zeroed();
+        match a {
+            SocketAddr::V4(v4) => {
+                let sin = &mut *(&mut ss as *mut _ as *mut libc::sockaddr_in);
+                sin.sin_family = libc::AF_INET as u16;
+                sin.sin_port = v4.port().to_be();
+                sin.sin_addr.s_addr = u32::from_ne_bytes(v4.ip().octets());
+                (ss, std::mem::size_of::<libc::sockaddr_in>() as u32)
+            }
+            SocketAddr::V6(v6) => {
+                let sin = &mut *(&mut ss as *mut _ as *mut libc::sockaddr_in6);
+                sin.sin6_family = libc::AF_INET6 as u16;
+                sin.sin6_port = v6.port().to_be();
+                sin.sin6_addr.s6_addr = v6.ip().octets();
+                (ss, std::mem::size_of::<libc::sockaddr_in6>() as u32)
+            }
+        }
+    }
+}
+
+fn lab(name: &str) -> Lab {
+    Lab::create(&format!("xt{}-{name}", std::process::id())).expect("lab")
+}
+
+#[test]
+fn xdp_forwards_udp_and_tcp_with_kernel_forwarding_off() {
+    if !require_root("xdp_forwards_udp_and_tcp_with_kernel_forwarding_off") {
+        return;
+    }
+    let lab = lab("fwd");
+    let cxp = lab.ns("cxp");
+    assert_eq!(
+        sh(&format!(
+            "ip netns exec {cxp} sysctl -n net.ipv4.ip_forward"
+        ))
+        .trim(),
+        "0"
+    );
+    let agent = Agent::start(&lab, xnet_user::lab::DEMO_CONFIG);
+    let before = agent.status();
+    assert_eq!(
+        udp(
+            &lab,
+            "vnet1",
+            "10.1.0.1:5000",
+            "onprem",
+            "192.168.10.1:9000",
+            200
+        ),
+        200,
+        "IPv4 UDP vnet1 → onprem"
+    );
+    let got = udp(
+        &lab,
+        "onprem",
+        "[fd03::1]:5000",
+        "vnet1",
+        "[fd01::1]:9000",
+        200,
+    );
+    assert_eq!(
+        got,
+        200,
+        "IPv6 UDP onprem → vnet1; counters: {:?}",
+        agent.status().reasons
+    );
+    let sent = 1 << 20;
+    assert_eq!(
+        tcp(
+            &lab,
+            "vnet1",
+            "10.1.0.1:0",
+            "onprem",
+            "192.168.10.1:9001",
+            sent
+        ),
+        sent,
+        "TCP transfer, both directions forwarded"
+    );
+    assert_eq!(
+        tcp(
+            &lab,
+            "onprem",
+            "[fd03::1]:0",
+            "vnet1",
+            "[fd01::1]:9001",
+            sent
+        ),
+        sent,
+        "TCP over IPv6"
+    );
+    let after = agent.status();
+    let fwd = |s: &Status, i: &str| s.interface(i).unwrap().forwarded;
+    assert!(
+        fwd(&after, "vnet1") - fwd(&before, "vnet1") >= 200,
+        "vnet1 ingress counted the UDP it forwarded"
+    );
+    assert!(fwd(&after, "onprem") - fwd(&before, "onprem") >= 200);
+    // Counters agree: per-interface forwarded sums to the per-reason total.
+    let by_if: u64 = after.interfaces.iter().map(|i| i.forwarded).sum();
+    assert_eq!(by_if, after.reason("forwarded"));
+    let rx: u64 = after.interfaces.iter().map(|i| i.rx).sum();
+    let all: u64 = after.reasons.iter().map(|(_, v)| v).sum();
+    assert_eq!(rx, all, "every received packet has exactly one outcome");
+    // The slow path mirrors the fast path.
+    let t100 = sh(&format!("ip -n {cxp} route show table 100"));
+    assert!(
+        t100.contains("192.168.0.0/16 via 10.0.3.2 dev onprem proto 250"),
+        "{t100}"
+    );
+    assert!(sh(&format!("ip -n {cxp} rule")).contains("iif vnet1 lookup 100"));
+}
+
+#[test]
+fn segments_are_isolated() {
+    if !require_root("segments_are_isolated") {
+        return;
+    }
+    let lab = lab("seg");
+    let agent = Agent::start(&lab, xnet_user::lab::DEMO_CONFIG);
+    let before = agent.status().reason("pass_no_route");
+    // vnet2 is in segment dev, which has no route to vnet1's prefix.
+    assert_eq!(
+        udp(&lab, "vnet2", "10.2.0.1:5000", "vnet1", "10.1.0.1:9000", 50),
+        0
+    );
+    assert!(agent.status().reason("pass_no_route") - before >= 50);
+    // And the same flow inside segment prod gets through.
+    assert_eq!(
+        udp(
+            &lab,
+            "onprem",
+            "192.168.10.1:5000",
+            "vnet1",
+            "10.1.0.1:9000",
+            50
+        ),
+        50
+    );
+}
+
+fn xdp_prog_id(lab: &Lab, dev: &str) -> Option<String> {
+    let out = sh(&format!("ip -n {} -d link show dev {dev}", lab.ns("cxp")));
+    out.split_whitespace()
+        .skip_while(|w| *w != "prog/xdp")
+        .nth(2)
+        .map(str::to_string)
+}
+
+#[test]
+fn route_change_on_sighup_applies_without_reloading_the_program() {
+    if !require_root("route_change_on_sighup_applies_without_reloading_the_program") {
+        return;
+    }
+    let lab = lab("hup");
+    let agent = Agent::start(&lab, xnet_user::lab::DEMO_CONFIG);
+    let prog = xdp_prog_id(&lab, "vnet1").expect("XDP attached to vnet1");
+    let cfg = std::fs::read_to_string(&agent.config).unwrap();
+    let route = "[[routes]]\nsegment = \"prod\"\nprefix = \"192.168.0.0/16\"\nnext_hops = [{ via = \"10.0.3.2\", interface = \"onprem\" }]\n";
+    assert!(cfg.contains(route));
+    std::fs::write(&agent.config, cfg.replace(route, "")).unwrap();
+    agent.signal(libc::SIGHUP);
+    let t = Instant::now();
+    while agent
+        .status()
+        .routes
+        .iter()
+        .any(|r| r.prefix == "192.168.0.0/16")
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "route not withdrawn: {}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        udp(
+            &lab,
+            "vnet1",
+            "10.1.0.1:5000",
+            "onprem",
+            "192.168.10.1:9000",
+            20
+        ),
+        0,
+        "route removed"
+    );
+    assert!(
+        !sh(&format!("ip -n {} route show table 100", lab.ns("cxp"))).contains("192.168.0.0/16")
+    );
+    // A broken file is rejected whole and changes nothing.
+    std::fs::write(&agent.config, "[[routes]]\nprefix = \"nonsense\"\n").unwrap();
+    agent.signal(libc::SIGHUP);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        agent.log().contains("reload rejected, nothing changed"),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(agent.status().routes.len(), 5);
+    std::fs::write(&agent.config, &cfg).unwrap();
+    agent.signal(libc::SIGHUP);
+    let t = Instant::now();
+    while !agent
+        .status()
+        .routes
+        .iter()
+        .any(|r| r.prefix == "192.168.0.0/16" && r.next_hops[0].fast_path)
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "route not restored: {}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        udp(
+            &lab,
+            "vnet1",
+            "10.1.0.1:5000",
+            "onprem",
+            "192.168.10.1:9000",
+            20
+        ),
+        20,
+        "route back"
+    );
+    assert_eq!(
+        xdp_prog_id(&lab, "vnet1"),
+        Some(prog),
+        "same program all along"
+    );
+}
+
+#[test]
+fn new_neighbour_becomes_fast_path_within_a_second() {
+    if !require_root("new_neighbour_becomes_fast_path_within_a_second") {
+        return;
+    }
+    let lab = lab("nbr");
+    let agent = Agent::start(&lab, xnet_user::lab::DEMO_CONFIG);
+    let cxp = lab.ns("cxp");
+    // The on-prem router's MAC changes (a replaced box): the agent follows the kernel.
+    sh(&format!(
+        "ip -n {} link set eth0 address 02:00:00:00:99:01",
+        lab.ns("onprem")
+    ));
+    sh(&format!(
+        "ip -n {cxp} neigh replace 10.0.3.2 dev onprem lladdr 02:00:00:00:99:01 nud reachable"
+    ));
+    let t = Instant::now();
+    loop {
+        let s = agent.status();
+        let n = s.neighbours.iter().find(|n| n.ip == "10.0.3.2").unwrap();
+        if n.mac.as_deref() == Some("02:00:00:00:99:01") {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "new MAC not picked up within 1 s: {n:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        udp(
+            &lab,
+            "vnet1",
+            "10.1.0.1:5000",
+            "onprem",
+            "192.168.10.1:9000",
+            50
+        ),
+        50
+    );
+}
+
+#[test]
+fn stop_detaches_and_removes_kernel_state() {
+    if !require_root("stop_detaches_and_removes_kernel_state") {
+        return;
+    }
+    let lab = lab("stop");
+    let mut agent = Agent::start(&lab, xnet_user::lab::DEMO_CONFIG);
+    assert!(xdp_prog_id(&lab, "onprem").is_some());
+    let status = agent.stop();
+    assert!(status.success(), "clean exit on SIGTERM: {}", agent.log());
+    let cxp = lab.ns("cxp");
+    for dev in ["vnet1", "vnet2", "onprem"] {
+        assert_eq!(xdp_prog_id(&lab, dev), None, "{dev} detached");
+    }
+    assert_eq!(
+        sh(&format!(
+            "ip -n {cxp} route show table 100 2>/dev/null || true"
+        ))
+        .trim(),
+        ""
+    );
+    assert!(!sh(&format!("ip -n {cxp} rule")).contains("iif vnet1"));
+    assert!(!agent.socket.exists(), "status socket removed");
+    assert_eq!(
+        udp(
+            &lab,
+            "vnet1",
+            "10.1.0.1:5000",
+            "onprem",
+            "192.168.10.1:9000",
+            10
+        ),
+        0,
+        "no XDP, no kernel forwarding"
+    );
+}
+
+#[test]
+fn invalid_config_is_reported_and_changes_nothing() {
+    if !require_root("invalid_config_is_reported_and_changes_nothing") {
+        return;
+    }
+    let lab = lab("bad");
+    let dir = std::env::temp_dir().join(&lab.prefix);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bad.toml");
+    // The second interface does not exist: the first must not be touched either.
+    let bad = lab
+        .config(dir.join("s").to_str().unwrap())
+        .replace("\"vnet2\"", "\"vnet9\"");
+    std::fs::write(&path, bad).unwrap();
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lab.ns("cxp"),
+            XNET,
+            "run",
+            "--config",
+            path.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        err.contains(&format!("{}: interfaces[2].name", path.display())),
+        "{err}"
+    );
+    assert!(err.contains("\"vnet9\" does not exist"), "{err}");
+    for dev in ["vnet1", "onprem"] {
+        assert_eq!(xdp_prog_id(&lab, dev), None, "{dev} untouched");
+    }
+    assert_eq!(
+        sh(&format!(
+            "ip -n {} route show table 100 2>/dev/null || true",
+            lab.ns("cxp")
+        ))
+        .trim(),
+        ""
+    );
+    // `xnet check` reports a bad field without touching anything.
+    std::fs::write(&path, "[[segments]]\nname = \"a\"\ntable = 255\n").unwrap();
+    let out = Command::new(XNET)
+        .args(["check", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("segments[0].table: 255 is reserved"), "{err}");
+}
