@@ -19,6 +19,8 @@ pub mod names {
     pub const PROG_BENCH_BASE: &str = "xnet_bench_base";
     pub const PROG_BENCH_DIR: &str = "xnet_bench_dir";
     pub const PROG_BENCH_TRIE: &str = "xnet_bench_trie";
+    pub const PROG_BENCH_DIR_BATCH: &str = "xnet_bench_dir_batch";
+    pub const PROG_BENCH_TRIE_BATCH: &str = "xnet_bench_trie_batch";
     pub const MAP_ROUTE_NODES: &str = "ROUTE_NODES";
     pub const MAP_INTERFACES: &str = "INTERFACES";
     pub const MAP_NEXTHOPS: &str = "NEXTHOPS";
@@ -35,6 +37,8 @@ pub mod names {
 
 /// Map sizes compiled into the object; `ROUTE_NODES` is sized by the agent at load time.
 pub mod limits {
+    /// Destination addresses per packet in the batch benchmark programs.
+    pub const BENCH_BATCH: usize = 16;
     pub const INTERFACES: u32 = 1024;
     pub const NEXTHOPS: u32 = 65_536;
     pub const NH_GROUPS: u32 = 65_536;

@@ -260,6 +260,61 @@ pub fn xnet_bench_trie(ctx: XdpContext) -> u32 {
     }
 }
 
+/// Addresses per packet in the batch benchmarks (bounded by the verifier's budget for the
+/// IPv6 walk).
+const BATCH: usize = xnet_common::limits::BENCH_BATCH;
+
+/// Steady-state lookup cost: the payload after the Ethernet header holds `BATCH`
+/// destination addresses of `N` bytes; each is looked up in xnet's table (`trie` false) or
+/// the kernel's LPM trie. `XDP_TX` when all were found.
+#[inline(always)]
+fn bench_batch<const N: usize>(ctx: &XdpContext, trie: bool) -> u32 {
+    let mut hits = 0usize;
+    for i in 0..BATCH {
+        let Some(d) = read::<[u8; N]>(ctx, ETH_HLEN + i * N) else {
+            return XDP_PASS;
+        };
+        let hit = match (trie, N) {
+            (true, 4) => BENCH_TRIE_V4
+                .get(&Key::new(32, [d[0], d[1], d[2], d[3]]))
+                .is_some(),
+            (true, _) => {
+                let mut a = [0u8; 16];
+                a.copy_from_slice(&d[..16]);
+                BENCH_TRIE_V6.get(&Key::new(128, a)).is_some()
+            }
+            (false, _) => {
+                route::lookup(BENCH_ROOTS.get((N / 16) as u32).copied().unwrap_or(0), &d)
+                    != LEAF_NONE
+            }
+        };
+        hits += hit as usize;
+    }
+    if hits == BATCH {
+        XDP_TX
+    } else {
+        XDP_PASS
+    }
+}
+
+#[xdp]
+pub fn xnet_bench_dir_batch(ctx: XdpContext) -> u32 {
+    match ethernet(&ctx) {
+        Some(l2) if l2.ethertype == ETH_P_IP => bench_batch::<4>(&ctx, false),
+        Some(_) => bench_batch::<16>(&ctx, false),
+        None => XDP_PASS,
+    }
+}
+
+#[xdp]
+pub fn xnet_bench_trie_batch(ctx: XdpContext) -> u32 {
+    match ethernet(&ctx) {
+        Some(l2) if l2.ethertype == ETH_P_IP => bench_batch::<4>(&ctx, true),
+        Some(_) => bench_batch::<16>(&ctx, true),
+        None => XDP_PASS,
+    }
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

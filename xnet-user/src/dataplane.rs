@@ -333,6 +333,11 @@ impl Dataplane {
         Ok(())
     }
 
+    /// The (IPv4, IPv6) root groups of a segment's tables.
+    pub fn segment_roots(&self, segment: u32) -> Option<(u32, u32)> {
+        self.segments.get(&segment).map(|s| (s.v4_root, s.v6_root))
+    }
+
     pub fn segment_of(&self, ifindex: u32) -> Option<u32> {
         self.ports.get(&ifindex).map(|p| p.segment)
     }

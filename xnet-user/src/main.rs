@@ -37,6 +37,20 @@ enum Command {
         #[arg(long)]
         duration: Option<u64>,
     },
+    /// Benchmarks (what `cargo xtask bench` runs): XDP ns/packet with the full Internet
+    /// table, beside a parse-only baseline and the kernel's LPM trie. Needs root.
+    Bench {
+        /// Directory with routeviews-v4.txt.gz and routeviews-v6.txt.gz; without it a
+        /// synthetic table with the same prefix-length mix is used.
+        #[arg(long)]
+        table_dir: Option<PathBuf>,
+        /// Distinct packets (destinations) per family.
+        #[arg(long, default_value_t = 8192)]
+        packets: usize,
+        /// Rounds over all packets; the median round is reported.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
     /// Show a running agent's interfaces, routes, neighbours and data-plane counters.
     Status {
         /// The agent's status socket (agent.socket in its config).
@@ -71,6 +85,15 @@ async fn real_main() -> Result<()> {
             );
             Ok(())
         }
+        Command::Bench {
+            table_dir,
+            packets,
+            rounds,
+        } => xnet_user::bench::run(xnet_user::bench::Options {
+            table_dir,
+            packets,
+            rounds: rounds.max(1),
+        }),
         Command::Demo { duration } => xnet_user::demo::run(duration).await,
         Command::Status { socket, json } => {
             let s = status::fetch(&socket).await?;

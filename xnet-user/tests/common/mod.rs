@@ -49,15 +49,13 @@ pub fn sh(cmd: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The ifindex of `name` in this thread's namespace (/sys may show another one).
 pub fn ifindex(name: &str) -> u32 {
-    std::fs::read_to_string(format!("/sys/class/net/{name}/ifindex"))
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or_else(|| {
-            // /sys shows the namespace it was mounted in; ask the kernel of this thread.
-            let out = sh(&format!("ip -o link show dev {name}"));
-            out.split(':').next().unwrap().trim().parse().unwrap()
-        })
+    let c = std::ffi::CString::new(name).unwrap();
+    // SAFETY: a valid NUL-terminated name.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    assert_ne!(i, 0, "no interface {name}");
+    i
 }
 
 pub const MAC_H1: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
