@@ -95,29 +95,15 @@ fn ipv4(ctx: &XdpContext, ifindex: u32, ifc: &IfConfig, l3: usize) -> Verdict {
     if dst[0] >= 224 || (dst[0] == 169 && dst[1] == 254) {
         return pass(Reason::PassMulticast);
     }
-    let proto = h[9];
-    let (sport, dport) = ports(ctx, proto, l3 + IPV4_HLEN);
-    if let Some(r) = control_plane(proto, sport, dport) {
-        return pass(r);
-    }
-    if h[8] <= 1 {
-        return pass(Reason::PassTtl);
-    }
-    let nhg = route::lookup(ifc.v4_root, &dst);
-    if nhg == LEAF_NONE {
-        return pass(Reason::PassNoRoute);
-    }
-    let hash = route::flow_hash(route::fold(&src), route::fold(&dst), proto, sport, dport);
-    let Some(nh) = route::select(nhg, hash) else {
-        return pass(Reason::PassNoRoute);
+    let ip = Ip {
+        src,
+        dst,
+        proto: h[9],
+        ttl: h[8],
+        l4: l3 + IPV4_HLEN,
+        root: ifc.v4_root,
     };
-    if nh.flags & NH_F_VALID == 0 {
-        return pass(Reason::PassNoNeighbour);
-    }
-    if rewrite::ipv4_ttl(ctx, l3).is_none() || rewrite::ethernet(ctx, l3, nh).is_none() {
-        return MALFORMED;
-    }
-    send(ifindex, nh.ifindex)
+    route_packet(ctx, ifindex, l3, ip)
 }
 
 #[inline(always)]
@@ -155,25 +141,64 @@ fn ipv6(ctx: &XdpContext, ifindex: u32, ifc: &IfConfig, l3: usize) -> Verdict {
     if dst[0] == 0xff || (dst[0] == 0xfe && dst[1] & 0xc0 == 0x80) {
         return pass(Reason::PassMulticast);
     }
-    let (sport, dport) = ports(ctx, proto, l3 + IPV6_HLEN);
-    if let Some(r) = control_plane(proto, sport, dport) {
+    let ip = Ip {
+        src,
+        dst,
+        proto,
+        ttl: h[7],
+        l4: l3 + IPV6_HLEN,
+        root: ifc.v6_root,
+    };
+    route_packet(ctx, ifindex, l3, ip)
+}
+
+/// What IPv4 and IPv6 hand to the steps they share.
+struct Ip<const N: usize> {
+    src: [u8; N],
+    dst: [u8; N],
+    proto: u8,
+    /// TTL or hop limit.
+    ttl: u8,
+    /// Offset of the transport header.
+    l4: usize,
+    /// Root of the segment's table for this family.
+    root: u32,
+}
+
+/// Control-plane check, TTL, route lookup, ECMP, rewrite and send: the same for both
+/// families once their headers are read.
+#[inline(always)]
+fn route_packet<const N: usize>(ctx: &XdpContext, ifindex: u32, l3: usize, ip: Ip<N>) -> Verdict {
+    let (sport, dport) = ports(ctx, ip.proto, ip.l4);
+    if let Some(r) = control_plane(ip.proto, sport, dport) {
         return pass(r);
     }
-    if h[7] <= 1 {
+    if ip.ttl <= 1 {
         return pass(Reason::PassTtl);
     }
-    let nhg = route::lookup(ifc.v6_root, &dst);
+    let nhg = route::lookup(ip.root, &ip.dst);
     if nhg == LEAF_NONE {
         return pass(Reason::PassNoRoute);
     }
-    let hash = route::flow_hash(route::fold(&src), route::fold(&dst), proto, sport, dport);
+    let hash = route::flow_hash(
+        route::fold(&ip.src),
+        route::fold(&ip.dst),
+        ip.proto,
+        sport,
+        dport,
+    );
     let Some(nh) = route::select(nhg, hash) else {
         return pass(Reason::PassNoRoute);
     };
     if nh.flags & NH_F_VALID == 0 {
         return pass(Reason::PassNoNeighbour);
     }
-    if rewrite::ipv6_hop_limit(ctx, l3).is_none() || rewrite::ethernet(ctx, l3, nh).is_none() {
+    let ttl = if N == 4 {
+        rewrite::ipv4_ttl(ctx, l3)
+    } else {
+        rewrite::ipv6_hop_limit(ctx, l3)
+    };
+    if ttl.is_none() || rewrite::ethernet(ctx, l3, nh).is_none() {
         return MALFORMED;
     }
     send(ifindex, nh.ifindex)

@@ -249,6 +249,31 @@ fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     }
 }
 
+/// IPv4 UDP from the vnet1 workload to the on-prem workload: how many of `n` arrived.
+fn vnet1_to_onprem(lab: &Lab, n: usize) -> usize {
+    udp(
+        lab,
+        "vnet1",
+        "10.1.0.1:5000",
+        "onprem",
+        "192.168.10.1:9000",
+        n,
+    )
+}
+
+/// Polls the agent's status until `cond` holds, failing after `limit`.
+fn wait_until(agent: &Agent, what: &str, limit: Duration, cond: impl Fn(&Status) -> bool) {
+    let t = Instant::now();
+    while !cond(&agent.status()) {
+        assert!(
+            t.elapsed() < limit,
+            "{what} within {limit:?}: {}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn lab(name: &str) -> Lab {
     Lab::create(&format!("xt{}-{name}", std::process::id())).expect("lab")
 }
@@ -269,18 +294,7 @@ fn xdp_forwards_udp_and_tcp_with_kernel_forwarding_off() {
     );
     let agent = Agent::start(&lab, xnet_user::lab::DEMO_CONFIG);
     let before = agent.status();
-    assert_eq!(
-        udp(
-            &lab,
-            "vnet1",
-            "10.1.0.1:5000",
-            "onprem",
-            "192.168.10.1:9000",
-            200
-        ),
-        200,
-        "IPv4 UDP vnet1 → onprem"
-    );
+    assert_eq!(vnet1_to_onprem(&lab, 200), 200, "IPv4 UDP vnet1 → onprem");
     let got = udp(
         &lab,
         "onprem",
@@ -389,36 +403,21 @@ fn route_change_on_sighup_applies_without_reloading_the_program() {
     let cfg = std::fs::read_to_string(&agent.config).unwrap();
     let route = "[[routes]]\nsegment = \"prod\"\nprefix = \"192.168.0.0/16\"\nnext_hops = [{ via = \"10.0.3.2\", interface = \"onprem\" }]\n";
     assert!(cfg.contains(route));
+    let has_route = |s: &Status| {
+        s.routes
+            .iter()
+            .any(|r| r.prefix == "192.168.0.0/16" && r.next_hops[0].fast_path)
+    };
     std::fs::write(&agent.config, cfg.replace(route, "")).unwrap();
     agent.signal(libc::SIGHUP);
-    let t = Instant::now();
-    while agent
-        .status()
-        .routes
-        .iter()
-        .any(|r| r.prefix == "192.168.0.0/16")
-    {
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "route not withdrawn: {}",
-            agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert_eq!(
-        udp(
-            &lab,
-            "vnet1",
-            "10.1.0.1:5000",
-            "onprem",
-            "192.168.10.1:9000",
-            20
-        ),
-        0,
-        "route removed"
-    );
+    wait_until(&agent, "route withdrawn", Duration::from_secs(5), |s| {
+        !has_route(s)
+    });
+    assert_eq!(vnet1_to_onprem(&lab, 20), 0, "route removed");
+    let table = sh(&format!("ip -n {} route show table 100", lab.ns("cxp")));
     assert!(
-        !sh(&format!("ip -n {} route show table 100", lab.ns("cxp"))).contains("192.168.0.0/16")
+        !table.contains("192.168.0.0/16"),
+        "kernel mirror follows: {table}"
     );
     // A broken file is rejected whole and changes nothing.
     std::fs::write(&agent.config, "[[routes]]\nprefix = \"nonsense\"\n").unwrap();
@@ -432,32 +431,8 @@ fn route_change_on_sighup_applies_without_reloading_the_program() {
     assert_eq!(agent.status().routes.len(), 5);
     std::fs::write(&agent.config, &cfg).unwrap();
     agent.signal(libc::SIGHUP);
-    let t = Instant::now();
-    while !agent
-        .status()
-        .routes
-        .iter()
-        .any(|r| r.prefix == "192.168.0.0/16" && r.next_hops[0].fast_path)
-    {
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "route not restored: {}",
-            agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert_eq!(
-        udp(
-            &lab,
-            "vnet1",
-            "10.1.0.1:5000",
-            "onprem",
-            "192.168.10.1:9000",
-            20
-        ),
-        20,
-        "route back"
-    );
+    wait_until(&agent, "route restored", Duration::from_secs(5), has_route);
+    assert_eq!(vnet1_to_onprem(&lab, 20), 20, "route back");
     assert_eq!(
         xdp_prog_id(&lab, "vnet1"),
         Some(prog),
@@ -474,37 +449,25 @@ fn new_neighbour_becomes_fast_path_within_a_second() {
     let agent = Agent::start(&lab, xnet_user::lab::DEMO_CONFIG);
     let cxp = lab.ns("cxp");
     // The on-prem router's MAC changes (a replaced box): the agent follows the kernel.
+    let mac = "02:00:00:00:99:01";
     sh(&format!(
-        "ip -n {} link set eth0 address 02:00:00:00:99:01",
+        "ip -n {} link set eth0 address {mac}",
         lab.ns("onprem")
     ));
     sh(&format!(
-        "ip -n {cxp} neigh replace 10.0.3.2 dev onprem lladdr 02:00:00:00:99:01 nud reachable"
+        "ip -n {cxp} neigh replace 10.0.3.2 dev onprem lladdr {mac} nud reachable"
     ));
-    let t = Instant::now();
-    loop {
-        let s = agent.status();
-        let n = s.neighbours.iter().find(|n| n.ip == "10.0.3.2").unwrap();
-        if n.mac.as_deref() == Some("02:00:00:00:99:01") {
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(1),
-            "new MAC not picked up within 1 s: {n:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert_eq!(
-        udp(
-            &lab,
-            "vnet1",
-            "10.1.0.1:5000",
-            "onprem",
-            "192.168.10.1:9000",
-            50
-        ),
-        50
+    wait_until(
+        &agent,
+        "new MAC on the fast path",
+        Duration::from_secs(1),
+        |s| {
+            s.neighbours
+                .iter()
+                .any(|n| n.ip == "10.0.3.2" && n.mac.as_deref() == Some(mac))
+        },
     );
+    assert_eq!(vnet1_to_onprem(&lab, 50), 50);
 }
 
 #[test]
@@ -530,18 +493,7 @@ fn stop_detaches_and_removes_kernel_state() {
     );
     assert!(!sh(&format!("ip -n {cxp} rule")).contains("iif vnet1"));
     assert!(!agent.socket.exists(), "status socket removed");
-    assert_eq!(
-        udp(
-            &lab,
-            "vnet1",
-            "10.1.0.1:5000",
-            "onprem",
-            "192.168.10.1:9000",
-            10
-        ),
-        0,
-        "no XDP, no kernel forwarding"
-    );
+    assert_eq!(vnet1_to_onprem(&lab, 10), 0, "no XDP, no kernel forwarding");
 }
 
 #[test]

@@ -74,14 +74,13 @@ fn real_main() -> Result<()> {
             run(Command::new(xnet).args(args))
         }
         Cmd::Test { args } => {
-            let obj = build(&root)?;
-            let _ = obj;
+            build(&root)?;
             let mut cmd = cargo(USER_TOOLCHAIN);
             cmd.current_dir(&root)
                 .args(["test", "--release", "--workspace"])
                 .args(args)
                 .env("XNET_EBPF_OBJ", ebpf_object(&root));
-            run(&mut cmd)
+            run_tests(&mut cmd)
         }
         Cmd::Bench { args } => {
             let xnet = build(&root)?;
@@ -121,6 +120,43 @@ fn run(cmd: &mut Command) -> Result<()> {
             cmd.get_program(),
             cmd.get_args().collect::<Vec<_>>()
         );
+    }
+    Ok(())
+}
+
+/// Runs `cargo test`, passing its output through, and closes with one line that totals
+/// every test binary's result.
+fn run_tests(cmd: &mut Command) -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("starting cargo test")?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line?;
+        println!("{line}");
+        // "test result: ok. 8 passed; 0 failed; 0 ignored; ..."
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(|c| c == ';' || c == '.') {
+                let mut w = part.split_whitespace();
+                if let (Some(n), Some(what)) =
+                    (w.next().and_then(|n| n.parse::<u64>().ok()), w.next())
+                {
+                    match what {
+                        "passed" => passed += n,
+                        "failed" => failed += n,
+                        "ignored" => ignored += n,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("tests: {passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() {
+        bail!("cargo test failed: {status}");
     }
     Ok(())
 }
