@@ -14,11 +14,11 @@ pub fn replace16(check: u16, old: u16, new: u16) -> u16 {
 /// Full checksum over `data` (big-endian words), as stored in an IPv4 header.
 pub fn checksum(data: &[u8]) -> u16 {
     let mut sum: u32 = 0;
-    let mut chunks = data.chunks_exact(2);
-    for c in &mut chunks {
-        sum += u16::from_be_bytes([c[0], c[1]]) as u32;
+    let (words, rest) = data.as_chunks::<2>();
+    for w in words {
+        sum += u16::from_be_bytes(*w) as u32;
     }
-    if let [last] = chunks.remainder() {
+    if let [last] = rest {
         sum += (*last as u32) << 8;
     }
     while sum >> 16 != 0 {

@@ -205,11 +205,12 @@ impl Dataplane {
             Some(aya::maps::Map::Array(data)) => NodeMap::new(data, entries)?,
             _ => bail!("map {} missing from the XDP object", names::MAP_ROUTE_NODES),
         };
-        for prog in [names::PROG_FORWARD] {
-            let p: &mut Xdp = ebpf.program_mut(prog).context(prog)?.try_into()?;
-            p.load()
-                .with_context(|| format!("verifier rejected {prog}"))?;
-        }
+        let p: &mut Xdp = ebpf
+            .program_mut(names::PROG_FORWARD)
+            .context(names::PROG_FORWARD)?
+            .try_into()?;
+        p.load()
+            .with_context(|| format!("verifier rejected {}", names::PROG_FORWARD))?;
         Ok(Self {
             ebpf,
             _logger: logger,

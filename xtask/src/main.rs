@@ -138,7 +138,7 @@ fn run_tests(cmd: &mut Command) -> Result<()> {
         println!("{line}");
         // "test result: ok. 8 passed; 0 failed; 0 ignored; ..."
         if let Some(rest) = line.strip_prefix("test result: ") {
-            for part in rest.split(|c| c == ';' || c == '.') {
+            for part in rest.split([';', '.']) {
                 let mut w = part.split_whitespace();
                 if let (Some(n), Some(what)) =
                     (w.next().and_then(|n| n.parse::<u64>().ok()), w.next())
