@@ -6,6 +6,7 @@
 #![no_std]
 
 pub mod csum;
+pub mod policy;
 pub mod route;
 
 pub use route::*;
@@ -30,6 +31,12 @@ pub mod names {
     pub const MAP_LOCAL_V6: &str = "LOCAL_V6";
     pub const MAP_IF_STATS: &str = "IF_STATS";
     pub const MAP_REASONS: &str = "REASONS";
+    pub const MAP_POLICY_META: &str = "POLICY_META";
+    pub const MAP_TUPLES: &str = "TUPLES";
+    pub const MAP_RULES: &str = "RULES";
+    pub const MAP_RULE_STATS: &str = "RULE_STATS";
+    pub const MAP_SERVICES: &str = "SERVICES";
+    pub const MAP_NH_STATS: &str = "NH_STATS";
     pub const MAP_BENCH_TRIE_V4: &str = "BENCH_TRIE_V4";
     pub const MAP_BENCH_TRIE_V6: &str = "BENCH_TRIE_V6";
     pub const MAP_BENCH_ROOTS: &str = "BENCH_ROOTS";
@@ -57,6 +64,12 @@ pub struct IfConfig {
     pub v6_root: u32,
     pub flags: u32,
 }
+
+/// `IfConfig::flags`: the port faces a firewall; its packets come back from one and are
+/// routed without being classified again (no steering loops).
+pub const IF_F_FIREWALL: u32 = 1;
+/// `IfConfig::flags`: traffic no policy matches is dropped (segment default deny).
+pub const IF_F_DEFAULT_DENY: u32 = 2;
 
 /// The next hop is usable: its MAC is known and its egress port is in `TX_PORTS`.
 pub const NH_F_VALID: u32 = 1;
@@ -131,10 +144,16 @@ pub enum Reason {
     PassNoInterface,
     /// Truncated or inconsistent headers.
     DropMalformed,
+    /// A `deny` policy, or the segment's default deny.
+    DropPolicy,
+    /// `steer` to a fail-closed service with no healthy instance.
+    DropFailClosed,
+    /// Forwarded to a firewall instance by a `steer` policy.
+    Steered,
 }
 
 impl Reason {
-    pub const COUNT: u32 = Reason::DropMalformed as u32 + 1;
+    pub const COUNT: u32 = Reason::Steered as u32 + 1;
     pub const ALL: [Reason; Reason::COUNT as usize] = [
         Reason::Forwarded,
         Reason::PassLocal,
@@ -153,6 +172,9 @@ impl Reason {
         Reason::PassHopByHop,
         Reason::PassNoInterface,
         Reason::DropMalformed,
+        Reason::DropPolicy,
+        Reason::DropFailClosed,
+        Reason::Steered,
     ];
 
     /// Stable name used in status output and tests.
@@ -175,6 +197,9 @@ impl Reason {
             Reason::PassHopByHop => "pass_hop_by_hop",
             Reason::PassNoInterface => "pass_no_interface",
             Reason::DropMalformed => "drop_malformed",
+            Reason::DropPolicy => "drop_policy",
+            Reason::DropFailClosed => "drop_fail_closed",
+            Reason::Steered => "steered",
         }
     }
 }
@@ -186,6 +211,11 @@ mod user {
     unsafe impl aya::Pod for super::NextHop {}
     unsafe impl aya::Pod for super::NhGroup {}
     unsafe impl aya::Pod for super::IfStats {}
+    unsafe impl aya::Pod for super::policy::Tuple {}
+    unsafe impl aya::Pod for super::policy::RuleKey {}
+    unsafe impl aya::Pod for super::policy::RuleValue {}
+    unsafe impl aya::Pod for super::policy::Service {}
+    unsafe impl aya::Pod for super::policy::Counter {}
 }
 
 #[cfg(test)]
@@ -200,6 +230,13 @@ mod tests {
         assert_eq!(core::mem::size_of::<NextHop>(), 20);
         assert_eq!(core::mem::size_of::<NhGroup>(), 4 + 4 * MAX_ECMP);
         assert_eq!(core::mem::size_of::<IfStats>(), 32);
+        assert_eq!(core::mem::size_of::<policy::Tuple>(), 44);
+        assert_eq!(core::mem::size_of::<policy::RuleKey>(), 44);
+        assert_eq!(core::mem::size_of::<policy::RuleValue>(), 24);
+        assert_eq!(
+            core::mem::size_of::<policy::Service>(),
+            8 + 4 * policy::MAX_INSTANCES
+        );
     }
 
     #[test]

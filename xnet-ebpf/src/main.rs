@@ -6,6 +6,7 @@
 
 mod maps;
 mod parse;
+mod policy;
 mod rewrite;
 mod route;
 mod stats;
@@ -17,7 +18,10 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use aya_log_ebpf::debug;
-use xnet_common::{IfConfig, Reason, LEAF_NONE, NH_F_VALID};
+use xnet_common::policy::{ACTION_DENY, ACTION_STEER, STAY};
+use xnet_common::{
+    IfConfig, NextHop, Reason, IF_F_DEFAULT_DENY, IF_F_FIREWALL, LEAF_NONE, NH_F_VALID,
+};
 
 use maps::{BENCH_ROOTS, BENCH_TRIE_V4, BENCH_TRIE_V6, INTERFACES, LOCAL_V4, LOCAL_V6, TX_PORTS};
 use parse::*;
@@ -103,7 +107,7 @@ fn ipv4(ctx: &XdpContext, ifindex: u32, ifc: &IfConfig, l3: usize) -> Verdict {
         l4: l3 + IPV4_HLEN,
         root: ifc.v4_root,
     };
-    route_packet(ctx, ifindex, l3, ip)
+    route_packet(ctx, ifindex, ifc, l3, ip)
 }
 
 #[inline(always)]
@@ -149,7 +153,7 @@ fn ipv6(ctx: &XdpContext, ifindex: u32, ifc: &IfConfig, l3: usize) -> Verdict {
         l4: l3 + IPV6_HLEN,
         root: ifc.v6_root,
     };
-    route_packet(ctx, ifindex, l3, ip)
+    route_packet(ctx, ifindex, ifc, l3, ip)
 }
 
 /// What IPv4 and IPv6 hand to the steps they share.
@@ -168,7 +172,13 @@ struct Ip<const N: usize> {
 /// Control-plane check, TTL, route lookup, ECMP, rewrite and send: the same for both
 /// families once their headers are read.
 #[inline(always)]
-fn route_packet<const N: usize>(ctx: &XdpContext, ifindex: u32, l3: usize, ip: Ip<N>) -> Verdict {
+fn route_packet<const N: usize>(
+    ctx: &XdpContext,
+    ifindex: u32,
+    ifc: &IfConfig,
+    l3: usize,
+    ip: Ip<N>,
+) -> Verdict {
     let (sport, dport) = ports(ctx, ip.proto, ip.l4);
     if let Some(r) = control_plane(ip.proto, sport, dport) {
         return pass(r);
@@ -176,7 +186,60 @@ fn route_packet<const N: usize>(ctx: &XdpContext, ifindex: u32, l3: usize, ip: I
     if ip.ttl <= 1 {
         return pass(Reason::PassTtl);
     }
-    let nhg = route::lookup(ip.root, &ip.dst);
+    let mut root = ip.root;
+    // Packets back from a firewall are routed, never classified again.
+    if ifc.flags & IF_F_FIREWALL == 0 {
+        let mut f = policy::Fields {
+            segment: ifc.segment,
+            family: if N == 4 { 4 } else { 6 },
+            src: [0; 16],
+            dst: [0; 16],
+            proto: ip.proto,
+            sport,
+            dport,
+        };
+        f.src[..N].copy_from_slice(&ip.src);
+        f.dst[..N].copy_from_slice(&ip.dst);
+        match policy::classify(&f) {
+            Some(rule) => {
+                let bytes = (ctx.data_end() - ctx.data()) as u64;
+                policy::count_rule(rule.rule, bytes);
+                match rule.action {
+                    ACTION_DENY => return (XDP_DROP, Reason::DropPolicy),
+                    ACTION_STEER => {
+                        let hash = route::symmetric_hash(
+                            route::fold(&ip.src),
+                            route::fold(&ip.dst),
+                            ip.proto,
+                            sport,
+                            dport,
+                        );
+                        match policy::steer(rule.service, hash, bytes) {
+                            policy::Steer::To(nh) => {
+                                return match forward_to(ctx, ifindex, l3, N == 4, nh) {
+                                    (XDP_PASS, r) => (XDP_PASS, r),
+                                    (a, _) => (a, Reason::Steered),
+                                };
+                            }
+                            policy::Steer::Drop => return (XDP_DROP, Reason::DropFailClosed),
+                            policy::Steer::Bypass => {}
+                        }
+                    }
+                    _ if rule.to_v4_root != STAY => {
+                        root = if N == 4 {
+                            rule.to_v4_root
+                        } else {
+                            rule.to_v6_root
+                        };
+                    }
+                    _ => {}
+                }
+            }
+            None if ifc.flags & IF_F_DEFAULT_DENY != 0 => return (XDP_DROP, Reason::DropPolicy),
+            None => {}
+        }
+    }
+    let nhg = route::lookup(root, &ip.dst);
     if nhg == LEAF_NONE {
         return pass(Reason::PassNoRoute);
     }
@@ -193,7 +256,13 @@ fn route_packet<const N: usize>(ctx: &XdpContext, ifindex: u32, l3: usize, ip: I
     if nh.flags & NH_F_VALID == 0 {
         return pass(Reason::PassNoNeighbour);
     }
-    let ttl = if N == 4 {
+    forward_to(ctx, ifindex, l3, N == 4, nh)
+}
+
+/// Rewrites TTL/hop limit and MACs for next hop `nh` and sends the packet.
+#[inline(always)]
+fn forward_to(ctx: &XdpContext, ifindex: u32, l3: usize, v4: bool, nh: &NextHop) -> Verdict {
+    let ttl = if v4 {
         rewrite::ipv4_ttl(ctx, l3)
     } else {
         rewrite::ipv6_hop_limit(ctx, l3)

@@ -5,6 +5,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, DevMapHash, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap},
 };
+use xnet_common::policy::{self, Counter, RuleKey, RuleValue, Service, Tuple};
 use xnet_common::{limits, route::GROUP_SIZE, IfConfig, IfStats, NextHop, NhGroup, Reason};
 
 /// Lets user space mmap the array (linux/bpf.h).
@@ -53,3 +54,19 @@ pub static BENCH_TRIE_V6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(lim
 /// Benchmark only: [v4 root, v6 root] of the table `xnet_bench_dir` looks up.
 #[map]
 pub static BENCH_ROOTS: Array<u32> = Array::with_max_entries(2, 0);
+
+/// Policy: [active generation, tuples in generation 0, tuples in generation 1].
+#[map]
+pub static POLICY_META: Array<u32> = Array::with_max_entries(3, 0);
+#[map]
+pub static TUPLES: Array<Tuple> = Array::with_max_entries(2 * policy::MAX_TUPLES, 0);
+#[map]
+pub static RULES: HashMap<RuleKey, RuleValue> = HashMap::with_max_entries(policy::MAX_ENTRIES, 0);
+/// Hits per rule id.
+#[map]
+pub static RULE_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(policy::MAX_RULES, 0);
+#[map]
+pub static SERVICES: Array<Service> = Array::with_max_entries(policy::MAX_SERVICES, 0);
+/// Packets sent to each next hop id by `steer` (per firewall instance).
+#[map]
+pub static NH_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(limits::NEXTHOPS, 0);

@@ -49,6 +49,13 @@ pub fn flow_hash(src: u32, dst: u32, proto: u8, sport: u16, dport: u16) -> u32 {
     h
 }
 
+/// An order-independent hash: a flow and its reverse get the same value, so both
+/// directions are steered to the same firewall instance.
+#[inline(always)]
+pub fn symmetric_hash(src: u32, dst: u32, proto: u8, sport: u16, dport: u16) -> u32 {
+    flow_hash(src ^ dst, 0, proto, sport ^ dport, 0)
+}
+
 /// Folds an address into 32 bits for [`flow_hash`].
 #[inline(always)]
 pub fn fold<const N: usize>(a: &[u8; N]) -> u32 {

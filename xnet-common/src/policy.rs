@@ -1,0 +1,109 @@
+//! Policy classification by tuple-space search: every rule is expanded into exact-match
+//! entries of a hash map, one per combination of prefixes and port prefixes; entries that
+//! share the same field masks form a tuple. A packet is masked once per tuple and looked
+//! up; the cost grows with the number of distinct tuples, not with the number of rules.
+//!
+//! Rule sets are double-buffered: entries carry a generation (0 or 1) in their tuple id,
+//! and `POLICY_META[META_GENERATION]` says which one packets use. The agent writes the
+//! new generation completely, then flips that one `u32`: a packet sees the old rule set or
+//! the new one, never a mix.
+
+/// Tuples per generation.
+pub const MAX_TUPLES: u32 = 32;
+/// Firewall instances per service.
+pub const MAX_INSTANCES: usize = 8;
+/// Rules (ids) in one rule set.
+pub const MAX_RULES: u32 = 16_384;
+/// Exact-match entries across both generations.
+pub const MAX_ENTRIES: u32 = 262_144;
+pub const MAX_SERVICES: u32 = 256;
+
+/// `POLICY_META` slots.
+pub const META_GENERATION: u32 = 0;
+/// Tuples in generation 0 and 1.
+pub const META_TUPLES_GEN0: u32 = 1;
+pub const META_TUPLES_GEN1: u32 = 2;
+
+pub const ACTION_ALLOW: u8 = 0;
+pub const ACTION_DENY: u8 = 1;
+pub const ACTION_STEER: u8 = 2;
+
+/// The masks of one tuple; the tuple at index `generation * MAX_TUPLES + i`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Tuple {
+    pub src_mask: [u8; 16],
+    pub dst_mask: [u8; 16],
+    pub sport_mask: u16,
+    pub dport_mask: u16,
+    /// 0xff: protocol must match; 0: any.
+    pub proto_mask: u8,
+    pub _pad: [u8; 3],
+    /// Best (lowest) rule priority among this tuple's entries: the search stops once a
+    /// match beats every remaining tuple.
+    pub best_priority: u32,
+}
+
+/// An exact-match entry: packet fields after masking with its tuple.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct RuleKey {
+    /// `generation * MAX_TUPLES + tuple index`.
+    pub tuple: u16,
+    pub segment: u16,
+    /// 4 or 6.
+    pub family: u8,
+    pub proto: u8,
+    pub sport: u16,
+    pub dport: u16,
+    pub _pad: u16,
+    /// IPv4 addresses in the first 4 bytes.
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct RuleValue {
+    /// Index into `RULE_STATS`.
+    pub rule: u32,
+    /// Lower wins: the rule's position in the config.
+    pub priority: u32,
+    pub action: u8,
+    pub _pad: [u8; 3],
+    /// `steer`: index into `SERVICES`.
+    pub service: u32,
+    /// `allow` into another segment: that segment's table roots (`STAY` to route in the
+    /// ingress segment).
+    pub to_v4_root: u32,
+    pub to_v6_root: u32,
+}
+
+/// `RuleValue::to_v4_root` when the packet stays in its segment.
+pub const STAY: u32 = u32::MAX;
+
+/// A firewall service: its healthy instances (indexes into `NEXTHOPS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Service {
+    pub count: u32,
+    /// 1: drop when no instance is healthy; 0: bypass (route normally).
+    pub fail_closed: u32,
+    pub members: [u32; MAX_INSTANCES],
+}
+
+/// Packets and bytes (per CPU in the maps).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "user",
+    derive(bytemuck::Pod, bytemuck::Zeroable, serde::Serialize)
+)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
