@@ -14,8 +14,12 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::config::{Config, XdpMode};
+use tokio::sync::mpsc;
+use xnet_common::{IF_F_DEFAULT_DENY, IF_F_FIREWALL};
+
+use crate::config::{Config, DefaultAction, FailureMode, Role, XdpMode};
 use crate::dataplane::{Dataplane, NhKey};
+use crate::health;
 use crate::kernel::{Kernel, RULE_PRIORITY};
 use crate::status::{self, Status};
 
@@ -32,6 +36,17 @@ struct Agent {
     routes: RouteSet,
     managed: HashSet<(u32, IpAddr)>,
     rules: Vec<String>,
+    /// Per service, per instance: health as the data plane uses it.
+    health: Vec<Vec<InstanceHealth>>,
+    probes: Option<mpsc::Receiver<health::Probe>>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct InstanceHealth {
+    /// None until the first probe answers.
+    up: Option<bool>,
+    /// Consecutive probes that disagree with `up`.
+    streak: u32,
 }
 
 /// Runs the agent on `path` until SIGINT or SIGTERM.
@@ -58,6 +73,8 @@ pub async fn run(path: &Path) -> Result<()> {
         routes: RouteSet::new(),
         managed: HashSet::new(),
         rules: Vec::new(),
+        health: Vec::new(),
+        probes: None,
     };
     let result = match agent.start(routes).await {
         Ok(()) => agent.serve().await,
@@ -86,6 +103,13 @@ fn route_set(config: &Config, links: &HashMap<String, (u32, [u8; 6])>) -> RouteS
         .collect()
 }
 
+async fn recv(rx: &mut Option<mpsc::Receiver<health::Probe>>) -> Option<health::Probe> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 impl Agent {
     fn segment_name(&self, id: u32) -> &str {
         self.config
@@ -110,10 +134,20 @@ impl Agent {
         }
         for itf in &c.interfaces {
             let (ifindex, mac) = self.links[&itf.name];
+            let seg = c.segments.iter().find(|s| s.name == itf.segment).unwrap();
+            let mut flags = 0;
+            if itf.role == Role::Firewall {
+                flags |= IF_F_FIREWALL;
+            }
+            if seg.default_action == DefaultAction::Deny {
+                flags |= IF_F_DEFAULT_DENY;
+            }
             self.dp
-                .set_interface(ifindex, c.segment_id(&itf.segment).unwrap(), mac)?;
+                .set_interface(ifindex, c.segment_id(&itf.segment).unwrap(), mac, flags)?;
         }
         self.apply_routes(routes).await?;
+        self.start_services().await?;
+        self.apply_policy()?;
         self.sync_kernel_state().await?;
         // Maps are complete before the first packet meets the program.
         let generic = c.agent.xdp_mode == XdpMode::Generic;
@@ -211,6 +245,137 @@ impl Agent {
         Ok(())
     }
 
+    fn instance_key(&self, service: usize, instance: usize) -> NhKey {
+        let i = &self.config.services[service].instances[instance];
+        NhKey {
+            ifindex: self.links[&i.interface].0,
+            via: i.via,
+        }
+    }
+
+    /// Declares the firewall services (no instance used until its first probe answers)
+    /// and starts their health checks.
+    async fn start_services(&mut self) -> Result<()> {
+        let (tx, rx) = mpsc::channel(256);
+        let services = self.config.services.clone();
+        for (si, svc) in services.iter().enumerate() {
+            let keys: Vec<NhKey> = (0..svc.instances.len())
+                .map(|ii| self.instance_key(si, ii))
+                .collect();
+            self.dp
+                .set_service(si as u32, &keys, svc.failure_mode == FailureMode::Closed)?;
+            for k in &keys {
+                if self.managed.insert((k.ifindex, k.via)) {
+                    if let Err(e) = self.kernel.manage_neighbour(k.ifindex, k.via).await {
+                        warn!("{e:#}");
+                    }
+                }
+            }
+            for (ii, inst) in svc.instances.iter().enumerate() {
+                health::spawn(si, ii, inst.via, svc.health.clone(), tx.clone());
+            }
+            self.health
+                .push(vec![InstanceHealth::default(); svc.instances.len()]);
+            info!(
+                "service {}: {} instances, fail-{}, {:?} health check every {} ms",
+                svc.name,
+                keys.len(),
+                if svc.failure_mode == FailureMode::Closed {
+                    "closed"
+                } else {
+                    "open"
+                },
+                svc.health.kind,
+                svc.health.interval_ms
+            );
+        }
+        self.probes = Some(rx);
+        Ok(())
+    }
+
+    /// Compiles the policies and swaps them in atomically.
+    fn apply_policy(&mut self) -> Result<()> {
+        let dp = &self.dp;
+        let services = &self.config.services;
+        let compiled = crate::policy::compile(
+            &self.config,
+            &|seg| dp.segment_roots(seg).unwrap_or((0, 0)),
+            &|name| services.iter().position(|s| s.name == name).unwrap_or(0) as u32,
+        )
+        .map_err(|e| anyhow::anyhow!("{}: policies: {e}", self.path.display()))?;
+        self.dp.set_policy(&compiled)?;
+        if !self.config.policies.is_empty() {
+            info!(
+                "policy: {} rules in {} tuples, {} entries",
+                self.config.policies.len(),
+                compiled.tuples.len(),
+                compiled.entries.len()
+            );
+        }
+        Ok(())
+    }
+
+    /// A probe result: moves the instance in or out of its service after `threshold`
+    /// consecutive disagreeing probes (the first probe decides at once).
+    fn on_probe(&mut self, p: health::Probe) -> Result<()> {
+        let svc = &self.config.services[p.service];
+        let threshold = svc.health.threshold;
+        let h = &mut self.health[p.service][p.instance];
+        let changed = match h.up {
+            None => {
+                h.up = Some(p.ok);
+                true
+            }
+            Some(up) if up == p.ok => {
+                h.streak = 0;
+                false
+            }
+            Some(_) => {
+                h.streak += 1;
+                if h.streak >= threshold {
+                    h.up = Some(p.ok);
+                    h.streak = 0;
+                    true
+                } else {
+                    false
+                }
+            }
+        };
+        if !changed {
+            return Ok(());
+        }
+        let inst = &svc.instances[p.instance];
+        if p.ok {
+            info!(
+                "service {}: instance {} ({}) is healthy: in the pool",
+                svc.name, inst.name, inst.via
+            );
+        } else {
+            warn!(
+                "service {}: instance {} ({}) failed {} health checks: out of the pool",
+                svc.name, inst.name, inst.via, threshold
+            );
+        }
+        let healthy: Vec<NhKey> = (0..svc.instances.len())
+            .filter(|&i| self.health[p.service][i].up == Some(true))
+            .map(|i| self.instance_key(p.service, i))
+            .collect();
+        if healthy.is_empty() {
+            warn!(
+                "service {}: no healthy instance: traffic is {}",
+                svc.name,
+                if svc.failure_mode == FailureMode::Closed {
+                    "dropped (fail-closed)"
+                } else {
+                    "routed around the firewall (fail-open)"
+                }
+            );
+        }
+        let closed = svc.failure_mode == FailureMode::Closed;
+        self.dp
+            .set_service_health(p.service as u32, &healthy, closed)
+    }
+
     /// Re-reads the host's addresses and the neighbour table into the data plane.
     async fn sync_kernel_state(&mut self) -> Result<()> {
         let addrs = self.kernel.addresses().await?;
@@ -255,12 +420,18 @@ impl Agent {
         if new.interfaces != self.config.interfaces
             || new.segments != self.config.segments
             || new.agent != self.config.agent
+            || new.services != self.config.services
         {
-            error!("reload rejected, nothing changed: {}: interfaces, segments and [agent] only change with a restart", self.path.display());
+            error!("reload rejected, nothing changed: {}: interfaces, segments, services and [agent] only change with a restart", self.path.display());
             return;
         }
         let want = route_set(&new, &self.links);
-        self.config = new;
+        let old = std::mem::replace(&mut self.config, new);
+        if let Err(e) = self.apply_policy() {
+            error!("reload rejected, nothing changed: {e:#}");
+            self.config = old;
+            return;
+        }
         match self.apply_routes(want).await {
             Ok(()) => info!(
                 "reloaded {}: {} routes",
@@ -289,6 +460,11 @@ impl Agent {
                 _ = term.recv() => { info!("SIGTERM: stopping"); break; }
                 _ = int.recv() => { info!("SIGINT: stopping"); break; }
                 _ = hup.recv() => self.reload().await,
+                Some(p) = recv(&mut self.probes) => {
+                    if let Err(e) = self.on_probe(p) {
+                        warn!("health: {e:#}");
+                    }
+                }
                 _ = tick.tick() => {
                     self.dp.flush_logs();
                     if let Err(e) = self.sync_kernel_state().await {
@@ -364,6 +540,48 @@ impl Agent {
                     .dp
                     .neighbour(key.ifindex, key.via)
                     .map(|m| status::mac_string(&m)),
+            });
+        }
+        let hits = self.dp.rule_counters(self.config.policies.len())?;
+        for (p, c) in self.config.policies.iter().zip(hits) {
+            s.policies.push(status::PolicyStatus {
+                name: p.name.clone(),
+                segment: p.segment.clone(),
+                action: match (&p.action, &p.service, &p.to_segment) {
+                    (crate::config::Action::Steer, Some(svc), _) => format!("steer {svc}"),
+                    (crate::config::Action::Allow, _, Some(seg)) => format!("allow to {seg}"),
+                    (a, _, _) => format!("{a:?}").to_lowercase(),
+                },
+                packets: c.packets,
+                bytes: c.bytes,
+            });
+        }
+        for (si, svc) in self.config.services.iter().enumerate() {
+            let mut instances = Vec::new();
+            for (ii, inst) in svc.instances.iter().enumerate() {
+                let c = self.dp.steered_to(self.instance_key(si, ii))?;
+                instances.push(status::InstanceStatus {
+                    name: inst.name.clone(),
+                    via: inst.via.to_string(),
+                    interface: inst.interface.clone(),
+                    health: match self
+                        .health
+                        .get(si)
+                        .and_then(|h| h.get(ii))
+                        .and_then(|h| h.up)
+                    {
+                        Some(true) => "up".into(),
+                        Some(false) => "down".into(),
+                        None => "unknown".into(),
+                    },
+                    packets: c.packets,
+                    bytes: c.bytes,
+                });
+            }
+            s.services.push(status::ServiceStatus {
+                name: svc.name.clone(),
+                failure_mode: format!("{:?}", svc.failure_mode).to_lowercase(),
+                instances,
             });
         }
         s.reasons = counters

@@ -233,8 +233,8 @@ pub fn run(opts: Options) -> Result<()> {
     let groups = 1 << 19;
     let mut dp = Dataplane::load(groups)?;
     dp.add_segment(1)?;
-    dp.set_interface(in_if, 1, [2, 0, 0, 0, 0, 0xc0])?;
-    dp.set_interface(out_if, 1, [2, 0, 0, 0, 0, 0xc1])?;
+    dp.set_interface(in_if, 1, [2, 0, 0, 0, 0, 0xc0], 0)?;
+    dp.set_interface(out_if, 1, [2, 0, 0, 0, 0, 0xc1], 0)?;
     let nh4 = NhKey {
         ifindex: out_if,
         via: "10.255.0.2".parse()?,

@@ -22,6 +22,13 @@ pub struct Config {
     pub interfaces: Vec<Interface>,
     #[serde(default)]
     pub routes: Vec<Route>,
+    #[serde(default)]
+    pub groups: Vec<Group>,
+    #[serde(default)]
+    pub services: Vec<Service>,
+    /// In priority order: the first rule that matches decides.
+    #[serde(default)]
+    pub policies: Vec<Policy>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
@@ -70,6 +77,197 @@ pub struct Segment {
     pub name: String,
     /// Kernel routing table that mirrors this segment's routes (slow path).
     pub table: u32,
+    /// What happens to traffic no policy matches: routed in the segment, or dropped.
+    #[serde(default)]
+    pub default_action: DefaultAction,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DefaultAction {
+    #[default]
+    Allow,
+    Deny,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Carries ordinary traffic, which policies classify.
+    #[default]
+    Normal,
+    /// Faces firewall instances: what comes back from them is routed, not classified
+    /// again.
+    Firewall,
+}
+
+/// A named set of prefixes: a VNet's subnets, an on-prem range, "internet".
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Group {
+    pub name: String,
+    pub prefixes: Vec<IpNet>,
+}
+
+/// A pool of firewall instances that `steer` policies send traffic through.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    pub name: String,
+    /// With no healthy instance: "open" routes traffic around the firewall, "closed"
+    /// drops it.
+    pub failure_mode: FailureMode,
+    #[serde(default)]
+    pub health: Health,
+    pub instances: Vec<Instance>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureMode {
+    Open,
+    Closed,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Health {
+    pub kind: HealthKind,
+    /// TCP port for `kind = "tcp"`.
+    pub port: Option<u16>,
+    pub interval_ms: u64,
+    /// Consecutive failures that take an instance out (and successes that put it back).
+    pub threshold: u32,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self {
+            kind: HealthKind::Icmp,
+            port: None,
+            interval_ms: 500,
+            threshold: 3,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthKind {
+    Icmp,
+    Tcp,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Instance {
+    pub name: String,
+    /// A `role = "firewall"` interface.
+    pub interface: String,
+    pub via: IpAddr,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Allow,
+    Deny,
+    Steer,
+}
+
+/// One rule. Fields left out match anything.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    pub name: String,
+    /// The segment the traffic arrives in.
+    pub segment: String,
+    /// A group name or a prefix.
+    pub source: Option<String>,
+    pub destination: Option<String>,
+    /// "tcp", "udp", "icmp", "icmpv6" or a protocol number.
+    pub protocol: Option<Protocol>,
+    /// "443" or "1024-65535".
+    pub source_ports: Option<PortRange>,
+    pub destination_ports: Option<PortRange>,
+    pub action: Action,
+    /// For `steer`: the service.
+    pub service: Option<String>,
+    /// For `allow`: route in this segment instead of the ingress one (inter-segment
+    /// traffic is denied unless a policy allows it like this).
+    pub to_segment: Option<String>,
+    /// Log the rule's hits (they are counted in any case).
+    #[serde(default)]
+    pub log: bool,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct Protocol(pub u8);
+
+impl<'de> Deserialize<'de> for Protocol {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Num(u8),
+            Name(String),
+        }
+        Ok(Protocol(match Raw::deserialize(d)? {
+            Raw::Num(n) => n,
+            Raw::Name(s) => match s.as_str() {
+                "tcp" => 6,
+                "udp" => 17,
+                "icmp" => 1,
+                "icmpv6" => 58,
+                other => other.parse().map_err(|_| {
+                    serde::de::Error::custom(format!(
+                        "unknown protocol {other:?} (tcp, udp, icmp, icmpv6 or a number)"
+                    ))
+                })?,
+            },
+        }))
+    }
+}
+
+/// An inclusive port range.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl PortRange {
+    pub fn contains(&self, o: &PortRange) -> bool {
+        self.first <= o.first && o.last <= self.last
+    }
+}
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Num(u16),
+            Text(String),
+        }
+        let bad = |s: &str| {
+            serde::de::Error::custom(format!(
+                "{s:?} is not a port or a range like \"1024-65535\""
+            ))
+        };
+        match Raw::deserialize(d)? {
+            Raw::Num(n) => Ok(PortRange { first: n, last: n }),
+            Raw::Text(s) => {
+                let (a, b) = s.split_once('-').unwrap_or((&s, &s));
+                let first: u16 = a.trim().parse().map_err(|_| bad(&s))?;
+                let last: u16 = b.trim().parse().map_err(|_| bad(&s))?;
+                if first > last {
+                    return Err(bad(&s));
+                }
+                Ok(PortRange { first, last })
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -78,6 +276,8 @@ pub struct Interface {
     /// Linux interface name; XDP is attached to it.
     pub name: String,
     pub segment: String,
+    #[serde(default)]
+    pub role: Role,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -149,7 +349,26 @@ impl Config {
             .map(|i| i as u32 + 1)
     }
 
+    /// The prefixes a policy endpoint names: a group's, or the one it spells; `None` for
+    /// "any".
+    pub fn endpoint(&self, e: &Option<String>) -> Option<Vec<IpNet>> {
+        let e = e.as_ref()?;
+        match e.parse::<IpNet>() {
+            Ok(n) => Some(vec![n]),
+            Err(_) => self
+                .groups
+                .iter()
+                .find(|g| &g.name == e)
+                .map(|g| g.prefixes.clone()),
+        }
+    }
+
     fn validate(&self) -> Result<(), (String, String)> {
+        self.validate_routing()?;
+        crate::policy::validate(self)
+    }
+
+    fn validate_routing(&self) -> Result<(), (String, String)> {
         let err = |field: String, reason: String| Err((field, reason));
         let a = &self.agent;
         if a.route_table_groups < 512 * self.segments.len().max(1) as u32 {

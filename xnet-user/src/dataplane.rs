@@ -24,6 +24,11 @@ use xnet_common::route::GROUP_SIZE;
 use xnet_common::{names, IfConfig, IfStats, NextHop, NhGroup, Reason, MAX_ECMP, NH_F_VALID};
 
 use crate::lpm::{LpmUsage, NodeMemory, RouteTables, TableId};
+use crate::policy::Compiled;
+use xnet_common::policy::{
+    Counter, RuleKey, RuleValue, Service, Tuple, MAX_INSTANCES, MAX_SERVICES, MAX_TUPLES,
+    META_GENERATION, META_TUPLES_GEN0,
+};
 
 /// The XDP object, embedded at build time by `cargo xtask build` (see build.rs).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xnet.bpf.o"));
@@ -178,6 +183,11 @@ pub struct Dataplane {
     neighbours: HashMap<(u32, IpAddr), [u8; 6]>,
     locals: Vec<IpAddr>,
     attached: Vec<(u32, aya::programs::xdp::XdpLinkId)>,
+    /// Policy generation packets use now, and the entries each generation holds.
+    generation: u32,
+    written: [Vec<RuleKey>; 2],
+    /// Firewall services: their instances' next-hop ids.
+    services: HashMap<u32, Vec<(NhKey, u32)>>,
 }
 
 impl Dataplane {
@@ -225,6 +235,9 @@ impl Dataplane {
             neighbours: HashMap::new(),
             locals: Vec::new(),
             attached: Vec::new(),
+            generation: 0,
+            written: [Vec::new(), Vec::new()],
+            services: HashMap::new(),
         })
     }
 
@@ -294,7 +307,14 @@ impl Dataplane {
 
     /// Puts `ifindex` (with its MAC) into `segment`: its packets are routed in that
     /// segment's tables, and it becomes an egress port.
-    pub fn set_interface(&mut self, ifindex: u32, segment: u32, mac: [u8; 6]) -> Result<()> {
+    /// `flags`: `IF_F_FIREWALL`, `IF_F_DEFAULT_DENY`.
+    pub fn set_interface(
+        &mut self,
+        ifindex: u32,
+        segment: u32,
+        mac: [u8; 6],
+        flags: u32,
+    ) -> Result<()> {
         let seg = self
             .segments
             .get(&segment)
@@ -303,7 +323,7 @@ impl Dataplane {
             segment,
             v4_root: seg.v4_root,
             v6_root: seg.v6_root,
-            flags: 0,
+            flags,
         };
         let mut stats: PerCpuHashMap<_, u32, IfStats> = self.map_mut(names::MAP_IF_STATS)?;
         if stats.get(&ifindex, 0).is_err() {
@@ -481,6 +501,105 @@ impl Dataplane {
         }
         self.locals = addrs.to_vec();
         Ok(())
+    }
+
+    /// Replaces the whole rule set atomically: the unused generation is rewritten, then one
+    /// store switches packets over to it.
+    pub fn set_policy(&mut self, rules: &Compiled) -> Result<()> {
+        let next = 1 - self.generation;
+        let base = (next * MAX_TUPLES) as u16;
+        // The unused generation's old entries: no packet has read them since the last
+        // switch, long ago on a packet's time scale.
+        let stale = std::mem::take(&mut self.written[next as usize]);
+        let mut map: BpfHashMap<_, RuleKey, RuleValue> = self.map_mut(names::MAP_RULES)?;
+        for k in &stale {
+            let _ = map.remove(k);
+        }
+        let mut written = Vec::with_capacity(rules.entries.len());
+        for (k, v) in &rules.entries {
+            let key = RuleKey {
+                tuple: k.tuple + base,
+                ..*k
+            };
+            if let Err(e) = map.insert(&key, v, 0) {
+                for k in &written {
+                    let _ = map.remove(k);
+                }
+                return Err(anyhow!("writing policy entries: {e}"));
+            }
+            written.push(key);
+        }
+        self.written[next as usize] = written;
+        let mut tuples: Array<_, Tuple> = self.map_mut(names::MAP_TUPLES)?;
+        for (i, t) in rules.tuples.iter().enumerate() {
+            tuples.set(next * MAX_TUPLES + i as u32, t, 0)?;
+        }
+        let mut meta: Array<_, u32> = self.map_mut(names::MAP_POLICY_META)?;
+        meta.set(META_TUPLES_GEN0 + next, &(rules.tuples.len() as u32), 0)?;
+        meta.set(META_GENERATION, &next, 0)?;
+        self.generation = next;
+        Ok(())
+    }
+
+    /// Declares firewall service `id` with its instances (next hops kept resolved like any
+    /// other); none is used until `set_service_health` says it is healthy.
+    pub fn set_service(&mut self, id: u32, instances: &[NhKey], fail_closed: bool) -> Result<()> {
+        if id >= MAX_SERVICES {
+            bail!("service id {id} out of range");
+        }
+        let mut ids = Vec::new();
+        for k in instances {
+            ids.push((*k, self.acquire_nexthop(*k)?));
+        }
+        if let Some(old) = self.services.insert(id, ids) {
+            old.iter().for_each(|(_, n)| self.release_nexthop(*n));
+        }
+        self.set_service_health(id, &[], fail_closed)
+    }
+
+    /// The instances of service `id` that traffic may use now.
+    pub fn set_service_health(
+        &mut self,
+        id: u32,
+        healthy: &[NhKey],
+        fail_closed: bool,
+    ) -> Result<()> {
+        let members: Vec<u32> = self
+            .services
+            .get(&id)
+            .map(|v| {
+                v.iter()
+                    .filter(|(k, _)| healthy.contains(k))
+                    .map(|(_, n)| *n)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut value = Service {
+            count: members.len() as u32,
+            fail_closed: fail_closed as u32,
+            members: [0; MAX_INSTANCES],
+        };
+        value.members[..members.len()].copy_from_slice(&members);
+        let mut arr: Array<_, Service> = self.map_mut(names::MAP_SERVICES)?;
+        arr.set(id, &value, 0)?;
+        Ok(())
+    }
+
+    /// Hits of rules 0..n, summed over CPUs.
+    pub fn rule_counters(&self, n: usize) -> Result<Vec<Counter>> {
+        let arr: PerCpuArray<_, Counter> = self.map(names::MAP_RULE_STATS)?;
+        (0..n as u32)
+            .map(|i| Ok(sum(arr.get(&i, 0)?.iter())))
+            .collect()
+    }
+
+    /// Packets `steer` sent to next hop `k` (a firewall instance).
+    pub fn steered_to(&self, k: NhKey) -> Result<Counter> {
+        let Some(s) = self.nexthops.get(&k) else {
+            return Ok(Counter::default());
+        };
+        let arr: PerCpuArray<_, Counter> = self.map(names::MAP_NH_STATS)?;
+        Ok(sum(arr.get(&s.id, 0)?.iter()))
     }
 
     /// Reads every counter, summed over CPUs.
@@ -674,6 +793,13 @@ impl Dataplane {
             }
         }
     }
+}
+
+fn sum<'a>(it: impl Iterator<Item = &'a Counter>) -> Counter {
+    it.fold(Counter::default(), |a, c| Counter {
+        packets: a.packets + c.packets,
+        bytes: a.bytes + c.bytes,
+    })
 }
 
 impl Drop for Dataplane {

@@ -51,6 +51,15 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         rounds: usize,
     },
+    /// Show a running agent's policies with their hits and its firewall services with
+    /// their instances' health.
+    Policy {
+        #[arg(short, long, default_value = "/run/xnet/xnet.sock")]
+        socket: PathBuf,
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show a running agent's interfaces, routes, neighbours and data-plane counters.
     Status {
         /// The agent's status socket (agent.socket in its config).
@@ -95,6 +104,16 @@ async fn real_main() -> Result<()> {
             rounds: rounds.max(1),
         }),
         Command::Demo { duration } => xnet_user::demo::run(duration).await,
+        Command::Policy { socket, json } => {
+            let s = status::fetch(&socket).await?;
+            if json {
+                let v = serde_json::json!({ "policies": s.policies, "services": s.services });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", s.render_policy());
+            }
+            Ok(())
+        }
         Command::Status { socket, json } => {
             let s = status::fetch(&socket).await?;
             if json {

@@ -17,6 +17,38 @@ pub struct Status {
     /// Packets by outcome: `forwarded` and each pass/drop reason.
     pub reasons: Vec<(String, u64)>,
     pub route_table: RouteTableStatus,
+    #[serde(default)]
+    pub policies: Vec<PolicyStatus>,
+    #[serde(default)]
+    pub services: Vec<ServiceStatus>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct PolicyStatus {
+    pub name: String,
+    pub segment: String,
+    pub action: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ServiceStatus {
+    pub name: String,
+    pub failure_mode: String,
+    pub instances: Vec<InstanceStatus>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct InstanceStatus {
+    pub name: String,
+    pub via: String,
+    pub interface: String,
+    /// "up", "down" or "unknown" (no probe answered yet).
+    pub health: String,
+    /// Packets and bytes steered to it.
+    pub packets: u64,
+    pub bytes: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -131,6 +163,39 @@ impl Status {
             "\nroute table: {} prefixes, {}/{} groups used",
             t.prefixes, t.groups_used, t.groups_total
         );
+        s
+    }
+}
+
+impl Status {
+    /// The policy view: rules with their hits, services with their instances' health.
+    pub fn render_policy(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "PRIORITY  POLICY                   SEGMENT      ACTION                PACKETS          BYTES");
+        for (i, p) in self.policies.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "{:>8}  {:<24} {:<12} {:<16} {:>12} {:>14}",
+                i, p.name, p.segment, p.action, p.packets, p.bytes
+            );
+        }
+        let _ = writeln!(s, "\nSERVICE          FAILURE  INSTANCE         VIA                      INTERFACE        HEALTH       PACKETS          BYTES");
+        for svc in &self.services {
+            for i in &svc.instances {
+                let _ = writeln!(
+                    s,
+                    "{:<16} {:<8} {:<16} {:<24} {:<16} {:<8} {:>12} {:>14}",
+                    svc.name,
+                    svc.failure_mode,
+                    i.name,
+                    i.via,
+                    i.interface,
+                    i.health,
+                    i.packets,
+                    i.bytes
+                );
+            }
+        }
         s
     }
 }

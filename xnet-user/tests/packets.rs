@@ -36,9 +36,9 @@ fn lab() -> Lab {
     let mut dp = Dataplane::load(2048).expect("XDP object loads and passes the verifier");
     dp.add_segment(1).unwrap();
     dp.add_segment(2).unwrap();
-    dp.set_interface(a, 1, MAC_CXP).unwrap();
-    dp.set_interface(b, 1, MAC_B).unwrap();
-    dp.set_interface(c, 2, MAC_B).unwrap();
+    dp.set_interface(a, 1, MAC_CXP, 0).unwrap();
+    dp.set_interface(b, 1, MAC_B, 0).unwrap();
+    dp.set_interface(c, 2, MAC_B, 0).unwrap();
     dp.set_route(1, "10.2.0.0/16".parse().unwrap(), &[nh(b, "10.0.2.2")])
         .unwrap();
     dp.set_route(1, "10.1.0.0/16".parse().unwrap(), &[nh(a, "10.0.1.2")])
