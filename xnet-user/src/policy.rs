@@ -394,3 +394,84 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod validation_tests {
+    use crate::config::Config;
+
+    const BASE: &str = r#"
+[[segments]]
+name = "prod"
+table = 100
+
+[[interfaces]]
+name = "eth1"
+segment = "prod"
+
+[[interfaces]]
+name = "fw0"
+segment = "prod"
+role = "firewall"
+
+[[groups]]
+name = "vnet"
+prefixes = ["10.1.0.0/16"]
+
+[[services]]
+name = "fw"
+failure_mode = "open"
+instances = [{ name = "fw1", interface = "fw0", via = "10.0.9.1" }]
+"#;
+
+    fn check(policies: &str) -> Result<Config, String> {
+        Config::parse(&format!("{BASE}\n{policies}"), "p.toml").map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_rule_covered_by_an_earlier_one_is_rejected() {
+        let e = check(
+            "[[policies]]\nname = \"all-vnet\"\nsegment = \"prod\"\nsource = \"vnet\"\naction = \"deny\"\n\
+             [[policies]]\nname = \"vnet-web\"\nsegment = \"prod\"\nsource = \"10.1.2.0/24\"\nprotocol = \"tcp\"\ndestination_ports = 443\naction = \"allow\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(e, "p.toml: policies[1].name: policy \"vnet-web\" can never match: policies[0] (\"all-vnet\") matches all of its traffic first");
+        // The other order is fine: the specific rule first.
+        check(
+            "[[policies]]\nname = \"vnet-web\"\nsegment = \"prod\"\nsource = \"10.1.2.0/24\"\nprotocol = \"tcp\"\ndestination_ports = 443\naction = \"allow\"\n\
+             [[policies]]\nname = \"all-vnet\"\nsegment = \"prod\"\nsource = \"vnet\"\naction = \"deny\"\n",
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn unknown_names_and_misfit_fields_are_rejected() {
+        let p = |body: &str| {
+            check(&format!(
+                "[[policies]]\nname = \"x\"\nsegment = \"prod\"\n{body}\n"
+            ))
+            .unwrap_err()
+        };
+        assert!(p("source = \"nets\"\naction = \"allow\"")
+            .contains("policies[0].source: \"nets\" is neither a prefix nor a group"));
+        assert!(p("action = \"steer\"")
+            .contains("policies[0].service: action \"steer\" needs a service"));
+        assert!(p("action = \"steer\"\nservice = \"nope\"").contains("unknown service \"nope\""));
+        assert!(p("action = \"deny\"\nservice = \"fw\"")
+            .contains("only action \"steer\" takes a service"));
+        assert!(p("action = \"allow\"\ndestination_ports = 80").contains("ports need protocol"));
+        assert!(p("action = \"allow\"\nto_segment = \"dev\"").contains("unknown segment \"dev\""));
+        assert!(p("action = \"allow\"\nprotocol = \"sctp\"").contains("unknown protocol \"sctp\""));
+    }
+
+    #[test]
+    fn steering_to_a_non_firewall_port_is_a_loop() {
+        let cfg = BASE.replace("interface = \"fw0\"", "interface = \"eth1\"");
+        let e = Config::parse(&cfg, "p.toml").unwrap_err().to_string();
+        assert!(
+            e.contains(
+                "services[0].instances[0].interface: \"eth1\" must have role = \"firewall\""
+            ),
+            "{e}"
+        );
+    }
+}
