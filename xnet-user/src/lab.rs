@@ -27,6 +27,7 @@ pub const DEMO_CONFIG: &str = include_str!("../config/demo-lab.toml");
 
 pub struct Lab {
     pub prefix: String,
+    pub firewalls: usize,
 }
 
 /// Runs `ip` with `args`; an error carries its stderr.
@@ -61,8 +62,17 @@ impl Lab {
     /// Builds the topology with namespace names starting with `prefix`. Any leftover of
     /// an earlier lab with the same prefix is removed first.
     pub fn create(prefix: &str) -> Result<Lab> {
+        Self::create_with_firewalls(prefix, 0)
+    }
+
+    /// The lab plus `firewalls` firewall namespaces `{p}-fw1…`, each joined to the CXP's
+    /// interface `fwK` (10.0.1K.1/30 ↔ 10.0.1K.2/30). A firewall routes what it receives
+    /// back to the CXP and counts it with nftables: `ip saddr` of the VNet (10.1.0.0/16)
+    /// and of on-prem (192.168.0.0/16) separately, see [`Lab::firewall_counts`].
+    pub fn create_with_firewalls(prefix: &str, firewalls: usize) -> Result<Lab> {
         let lab = Lab {
             prefix: prefix.to_string(),
+            firewalls,
         };
         lab.destroy();
         let cxp = lab.ns("cxp");
@@ -103,7 +113,57 @@ impl Lab {
             // forwards the frame: the hosts compute them in software, as real NICs would.
             netns_exec(&hns, "ethtool -K eth0 gro on tx off")?;
         }
+        for k in 1..=firewalls {
+            let fns = lab.ns(&format!("fw{k}"));
+            ip(&format!("netns add {fns}"))?;
+            for kv in [
+                "net.ipv4.ip_forward=1",
+                "net.ipv4.conf.all.send_redirects=0",
+                "net.ipv4.conf.eth0.send_redirects=0",
+            ] {
+                let _ = sysctl(&fns, kv);
+            }
+            ip(&format!("-n {fns} link set lo up"))?;
+            ip(&format!(
+                "link add fw{k} netns {cxp} type veth peer name eth0 netns {fns}"
+            ))?;
+            ip(&format!("-n {cxp} addr add 10.0.1{k}.1/30 dev fw{k}"))?;
+            ip(&format!("-n {cxp} link set fw{k} up"))?;
+            ip(&format!("-n {fns} addr add 10.0.1{k}.2/30 dev eth0"))?;
+            ip(&format!("-n {fns} link set eth0 up"))?;
+            ip(&format!("-n {fns} route add default via 10.0.1{k}.1"))?;
+            sysctl(&fns, "net.ipv4.conf.eth0.send_redirects=0")?;
+            netns_exec(&fns, "ethtool -K eth0 gro on tx off")?;
+            let nft = "add table inet fw ; add chain inet fw forward { type filter hook forward priority 0 ; policy accept ; } ; add rule inet fw forward ip saddr 10.1.0.0/16 counter ; add rule inet fw forward ip saddr 192.168.0.0/16 counter";
+            let out = Command::new("ip")
+                .args(["netns", "exec", &fns, "nft", nft])
+                .output()
+                .context("running nft (nftables)")?;
+            if !out.status.success() {
+                bail!(
+                    "nft in {fns}: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+        }
         Ok(lab)
+    }
+
+    /// Packets firewall `k` forwarded from the VNet and from on-prem (nftables counters).
+    pub fn firewall_counts(&self, k: usize) -> Result<(u64, u64)> {
+        let out = netns_exec(
+            &self.ns(&format!("fw{k}")),
+            "nft list chain inet fw forward",
+        )?;
+        let counts: Vec<u64> = out
+            .lines()
+            .filter_map(|l| l.split("counter packets ").nth(1))
+            .filter_map(|r| r.split_whitespace().next()?.parse().ok())
+            .collect();
+        match counts[..] {
+            [vnet, onprem] => Ok((vnet, onprem)),
+            _ => bail!("unexpected nft output in fw{k}: {out}"),
+        }
     }
 
     pub fn ns(&self, name: &str) -> String {

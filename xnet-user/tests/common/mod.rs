@@ -2,8 +2,16 @@
 //! packet builders.
 #![allow(dead_code)]
 
+use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Ipv6Addr};
-use std::process::Command;
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use xnet_user::lab::Lab;
+use xnet_user::status::{self, Status};
 
 use xnet_common::csum;
 
@@ -126,4 +134,271 @@ pub fn udp6(src: &str, dst: &str, hop_limit: u8, sport: u16, dport: u16) -> Vec<
         &l4(sport, dport),
     ));
     p
+}
+
+// ---- The agent in the lab, and traffic between the lab's hosts. ----
+
+pub const XNET: &str = env!("CARGO_BIN_EXE_xnet");
+
+/// Runs `f` on a thread that has entered namespace `ns`.
+pub fn in_netns<R: Send + 'static>(ns: &str, f: impl FnOnce() -> R + Send + 'static) -> R {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // SAFETY: setns only changes this thread's network namespace.
+        assert_eq!(
+            unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
+            0,
+            "setns {path}"
+        );
+        f()
+    })
+    .join()
+    .unwrap_or_else(|e| std::panic::resume_unwind(e))
+}
+
+pub struct Agent {
+    pub child: Option<Child>,
+    pub socket: PathBuf,
+    pub config: PathBuf,
+    pub stderr: PathBuf,
+}
+
+impl Agent {
+    /// Starts the agent in the lab's cxp namespace and waits until every next hop is on the
+    /// fast path (its MAC resolved).
+    pub fn start(lab: &Lab, config: &str) -> Agent {
+        let dir = std::env::temp_dir().join(&lab.prefix);
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("xnet.sock");
+        let path = dir.join("xnet.toml");
+        let stderr = dir.join("agent.log");
+        std::fs::write(
+            &path,
+            config.replace("/run/xnet/demo.sock", socket.to_str().unwrap()),
+        )
+        .unwrap();
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &lab.ns("cxp"),
+                XNET,
+                "run",
+                "--config",
+                path.to_str().unwrap(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap();
+        let mut agent = Agent {
+            child: Some(child),
+            socket,
+            config: path,
+            stderr,
+        };
+        let start = Instant::now();
+        loop {
+            if let Some(s) = agent.try_status() {
+                if s.routes
+                    .iter()
+                    .all(|r| r.next_hops.iter().all(|h| h.fast_path))
+                {
+                    break;
+                }
+            }
+            if let Ok(Some(code)) = agent.child.as_mut().unwrap().try_wait() {
+                panic!("agent exited ({code}): {}", agent.log());
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "agent not ready in 10 s: {}",
+                agent.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        agent
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    pub fn try_status(&self) -> Option<Status> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(status::fetch(&self.socket)).ok()
+    }
+
+    pub fn status(&self) -> Status {
+        self.try_status()
+            .unwrap_or_else(|| panic!("no status from the agent: {}", self.log()))
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our child (`ip netns exec` execs the agent in place).
+        unsafe { libc::kill(self.child.as_ref().unwrap().id() as i32, sig) };
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        self.signal(libc::SIGTERM);
+        self.child.take().unwrap().wait().unwrap()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.stop();
+        }
+    }
+}
+
+/// Sends `n` UDP datagrams from `src` in namespace `from` to `dst` in namespace `to`;
+/// returns how many arrived.
+pub fn udp(lab: &Lab, from: &str, src: &str, to: &str, dst: &str, n: usize) -> usize {
+    let dst: SocketAddr = dst.parse().unwrap();
+    let server = in_netns(&lab.ns(to), move || {
+        let s = UdpSocket::bind(dst).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(700)))
+            .unwrap();
+        s
+    });
+    // Read while the client sends, so the socket buffer never decides the result.
+    let server = std::thread::spawn(move || {
+        let mut got = 0;
+        let mut buf = [0u8; 64];
+        while let Ok((k, _)) = server.recv_from(&mut buf) {
+            if buf[..k].starts_with(b"datagram") {
+                got += 1;
+            }
+        }
+        got
+    });
+    let src: SocketAddr = src.parse().unwrap();
+    in_netns(&lab.ns(from), move || {
+        let c = UdpSocket::bind(src).unwrap();
+        // Let the host resolve its gateway first: what is measured is the CXP, not ARP/ND.
+        let _ = c.send_to(b"warm-up", dst);
+        std::thread::sleep(Duration::from_millis(100));
+        for i in 0..n {
+            let _ = c.send_to(format!("datagram {i}").as_bytes(), dst);
+            if i % 50 == 49 {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    });
+    server.join().unwrap()
+}
+
+/// Sends `bytes` over TCP from namespace `from` to `dst` in `to`; returns what the server
+/// counted.
+pub fn tcp(lab: &Lab, from: &str, src: &str, to: &str, dst: &str, bytes: usize) -> usize {
+    let dst: SocketAddr = dst.parse().unwrap();
+    let listener = in_netns(&lab.ns(to), move || TcpListener::bind(dst).unwrap());
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut total = 0;
+        let mut buf = vec![0u8; 65536];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(k) => total += k,
+            }
+        }
+        total
+    });
+    let src: SocketAddr = src.parse().unwrap();
+    in_netns(&lab.ns(from), move || {
+        let mut s = connect_from(src, dst);
+        let chunk = vec![0x5au8; 16384];
+        let mut sent = 0;
+        while sent < bytes {
+            s.write_all(&chunk).unwrap();
+            sent += chunk.len();
+        }
+    });
+    server.join().unwrap()
+}
+
+/// A TCP connection from a chosen source address (std has no bind-before-connect).
+pub fn connect_from(src: SocketAddr, dst: SocketAddr) -> TcpStream {
+    // SAFETY: plain socket calls on a descriptor we own; converted into TcpStream below.
+    unsafe {
+        use std::os::fd::FromRawFd;
+        let fam = if src.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        };
+        let fd = libc::socket(fam, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0);
+        let (sa, len) = sockaddr(src);
+        assert_eq!(
+            libc::bind(fd, &sa as *const _ as *const libc::sockaddr, len),
+            0,
+            "bind {src}"
+        );
+        let stream = TcpStream::from_raw_fd(fd);
+        let (da, dlen) = sockaddr(dst);
+        let rc = libc::connect(fd, &da as *const _ as *const libc::sockaddr, dlen);
+        assert_eq!(rc, 0, "connect {dst}: {}", std::io::Error::last_os_error());
+        stream
+    }
+}
+
+pub fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: zeroed sockaddr_storage is valid; we fill the family-specific view.
+    unsafe {
+        let mut ss: libc::sockaddr_storage = std::mem::zeroed();
+        match a {
+            SocketAddr::V4(v4) => {
+                let sin = &mut *(&mut ss as *mut _ as *mut libc::sockaddr_in);
+                sin.sin_family = libc::AF_INET as u16;
+                sin.sin_port = v4.port().to_be();
+                sin.sin_addr.s_addr = u32::from_ne_bytes(v4.ip().octets());
+                (ss, std::mem::size_of::<libc::sockaddr_in>() as u32)
+            }
+            SocketAddr::V6(v6) => {
+                let sin = &mut *(&mut ss as *mut _ as *mut libc::sockaddr_in6);
+                sin.sin6_family = libc::AF_INET6 as u16;
+                sin.sin6_port = v6.port().to_be();
+                sin.sin6_addr.s6_addr = v6.ip().octets();
+                (ss, std::mem::size_of::<libc::sockaddr_in6>() as u32)
+            }
+        }
+    }
+}
+
+/// IPv4 UDP from the vnet1 workload to the on-prem workload: how many of `n` arrived.
+pub fn vnet1_to_onprem(lab: &Lab, n: usize) -> usize {
+    udp(
+        lab,
+        "vnet1",
+        "10.1.0.1:5000",
+        "onprem",
+        "192.168.10.1:9000",
+        n,
+    )
+}
+
+/// Polls the agent's status until `cond` holds, failing after `limit`.
+pub fn wait_until(agent: &Agent, what: &str, limit: Duration, cond: impl Fn(&Status) -> bool) {
+    let t = Instant::now();
+    while !cond(&agent.status()) {
+        assert!(
+            t.elapsed() < limit,
+            "{what} within {limit:?}: {}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn lab(name: &str) -> Lab {
+    Lab::create(&format!("xt{}-{name}", std::process::id())).expect("lab")
 }

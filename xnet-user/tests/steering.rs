@@ -1,0 +1,213 @@
+//! Firewall steering end to end: the lab with two firewall namespaces (nftables counters)
+//! behind the CXP; policies steer VNet ⇄ on-prem UDP through them.
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use xnet_user::lab::Lab;
+use xnet_user::status::Status;
+
+const FIREWALLS: &str = r#"
+[[interfaces]]
+name = "fw1"
+segment = "prod"
+role = "firewall"
+
+[[interfaces]]
+name = "fw2"
+segment = "prod"
+role = "firewall"
+
+[[services]]
+name = "fw"
+failure_mode = "closed"
+health = { kind = "icmp", interval_ms = 200, threshold = 2 }
+instances = [
+  { name = "fw1", interface = "fw1", via = "10.0.11.2" },
+  { name = "fw2", interface = "fw2", via = "10.0.12.2" },
+]
+
+[[policies]]
+name = "vnet-to-onprem-udp"
+segment = "prod"
+source = "10.1.0.0/16"
+destination = "192.168.0.0/16"
+protocol = "udp"
+action = "steer"
+service = "fw"
+
+[[policies]]
+name = "onprem-to-vnet-udp"
+segment = "prod"
+source = "192.168.0.0/16"
+destination = "10.1.0.0/16"
+protocol = "udp"
+action = "steer"
+service = "fw"
+"#;
+
+fn healthy(s: &Status) -> usize {
+    s.services
+        .iter()
+        .flat_map(|x| &x.instances)
+        .filter(|i| i.health == "up")
+        .count()
+}
+
+/// (VNet→on-prem, on-prem→VNet) packets each firewall forwarded.
+fn counts(lab: &Lab) -> [(u64, u64); 2] {
+    [
+        lab.firewall_counts(1).unwrap(),
+        lab.firewall_counts(2).unwrap(),
+    ]
+}
+
+#[test]
+fn steered_flows_cross_one_firewall_both_ways_and_fail_over() {
+    if !require_root("steered_flows_cross_one_firewall_both_ways_and_fail_over") {
+        return;
+    }
+    let lab = Lab::create_with_firewalls(&format!("xt{}-fw", std::process::id()), 2).expect("lab");
+    let agent = Agent::start(
+        &lab,
+        &format!("{}\n{FIREWALLS}", xnet_user::lab::DEMO_CONFIG),
+    );
+    wait_until(
+        &agent,
+        "both firewall instances healthy",
+        Duration::from_secs(5),
+        |s| healthy(s) == 2,
+    );
+
+    // One UDP flow, then its reverse (same addresses and ports swapped).
+    assert_eq!(
+        udp(
+            &lab,
+            "vnet1",
+            "10.1.0.1:5000",
+            "onprem",
+            "192.168.10.1:9000",
+            100
+        ),
+        100
+    );
+    assert_eq!(
+        udp(
+            &lab,
+            "onprem",
+            "192.168.10.1:9000",
+            "vnet1",
+            "10.1.0.1:5000",
+            100
+        ),
+        100
+    );
+    let c = counts(&lab);
+    let (used, idle) = if c[0].0 > 0 { (0, 1) } else { (1, 0) };
+    assert!(
+        c[used].0 >= 100 && c[used].1 >= 100,
+        "both directions crossed fw{}: {c:?}",
+        used + 1
+    );
+    assert_eq!(
+        c[idle],
+        (0, 0),
+        "the other instance saw none of the flow: {c:?}"
+    );
+
+    // Traffic no policy matches (TCP) goes straight, around the firewalls.
+    assert_eq!(
+        tcp(
+            &lab,
+            "vnet1",
+            "10.1.0.1:0",
+            "onprem",
+            "192.168.10.1:9001",
+            1 << 18
+        ),
+        1 << 18
+    );
+    assert_eq!(counts(&lab), c, "TCP bypassed the firewalls");
+    let s = agent.status();
+    assert!(
+        s.policies[0].packets >= 100 && s.policies[1].packets >= 100,
+        "rule hits: {:?}",
+        s.policies
+    );
+    assert!(s.reason("steered") >= 200);
+
+    // Kill the instance that carries the flow: it leaves the pool within its detection
+    // time (2 × 200 ms, plus a probe's wait) and the flow re-hashes to the other one.
+    sh(&format!(
+        "ip -n {} link set eth0 down",
+        lab.ns(&format!("fw{}", used + 1))
+    ));
+    let t = Instant::now();
+    wait_until(
+        &agent,
+        "the dead instance out of the pool",
+        Duration::from_millis(1500),
+        |s| healthy(s) == 1,
+    );
+    eprintln!("instance removed after {:?}", t.elapsed());
+    assert_eq!(
+        udp(
+            &lab,
+            "vnet1",
+            "10.1.0.1:5000",
+            "onprem",
+            "192.168.10.1:9000",
+            100
+        ),
+        100
+    );
+    let c2 = counts(&lab);
+    assert!(c2[idle].0 >= 100, "flow moved to fw{}: {c2:?}", idle + 1);
+
+    // Fail-closed: with no instance left, steered traffic is dropped, not bypassed.
+    sh(&format!(
+        "ip -n {} link set eth0 down",
+        lab.ns(&format!("fw{}", idle + 1))
+    ));
+    wait_until(
+        &agent,
+        "no instance left",
+        Duration::from_millis(1500),
+        |s| healthy(s) == 0,
+    );
+    let dropped = agent.status().reason("drop_fail_closed");
+    assert_eq!(
+        udp(
+            &lab,
+            "vnet1",
+            "10.1.0.1:5000",
+            "onprem",
+            "192.168.10.1:9000",
+            50
+        ),
+        0
+    );
+    assert!(agent.status().reason("drop_fail_closed") - dropped >= 50);
+
+    // Recovery puts an instance back (its default route went with the link: restore it).
+    let k = used + 1;
+    sh(&format!(
+        "ip -n {0} link set eth0 up && ip -n {0} route replace default via 10.0.1{k}.1",
+        lab.ns(&format!("fw{k}"))
+    ));
+    wait_until(&agent, "instance back", Duration::from_secs(3), |s| {
+        healthy(s) == 1
+    });
+    assert_eq!(
+        udp(
+            &lab,
+            "vnet1",
+            "10.1.0.1:5000",
+            "onprem",
+            "192.168.10.1:9000",
+            50
+        ),
+        50
+    );
+}
