@@ -33,8 +33,9 @@ pub const ACTION_STEER: u8 = 2;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct Tuple {
-    pub src_mask: [u8; 16],
-    pub dst_mask: [u8; 16],
+    /// Address masks as [`words`], so XDP masks a whole address in four operations.
+    pub src_mask: [u32; 4],
+    pub dst_mask: [u32; 4],
     pub sport_mask: u16,
     pub dport_mask: u16,
     /// 0xff: protocol must match; 0: any.
@@ -59,9 +60,22 @@ pub struct RuleKey {
     pub sport: u16,
     pub dport: u16,
     pub _pad: u16,
-    /// IPv4 addresses in the first 4 bytes.
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
+    /// Addresses as [`words`].
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+}
+
+/// Address bytes (IPv4's 4 or IPv6's 16) as the words `RuleKey` and `Tuple` hold, IPv4
+/// in the first.
+#[inline(always)]
+pub fn words<const N: usize>(a: &[u8; N]) -> [u32; 4] {
+    let mut w = [0u32; 4];
+    let mut i = 0;
+    while i + 4 <= N && i < 16 {
+        w[i / 4] = u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
+        i += 4;
+    }
+    w
 }
 
 #[repr(C)]

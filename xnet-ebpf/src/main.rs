@@ -189,18 +189,12 @@ fn route_packet<const N: usize>(
     let mut root = ip.root;
     // Packets back from a firewall are routed, never classified again.
     if ifc.flags & IF_F_FIREWALL == 0 {
-        let mut f = policy::Fields {
-            segment: ifc.segment,
-            family: if N == 4 { 4 } else { 6 },
-            src: [0; 16],
-            dst: [0; 16],
-            proto: ip.proto,
-            sport,
-            dport,
-        };
-        f.src[..N].copy_from_slice(&ip.src);
-        f.dst[..N].copy_from_slice(&ip.dst);
-        match policy::classify(&f) {
+        let family = if N == 4 { 4 } else { 6 };
+        let (src, dst) = (
+            xnet_common::policy::words(&ip.src),
+            xnet_common::policy::words(&ip.dst),
+        );
+        match policy::classify(ifc.segment, family, src, dst, ip.proto, sport, dport) {
             Some(rule) => {
                 let bytes = (ctx.data_end() - ctx.data()) as u64;
                 policy::count_rule(rule.rule, bytes);

@@ -70,3 +70,8 @@ pub static SERVICES: Array<Service> = Array::with_max_entries(policy::MAX_SERVIC
 /// Packets sent to each next hop id by `steer` (per firewall instance).
 #[map]
 pub static NH_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(limits::NEXTHOPS, 0);
+
+/// Per-CPU scratch space for classification: [the packet's fields, the masked key], kept
+/// off the 512-byte BPF stack.
+#[map]
+pub static POLICY_SCRATCH: PerCpuArray<[RuleKey; 2]> = PerCpuArray::with_max_entries(1, 0);

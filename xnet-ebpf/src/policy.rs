@@ -6,33 +6,44 @@ use xnet_common::policy::{
 };
 use xnet_common::NextHop;
 
-use crate::maps::{NEXTHOPS, NH_STATS, POLICY_META, RULES, RULE_STATS, SERVICES, TUPLES};
+use crate::maps::{
+    NEXTHOPS, NH_STATS, POLICY_META, POLICY_SCRATCH, RULES, RULE_STATS, SERVICES, TUPLES,
+};
 
-/// The fields a policy matches on; IPv4 addresses in the first 4 bytes.
-pub struct Fields {
-    pub segment: u32,
-    pub family: u8,
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
-    pub proto: u8,
-    pub sport: u16,
-    pub dport: u16,
-}
-
-/// The best (lowest-priority-number) rule matching `f` in the active rule set.
+/// The best (lowest-priority-number) rule matching the packet in the active rule set.
+/// `src`/`dst` as [`words`]; ports zero for protocols without them.
 #[inline(always)]
-pub fn classify(f: &Fields) -> Option<RuleValue> {
+#[allow(clippy::too_many_arguments)]
+pub fn classify(
+    segment: u32,
+    family: u8,
+    src: [u32; 4],
+    dst: [u32; 4],
+    proto: u8,
+    sport: u16,
+    dport: u16,
+) -> Option<RuleValue> {
+    let scratch = POLICY_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's scratch slot; XDP does not nest on a CPU.
+    let [f, key] = unsafe { &mut *scratch };
+    *f = RuleKey {
+        tuple: 0,
+        segment: segment as u16,
+        family,
+        proto,
+        sport,
+        dport,
+        _pad: 0,
+        src,
+        dst,
+    };
+    *key = *f;
     let generation = POLICY_META.get(META_GENERATION).copied().unwrap_or(0) & 1;
     let tuples = POLICY_META
         .get(META_TUPLES_GEN0 + generation)
         .copied()
         .unwrap_or(0);
     let mut best: Option<RuleValue> = None;
-    let mut key = RuleKey {
-        segment: f.segment as u16,
-        family: f.family,
-        ..Default::default()
-    };
     for i in 0..MAX_TUPLES {
         if i >= tuples {
             break;
@@ -49,12 +60,12 @@ pub fn classify(f: &Fields) -> Option<RuleValue> {
         key.proto = f.proto & t.proto_mask;
         key.sport = f.sport & t.sport_mask;
         key.dport = f.dport & t.dport_mask;
-        for b in 0..16 {
-            key.src[b] = f.src[b] & t.src_mask[b];
-            key.dst[b] = f.dst[b] & t.dst_mask[b];
+        for w in 0..4 {
+            key.src[w] = f.src[w] & t.src_mask[w];
+            key.dst[w] = f.dst[w] & t.dst_mask[w];
         }
         // SAFETY: plain Copy value.
-        if let Some(v) = unsafe { RULES.get(&key) } {
+        if let Some(v) = unsafe { RULES.get(key) } {
             if best.is_none_or(|b| v.priority < b.priority) {
                 best = Some(*v);
             }

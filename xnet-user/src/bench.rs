@@ -397,5 +397,81 @@ pub fn run(opts: Options) -> Result<()> {
             );
         }
     }
+    policy_bench(&mut dp, &v4, in_if, &opts, &mut rng)
+}
+
+/// Policy classification cost as the rule count grows, with the full table loaded: the
+/// forwarding program over the same packets with 10, 1,000 and 10,000 rules. Rules come in
+/// four shapes (prefix lengths × protocol × port) drawn from the table, like a real rule
+/// base; packets mostly match none, so every tuple is searched (the worst case).
+fn policy_bench(
+    dp: &mut Dataplane,
+    v4: &[IpNet],
+    in_if: u32,
+    opts: &Options,
+    rng: &mut Rng,
+) -> Result<()> {
+    use crate::config::{Action, Config, PortRange, Protocol, Segment};
+    let pkts: Vec<Vec<u8>> = (0..opts.packets)
+        .map(|_| packet(inside(&v4[(rng.next() % v4.len() as u64) as usize], rng)))
+        .collect();
+    let mut base = None;
+    for n in [10usize, 1_000, 10_000] {
+        let mut config = Config::default();
+        config.segments.push(Segment {
+            name: "bench".into(),
+            table: 100,
+            default_action: Default::default(),
+        });
+        for i in 0..n {
+            let pick = |rng: &mut Rng, len: u8| -> String {
+                let net = v4[(rng.next() % v4.len() as u64) as usize];
+                IpNet::new(net.addr(), len).unwrap().trunc().to_string()
+            };
+            let (src, dst, proto, port) = match i % 4 {
+                0 => (
+                    Some(pick(rng, 24)),
+                    Some(pick(rng, 16)),
+                    Some(6),
+                    Some(443 + (i % 7) as u16),
+                ),
+                1 => (Some(pick(rng, 16)), Some(pick(rng, 24)), Some(17), None),
+                2 => (None, Some(pick(rng, 32)), Some(6), Some(22)),
+                _ => (Some(pick(rng, 20)), Some(pick(rng, 20)), None, None),
+            };
+            config.policies.push(crate::config::Policy {
+                name: format!("r{i}"),
+                segment: "bench".into(),
+                source: src,
+                destination: dst,
+                protocol: proto.map(Protocol),
+                source_ports: None,
+                destination_ports: port.map(|p| PortRange { first: p, last: p }),
+                action: Action::Allow,
+                service: None,
+                to_segment: None,
+                log: false,
+            });
+        }
+        let compiled =
+            crate::policy::compile(&config, &|_| (0, 0), &|_| 0).map_err(anyhow::Error::msg)?;
+        dp.set_policy(&compiled)?;
+        let ns = measure(
+            dp,
+            names::PROG_FORWARD,
+            &pkts,
+            in_if,
+            opts.rounds,
+            XDP_REDIRECT,
+        )?;
+        let b = *base.get_or_insert(ns);
+        println!(
+            "bench policy rules={n} ns_per_pkt={ns:.1} ratio_vs_rules_10={:.2} tuples={} entries={}",
+            ns / b,
+            compiled.tuples.len(),
+            compiled.entries.len()
+        );
+    }
+    dp.set_policy(&crate::policy::Compiled::default())?;
     Ok(())
 }

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use xnet_common::MAX_ECMP;
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]

@@ -217,6 +217,10 @@ pub fn port_prefixes(r: Option<PortRange>) -> Vec<(u16, u16)> {
     out
 }
 
+fn mask_words(len: u8, family: u8) -> [u32; 4] {
+    xnet_common::policy::words(&mask_bytes(len, family))
+}
+
 fn mask_bytes(len: u8, family: u8) -> [u8; 16] {
     let mut m = [0u8; 16];
     let bits = if family == 4 {
@@ -256,7 +260,7 @@ pub fn compile(
     service: &dyn Fn(&str) -> u32,
 ) -> Result<Compiled, String> {
     // Tuples by their masks; entries by (tuple, key), first (highest-priority) rule wins.
-    type Masks = ([u8; 16], [u8; 16], u16, u16, u8);
+    type Masks = ([u32; 4], [u32; 4], u16, u16, u8);
     let mut tuple_ids: HashMap<Masks, usize> = HashMap::new();
     let mut tuples: Vec<Tuple> = Vec::new();
     let mut entries: HashMap<RuleKey, RuleValue> = HashMap::new();
@@ -305,8 +309,8 @@ pub fn compile(
                     for (sp, spm) in port_prefixes(p.source_ports) {
                         for (dp, dpm) in port_prefixes(p.destination_ports) {
                             let masks: Masks = (
-                                mask_bytes(slen, fam),
-                                mask_bytes(dlen, fam),
+                                mask_words(slen, fam),
+                                mask_words(dlen, fam),
                                 spm,
                                 dpm,
                                 proto_mask,
@@ -332,8 +336,8 @@ pub fn compile(
                                 sport: sp,
                                 dport: dp,
                                 _pad: 0,
-                                src: addr_bytes(&s),
-                                dst: addr_bytes(&d),
+                                src: xnet_common::policy::words(&addr_bytes(&s)),
+                                dst: xnet_common::policy::words(&addr_bytes(&d)),
                             };
                             entries.entry(key).or_insert(value);
                         }
