@@ -39,6 +39,8 @@ struct Agent {
     /// Per service, per instance: health as the data plane uses it.
     health: Vec<Vec<InstanceHealth>>,
     probes: Option<mpsc::Receiver<health::Probe>>,
+    /// Hits of each `log = true` rule when last logged.
+    logged_hits: HashMap<usize, u64>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -75,6 +77,7 @@ pub async fn run(path: &Path) -> Result<()> {
         rules: Vec::new(),
         health: Vec::new(),
         probes: None,
+        logged_hits: HashMap::new(),
     };
     let result = match agent.start(routes).await {
         Ok(()) => agent.serve().await,
@@ -315,6 +318,40 @@ impl Agent {
         Ok(())
     }
 
+    /// Logs new hits of the rules marked `log = true` (every rule is counted anyway; the
+    /// log gives a trail without a per-packet cost in XDP).
+    fn log_rule_hits(&mut self) {
+        let logged: Vec<usize> = self
+            .config
+            .policies
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.log)
+            .map(|(i, _)| i)
+            .collect();
+        if logged.is_empty() {
+            return;
+        }
+        let Ok(hits) = self.dp.rule_counters(self.config.policies.len()) else {
+            return;
+        };
+        for i in logged {
+            let now = hits[i].packets;
+            let before = self.logged_hits.insert(i, now).unwrap_or(0);
+            if now > before {
+                let p = &self.config.policies[i];
+                info!(
+                    "policy {:?} (segment {}, {:?}): {} new packets, {} in all",
+                    p.name,
+                    p.segment,
+                    p.action,
+                    now - before,
+                    now
+                );
+            }
+        }
+    }
+
     /// A probe result: moves the instance in or out of its service after `threshold`
     /// consecutive disagreeing probes (the first probe decides at once).
     fn on_probe(&mut self, p: health::Probe) -> Result<()> {
@@ -455,6 +492,7 @@ impl Agent {
         let mut hup = signal(SignalKind::hangup())?;
         let mut tick =
             tokio::time::interval(Duration::from_millis(self.config.agent.neighbour_poll_ms));
+        let mut log_tick = tokio::time::interval(Duration::from_secs(5));
         loop {
             tokio::select! {
                 _ = term.recv() => { info!("SIGTERM: stopping"); break; }
@@ -465,6 +503,7 @@ impl Agent {
                         warn!("health: {e:#}");
                     }
                 }
+                _ = log_tick.tick() => self.log_rule_hits(),
                 _ = tick.tick() => {
                     self.dp.flush_logs();
                     if let Err(e) = self.sync_kernel_state().await {

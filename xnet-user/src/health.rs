@@ -117,3 +117,47 @@ fn ping(target: IpAddr, seq: u16, timeout: Duration) -> bool {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn one(kind: HealthKind, target: IpAddr, port: Option<u16>) -> bool {
+        let (tx, mut rx) = mpsc::channel(1);
+        spawn(
+            0,
+            0,
+            target,
+            Health {
+                kind,
+                port,
+                interval_ms: 300,
+                threshold: 1,
+            },
+            tx,
+        );
+        rx.recv().await.unwrap().ok
+    }
+
+    #[tokio::test]
+    async fn tcp_check_sees_a_listener_and_a_closed_port() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        assert!(one(HealthKind::Tcp, "127.0.0.1".parse().unwrap(), Some(port)).await);
+        drop(l);
+        assert!(!one(HealthKind::Tcp, "127.0.0.1".parse().unwrap(), Some(port)).await);
+    }
+
+    #[tokio::test]
+    async fn icmp_check_answers_for_loopback() {
+        // Raw ICMP sockets need root; CI runs as root.
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            assert!(std::env::var_os("CI").is_none(), "CI must run as root");
+            eprintln!("SKIP icmp_check_answers_for_loopback: needs root");
+            return;
+        }
+        assert!(one(HealthKind::Icmp, "127.0.0.1".parse().unwrap(), None).await);
+        assert!(one(HealthKind::Icmp, "::1".parse().unwrap(), None).await);
+    }
+}
