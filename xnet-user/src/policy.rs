@@ -96,6 +96,11 @@ pub fn validate(c: &Config) -> Check {
             segment = Some(&itf.segment);
         }
     }
+    let ends: Vec<Endpoints> = c
+        .policies
+        .iter()
+        .map(|p| (c.endpoint(&p.source), c.endpoint(&p.destination)))
+        .collect();
     for (i, p) in c.policies.iter().enumerate() {
         let f = |sub: &str| format!("policies[{i}].{sub}");
         if c.segment_id(&p.segment).is_none() {
@@ -162,7 +167,7 @@ pub fn validate(c: &Config) -> Check {
                 return err(f("to_segment"), format!("unknown segment {t:?}"));
             }
         }
-        if let Some(j) = (0..i).find(|&j| covers(c, j, i)) {
+        if let Some(j) = (0..i).find(|&j| covers(c, &ends, j, i)) {
             return err(f("name"), format!("policy {:?} can never match: policies[{j}] ({:?}) matches all of its traffic first", p.name, c.policies[j].name));
         }
     }
@@ -174,11 +179,13 @@ pub fn validate(c: &Config) -> Check {
         .map_err(|e| ("policies".into(), e))
 }
 
+/// A rule's endpoints, resolved once for the pairwise coverage check.
+type Endpoints = (Option<Vec<IpNet>>, Option<Vec<IpNet>>);
+
 /// Does rule `a` match everything rule `b` matches?
-fn covers(c: &Config, a: usize, b: usize) -> bool {
+fn covers(c: &Config, ends: &[Endpoints], a: usize, b: usize) -> bool {
     let (pa, pb) = (&c.policies[a], &c.policies[b]);
-    let nets = |x: &Option<String>| c.endpoint(x);
-    let net_covers = |x: Option<Vec<IpNet>>, y: Option<Vec<IpNet>>| match (x, y) {
+    let net_covers = |x: &Option<Vec<IpNet>>, y: &Option<Vec<IpNet>>| match (x, y) {
         (None, _) => true,
         (Some(_), None) => false,
         (Some(x), Some(y)) => y.iter().all(|n| x.iter().any(|m| m.contains(n))),
@@ -189,11 +196,11 @@ fn covers(c: &Config, a: usize, b: usize) -> bool {
         (Some(x), Some(y)) => x.contains(&y),
     };
     pa.segment == pb.segment
-        && net_covers(nets(&pa.source), nets(&pb.source))
-        && net_covers(nets(&pa.destination), nets(&pb.destination))
         && (pa.protocol.is_none() || pa.protocol == pb.protocol)
         && ports(pa.source_ports, pb.source_ports)
         && ports(pa.destination_ports, pb.destination_ports)
+        && net_covers(&ends[a].0, &ends[b].0)
+        && net_covers(&ends[a].1, &ends[b].1)
 }
 
 /// An inclusive port range as the fewest (value, mask) prefixes that cover it exactly.
