@@ -1,0 +1,387 @@
+//! Path attributes and NLRI prefixes.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+use super::{err, BgpError, Reader, ERR_UPDATE};
+
+pub const AFI_IPV4: u16 = 1;
+pub const AFI_IPV6: u16 = 2;
+pub const SAFI_UNICAST: u8 = 1;
+
+const F_OPTIONAL: u8 = 0x80;
+const F_TRANSITIVE: u8 = 0x40;
+const F_PARTIAL: u8 = 0x20;
+const F_EXTENDED: u8 = 0x10;
+
+pub const ATTR_ORIGIN: u8 = 1;
+pub const ATTR_AS_PATH: u8 = 2;
+pub const ATTR_NEXT_HOP: u8 = 3;
+pub const ATTR_MED: u8 = 4;
+pub const ATTR_LOCAL_PREF: u8 = 5;
+pub const ATTR_ATOMIC_AGGREGATE: u8 = 6;
+pub const ATTR_AGGREGATOR: u8 = 7;
+pub const ATTR_COMMUNITIES: u8 = 8;
+pub const ATTR_MP_REACH: u8 = 14;
+pub const ATTR_MP_UNREACH: u8 = 15;
+pub const ATTR_LARGE_COMMUNITIES: u8 = 32;
+
+/// An AS_PATH segment: AS_SET (1) or AS_SEQUENCE (2).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct AsSegment {
+    pub kind: u8,
+    pub asns: Vec<u32>,
+}
+
+/// The attributes of one UPDATE (shared by all its prefixes).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Attrs {
+    /// 0 IGP, 1 EGP, 2 INCOMPLETE.
+    pub origin: u8,
+    pub as_path: Vec<AsSegment>,
+    /// IPv4 NEXT_HOP attribute.
+    pub next_hop: Option<Ipv4Addr>,
+    pub med: Option<u32>,
+    pub local_pref: Option<u32>,
+    pub atomic_aggregate: bool,
+    pub aggregator: Option<(u32, Ipv4Addr)>,
+    pub communities: Vec<u32>,
+    pub large_communities: Vec<[u32; 3]>,
+    /// Optional transitive attributes we do not know: passed on with the partial bit.
+    pub unknown: Vec<(u8, u8, Vec<u8>)>,
+}
+
+impl Attrs {
+    /// AS_PATH length for best-path selection (an AS_SET counts as one).
+    pub fn as_path_len(&self) -> usize {
+        self.as_path
+            .iter()
+            .map(|s| if s.kind == 1 { 1 } else { s.asns.len() })
+            .sum()
+    }
+
+    /// The neighbouring AS (first of the first AS_SEQUENCE).
+    pub fn first_as(&self) -> Option<u32> {
+        self.as_path
+            .first()
+            .filter(|s| s.kind == 2)
+            .and_then(|s| s.asns.first().copied())
+    }
+}
+
+/// Multiprotocol reach: next hop and prefixes of one AFI/SAFI.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MpReach {
+    pub afi: u16,
+    pub safi: u8,
+    /// Global next hop (an IPv6 link-local second address is ignored).
+    pub next_hop: Option<IpAddr>,
+    pub nlri: Vec<IpNet>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MpUnreach {
+    pub afi: u16,
+    pub safi: u8,
+    pub withdrawn: Vec<IpNet>,
+}
+
+/// Decodes prefixes of family `afi` until `r` is exhausted.
+pub(crate) fn decode_prefixes(r: &mut Reader, afi: u16) -> Result<Vec<IpNet>, BgpError> {
+    let max = if afi == AFI_IPV4 { 32 } else { 128 };
+    let mut out = Vec::new();
+    while r.left() > 0 {
+        let len = r.u8()?;
+        if len > max {
+            return Err(err(ERR_UPDATE, 10, format!("prefix length {len} > {max}")));
+        }
+        let bytes = r.bytes(len.div_ceil(8) as usize)?;
+        let mut a = [0u8; 16];
+        a[..bytes.len()].copy_from_slice(bytes);
+        let net = if afi == AFI_IPV4 {
+            IpNet::V4(
+                Ipv4Net::new(Ipv4Addr::new(a[0], a[1], a[2], a[3]), len)
+                    .unwrap()
+                    .trunc(),
+            )
+        } else {
+            IpNet::V6(Ipv6Net::new(Ipv6Addr::from(a), len).unwrap().trunc())
+        };
+        out.push(net);
+    }
+    Ok(out)
+}
+
+pub fn encode_prefix(out: &mut Vec<u8>, net: &IpNet) {
+    let len = net.prefix_len();
+    out.push(len);
+    let n = len.div_ceil(8) as usize;
+    match net {
+        IpNet::V4(v) => out.extend_from_slice(&v.network().octets()[..n]),
+        IpNet::V6(v) => out.extend_from_slice(&v.network().octets()[..n]),
+    }
+}
+
+/// Everything an UPDATE's path-attribute block carries.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DecodedAttrs {
+    pub attrs: Attrs,
+    pub mp_reach: Option<MpReach>,
+    pub mp_unreach: Option<MpUnreach>,
+}
+
+/// Decodes a path-attribute block. `four_octet`: AS numbers in AS_PATH/AGGREGATOR are 4
+/// bytes (both sides announced RFC 6793).
+pub fn decode_attrs(buf: &[u8], four_octet: bool) -> Result<DecodedAttrs, BgpError> {
+    let mut r = Reader::new(buf, ERR_UPDATE, 1);
+    let mut d = DecodedAttrs::default();
+    let mut seen = [false; 256];
+    while r.left() > 0 {
+        let flags = r.u8()?;
+        let code = r.u8()?;
+        let len = if flags & F_EXTENDED != 0 {
+            r.u16()? as usize
+        } else {
+            r.u8()? as usize
+        };
+        let value = r.bytes(len).map_err(|_| {
+            err(
+                ERR_UPDATE,
+                5,
+                format!("attribute {code}: length {len} runs past the block"),
+            )
+        })?;
+        if seen[code as usize] {
+            return Err(err(
+                ERR_UPDATE,
+                1,
+                format!("attribute {code} appears twice"),
+            ));
+        }
+        seen[code as usize] = true;
+        let mut v = Reader::new(value, ERR_UPDATE, 5);
+        let bad_len = || err(ERR_UPDATE, 5, format!("attribute {code}: bad length {len}"));
+        match code {
+            ATTR_ORIGIN => {
+                if len != 1 {
+                    return Err(bad_len());
+                }
+                let o = v.u8()?;
+                if o > 2 {
+                    return Err(err(ERR_UPDATE, 6, format!("ORIGIN {o}")));
+                }
+                d.attrs.origin = o;
+            }
+            ATTR_AS_PATH => {
+                let w = if four_octet { 4 } else { 2 };
+                while v.left() > 0 {
+                    let kind = v.u8()?;
+                    let n = v.u8()? as usize;
+                    if !(1..=2).contains(&kind) {
+                        return Err(err(ERR_UPDATE, 11, format!("AS_PATH segment type {kind}")));
+                    }
+                    let raw = v
+                        .bytes(n * w)
+                        .map_err(|_| err(ERR_UPDATE, 11, "AS_PATH segment overruns"))?;
+                    let asns = raw
+                        .chunks(w)
+                        .map(|c| {
+                            if w == 4 {
+                                u32::from_be_bytes([c[0], c[1], c[2], c[3]])
+                            } else {
+                                u16::from_be_bytes([c[0], c[1]]) as u32
+                            }
+                        })
+                        .collect();
+                    d.attrs.as_path.push(AsSegment { kind, asns });
+                }
+            }
+            ATTR_NEXT_HOP => {
+                if len != 4 {
+                    return Err(bad_len());
+                }
+                let b = v.bytes(4)?;
+                d.attrs.next_hop = Some(Ipv4Addr::new(b[0], b[1], b[2], b[3]));
+            }
+            ATTR_MED => {
+                if len != 4 {
+                    return Err(bad_len());
+                }
+                d.attrs.med = Some(v.u32()?);
+            }
+            ATTR_LOCAL_PREF => {
+                if len != 4 {
+                    return Err(bad_len());
+                }
+                d.attrs.local_pref = Some(v.u32()?);
+            }
+            ATTR_ATOMIC_AGGREGATE => d.attrs.atomic_aggregate = true,
+            ATTR_AGGREGATOR => {
+                let asn = match len {
+                    8 if four_octet => v.u32()?,
+                    6 if !four_octet => v.u16()? as u32,
+                    _ => return Err(bad_len()),
+                };
+                let b = v.bytes(4)?;
+                d.attrs.aggregator = Some((asn, Ipv4Addr::new(b[0], b[1], b[2], b[3])));
+            }
+            ATTR_COMMUNITIES => {
+                if len % 4 != 0 {
+                    return Err(bad_len());
+                }
+                while v.left() > 0 {
+                    d.attrs.communities.push(v.u32()?);
+                }
+            }
+            ATTR_LARGE_COMMUNITIES => {
+                if len % 12 != 0 {
+                    return Err(bad_len());
+                }
+                while v.left() > 0 {
+                    d.attrs
+                        .large_communities
+                        .push([v.u32()?, v.u32()?, v.u32()?]);
+                }
+            }
+            ATTR_MP_REACH => {
+                let afi = v.u16()?;
+                let safi = v.u8()?;
+                let nh_len = v.u8()? as usize;
+                let nh = v.bytes(nh_len)?;
+                let next_hop = match (afi, nh_len) {
+                    (AFI_IPV4, 4) => Some(IpAddr::V4(Ipv4Addr::new(nh[0], nh[1], nh[2], nh[3]))),
+                    (AFI_IPV6, 16 | 32) => {
+                        let mut a = [0u8; 16];
+                        a.copy_from_slice(&nh[..16]);
+                        Some(IpAddr::V6(Ipv6Addr::from(a)))
+                    }
+                    _ => {
+                        return Err(err(
+                            ERR_UPDATE,
+                            9,
+                            format!("MP_REACH next hop of {nh_len} bytes for AFI {afi}"),
+                        ))
+                    }
+                };
+                v.u8()?; // reserved
+                let nlri = decode_prefixes(&mut v, afi)?;
+                d.mp_reach = Some(MpReach {
+                    afi,
+                    safi,
+                    next_hop,
+                    nlri,
+                });
+            }
+            ATTR_MP_UNREACH => {
+                let afi = v.u16()?;
+                let safi = v.u8()?;
+                let withdrawn = decode_prefixes(&mut v, afi)?;
+                d.mp_unreach = Some(MpUnreach {
+                    afi,
+                    safi,
+                    withdrawn,
+                });
+            }
+            _ if flags & F_OPTIONAL == 0 => {
+                return Err(err(
+                    ERR_UPDATE,
+                    2,
+                    format!("unrecognized well-known attribute {code}"),
+                ));
+            }
+            _ if flags & F_TRANSITIVE != 0 => {
+                d.attrs
+                    .unknown
+                    .push((flags | F_PARTIAL, code, value.to_vec()))
+            }
+            _ => {} // optional non-transitive and unknown: dropped quietly (RFC 4271 §5)
+        }
+    }
+    Ok(d)
+}
+
+fn push_attr(out: &mut Vec<u8>, flags: u8, code: u8, value: &[u8]) {
+    if value.len() > 255 {
+        out.extend_from_slice(&[flags | F_EXTENDED, code]);
+        out.extend_from_slice(&(value.len() as u16).to_be_bytes());
+    } else {
+        out.extend_from_slice(&[flags, code, value.len() as u8]);
+    }
+    out.extend_from_slice(value);
+}
+
+/// Encodes `a` (4-octet AS numbers), with an MP_REACH for IPv6 when `mp` is given.
+pub fn encode_attrs(a: &Attrs, mp: Option<&MpReach>) -> Vec<u8> {
+    let mut out = Vec::new();
+    push_attr(&mut out, F_TRANSITIVE, ATTR_ORIGIN, &[a.origin]);
+    let mut path = Vec::new();
+    for s in &a.as_path {
+        path.push(s.kind);
+        path.push(s.asns.len() as u8);
+        for asn in &s.asns {
+            path.extend_from_slice(&asn.to_be_bytes());
+        }
+    }
+    push_attr(&mut out, F_TRANSITIVE, ATTR_AS_PATH, &path);
+    if let Some(nh) = a.next_hop {
+        push_attr(&mut out, F_TRANSITIVE, ATTR_NEXT_HOP, &nh.octets());
+    }
+    if let Some(m) = a.med {
+        push_attr(&mut out, F_OPTIONAL, ATTR_MED, &m.to_be_bytes());
+    }
+    if let Some(lp) = a.local_pref {
+        push_attr(&mut out, F_TRANSITIVE, ATTR_LOCAL_PREF, &lp.to_be_bytes());
+    }
+    if a.atomic_aggregate {
+        push_attr(&mut out, F_TRANSITIVE, ATTR_ATOMIC_AGGREGATE, &[]);
+    }
+    if let Some((asn, ip)) = a.aggregator {
+        let mut v = asn.to_be_bytes().to_vec();
+        v.extend_from_slice(&ip.octets());
+        push_attr(&mut out, F_OPTIONAL | F_TRANSITIVE, ATTR_AGGREGATOR, &v);
+    }
+    if !a.communities.is_empty() {
+        let v: Vec<u8> = a.communities.iter().flat_map(|c| c.to_be_bytes()).collect();
+        push_attr(&mut out, F_OPTIONAL | F_TRANSITIVE, ATTR_COMMUNITIES, &v);
+    }
+    if !a.large_communities.is_empty() {
+        let v: Vec<u8> = a
+            .large_communities
+            .iter()
+            .flatten()
+            .flat_map(|c| c.to_be_bytes())
+            .collect();
+        push_attr(
+            &mut out,
+            F_OPTIONAL | F_TRANSITIVE,
+            ATTR_LARGE_COMMUNITIES,
+            &v,
+        );
+    }
+    for (flags, code, value) in &a.unknown {
+        push_attr(&mut out, *flags, *code, value);
+    }
+    if let Some(mp) = mp {
+        let mut v = Vec::new();
+        v.extend_from_slice(&mp.afi.to_be_bytes());
+        v.push(mp.safi);
+        match mp.next_hop {
+            Some(IpAddr::V6(nh)) => {
+                v.push(16);
+                v.extend_from_slice(&nh.octets());
+            }
+            Some(IpAddr::V4(nh)) => {
+                v.push(4);
+                v.extend_from_slice(&nh.octets());
+            }
+            None => v.push(0),
+        }
+        v.push(0);
+        for n in &mp.nlri {
+            encode_prefix(&mut v, n);
+        }
+        push_attr(&mut out, F_OPTIONAL, ATTR_MP_REACH, &v);
+    }
+    out
+}

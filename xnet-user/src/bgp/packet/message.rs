@@ -1,0 +1,459 @@
+//! BGP messages: header, OPEN with capabilities, UPDATE, NOTIFICATION, KEEPALIVE,
+//! ROUTE-REFRESH.
+
+use std::net::Ipv4Addr;
+
+use ipnet::IpNet;
+
+use super::attr::*;
+use super::{err, BgpError, Reader, ERR_HEADER, ERR_OPEN, ERR_UPDATE};
+
+pub const HEADER_LEN: usize = 19;
+pub const MAX_LEN: usize = 4096;
+/// With the extended-message capability (RFC 8654).
+pub const MAX_LEN_EXTENDED: usize = 65535;
+/// AS_TRANS (RFC 6793): the 2-octet stand-in for a 4-octet AS.
+pub const AS_TRANS: u16 = 23456;
+
+pub const CAP_MP: u8 = 1;
+pub const CAP_ROUTE_REFRESH: u8 = 2;
+pub const CAP_EXTENDED_MESSAGE: u8 = 6;
+pub const CAP_GRACEFUL_RESTART: u8 = 64;
+pub const CAP_FOUR_OCTET_AS: u8 = 65;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Open {
+    pub asn: u32,
+    pub hold_time: u16,
+    pub router_id: Ipv4Addr,
+    /// (AFI, SAFI) pairs announced with the multiprotocol capability.
+    pub families: Vec<(u16, u8)>,
+    pub four_octet: bool,
+    pub route_refresh: bool,
+    pub extended_message: bool,
+    pub graceful_restart: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Update {
+    pub withdrawn: Vec<IpNet>,
+    pub attrs: Option<Attrs>,
+    /// IPv4 prefixes in the NLRI field (next hop: `attrs.next_hop`).
+    pub nlri: Vec<IpNet>,
+    pub mp_reach: Option<MpReach>,
+    pub mp_unreach: Option<MpUnreach>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    Open(Open),
+    Update(Update),
+    Notification {
+        code: u8,
+        subcode: u8,
+        data: Vec<u8>,
+    },
+    Keepalive,
+    RouteRefresh {
+        afi: u16,
+        safi: u8,
+    },
+}
+
+/// The total length a header announces, checked. `buf` holds at least the 19 header bytes.
+pub fn frame_len(buf: &[u8], max: usize) -> Result<usize, BgpError> {
+    if buf[..16].iter().any(|&b| b != 0xff) {
+        return Err(err(ERR_HEADER, 1, "marker is not all ones"));
+    }
+    let len = u16::from_be_bytes([buf[16], buf[17]]) as usize;
+    if !(HEADER_LEN..=max).contains(&len) {
+        return Err(err(ERR_HEADER, 2, format!("message length {len}")));
+    }
+    Ok(len)
+}
+
+/// Decodes one whole message (header included). `four_octet`: the session negotiated
+/// 4-octet AS numbers.
+pub fn decode(buf: &[u8], four_octet: bool, max: usize) -> Result<Message, BgpError> {
+    if buf.len() < HEADER_LEN {
+        return Err(err(ERR_HEADER, 2, "shorter than a header"));
+    }
+    let len = frame_len(buf, max)?;
+    if len != buf.len() {
+        return Err(err(
+            ERR_HEADER,
+            2,
+            format!("length {len} but {} bytes", buf.len()),
+        ));
+    }
+    let body = &buf[HEADER_LEN..];
+    let kind = buf[18];
+    let mut r = Reader::new(body, ERR_HEADER, 2);
+    match kind {
+        1 => decode_open(body).map(Message::Open),
+        2 => decode_update(body, four_octet).map(Message::Update),
+        3 => {
+            let code = r.u8()?;
+            let subcode = r.u8()?;
+            Ok(Message::Notification {
+                code,
+                subcode,
+                data: body[2..].to_vec(),
+            })
+        }
+        4 if body.is_empty() => Ok(Message::Keepalive),
+        4 => Err(err(ERR_HEADER, 2, "KEEPALIVE with a body")),
+        5 => {
+            let afi = r.u16()?;
+            r.u8()?;
+            let safi = r.u8()?;
+            Ok(Message::RouteRefresh { afi, safi })
+        }
+        t => Err(err(ERR_HEADER, 3, format!("message type {t}"))),
+    }
+}
+
+fn decode_open(body: &[u8]) -> Result<Open, BgpError> {
+    let mut r = Reader::new(body, ERR_OPEN, 0);
+    let version = r.u8()?;
+    if version != 4 {
+        return Err(err(ERR_OPEN, 1, format!("version {version}")));
+    }
+    let my_as = r.u16()?;
+    let hold_time = r.u16()?;
+    if hold_time == 1 || hold_time == 2 {
+        return Err(err(ERR_OPEN, 6, format!("hold time {hold_time}")));
+    }
+    let id = r.bytes(4)?;
+    let router_id = Ipv4Addr::new(id[0], id[1], id[2], id[3]);
+    if router_id.is_unspecified() {
+        return Err(err(ERR_OPEN, 3, "BGP identifier 0.0.0.0"));
+    }
+    let opt_len = r.u8()? as usize;
+    let opts = r.bytes(opt_len)?;
+    let mut o = Open {
+        asn: my_as as u32,
+        hold_time,
+        router_id,
+        families: Vec::new(),
+        four_octet: false,
+        route_refresh: false,
+        extended_message: false,
+        graceful_restart: false,
+    };
+    let mut p = Reader::new(opts, ERR_OPEN, 0);
+    while p.left() > 0 {
+        let ptype = p.u8()?;
+        let plen = p.u8()? as usize;
+        let pval = p.bytes(plen)?;
+        if ptype != 2 {
+            return Err(err(ERR_OPEN, 4, format!("optional parameter {ptype}")));
+        }
+        let mut c = Reader::new(pval, ERR_OPEN, 0);
+        while c.left() > 0 {
+            let code = c.u8()?;
+            let clen = c.u8()? as usize;
+            let cval = c.bytes(clen)?;
+            let mut v = Reader::new(cval, ERR_OPEN, 0);
+            match code {
+                CAP_MP if clen == 4 => {
+                    let afi = v.u16()?;
+                    v.u8()?;
+                    o.families.push((afi, v.u8()?));
+                }
+                CAP_FOUR_OCTET_AS if clen == 4 => {
+                    o.four_octet = true;
+                    o.asn = v.u32()?;
+                }
+                CAP_ROUTE_REFRESH => o.route_refresh = true,
+                CAP_EXTENDED_MESSAGE => o.extended_message = true,
+                CAP_GRACEFUL_RESTART => o.graceful_restart = true,
+                _ => {}
+            }
+        }
+    }
+    if o.families.is_empty() {
+        // No MP capability: IPv4 unicast only (RFC 4760 §8).
+        o.families.push((AFI_IPV4, SAFI_UNICAST));
+    }
+    Ok(o)
+}
+
+fn decode_update(body: &[u8], four_octet: bool) -> Result<Update, BgpError> {
+    let mut r = Reader::new(body, ERR_UPDATE, 1);
+    let wlen = r.u16()? as usize;
+    let wbuf = r.bytes(wlen)?;
+    let withdrawn = decode_prefixes(&mut Reader::new(wbuf, ERR_UPDATE, 1), AFI_IPV4)?;
+    let alen = r.u16()? as usize;
+    let abuf = r.bytes(alen)?;
+    let nlri = decode_prefixes(&mut Reader::new(&body[r.pos..], ERR_UPDATE, 10), AFI_IPV4)?;
+    let mut u = Update {
+        withdrawn,
+        nlri,
+        ..Default::default()
+    };
+    if alen > 0 {
+        let d = decode_attrs(abuf, four_octet)?;
+        if !u.nlri.is_empty() && d.attrs.next_hop.is_none() {
+            return Err(err(ERR_UPDATE, 3, "missing NEXT_HOP"));
+        }
+        u.attrs = Some(d.attrs);
+        u.mp_reach = d.mp_reach;
+        u.mp_unreach = d.mp_unreach;
+    } else if !u.nlri.is_empty() {
+        return Err(err(ERR_UPDATE, 3, "NLRI without path attributes"));
+    }
+    Ok(u)
+}
+
+fn frame(kind: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![0xff; 16];
+    m.extend_from_slice(&((HEADER_LEN + body.len()) as u16).to_be_bytes());
+    m.push(kind);
+    m.extend_from_slice(body);
+    m
+}
+
+pub fn encode_open(o: &Open) -> Vec<u8> {
+    let mut caps = Vec::new();
+    let mut cap = |code: u8, v: &[u8]| {
+        caps.extend_from_slice(&[code, v.len() as u8]);
+        caps.extend_from_slice(v);
+    };
+    for (afi, safi) in &o.families {
+        let mut v = afi.to_be_bytes().to_vec();
+        v.extend_from_slice(&[0, *safi]);
+        cap(CAP_MP, &v);
+    }
+    if o.route_refresh {
+        cap(CAP_ROUTE_REFRESH, &[]);
+    }
+    if o.extended_message {
+        cap(CAP_EXTENDED_MESSAGE, &[]);
+    }
+    cap(CAP_FOUR_OCTET_AS, &o.asn.to_be_bytes());
+    let mut b = vec![4];
+    let as2 = if o.asn > 65535 {
+        AS_TRANS
+    } else {
+        o.asn as u16
+    };
+    b.extend_from_slice(&as2.to_be_bytes());
+    b.extend_from_slice(&o.hold_time.to_be_bytes());
+    b.extend_from_slice(&o.router_id.octets());
+    b.push((caps.len() + 2) as u8);
+    b.extend_from_slice(&[2, caps.len() as u8]);
+    b.extend_from_slice(&caps);
+    frame(1, &b)
+}
+
+pub fn encode_keepalive() -> Vec<u8> {
+    frame(4, &[])
+}
+
+pub fn encode_notification(code: u8, subcode: u8, data: &[u8]) -> Vec<u8> {
+    let mut b = vec![code, subcode];
+    b.extend_from_slice(data);
+    frame(3, &b)
+}
+
+/// An UPDATE announcing IPv4 `nlri` with `attrs` (which carry NEXT_HOP), or IPv6 ones
+/// through `mp`, and withdrawing IPv4 `withdrawn` / IPv6 `mp_unreach`.
+pub fn encode_update(
+    withdrawn: &[IpNet],
+    attrs: Option<(&Attrs, Option<&MpReach>)>,
+    nlri: &[IpNet],
+    mp_unreach: Option<&MpUnreach>,
+) -> Vec<u8> {
+    let mut w = Vec::new();
+    for n in withdrawn {
+        encode_prefix(&mut w, n);
+    }
+    let mut a = match attrs {
+        Some((attrs, mp)) => encode_attrs(attrs, mp),
+        None => Vec::new(),
+    };
+    if let Some(un) = mp_unreach {
+        let mut v = un.afi.to_be_bytes().to_vec();
+        v.push(un.safi);
+        for n in &un.withdrawn {
+            encode_prefix(&mut v, n);
+        }
+        let mut hdr = vec![0x80 | 0x10, ATTR_MP_UNREACH];
+        hdr.extend_from_slice(&(v.len() as u16).to_be_bytes());
+        a.extend(hdr);
+        a.extend(v);
+    }
+    let mut b = (w.len() as u16).to_be_bytes().to_vec();
+    b.extend(w);
+    b.extend_from_slice(&(a.len() as u16).to_be_bytes());
+    b.extend(a);
+    for n in nlri {
+        encode_prefix(&mut b, n);
+    }
+    frame(2, &b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex(s: &str) -> Vec<u8> {
+        let s: String = s.split_whitespace().collect();
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    const MARKER: &str = "ffffffffffffffffffffffffffffffff";
+
+    #[test]
+    fn open_round_trips_byte_exact() {
+        let o = Open {
+            asn: 4_200_000_001,
+            hold_time: 90,
+            router_id: "10.0.0.1".parse().unwrap(),
+            families: vec![(AFI_IPV4, 1), (AFI_IPV6, 1)],
+            four_octet: true,
+            route_refresh: true,
+            extended_message: false,
+            graceful_restart: false,
+        };
+        let wire = encode_open(&o);
+        let expect = hex(&format!(
+            "{MARKER} 0033 01 04 5ba0 005a 0a000001 16 02 14 \
+             0104 0001 0001  0104 0002 0001  0200  4104 fa56ea01"
+        ));
+        assert_eq!(wire, expect);
+        assert_eq!(decode(&wire, false, MAX_LEN).unwrap(), Message::Open(o));
+    }
+
+    #[test]
+    fn update_round_trips_v4_and_v6() {
+        let attrs = Attrs {
+            origin: 0,
+            as_path: vec![AsSegment {
+                kind: 2,
+                asns: vec![65001, 4_200_000_000],
+            }],
+            next_hop: Some("10.0.1.2".parse().unwrap()),
+            med: Some(10),
+            local_pref: Some(200),
+            communities: vec![0xfde8_0001],
+            large_communities: vec![[65001, 1, 2]],
+            ..Default::default()
+        };
+        let nlri: Vec<IpNet> = vec![
+            "10.1.0.0/16".parse().unwrap(),
+            "192.168.5.128/25".parse().unwrap(),
+        ];
+        let wire = encode_update(
+            &["10.9.0.0/24".parse().unwrap()],
+            Some((&attrs, None)),
+            &nlri,
+            None,
+        );
+        let Message::Update(u) = decode(&wire, true, MAX_LEN).unwrap() else {
+            panic!()
+        };
+        assert_eq!(u.nlri, nlri);
+        assert_eq!(u.withdrawn, vec!["10.9.0.0/24".parse::<IpNet>().unwrap()]);
+        assert_eq!(u.attrs.unwrap(), attrs);
+
+        let mp = MpReach {
+            afi: AFI_IPV6,
+            safi: 1,
+            next_hop: Some("fd00:1::2".parse().unwrap()),
+            nlri: vec!["fd01::/48".parse().unwrap()],
+        };
+        let un = MpUnreach {
+            afi: AFI_IPV6,
+            safi: 1,
+            withdrawn: vec!["fd09::/32".parse().unwrap()],
+        };
+        let a6 = Attrs {
+            next_hop: None,
+            ..attrs.clone()
+        };
+        let wire = encode_update(&[], Some((&a6, Some(&mp))), &[], Some(&un));
+        let Message::Update(u) = decode(&wire, true, MAX_LEN).unwrap() else {
+            panic!()
+        };
+        assert_eq!(u.mp_reach.unwrap(), mp);
+        assert_eq!(u.mp_unreach.unwrap(), un);
+    }
+
+    #[test]
+    fn two_octet_as_path_decodes() {
+        // ORIGIN IGP, AS_PATH SEQUENCE [65001 65002] in 2-byte form, NEXT_HOP 10.0.0.1.
+        let body = hex("0000 0014 40010100 4002060202fde9fdea 400304 0a000001 10 0a01");
+        let mut wire = hex(MARKER);
+        wire.extend_from_slice(&((19 + body.len()) as u16).to_be_bytes());
+        wire.push(2);
+        wire.extend(body);
+        let Message::Update(u) = decode(&wire, false, MAX_LEN).unwrap() else {
+            panic!()
+        };
+        assert_eq!(u.attrs.unwrap().as_path[0].asns, vec![65001, 65002]);
+        assert_eq!(u.nlri, vec!["10.1.0.0/16".parse::<IpNet>().unwrap()]);
+    }
+
+    #[test]
+    fn malformed_messages_give_the_right_notification() {
+        let code = |wire: &[u8], four| decode(wire, four, MAX_LEN).map(|_| ()).unwrap_err();
+        let mut bad_marker = encode_keepalive();
+        bad_marker[0] = 0;
+        assert_eq!(
+            (
+                code(&bad_marker, true).code,
+                code(&bad_marker, true).subcode
+            ),
+            (1, 1)
+        );
+        let mut bad_len = encode_keepalive();
+        bad_len[17] = 18;
+        assert_eq!(code(&bad_len, true).subcode, 2);
+        let mut bad_type = encode_keepalive();
+        bad_type[18] = 9;
+        assert_eq!(
+            (code(&bad_type, true).code, code(&bad_type, true).subcode),
+            (1, 3)
+        );
+        // UPDATE: ORIGIN 7, attribute length past the block, NLRI without NEXT_HOP,
+        // prefix longer than 32, duplicate attribute.
+        for (body, sub) in [
+            ("0000 0004 40010107", 6),
+            ("0000 0004 40010501", 5),
+            ("0000 0004 40010100 08 0a", 3),
+            ("0000 0000 21 0a000000", 10),
+            ("0000 0008 40010100 40010100", 1),
+        ] {
+            let b = hex(body);
+            let mut wire = hex(MARKER);
+            wire.extend_from_slice(&((19 + b.len()) as u16).to_be_bytes());
+            wire.push(2);
+            wire.extend(b);
+            let e = code(&wire, true);
+            assert_eq!((e.code, e.subcode), (3, sub), "{body}: {e}");
+        }
+    }
+
+    #[test]
+    fn decoder_never_panics_on_garbage() {
+        let mut s = 0x1234_5678u64;
+        for n in 0..20_000 {
+            let mut buf = hex(MARKER);
+            let len = 19 + (n % 60);
+            buf.extend_from_slice(&(len as u16).to_be_bytes());
+            buf.push((n % 6) as u8);
+            while buf.len() < len {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                buf.push(s as u8);
+            }
+            let _ = decode(&buf, n % 2 == 0, MAX_LEN);
+        }
+    }
+}

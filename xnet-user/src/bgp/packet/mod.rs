@@ -1,0 +1,77 @@
+//! The BGP-4 wire format (RFC 4271) with MP-BGP (RFC 4760), 4-octet AS (RFC 6793),
+//! communities and large communities: decoding never panics and reports the NOTIFICATION
+//! (code, subcode) a bad message calls for; encoding produces what the session sends.
+
+mod attr;
+mod message;
+
+pub use attr::*;
+pub use message::*;
+
+/// A decoding failure: the NOTIFICATION it calls for and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason} (NOTIFICATION {code}/{subcode})")]
+pub struct BgpError {
+    pub code: u8,
+    pub subcode: u8,
+    pub reason: String,
+}
+
+pub const ERR_HEADER: u8 = 1;
+pub const ERR_OPEN: u8 = 2;
+pub const ERR_UPDATE: u8 = 3;
+pub const ERR_HOLD_TIMER: u8 = 4;
+pub const ERR_FSM: u8 = 5;
+pub const ERR_CEASE: u8 = 6;
+
+pub(crate) fn err(code: u8, subcode: u8, reason: impl Into<String>) -> BgpError {
+    BgpError {
+        code,
+        subcode,
+        reason: reason.into(),
+    }
+}
+
+/// A bounds-checked reader over a byte slice.
+pub(crate) struct Reader<'a> {
+    pub buf: &'a [u8],
+    pub pos: usize,
+    /// The error to report when the data runs out.
+    code: (u8, u8),
+}
+
+impl<'a> Reader<'a> {
+    pub fn new(buf: &'a [u8], code: u8, subcode: u8) -> Self {
+        Self {
+            buf,
+            pos: 0,
+            code: (code, subcode),
+        }
+    }
+    pub fn left(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+    pub fn bytes(&mut self, n: usize) -> Result<&'a [u8], BgpError> {
+        if self.left() < n {
+            return Err(err(
+                self.code.0,
+                self.code.1,
+                format!("truncated: need {n} bytes, have {}", self.left()),
+            ));
+        }
+        let s = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+    pub fn u8(&mut self) -> Result<u8, BgpError> {
+        Ok(self.bytes(1)?[0])
+    }
+    pub fn u16(&mut self) -> Result<u16, BgpError> {
+        let b = self.bytes(2)?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+    pub fn u32(&mut self) -> Result<u32, BgpError> {
+        let b = self.bytes(4)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+}
