@@ -17,6 +17,11 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 use xnet_common::{IF_F_DEFAULT_DENY, IF_F_FIREWALL};
 
+use std::sync::Arc;
+
+use crate::bgp::fsm::Event;
+use crate::bgp::rib::{self, Rib};
+use crate::bgp::Speaker;
 use crate::config::{Config, DefaultAction, FailureMode, Role, XdpMode};
 use crate::dataplane::{Dataplane, NhKey};
 use crate::health;
@@ -41,6 +46,20 @@ struct Agent {
     probes: Option<mpsc::Receiver<health::Probe>>,
     /// Hits of each `log = true` rule when last logged.
     logged_hits: HashMap<usize, u64>,
+    bgp: Option<Speaker>,
+    rib: Rib,
+    /// BGP routes in the data plane, with the next hops they use.
+    bgp_routes: RouteSet,
+    /// Connected subnets (ifindex, interface prefix), to resolve BGP next hops.
+    connected: Vec<(u32, IpNet)>,
+    /// Kernel FIB updates for learned routes, written by a task of their own so a full
+    /// table never holds up the data plane.
+    fib: Option<mpsc::UnboundedSender<FibOp>>,
+}
+
+enum FibOp {
+    Replace(u32, IpNet, Vec<(u32, IpAddr)>),
+    Delete(u32, IpNet),
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -78,6 +97,11 @@ pub async fn run(path: &Path) -> Result<()> {
         health: Vec::new(),
         probes: None,
         logged_hits: HashMap::new(),
+        bgp: None,
+        rib: Rib::new(1),
+        bgp_routes: RouteSet::new(),
+        connected: Vec::new(),
+        fib: None,
     };
     let result = match agent.start(routes).await {
         Ok(()) => agent.serve().await,
@@ -109,6 +133,13 @@ fn route_set(config: &Config, links: &HashMap<String, (u32, [u8; 6])>) -> RouteS
 async fn recv(rx: &mut Option<mpsc::Receiver<health::Probe>>) -> Option<health::Probe> {
     match rx {
         Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn recv_bgp(s: &mut Option<Speaker>) -> Option<Event> {
+    match s {
+        Some(s) => s.events.recv().await,
         None => std::future::pending().await,
     }
 }
@@ -151,6 +182,7 @@ impl Agent {
         self.apply_routes(routes).await?;
         self.start_services().await?;
         self.apply_policy()?;
+        self.start_bgp().await?;
         self.sync_kernel_state().await?;
         // Maps are complete before the first packet meets the program.
         let generic = c.agent.xdp_mode == XdpMode::Generic;
@@ -314,6 +346,208 @@ impl Agent {
                 compiled.tuples.len(),
                 compiled.entries.len()
             );
+        }
+        Ok(())
+    }
+
+    /// Starts the BGP speaker, if configured, and the kernel-FIB writer for its routes.
+    async fn start_bgp(&mut self) -> Result<()> {
+        let Some(b) = &self.config.bgp else {
+            return Ok(());
+        };
+        self.rib = Rib::new(b.multipath);
+        self.connected = self.kernel.connected().await?;
+        if self.config.agent.kernel_fib {
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let kernel = Kernel::connect()?;
+            tokio::spawn(async move {
+                while let Some(op) = rx.recv().await {
+                    let r = match op {
+                        FibOp::Replace(t, net, hops) => kernel.replace_route(t, net, &hops).await,
+                        FibOp::Delete(t, net) => kernel.delete_route(t, net).await,
+                    };
+                    if let Err(e) = r {
+                        log::debug!("kernel FIB: {e:#}");
+                    }
+                }
+            });
+            self.fib = Some(tx);
+        }
+        self.bgp = Speaker::start(&self.config).await?;
+        for seg in 1..=self.config.segments.len() as u32 {
+            self.readvertise(seg);
+        }
+        Ok(())
+    }
+
+    /// The segment's routes for advertisement: static ones, then learned ones.
+    fn readvertise(&self, segment: u32) {
+        let Some(bgp) = &self.bgp else { return };
+        if !bgp
+            .peers
+            .iter()
+            .any(|p| p.segment == segment && p.advertise == crate::config::Advertise::All)
+        {
+            bgp.readvertise(segment, &[]);
+            return;
+        }
+        let mut routes: Vec<(IpNet, Option<(IpAddr, Arc<crate::bgp::packet::Attrs>)>)> = self
+            .routes
+            .keys()
+            .filter(|(s, _)| *s == segment)
+            .map(|(_, n)| (*n, None))
+            .collect();
+        for (seg, net) in self.bgp_routes.keys().filter(|(s, _)| *s == segment) {
+            if let Some(best) = self.rib.selected(*seg, net).first() {
+                routes.push((*net, Some((best.peer, best.attrs.clone()))));
+            }
+        }
+        bgp.readvertise(segment, &routes);
+    }
+
+    async fn on_bgp(&mut self, ev: Event) {
+        let changed = match ev {
+            Event::Established { peer, .. } => {
+                info!("bgp: {peer} established");
+                return;
+            }
+            Event::Down { peer, reason } => {
+                let changed = self.rib.peer_down(peer);
+                info!(
+                    "bgp: {peer} down ({reason}): {} prefixes changed",
+                    changed.len()
+                );
+                changed
+            }
+            Event::Update {
+                peer,
+                peer_id,
+                ebgp,
+                update,
+            } => self.on_update(peer, peer_id, ebgp, update),
+        };
+        if let Err(e) = self.apply_bgp(changed).await {
+            warn!("bgp: {e:#}");
+        }
+    }
+
+    /// Applies one UPDATE to the RIB; returns the prefixes whose selection changed.
+    fn on_update(
+        &mut self,
+        peer: IpAddr,
+        peer_id: std::net::Ipv4Addr,
+        ebgp: bool,
+        u: crate::bgp::packet::Update,
+    ) -> Vec<(u32, IpNet)> {
+        let Some(p) = self
+            .bgp
+            .as_ref()
+            .and_then(|b| b.peers.iter().find(|p| p.address == peer))
+        else {
+            return Vec::new();
+        };
+        let seg = p.segment;
+        let local_asn = self.config.bgp.as_ref().map(|b| b.asn).unwrap_or(0);
+        let mut changed = Vec::new();
+        let withdrawn = u
+            .withdrawn
+            .iter()
+            .chain(u.mp_unreach.iter().flat_map(|m| m.withdrawn.iter()));
+        for net in withdrawn {
+            if self.rib.withdraw(seg, *net, peer) {
+                changed.push((seg, *net));
+            }
+        }
+        let Some(attrs) = u.attrs else { return changed };
+        let looped = attrs.as_path.iter().any(|s| s.asns.contains(&local_asn));
+        let attrs = Arc::new(attrs);
+        let v4 = attrs.next_hop.map(|nh| (IpAddr::V4(nh), u.nlri));
+        let mp = u.mp_reach.and_then(|m| m.next_hop.map(|nh| (nh, m.nlri)));
+        for (next_hop, nlri) in v4.into_iter().chain(mp) {
+            for net in nlri {
+                // Our own AS in the path: a loop (RFC 4271 §9.1.2); treat as withdrawn.
+                let hit = if looped {
+                    self.rib.withdraw(seg, net, peer)
+                } else {
+                    self.rib.update(
+                        seg,
+                        net,
+                        rib::Path {
+                            peer,
+                            peer_id,
+                            ebgp,
+                            next_hop,
+                            attrs: attrs.clone(),
+                        },
+                    )
+                };
+                if hit {
+                    changed.push((seg, net));
+                }
+            }
+        }
+        changed
+    }
+
+    /// The interface through which `next_hop` is directly reachable in `segment`.
+    fn resolve(&self, segment: u32, next_hop: IpAddr) -> Option<NhKey> {
+        self.connected
+            .iter()
+            .filter(|(i, net)| net.contains(&next_hop) && self.dp.segment_of(*i) == Some(segment))
+            .max_by_key(|(_, net)| net.prefix_len())
+            .map(|(i, _)| NhKey {
+                ifindex: *i,
+                via: next_hop,
+            })
+    }
+
+    /// Puts the RIB's selection for `changed` into the data plane (static routes win).
+    async fn apply_bgp(&mut self, changed: Vec<(u32, IpNet)>) -> Result<()> {
+        let mut segments = std::collections::BTreeSet::new();
+        for (seg, net) in changed {
+            segments.insert(seg);
+            if self.routes.contains_key(&(seg, net)) {
+                continue;
+            }
+            let mut hops: Vec<NhKey> = self
+                .rib
+                .selected(seg, &net)
+                .iter()
+                .filter_map(|p| self.resolve(seg, p.next_hop))
+                .collect();
+            hops.dedup();
+            let table = self.config.segments[seg as usize - 1].table;
+            if hops.is_empty() {
+                if self.bgp_routes.remove(&(seg, net)).is_some() {
+                    self.dp.remove_route(seg, net)?;
+                    if let Some(f) = &self.fib {
+                        let _ = f.send(FibOp::Delete(table, net));
+                    }
+                }
+                continue;
+            }
+            if self.bgp_routes.get(&(seg, net)) == Some(&hops) {
+                continue;
+            }
+            self.dp.set_route(seg, net, &hops)?;
+            for h in &hops {
+                if self.managed.insert((h.ifindex, h.via)) {
+                    if let Err(e) = self.kernel.manage_neighbour(h.ifindex, h.via).await {
+                        warn!("{e:#}");
+                    }
+                }
+            }
+            if let Some(f) = &self.fib {
+                let _ = f.send(FibOp::Replace(
+                    table,
+                    net,
+                    hops.iter().map(|h| (h.ifindex, h.via)).collect(),
+                ));
+            }
+            self.bgp_routes.insert((seg, net), hops);
+        }
+        for seg in segments {
+            self.readvertise(seg);
         }
         Ok(())
     }
@@ -498,6 +732,7 @@ impl Agent {
                 _ = term.recv() => { info!("SIGTERM: stopping"); break; }
                 _ = int.recv() => { info!("SIGINT: stopping"); break; }
                 _ = hup.recv() => self.reload().await,
+                Some(ev) = recv_bgp(&mut self.bgp) => self.on_bgp(ev).await,
                 Some(p) = recv(&mut self.probes) => {
                     if let Err(e) = self.on_probe(p) {
                         warn!("health: {e:#}");
@@ -622,6 +857,69 @@ impl Agent {
                 failure_mode: format!("{:?}", svc.failure_mode).to_lowercase(),
                 instances,
             });
+        }
+        if let Some(bgp) = &self.bgp {
+            for p in &bgp.peers {
+                let st = p.state.lock().unwrap().clone();
+                let received = self
+                    .rib
+                    .all()
+                    .filter(|((seg, _), v)| {
+                        *seg == p.segment && v.iter().any(|x| x.peer == p.address)
+                    })
+                    .count();
+                s.bgp.push(status::BgpSessionStatus {
+                    name: p.name.clone(),
+                    peer: p.address.to_string(),
+                    remote_asn: p.remote_asn,
+                    segment: self.segment_name(p.segment).to_string(),
+                    state: st.state.to_string(),
+                    uptime_secs: if st.state == "Established" {
+                        st.since.map(|t| t.elapsed().as_secs()).unwrap_or(0)
+                    } else {
+                        0
+                    },
+                    received,
+                    sent: st.sent,
+                    last_error: st.last_error.clone(),
+                });
+            }
+            let mut keys: Vec<&(u32, IpNet)> = self.rib.all().map(|(k, _)| k).collect();
+            keys.sort();
+            s.bgp_routes_total = keys.len();
+            for (seg, net) in keys.into_iter().take(status::BGP_ROUTES_SHOWN) {
+                let selected = self.rib.selected(*seg, net);
+                let paths = self
+                    .rib
+                    .all()
+                    .find(|(k, _)| **k == (*seg, *net))
+                    .map(|(_, v)| v.clone())
+                    .unwrap_or_default();
+                s.bgp_routes.push(status::BgpRouteStatus {
+                    segment: self.segment_name(*seg).to_string(),
+                    prefix: net.to_string(),
+                    in_data_plane: self.bgp_routes.contains_key(&(*seg, *net)),
+                    paths: paths
+                        .iter()
+                        .map(|p| status::BgpPathStatus {
+                            peer: p.peer.to_string(),
+                            next_hop: p.next_hop.to_string(),
+                            as_path: crate::bgp::as_path_string(&p.attrs.as_path),
+                            origin: ["igp", "egp", "incomplete"][p.attrs.origin as usize % 3]
+                                .to_string(),
+                            local_pref: p.attrs.local_pref,
+                            med: p.attrs.med,
+                            communities: p
+                                .attrs
+                                .communities
+                                .iter()
+                                .map(|c| format!("{}:{}", c >> 16, c & 0xffff))
+                                .collect(),
+                            selected: selected.iter().any(|x| x.peer == p.peer),
+                        })
+                        .collect(),
+                });
+            }
         }
         s.reasons = counters
             .reasons

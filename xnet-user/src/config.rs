@@ -29,6 +29,66 @@ pub struct Config {
     /// In priority order: the first rule that matches decides.
     #[serde(default)]
     pub policies: Vec<Policy>,
+    /// The BGP speaker; absent: no BGP.
+    pub bgp: Option<Bgp>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Bgp {
+    pub asn: u32,
+    pub router_id: std::net::Ipv4Addr,
+    /// TCP port to listen on and to connect to.
+    #[serde(default = "default_bgp_port")]
+    pub port: u16,
+    /// Equal paths installed together (ECMP width).
+    #[serde(default = "default_multipath")]
+    pub multipath: usize,
+    #[serde(default)]
+    pub neighbors: Vec<Neighbor>,
+}
+
+fn default_bgp_port() -> u16 {
+    179
+}
+fn default_multipath() -> usize {
+    1
+}
+fn default_hold_time() -> u16 {
+    90
+}
+
+/// What a neighbour is sent.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Advertise {
+    #[default]
+    None,
+    /// A default route (0.0.0.0/0 or ::/0): greenfield connectors.
+    Default,
+    /// The `prefixes` listed: brownfield connectors.
+    Custom,
+    /// Every route of the segment (static and learned).
+    All,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Neighbor {
+    pub name: String,
+    pub segment: String,
+    /// The peer's address: IPv4 sessions carry IPv4 routes, IPv6 sessions IPv6 routes.
+    pub address: IpAddr,
+    pub remote_asn: u32,
+    /// Wait for the peer to connect.
+    #[serde(default)]
+    pub passive: bool,
+    #[serde(default = "default_hold_time")]
+    pub hold_time: u16,
+    #[serde(default)]
+    pub advertise: Advertise,
+    #[serde(default)]
+    pub prefixes: Vec<IpNet>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
@@ -365,7 +425,61 @@ impl Config {
 
     fn validate(&self) -> Result<(), (String, String)> {
         self.validate_routing()?;
-        crate::policy::validate(self)
+        crate::policy::validate(self)?;
+        self.validate_bgp()
+    }
+
+    fn validate_bgp(&self) -> Result<(), (String, String)> {
+        let Some(b) = &self.bgp else { return Ok(()) };
+        let err = |f: String, r: String| Err((f, r));
+        if b.asn == 0 {
+            return err("bgp.asn".into(), "AS 0 is reserved".into());
+        }
+        if b.router_id.is_unspecified() {
+            return err(
+                "bgp.router_id".into(),
+                "0.0.0.0 is not a BGP identifier".into(),
+            );
+        }
+        if !(1..=16).contains(&b.multipath) {
+            return err("bgp.multipath".into(), "must be 1 to 16".into());
+        }
+        let mut seen = HashSet::new();
+        for (i, n) in b.neighbors.iter().enumerate() {
+            let f = |sub: &str| format!("bgp.neighbors[{i}].{sub}");
+            if self.segment_id(&n.segment).is_none() {
+                return err(f("segment"), format!("unknown segment {:?}", n.segment));
+            }
+            if !seen.insert(n.address) {
+                return err(f("address"), format!("{} is listed twice", n.address));
+            }
+            if n.hold_time == 1 || n.hold_time == 2 {
+                return err(
+                    f("hold_time"),
+                    "must be 0 or at least 3 seconds (RFC 4271)".into(),
+                );
+            }
+            if n.advertise == Advertise::Custom && n.prefixes.is_empty() {
+                return err(
+                    f("prefixes"),
+                    "advertise = \"custom\" needs prefixes".into(),
+                );
+            }
+            if let Some(p) = n
+                .prefixes
+                .iter()
+                .find(|p| p.addr().is_ipv4() != n.address.is_ipv4())
+            {
+                return err(
+                    f("prefixes"),
+                    format!(
+                        "{p} is of the other address family than the session to {}",
+                        n.address
+                    ),
+                );
+            }
+        }
+        Ok(())
     }
 
     fn validate_routing(&self) -> Result<(), (String, String)> {

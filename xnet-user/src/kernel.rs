@@ -98,6 +98,22 @@ impl Kernel {
         Ok(out)
     }
 
+    /// The connected subnets: (ifindex, interface address with its prefix length).
+    pub async fn connected(&self) -> Result<Vec<(u32, IpNet)>> {
+        let mut out = Vec::new();
+        let mut s = self.handle.address().get().execute();
+        while let Some(msg) = s.try_next().await? {
+            for a in &msg.attributes {
+                if let AddressAttribute::Address(ip) = a {
+                    if let Ok(net) = IpNet::new(*ip, msg.header.prefix_len) {
+                        out.push((msg.header.index, net));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
     pub async fn neighbours(&self) -> Result<Vec<Neighbour>> {
         let mut out = Vec::new();
         for v in [IpVersion::V4, IpVersion::V6] {

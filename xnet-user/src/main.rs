@@ -51,6 +51,15 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         rounds: usize,
     },
+    /// Show a running agent's BGP sessions (state, uptime, prefixes received and sent) and
+    /// routes with their attributes and which path was chosen.
+    Bgp {
+        #[arg(short, long, default_value = "/run/xnet/xnet.sock")]
+        socket: PathBuf,
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show a running agent's policies with their hits and its firewall services with
     /// their instances' health.
     Policy {
@@ -104,6 +113,16 @@ async fn real_main() -> Result<()> {
             rounds: rounds.max(1),
         }),
         Command::Demo { duration } => xnet_user::demo::run(duration).await,
+        Command::Bgp { socket, json } => {
+            let s = status::fetch(&socket).await?;
+            if json {
+                let v = serde_json::json!({ "sessions": s.bgp, "routes": s.bgp_routes, "routes_total": s.bgp_routes_total });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", s.render_bgp());
+            }
+            Ok(())
+        }
         Command::Policy { socket, json } => {
             let s = status::fetch(&socket).await?;
             if json {

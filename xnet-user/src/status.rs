@@ -21,6 +21,51 @@ pub struct Status {
     pub policies: Vec<PolicyStatus>,
     #[serde(default)]
     pub services: Vec<ServiceStatus>,
+    #[serde(default)]
+    pub bgp: Vec<BgpSessionStatus>,
+    /// The first `BGP_ROUTES_SHOWN` prefixes of the RIB (all of them in `bgp_routes_total`).
+    #[serde(default)]
+    pub bgp_routes: Vec<BgpRouteStatus>,
+    #[serde(default)]
+    pub bgp_routes_total: usize,
+}
+
+pub const BGP_ROUTES_SHOWN: usize = 10_000;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct BgpSessionStatus {
+    pub name: String,
+    pub peer: String,
+    pub remote_asn: u32,
+    pub segment: String,
+    pub state: String,
+    pub uptime_secs: u64,
+    /// Prefixes in the RIB from this peer.
+    pub received: usize,
+    /// Prefixes advertised to it.
+    pub sent: usize,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct BgpRouteStatus {
+    pub segment: String,
+    pub prefix: String,
+    pub in_data_plane: bool,
+    pub paths: Vec<BgpPathStatus>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct BgpPathStatus {
+    pub peer: String,
+    pub next_hop: String,
+    pub as_path: String,
+    pub origin: String,
+    pub local_pref: Option<u32>,
+    pub med: Option<u32>,
+    pub communities: Vec<String>,
+    /// Chosen (best, or equal to it under multipath).
+    pub selected: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -168,6 +213,52 @@ impl Status {
 }
 
 impl Status {
+    /// The BGP view: sessions, then routes with their paths (`*` chosen).
+    pub fn render_bgp(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "NEIGHBOR         PEER                     AS         SEGMENT      STATE        UPTIME  RECEIVED      SENT  LAST ERROR");
+        for b in &self.bgp {
+            let _ = writeln!(
+                s,
+                "{:<16} {:<24} {:<10} {:<12} {:<12} {:>6} {:>9} {:>9}  {}",
+                b.name,
+                b.peer,
+                b.remote_asn,
+                b.segment,
+                b.state,
+                b.uptime_secs,
+                b.received,
+                b.sent,
+                b.last_error.as_deref().unwrap_or("-")
+            );
+        }
+        let _ = writeln!(s, "\n  SEGMENT      PREFIX                         PEER                     NEXT HOP                 AS PATH              LOCPRF    MED");
+        for r in &self.bgp_routes {
+            for p in &r.paths {
+                let _ = writeln!(
+                    s,
+                    "{} {:<12} {:<30} {:<24} {:<24} {:<20} {:>6} {:>6}",
+                    if p.selected { "*" } else { " " },
+                    r.segment,
+                    r.prefix,
+                    p.peer,
+                    p.next_hop,
+                    p.as_path,
+                    p.local_pref.map(|v| v.to_string()).unwrap_or_default(),
+                    p.med.map(|v| v.to_string()).unwrap_or_default()
+                );
+            }
+        }
+        if self.bgp_routes_total > self.bgp_routes.len() {
+            let _ = writeln!(
+                s,
+                "… {} more prefixes",
+                self.bgp_routes_total - self.bgp_routes.len()
+            );
+        }
+        s
+    }
+
     /// The policy view: rules with their hits, services with their instances' health.
     pub fn render_policy(&self) -> String {
         let mut s = String::new();

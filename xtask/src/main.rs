@@ -15,7 +15,7 @@ const USER_TOOLCHAIN: &str = "1.99.0";
 const BPF_TOOLCHAIN: &str = "nightly-2026-10-30";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the lab, the tests and the demo use.
-const DEBIAN_PACKAGES: &[&str] = &["iproute2", "ethtool", "iputils-ping", "nftables"];
+const DEBIAN_PACKAGES: &[&str] = &["iproute2", "ethtool", "iputils-ping", "nftables", "bird2"];
 
 #[derive(Parser)]
 #[command(about = "Build, run, test and benchmark xnet")]

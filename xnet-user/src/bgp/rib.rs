@@ -1,0 +1,236 @@
+//! The BGP RIB: one path per (segment, prefix, peer) (the Adj-RIB-In after import), best
+//! path selection per RFC 4271 §9.1 and the equal-cost set for multipath.
+
+use std::cmp::Ordering;
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+
+use ipnet::IpNet;
+
+use super::packet::Attrs;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Path {
+    pub peer: IpAddr,
+    pub peer_id: Ipv4Addr,
+    pub ebgp: bool,
+    pub next_hop: IpAddr,
+    pub attrs: Arc<Attrs>,
+}
+
+impl Path {
+    fn local_pref(&self) -> u32 {
+        self.attrs.local_pref.unwrap_or(100)
+    }
+
+    /// The steps of §9.1.2.2 up to (not including) the router-id tie-break: paths equal
+    /// here may share traffic (multipath).
+    fn rank(&self, other: &Path) -> Ordering {
+        other
+            .local_pref()
+            .cmp(&self.local_pref())
+            .then(self.attrs.as_path_len().cmp(&other.attrs.as_path_len()))
+            .then(self.attrs.origin.cmp(&other.attrs.origin))
+            .then_with(|| {
+                // MED only between paths from the same neighbouring AS.
+                if self.attrs.first_as() == other.attrs.first_as() {
+                    self.attrs
+                        .med
+                        .unwrap_or(0)
+                        .cmp(&other.attrs.med.unwrap_or(0))
+                } else {
+                    Ordering::Equal
+                }
+            })
+            .then(other.ebgp.cmp(&self.ebgp))
+    }
+
+    /// Full order: better first.
+    fn compare(&self, other: &Path) -> Ordering {
+        self.rank(other)
+            .then(self.peer_id.cmp(&other.peer_id))
+            .then(self.peer.cmp(&other.peer))
+    }
+}
+
+#[derive(Default)]
+pub struct Rib {
+    multipath: usize,
+    paths: HashMap<(u32, IpNet), Vec<Path>>,
+}
+
+impl Rib {
+    pub fn new(multipath: usize) -> Self {
+        Self {
+            multipath: multipath.max(1),
+            paths: HashMap::new(),
+        }
+    }
+
+    /// Adds or replaces `path` for `net` from its peer. Returns whether the selected set
+    /// changed.
+    pub fn update(&mut self, segment: u32, net: IpNet, path: Path) -> bool {
+        let before = self.selected(segment, &net);
+        let v = self.paths.entry((segment, net)).or_default();
+        v.retain(|p| p.peer != path.peer);
+        v.push(path);
+        v.sort_by(|a, b| a.compare(b));
+        before != self.selected(segment, &net)
+    }
+
+    /// Removes `peer`'s path for `net`. Returns whether the selected set changed.
+    pub fn withdraw(&mut self, segment: u32, net: IpNet, peer: IpAddr) -> bool {
+        let Some(v) = self.paths.get_mut(&(segment, net)) else {
+            return false;
+        };
+        let was_selected = v.iter().take(self.multipath).any(|p| p.peer == peer);
+        v.retain(|p| p.peer != peer);
+        if v.is_empty() {
+            self.paths.remove(&(segment, net));
+        }
+        was_selected
+    }
+
+    /// Drops every path from `peer`; returns the prefixes whose selection changed.
+    pub fn peer_down(&mut self, peer: IpAddr) -> Vec<(u32, IpNet)> {
+        let keys: Vec<(u32, IpNet)> = self
+            .paths
+            .iter()
+            .filter(|(_, v)| v.iter().any(|p| p.peer == peer))
+            .map(|(k, _)| *k)
+            .collect();
+        keys.into_iter()
+            .filter(|(s, n)| self.withdraw(*s, *n, peer))
+            .collect()
+    }
+
+    /// The best path and those equal to it (up to `multipath`), best first.
+    pub fn selected(&self, segment: u32, net: &IpNet) -> Vec<Path> {
+        let Some(v) = self.paths.get(&(segment, *net)) else {
+            return Vec::new();
+        };
+        let Some(best) = v.first() else {
+            return Vec::new();
+        };
+        v.iter()
+            .take_while(|p| p.rank(best) == Ordering::Equal)
+            .take(self.multipath)
+            .cloned()
+            .collect()
+    }
+
+    /// Every (segment, prefix) with its paths, for status.
+    pub fn all(&self) -> impl Iterator<Item = (&(u32, IpNet), &Vec<Path>)> {
+        self.paths.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.paths.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.paths.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bgp::packet::AsSegment;
+
+    fn path(
+        peer: &str,
+        id: &str,
+        lp: Option<u32>,
+        aspath: &[u32],
+        med: Option<u32>,
+        ebgp: bool,
+    ) -> Path {
+        Path {
+            peer: peer.parse().unwrap(),
+            peer_id: id.parse().unwrap(),
+            ebgp,
+            next_hop: peer.parse().unwrap(),
+            attrs: Arc::new(Attrs {
+                local_pref: lp,
+                med,
+                as_path: vec![AsSegment {
+                    kind: 2,
+                    asns: aspath.to_vec(),
+                }],
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn best_path_follows_rfc4271_order() {
+        let n: IpNet = "10.0.0.0/8".parse().unwrap();
+        let mut r = Rib::new(1);
+        assert!(r.update(
+            1,
+            n,
+            path("10.0.0.1", "1.1.1.1", None, &[1, 2, 3], None, true)
+        ));
+        // Shorter AS path wins.
+        assert!(r.update(1, n, path("10.0.0.2", "2.2.2.2", None, &[1, 2], None, true)));
+        assert_eq!(r.selected(1, &n)[0].peer.to_string(), "10.0.0.2");
+        // Higher LOCAL_PREF beats a shorter path.
+        assert!(r.update(
+            1,
+            n,
+            path("10.0.0.3", "3.3.3.3", Some(200), &[1, 2, 3, 4], None, false)
+        ));
+        assert_eq!(r.selected(1, &n)[0].peer.to_string(), "10.0.0.3");
+        // Withdrawing the best falls back to the next.
+        assert!(r.withdraw(1, n, "10.0.0.3".parse().unwrap()));
+        assert_eq!(r.selected(1, &n)[0].peer.to_string(), "10.0.0.2");
+        // Lower MED from the same neighbouring AS; router id breaks the last tie.
+        let mut r = Rib::new(1);
+        r.update(
+            1,
+            n,
+            path("10.0.0.1", "9.9.9.9", None, &[7], Some(50), true),
+        );
+        r.update(
+            1,
+            n,
+            path("10.0.0.2", "8.8.8.8", None, &[7], Some(10), true),
+        );
+        assert_eq!(r.selected(1, &n)[0].peer.to_string(), "10.0.0.2");
+        r.update(
+            1,
+            n,
+            path("10.0.0.3", "1.1.1.1", None, &[7], Some(10), true),
+        );
+        assert_eq!(r.selected(1, &n)[0].peer.to_string(), "10.0.0.3");
+        // eBGP over iBGP.
+        let mut r = Rib::new(1);
+        r.update(1, n, path("10.0.0.1", "1.1.1.1", None, &[7], None, false));
+        r.update(1, n, path("10.0.0.2", "2.2.2.2", None, &[7], None, true));
+        assert_eq!(r.selected(1, &n)[0].peer.to_string(), "10.0.0.2");
+    }
+
+    #[test]
+    fn multipath_takes_equal_paths_and_peer_down_cleans_up() {
+        let n: IpNet = "10.0.0.0/8".parse().unwrap();
+        let mut r = Rib::new(4);
+        r.update(1, n, path("10.0.0.1", "1.1.1.1", None, &[7, 8], None, true));
+        r.update(1, n, path("10.0.0.2", "2.2.2.2", None, &[9, 8], None, true));
+        r.update(
+            1,
+            n,
+            path("10.0.0.3", "3.3.3.3", None, &[9, 8, 8], None, true),
+        );
+        assert_eq!(
+            r.selected(1, &n).len(),
+            2,
+            "equal AS-path length share, longer does not"
+        );
+        assert_eq!(r.peer_down("10.0.0.1".parse().unwrap()), vec![(1, n)]);
+        assert_eq!(r.selected(1, &n).len(), 1);
+        assert!(r.peer_down("10.0.0.9".parse().unwrap()).is_empty());
+        assert!(r.selected(2, &n).is_empty(), "segments are separate");
+    }
+}

@@ -1,0 +1,204 @@
+//! BGP against a real peer: BIRD 2 in the lab's on-prem namespace, the agent in cxp.
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use xnet_user::lab::Lab;
+use xnet_user::status::Status;
+
+const XNET_BGP: &str = r#"
+[bgp]
+asn = 65000
+router_id = "10.0.3.1"
+
+[[bgp.neighbors]]
+name = "onprem"
+segment = "prod"
+address = "10.0.3.2"
+remote_asn = 65010
+advertise = "default"
+
+[[bgp.neighbors]]
+name = "onprem6"
+segment = "prod"
+address = "fd00:3::2"
+remote_asn = 65010
+advertise = "custom"
+prefixes = ["fd01::/48"]
+"#;
+
+const BIRD_CONF: &str = r#"
+router id 10.0.3.2;
+protocol device {}
+protocol static s4 { ipv4; route 172.16.0.0/16 blackhole; route 172.17.0.0/16 blackhole; }
+protocol static s6 { ipv6; route fd16::/48 blackhole; }
+protocol bgp cxp {
+  local 10.0.3.2 as 65010;
+  neighbor 10.0.3.1 as 65000;
+  ipv4 { import all; export where proto = "s4"; };
+}
+protocol bgp cxp6 {
+  local fd00:3::2 as 65010;
+  neighbor fd00:3::1 as 65000;
+  ipv6 { import all; export where proto = "s6"; };
+}
+"#;
+
+struct Bird {
+    child: Child,
+    socket: String,
+    ns: String,
+}
+
+impl Bird {
+    fn start(lab: &Lab) -> Bird {
+        let dir = std::env::temp_dir().join(format!("{}-bird", lab.prefix));
+        std::fs::create_dir_all(&dir).unwrap();
+        let conf = dir.join("bird.conf");
+        std::fs::write(&conf, BIRD_CONF).unwrap();
+        let socket = dir.join("bird.ctl").display().to_string();
+        let ns = lab.ns("onprem");
+        // The on-prem router owns the prefixes it announces.
+        sh(&format!("ip -n {ns} addr add 172.16.0.1/32 dev lo"));
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns,
+                "bird",
+                "-f",
+                "-c",
+                conf.to_str().unwrap(),
+                "-s",
+                &socket,
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("bird (Debian bird2) is installed by cargo xtask setup");
+        Bird { child, socket, ns }
+    }
+
+    fn cmd(&self, args: &str) -> String {
+        sh(&format!(
+            "ip netns exec {} birdc -s {} {args}",
+            self.ns, self.socket
+        ))
+    }
+}
+
+impl Drop for Bird {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn established(s: &Status) -> usize {
+    s.bgp.iter().filter(|b| b.state == "Established").count()
+}
+
+fn in_data_plane(s: &Status, prefix: &str) -> bool {
+    s.bgp_routes
+        .iter()
+        .any(|r| r.prefix == prefix && r.in_data_plane)
+}
+
+fn to_onprem_172(lab: &Lab, n: usize) -> usize {
+    udp(
+        lab,
+        "vnet1",
+        "10.1.0.1:5000",
+        "onprem",
+        "172.16.0.1:9000",
+        n,
+    )
+}
+
+#[test]
+fn bird_sessions_routes_withdrawals_and_exports() {
+    if !require_root("bird_sessions_routes_withdrawals_and_exports") {
+        return;
+    }
+    let lab = lab("bgp");
+    let bird = Bird::start(&lab);
+    let agent = Agent::start(
+        &lab,
+        &format!("{}\n{XNET_BGP}", xnet_user::lab::DEMO_CONFIG),
+    );
+    let up = Duration::from_secs(20);
+    wait_until(&agent, "IPv4 and IPv6 sessions established", up, |s| {
+        established(s) == 2
+    });
+    wait_until(
+        &agent,
+        "BIRD's routes in the data plane",
+        Duration::from_secs(5),
+        |s| {
+            in_data_plane(s, "172.16.0.0/16")
+                && in_data_plane(s, "172.17.0.0/16")
+                && in_data_plane(s, "fd16::/48")
+        },
+    );
+    let s = agent.status();
+    let r = s
+        .bgp_routes
+        .iter()
+        .find(|r| r.prefix == "172.16.0.0/16")
+        .unwrap();
+    assert_eq!(r.paths[0].as_path, "65010");
+    assert_eq!(r.paths[0].next_hop, "10.0.3.2");
+    assert!(r.paths[0].selected);
+
+    // Learned routes forward through XDP (the CXP's kernel does not forward).
+    wait_until(&agent, "next hop resolved", Duration::from_secs(5), |s| {
+        s.routes
+            .iter()
+            .all(|r| r.next_hops.iter().all(|h| h.fast_path))
+    });
+    let fwd = agent.status().reason("forwarded");
+    assert_eq!(
+        to_onprem_172(&lab, 50),
+        50,
+        "traffic to a BGP-learned prefix"
+    );
+    assert!(agent.status().reason("forwarded") - fwd >= 50);
+    // …and the kernel FIB mirrors them.
+    let t100 = sh(&format!("ip -n {} route show table 100", lab.ns("cxp")));
+    assert!(
+        t100.contains("172.16.0.0/16 via 10.0.3.2 dev onprem proto 250"),
+        "{t100}"
+    );
+
+    // Export policy: the IPv4 neighbour gets only a default route, the IPv6 one only the
+    // custom prefix, as BIRD sees them.
+    let r4 = bird.cmd("show route protocol cxp");
+    assert!(r4.contains("0.0.0.0/0"), "{r4}");
+    assert!(!r4.contains("10.1.0.0/16"), "{r4}");
+    let r6 = bird.cmd("show route protocol cxp6");
+    assert!(r6.contains("fd01::/48"), "{r6}");
+
+    // A withdrawal removes the route from the data plane; traffic goes to the kernel.
+    bird.cmd("disable s4");
+    wait_until(&agent, "172.16/16 withdrawn", Duration::from_secs(5), |s| {
+        !in_data_plane(s, "172.16.0.0/16")
+    });
+    assert_eq!(to_onprem_172(&lab, 20), 0);
+    bird.cmd("enable s4");
+    wait_until(&agent, "172.16/16 back", Duration::from_secs(5), |s| {
+        in_data_plane(s, "172.16.0.0/16")
+    });
+
+    // A session reset from BIRD: down, routes gone, up again, routes back.
+    bird.cmd("restart cxp");
+    wait_until(&agent, "session back after reset", up, |s| {
+        established(s) == 2 && in_data_plane(s, "172.16.0.0/16")
+    });
+    assert_eq!(to_onprem_172(&lab, 20), 20);
+    let s = agent.status();
+    let b = s.bgp.iter().find(|b| b.name == "onprem").unwrap();
+    assert_eq!(b.received, 2);
+    assert_eq!(b.sent, 1);
+}
