@@ -859,15 +859,17 @@ impl Agent {
             });
         }
         if let Some(bgp) = &self.bgp {
+            // One pass over the RIB: per-peer counts and the first prefixes in order.
+            let mut received: HashMap<IpAddr, usize> = HashMap::new();
+            let mut all: Vec<(&(u32, IpNet), &Vec<rib::Path>)> = Vec::with_capacity(self.rib.len());
+            for (k, paths) in self.rib.all() {
+                for p in paths {
+                    *received.entry(p.peer).or_default() += 1;
+                }
+                all.push((k, paths));
+            }
             for p in &bgp.peers {
                 let st = p.state.lock().unwrap().clone();
-                let received = self
-                    .rib
-                    .all()
-                    .filter(|((seg, _), v)| {
-                        *seg == p.segment && v.iter().any(|x| x.peer == p.address)
-                    })
-                    .count();
                 s.bgp.push(status::BgpSessionStatus {
                     name: p.name.clone(),
                     peer: p.address.to_string(),
@@ -879,22 +881,21 @@ impl Agent {
                     } else {
                         0
                     },
-                    received,
+                    received: received.get(&p.address).copied().unwrap_or(0),
                     sent: st.sent,
                     last_error: st.last_error.clone(),
                 });
             }
-            let mut keys: Vec<&(u32, IpNet)> = self.rib.all().map(|(k, _)| k).collect();
-            keys.sort();
-            s.bgp_routes_total = keys.len();
-            for (seg, net) in keys.into_iter().take(status::BGP_ROUTES_SHOWN) {
+            s.bgp_routes_total = all.len();
+            s.bgp_in_data_plane = self.bgp_routes.len();
+            let shown = status::BGP_ROUTES_SHOWN.min(all.len());
+            if shown > 0 && shown < all.len() {
+                all.select_nth_unstable_by_key(shown - 1, |(k, _)| **k);
+            }
+            all.truncate(shown);
+            all.sort_by_key(|(k, _)| **k);
+            for ((seg, net), paths) in all {
                 let selected = self.rib.selected(*seg, net);
-                let paths = self
-                    .rib
-                    .all()
-                    .find(|(k, _)| **k == (*seg, *net))
-                    .map(|(_, v)| v.clone())
-                    .unwrap_or_default();
                 s.bgp_routes.push(status::BgpRouteStatus {
                     segment: self.segment_name(*seg).to_string(),
                     prefix: net.to_string(),

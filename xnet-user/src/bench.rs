@@ -184,7 +184,8 @@ fn measure(
     Ok(per_round[rounds / 2])
 }
 
-pub fn run(opts: Options) -> Result<()> {
+/// Runs the data-plane benchmarks; returns the tables it used for the BGP benchmark.
+pub fn run(opts: Options) -> Result<(Vec<IpNet>, Vec<IpNet>)> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the benchmark loads XDP programs: run it as root");
@@ -397,7 +398,8 @@ pub fn run(opts: Options) -> Result<()> {
             );
         }
     }
-    policy_bench(&mut dp, &v4, in_if, &opts, &mut rng)
+    policy_bench(&mut dp, &v4, in_if, &opts, &mut rng)?;
+    Ok((v4, v6))
 }
 
 /// Policy classification cost as the rule count grows, with the full table loaded: the

@@ -89,6 +89,8 @@ pub struct Neighbor {
     pub advertise: Advertise,
     #[serde(default)]
     pub prefixes: Vec<IpNet>,
+    /// Tear the session down (NOTIFICATION Cease 1) when the peer announces more.
+    pub max_prefixes: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]

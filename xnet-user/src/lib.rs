@@ -1,6 +1,7 @@
 //! The xnet agent as a library: the binary (`xnet`), the tests and the benchmarks share it.
 pub mod agent;
 pub mod bench;
+pub mod bench_bgp;
 pub mod bgp;
 pub mod config;
 pub mod dataplane;

@@ -107,11 +107,18 @@ async fn real_main() -> Result<()> {
             table_dir,
             packets,
             rounds,
-        } => xnet_user::bench::run(xnet_user::bench::Options {
-            table_dir,
-            packets,
-            rounds: rounds.max(1),
-        }),
+        } => {
+            let opts = xnet_user::bench::Options {
+                table_dir,
+                packets,
+                rounds: rounds.max(1),
+            };
+            // The XDP benchmarks move their thread into a private namespace: not this one.
+            let (v4, v6) = std::thread::spawn(move || xnet_user::bench::run(opts))
+                .join()
+                .map_err(|_| anyhow::anyhow!("benchmark thread panicked"))??;
+            tokio::task::spawn_blocking(move || xnet_user::bench_bgp::run(&v4, &v6)).await?
+        }
         Command::Demo { duration } => xnet_user::demo::run(duration).await,
         Command::Bgp { socket, json } => {
             let s = status::fetch(&socket).await?;

@@ -28,6 +28,9 @@ pub struct Status {
     pub bgp_routes: Vec<BgpRouteStatus>,
     #[serde(default)]
     pub bgp_routes_total: usize,
+    /// Learned prefixes installed in the data plane.
+    #[serde(default)]
+    pub bgp_in_data_plane: usize,
 }
 
 pub const BGP_ROUTES_SHOWN: usize = 10_000;

@@ -42,6 +42,7 @@ protocol bgp cxp {
 protocol bgp cxp6 {
   local fd00:3::2 as 65010;
   neighbor fd00:3::1 as 65000;
+  enable as4 off;
   ipv6 { import all; export where proto = "s6"; };
 }
 "#;
@@ -177,8 +178,17 @@ fn bird_sessions_routes_withdrawals_and_exports() {
     let r4 = bird.cmd("show route protocol cxp");
     assert!(r4.contains("0.0.0.0/0"), "{r4}");
     assert!(!r4.contains("10.1.0.0/16"), "{r4}");
-    let r6 = bird.cmd("show route protocol cxp6");
+    // The IPv6 session runs without 4-octet AS (a 2-octet peer): paths still decode.
+    let r6 = bird.cmd("show route protocol cxp6 all");
     assert!(r6.contains("fd01::/48"), "{r6}");
+    assert!(r6.contains("BGP.as_path: 65000"), "{r6}");
+    let s6 = agent.status();
+    let p6 = s6
+        .bgp_routes
+        .iter()
+        .find(|r| r.prefix == "fd16::/48")
+        .unwrap();
+    assert_eq!(p6.paths[0].as_path, "65010");
 
     // A withdrawal removes the route from the data plane; traffic goes to the kernel.
     bird.cmd("disable s4");
@@ -201,4 +211,40 @@ fn bird_sessions_routes_withdrawals_and_exports() {
     let b = s.bgp.iter().find(|b| b.name == "onprem").unwrap();
     assert_eq!(b.received, 2);
     assert_eq!(b.sent, 1);
+}
+
+#[test]
+fn max_prefix_limit_tears_the_session_down() {
+    if !require_root("max_prefix_limit_tears_the_session_down") {
+        return;
+    }
+    let lab = lab("bgpmax");
+    let _bird = Bird::start(&lab);
+    let cfg = XNET_BGP.replace(
+        "advertise = \"default\"",
+        "advertise = \"default\"\nmax_prefixes = 1",
+    );
+    let agent = Agent::start(&lab, &format!("{}\n{cfg}", xnet_user::lab::DEMO_CONFIG));
+    wait_until(
+        &agent,
+        "the session torn down at the limit",
+        Duration::from_secs(20),
+        |s| {
+            s.bgp.iter().any(|b| {
+                b.name == "onprem"
+                    && b.last_error
+                        .as_deref()
+                        .is_some_and(|e| e.contains("maximum number of prefixes reached"))
+            })
+        },
+    );
+    let s = agent.status();
+    assert!(
+        !in_data_plane(&s, "172.16.0.0/16") && !in_data_plane(&s, "172.17.0.0/16"),
+        "nothing from the peer stays"
+    );
+    assert!(
+        in_data_plane(&s, "fd16::/48") || s.bgp.iter().any(|b| b.name == "onprem6"),
+        "the other session is unaffected"
+    );
 }

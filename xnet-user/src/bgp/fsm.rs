@@ -29,6 +29,7 @@ pub struct SessionConfig {
     pub remote_asn: u32,
     pub hold_time: u16,
     pub passive: bool,
+    pub max_prefixes: Option<usize>,
 }
 
 /// A route to advertise; the session adds next-hop-self and, for eBGP, its AS.
@@ -314,6 +315,8 @@ impl Session<'_> {
             .ip()
             .to_canonical();
         let mut sent: HashMap<IpNet, Attrs> = HashMap::new();
+        // What the peer currently announces, for the max-prefix limit.
+        let mut received: std::collections::HashSet<IpNet> = std::collections::HashSet::new();
         let current = adverts.borrow_and_update().clone();
         self.advertise(&current, &mut sent, local, ebgp).await?;
         state.lock().unwrap().sent = sent.len();
@@ -327,6 +330,16 @@ impl Session<'_> {
             tokio::select! {
                 m = self.read_within(hold) => match m? {
                     Message::Update(u) => {
+                        if let Some(max) = self.cfg.max_prefixes {
+                            for n in u.withdrawn.iter().chain(u.mp_unreach.iter().flat_map(|m| m.withdrawn.iter())) {
+                                received.remove(n);
+                            }
+                            received.extend(u.nlri.iter().chain(u.mp_reach.iter().flat_map(|m| m.nlri.iter())).copied());
+                            if received.len() > max {
+                                let e = BgpError { code: ERR_CEASE, subcode: 1, reason: format!("maximum number of prefixes reached ({} > {max})", received.len()) };
+                                return Err(self.notify(&e).await);
+                            }
+                        }
                         events.send(Event::Update { peer: self.cfg.peer, peer_id: self.peer_id, ebgp, update: u }).await.map_err(|_| "agent gone")?;
                     }
                     Message::Keepalive => {}
@@ -377,7 +390,7 @@ impl Session<'_> {
             .collect();
         for chunk in gone.chunks(500) {
             let msg = if afi == AFI_IPV4 {
-                encode_update(chunk, None, &[], None)
+                encode_update(chunk, None, &[], None, self.four_octet)
             } else {
                 encode_update(
                     &[],
@@ -388,6 +401,7 @@ impl Session<'_> {
                         safi,
                         withdrawn: chunk.to_vec(),
                     }),
+                    self.four_octet,
                 )
             };
             self.send(&msg).await?;
@@ -428,7 +442,7 @@ impl Session<'_> {
         for (attrs, nets) in groups {
             for chunk in nets.chunks(400) {
                 let msg = if afi == AFI_IPV4 {
-                    encode_update(&[], Some((&attrs, None)), chunk, None)
+                    encode_update(&[], Some((&attrs, None)), chunk, None, self.four_octet)
                 } else {
                     let mp = MpReach {
                         afi,
@@ -436,7 +450,7 @@ impl Session<'_> {
                         next_hop: Some(local),
                         nlri: chunk.to_vec(),
                     };
-                    encode_update(&[], Some((&attrs, Some(&mp))), &[], None)
+                    encode_update(&[], Some((&attrs, Some(&mp))), &[], None, self.four_octet)
                 };
                 self.send(&msg).await?;
             }

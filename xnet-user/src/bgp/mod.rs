@@ -62,6 +62,7 @@ impl Speaker {
                 remote_asn: n.remote_asn,
                 hold_time: n.hold_time,
                 passive: n.passive,
+                max_prefixes: n.max_prefixes,
             };
             tokio::spawn(fsm::run(cfg, tx.clone(), in_rx, adv_rx, state.clone()));
             peers.push(Peer {

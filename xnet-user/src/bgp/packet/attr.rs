@@ -311,8 +311,21 @@ fn push_attr(out: &mut Vec<u8>, flags: u8, code: u8, value: &[u8]) {
     out.extend_from_slice(value);
 }
 
-/// Encodes `a` (4-octet AS numbers), with an MP_REACH for IPv6 when `mp` is given.
-pub fn encode_attrs(a: &Attrs, mp: Option<&MpReach>) -> Vec<u8> {
+/// Encodes `a`, with an MP_REACH when `mp` is given. `four_octet`: AS numbers as 4 bytes;
+/// otherwise 2 bytes, with AS_TRANS standing in for larger ones (AS4_PATH is not sent).
+pub fn encode_attrs(a: &Attrs, mp: Option<&MpReach>, four_octet: bool) -> Vec<u8> {
+    let asn_bytes = |asn: u32| -> Vec<u8> {
+        if four_octet {
+            asn.to_be_bytes().to_vec()
+        } else {
+            let two = if asn > 65535 {
+                super::AS_TRANS
+            } else {
+                asn as u16
+            };
+            two.to_be_bytes().to_vec()
+        }
+    };
     let mut out = Vec::new();
     push_attr(&mut out, F_TRANSITIVE, ATTR_ORIGIN, &[a.origin]);
     let mut path = Vec::new();
@@ -320,7 +333,7 @@ pub fn encode_attrs(a: &Attrs, mp: Option<&MpReach>) -> Vec<u8> {
         path.push(s.kind);
         path.push(s.asns.len() as u8);
         for asn in &s.asns {
-            path.extend_from_slice(&asn.to_be_bytes());
+            path.extend(asn_bytes(*asn));
         }
     }
     push_attr(&mut out, F_TRANSITIVE, ATTR_AS_PATH, &path);
@@ -337,7 +350,7 @@ pub fn encode_attrs(a: &Attrs, mp: Option<&MpReach>) -> Vec<u8> {
         push_attr(&mut out, F_TRANSITIVE, ATTR_ATOMIC_AGGREGATE, &[]);
     }
     if let Some((asn, ip)) = a.aggregator {
-        let mut v = asn.to_be_bytes().to_vec();
+        let mut v = asn_bytes(asn);
         v.extend_from_slice(&ip.octets());
         push_attr(&mut out, F_OPTIONAL | F_TRANSITIVE, ATTR_AGGREGATOR, &v);
     }

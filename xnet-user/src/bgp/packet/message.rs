@@ -257,20 +257,22 @@ pub fn encode_notification(code: u8, subcode: u8, data: &[u8]) -> Vec<u8> {
     frame(3, &b)
 }
 
-/// An UPDATE announcing IPv4 `nlri` with `attrs` (which carry NEXT_HOP), or IPv6 ones
+/// An UPDATE (AS numbers 4 bytes wide if `four_octet`) announcing IPv4 `nlri` with `attrs` (which carry NEXT_HOP), or IPv6 ones
 /// through `mp`, and withdrawing IPv4 `withdrawn` / IPv6 `mp_unreach`.
+#[allow(clippy::type_complexity)]
 pub fn encode_update(
     withdrawn: &[IpNet],
     attrs: Option<(&Attrs, Option<&MpReach>)>,
     nlri: &[IpNet],
     mp_unreach: Option<&MpUnreach>,
+    four_octet: bool,
 ) -> Vec<u8> {
     let mut w = Vec::new();
     for n in withdrawn {
         encode_prefix(&mut w, n);
     }
     let mut a = match attrs {
-        Some((attrs, mp)) => encode_attrs(attrs, mp),
+        Some((attrs, mp)) => encode_attrs(attrs, mp, four_octet),
         None => Vec::new(),
     };
     if let Some(un) = mp_unreach {
@@ -353,6 +355,7 @@ mod tests {
             Some((&attrs, None)),
             &nlri,
             None,
+            true,
         );
         let Message::Update(u) = decode(&wire, true, MAX_LEN).unwrap() else {
             panic!()
@@ -376,12 +379,38 @@ mod tests {
             next_hop: None,
             ..attrs.clone()
         };
-        let wire = encode_update(&[], Some((&a6, Some(&mp))), &[], Some(&un));
+        let wire = encode_update(&[], Some((&a6, Some(&mp))), &[], Some(&un), true);
         let Message::Update(u) = decode(&wire, true, MAX_LEN).unwrap() else {
             panic!()
         };
         assert_eq!(u.mp_reach.unwrap(), mp);
         assert_eq!(u.mp_unreach.unwrap(), un);
+    }
+
+    #[test]
+    fn two_octet_peers_get_two_octet_paths() {
+        let attrs = Attrs {
+            as_path: vec![AsSegment {
+                kind: 2,
+                asns: vec![65000, 4_200_000_000],
+            }],
+            next_hop: Some("10.0.0.1".parse().unwrap()),
+            ..Default::default()
+        };
+        let wire = encode_update(
+            &[],
+            Some((&attrs, None)),
+            &["10.1.0.0/16".parse().unwrap()],
+            None,
+            false,
+        );
+        let Message::Update(u) = decode(&wire, false, MAX_LEN).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            u.attrs.unwrap().as_path[0].asns,
+            vec![65000, AS_TRANS as u32]
+        );
     }
 
     #[test]

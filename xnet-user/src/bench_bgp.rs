@@ -1,0 +1,221 @@
+//! `bench bgp_ingest`: BIRD (in the lab's on-prem namespace) announces the whole table;
+//! how long from the session reaching Established until every prefix is in xnet's data
+//! plane, the agent's peak RSS, and — in the same run — how long a second BIRD takes to
+//! receive the same table from the first (the baseline).
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use ipnet::IpNet;
+
+use crate::lab::{netns_exec, Lab};
+use crate::status;
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(ns: &str, args: &[&str]) -> Result<Proc> {
+    let child = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {args:?}"))?;
+    Ok(Proc(child))
+}
+
+fn birdc(ns: &str, sock: &Path, cmd: &str) -> String {
+    netns_exec(ns, &format!("birdc -s {} {cmd}", sock.display())).unwrap_or_default()
+}
+
+/// Routes in BIRD's table, from `show route count` ("N of M routes for K networks…").
+fn bird_routes(ns: &str, sock: &Path) -> usize {
+    birdc(ns, sock, "show route count")
+        .lines()
+        .filter_map(|l| l.split_whitespace().next()?.parse::<usize>().ok())
+        .sum()
+}
+
+/// Polls `done` every `every` until it holds; returns when it did.
+fn wait(
+    what: &str,
+    limit: Duration,
+    every: Duration,
+    mut done: impl FnMut() -> bool,
+) -> Result<Instant> {
+    let start = Instant::now();
+    while !done() {
+        if start.elapsed() > limit {
+            bail!("bench bgp_ingest: {what} not reached in {limit:?}");
+        }
+        std::thread::sleep(every);
+    }
+    Ok(Instant::now())
+}
+
+const FAST: Duration = Duration::from_millis(50);
+/// `show route count` walks BIRD's whole table: poll it gently.
+const GENTLE: Duration = Duration::from_millis(500);
+
+const BIRD_TIMERS: &str = "connect delay time 1; connect retry time 1; error wait time 1, 2;";
+
+pub fn run(v4: &[IpNet], v6: &[IpNet]) -> Result<()> {
+    if Command::new("bird").arg("--version").output().is_err() {
+        println!("bench bgp_ingest skipped: BIRD (Debian bird2) is not installed");
+        return Ok(());
+    }
+    let total = v4.len() + v6.len();
+    let lab = Lab::create("xnet-bgpb")?;
+    let dir = std::env::temp_dir().join("xnet-bgpb");
+    std::fs::create_dir_all(&dir)?;
+    let onprem = lab.ns("onprem");
+    let cxp = lab.ns("cxp");
+
+    // The announcing BIRD: the table as static routes, exported over IPv4 and IPv6 sessions.
+    let mut conf =
+        String::from("router id 10.0.3.2;\nprotocol device {}\nprotocol static s4 { ipv4;\n");
+    for n in v4 {
+        let _ = writeln!(conf, "route {n} blackhole;");
+    }
+    conf.push_str("}\nprotocol static s6 { ipv6;\n");
+    for n in v6 {
+        let _ = writeln!(conf, "route {n} blackhole;");
+    }
+    let _ = write!(
+        conf,
+        "}}\nprotocol bgp cxp {{ local 10.0.3.2 as 65010; neighbor 10.0.3.1 as 65000; {BIRD_TIMERS} ipv4 {{ import none; export where proto = \"s4\"; }}; }}\n\
+         protocol bgp cxp6 {{ local fd00:3::2 as 65010; neighbor fd00:3::1 as 65000; {BIRD_TIMERS} ipv6 {{ import none; export where proto = \"s6\"; }}; }}\n"
+    );
+    let src_conf = dir.join("announcer.conf");
+    let src_sock = dir.join("announcer.ctl");
+    std::fs::write(&src_conf, conf)?;
+    let _announcer = spawn(
+        &onprem,
+        &[
+            "bird",
+            "-f",
+            "-c",
+            src_conf.to_str().unwrap(),
+            "-s",
+            src_sock.to_str().unwrap(),
+        ],
+    )?;
+    wait(
+        "the announcer's table loaded",
+        Duration::from_secs(300),
+        GENTLE,
+        || bird_routes(&onprem, &src_sock) >= total,
+    )?;
+
+    // Baseline: a second BIRD in cxp receives the table.
+    let rcv_conf = dir.join("receiver.conf");
+    let rcv_sock = dir.join("receiver.ctl");
+    std::fs::write(
+        &rcv_conf,
+        format!(
+            "router id 10.0.3.1;\nprotocol device {{}}\n\
+             protocol bgp onprem {{ local 10.0.3.1 as 65000; neighbor 10.0.3.2 as 65010; {BIRD_TIMERS} ipv4 {{ import all; export none; }}; }}\n\
+             protocol bgp onprem6 {{ local fd00:3::1 as 65000; neighbor fd00:3::2 as 65010; {BIRD_TIMERS} ipv6 {{ import all; export none; }}; }}\n"
+        ),
+    )?;
+    let receiver = spawn(
+        &cxp,
+        &[
+            "bird",
+            "-f",
+            "-c",
+            rcv_conf.to_str().unwrap(),
+            "-s",
+            rcv_sock.to_str().unwrap(),
+        ],
+    )?;
+    let t0 = wait(
+        "BIRD→BIRD sessions established",
+        Duration::from_secs(60),
+        FAST,
+        || {
+            birdc(&cxp, &rcv_sock, "show protocols")
+                .matches("Established")
+                .count()
+                == 2
+        },
+    )?;
+    let t1 = wait(
+        "BIRD→BIRD table received",
+        Duration::from_secs(600),
+        GENTLE,
+        || bird_routes(&cxp, &rcv_sock) >= total,
+    )?;
+    let bird_secs = (t1 - t0).as_secs_f64();
+    drop(receiver);
+    birdc(&onprem, &src_sock, "restart cxp cxp6");
+
+    // xnet receives the same table.
+    let socket = dir.join("agent.sock");
+    let agent_conf = dir.join("agent.toml");
+    let config = lab
+        .config(socket.to_str().unwrap())
+        .replace("route_table_groups = 4096", "route_table_groups = 131072\nkernel_fib = false")
+        + "\n[bgp]\nasn = 65000\nrouter_id = \"10.0.3.1\"\n\
+           [[bgp.neighbors]]\nname = \"onprem\"\nsegment = \"prod\"\naddress = \"10.0.3.2\"\nremote_asn = 65010\n\
+           [[bgp.neighbors]]\nname = \"onprem6\"\nsegment = \"prod\"\naddress = \"fd00:3::2\"\nremote_asn = 65010\n";
+    std::fs::write(&agent_conf, config)?;
+    let exe = std::env::current_exe()?;
+    let agent = Proc(
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &cxp,
+                exe.to_str().unwrap(),
+                "run",
+                "--config",
+                agent_conf.to_str().unwrap(),
+            ])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let fetch = || rt.block_on(status::fetch(&socket)).ok();
+    let t0 = wait(
+        "xnet sessions established",
+        Duration::from_secs(60),
+        FAST,
+        || fetch().is_some_and(|s| s.bgp.iter().filter(|b| b.state == "Established").count() == 2),
+    )?;
+    let t1 = wait(
+        "xnet table in the data plane",
+        Duration::from_secs(600),
+        FAST,
+        || fetch().is_some_and(|s| s.bgp_in_data_plane >= total),
+    )?;
+    let secs = (t1 - t0).as_secs_f64();
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", agent.0.id())).unwrap_or_default();
+    let rss_kib: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0.0);
+    println!(
+        "bench bgp_ingest prefixes={total} secs={secs:.2} rss_mib={:.0} ratio_vs_bird={:.2} bird_secs={bird_secs:.2}",
+        rss_kib / 1024.0,
+        secs / bird_secs
+    );
+    Ok(())
+}
