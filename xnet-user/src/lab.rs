@@ -176,9 +176,14 @@ impl Lab {
     }
 
     pub fn destroy(&self) {
-        for name in ["cxp", "vnet1", "vnet2", "onprem"] {
+        let firewalls = (1..=self.firewalls).map(|k| format!("fw{k}"));
+        for name in ["cxp", "vnet1", "vnet2", "onprem"]
+            .map(String::from)
+            .into_iter()
+            .chain(firewalls)
+        {
             let _ = Command::new("ip")
-                .args(["netns", "del", &self.ns(name)])
+                .args(["netns", "del", &self.ns(&name)])
                 .output();
         }
     }
