@@ -447,6 +447,7 @@ impl Agent {
             return Vec::new();
         };
         let seg = p.segment;
+        let import = (!p.import.is_identity()).then(|| p.import.clone());
         let local_asn = self.config.bgp.as_ref().map(|b| b.asn).unwrap_or(0);
         let mut changed = Vec::new();
         let withdrawn = u
@@ -466,10 +467,14 @@ impl Agent {
         for (next_hop, nlri) in v4.into_iter().chain(mp) {
             for net in nlri {
                 // Our own AS in the path: a loop (RFC 4271 §9.1.2); treat as withdrawn.
-                let hit = if looped {
-                    self.rib.withdraw(seg, net, peer)
-                } else {
-                    self.rib.update(
+                // Import policy: rejected prefixes are withdrawn (a route accepted before
+                // may be refused now).
+                let accepted = match &import {
+                    None => Some(attrs.clone()),
+                    Some(imp) => imp.apply(&net, &attrs).map(Arc::new),
+                };
+                let hit = match accepted {
+                    Some(a) if !looped => self.rib.update(
                         seg,
                         net,
                         rib::Path {
@@ -477,9 +482,10 @@ impl Agent {
                             peer_id,
                             ebgp,
                             next_hop,
-                            attrs: attrs.clone(),
+                            attrs: a,
                         },
-                    )
+                    ),
+                    _ => self.rib.withdraw(seg, net, peer),
                 };
                 if hit {
                     changed.push((seg, net));
@@ -692,8 +698,9 @@ impl Agent {
             || new.segments != self.config.segments
             || new.agent != self.config.agent
             || new.services != self.config.services
+            || new.bgp != self.config.bgp
         {
-            error!("reload rejected, nothing changed: {}: interfaces, segments, services and [agent] only change with a restart", self.path.display());
+            error!("reload rejected, nothing changed: {}: interfaces, segments, services, [bgp] and [agent] only change with a restart", self.path.display());
             return;
         }
         let want = route_set(&new, &self.links);

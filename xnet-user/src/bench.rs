@@ -184,6 +184,28 @@ fn measure(
     Ok(per_round[rounds / 2])
 }
 
+/// The route table from `dir` (routeviews-v4/v6.txt.gz), or a synthetic one with the same
+/// prefix-length mix when there is none (and says so).
+pub fn tables(dir: Option<&Path>) -> Result<(Vec<IpNet>, Vec<IpNet>)> {
+    match dir {
+        Some(d) if d.join("routeviews-v4.txt.gz").is_file() => {
+            println!("bench note: route table from {}", d.display());
+            Ok((
+                read_table(&d.join("routeviews-v4.txt.gz"))?,
+                read_table(&d.join("routeviews-v6.txt.gz"))?,
+            ))
+        }
+        _ => {
+            println!("bench note: no route table found (--table-dir); using a synthetic table with the real prefix-length mix");
+            let mut rng = Rng(0x51ed_2701_f00d_cafe);
+            Ok((
+                synthetic(false, 565_000, &mut rng),
+                synthetic(true, 168_000, &mut rng),
+            ))
+        }
+    }
+}
+
 /// Runs the data-plane benchmarks; returns the tables it used for the BGP benchmark.
 pub fn run(opts: Options) -> Result<(Vec<IpNet>, Vec<IpNet>)> {
     // SAFETY: geteuid has no preconditions.
@@ -210,23 +232,9 @@ pub fn run(opts: Options) -> Result<(Vec<IpNet>, Vec<IpNet>)> {
     }
 
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    let (v4, v6, source) = match &opts.table_dir {
-        Some(d) if d.join("routeviews-v4.txt.gz").is_file() => (
-            read_table(&d.join("routeviews-v4.txt.gz"))?,
-            read_table(&d.join("routeviews-v6.txt.gz"))?,
-            format!("{}", d.display()),
-        ),
-        _ => {
-            println!("bench note: no route table found (--table-dir); using a synthetic table with the real prefix-length mix");
-            (
-                synthetic(false, 565_000, &mut rng),
-                synthetic(true, 168_000, &mut rng),
-                "synthetic".into(),
-            )
-        }
-    };
+    let (v4, v6) = tables(opts.table_dir.as_deref())?;
     println!(
-        "bench table v4_prefixes={} v6_prefixes={} source={source}",
+        "bench table v4_prefixes={} v6_prefixes={}",
         v4.len(),
         v6.len()
     );

@@ -190,7 +190,7 @@ pub fn run(v4: &[IpNet], v6: &[IpNet]) -> Result<()> {
             ])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("agent.log"))?)
             .spawn()?,
     );
     let rt = tokio::runtime::Builder::new_current_thread()

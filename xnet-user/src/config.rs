@@ -91,6 +91,12 @@ pub struct Neighbor {
     pub prefixes: Vec<IpNet>,
     /// Tear the session down (NOTIFICATION Cease 1) when the peer announces more.
     pub max_prefixes: Option<usize>,
+    /// What is accepted from the peer, and how it is changed.
+    #[serde(default)]
+    pub import: crate::bgp::policy::Import,
+    /// How what we send is changed.
+    #[serde(default)]
+    pub export: crate::bgp::policy::Export,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]

@@ -50,6 +50,9 @@ enum Command {
         /// Rounds over all packets; the median round is reported.
         #[arg(long, default_value_t = 5)]
         rounds: usize,
+        /// Only the BGP ingest benchmark.
+        #[arg(long)]
+        bgp_only: bool,
     },
     /// Show a running agent's BGP sessions (state, uptime, prefixes received and sent) and
     /// routes with their attributes and which path was chosen.
@@ -107,16 +110,21 @@ async fn real_main() -> Result<()> {
             table_dir,
             packets,
             rounds,
+            bgp_only,
         } => {
-            let opts = xnet_user::bench::Options {
-                table_dir,
-                packets,
-                rounds: rounds.max(1),
+            let (v4, v6) = if bgp_only {
+                xnet_user::bench::tables(table_dir.as_deref())?
+            } else {
+                let opts = xnet_user::bench::Options {
+                    table_dir,
+                    packets,
+                    rounds: rounds.max(1),
+                };
+                // The XDP benchmarks move their thread into a private namespace: not this one.
+                std::thread::spawn(move || xnet_user::bench::run(opts))
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("benchmark thread panicked"))??
             };
-            // The XDP benchmarks move their thread into a private namespace: not this one.
-            let (v4, v6) = std::thread::spawn(move || xnet_user::bench::run(opts))
-                .join()
-                .map_err(|_| anyhow::anyhow!("benchmark thread panicked"))??;
             tokio::task::spawn_blocking(move || xnet_user::bench_bgp::run(&v4, &v6)).await?
         }
         Command::Demo { duration } => xnet_user::demo::run(duration).await,

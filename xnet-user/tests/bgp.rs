@@ -19,6 +19,8 @@ segment = "prod"
 address = "10.0.3.2"
 remote_asn = 65010
 advertise = "default"
+import = { local_pref = 200 }
+export = { prepend = 2, add_communities = ["65000:100"] }
 
 [[bgp.neighbors]]
 name = "onprem6"
@@ -27,13 +29,14 @@ address = "fd00:3::2"
 remote_asn = 65010
 advertise = "custom"
 prefixes = ["fd01::/48"]
+import = { prefixes = [{ prefix = "fd16::/16", le = 48 }] }
 "#;
 
 const BIRD_CONF: &str = r#"
 router id 10.0.3.2;
 protocol device {}
 protocol static s4 { ipv4; route 172.16.0.0/16 blackhole; route 172.17.0.0/16 blackhole; }
-protocol static s6 { ipv6; route fd16::/48 blackhole; }
+protocol static s6 { ipv6; route fd16::/48 blackhole; route fd17::/48 blackhole; }
 protocol bgp cxp {
   local 10.0.3.2 as 65010;
   neighbor 10.0.3.1 as 65000;
@@ -151,7 +154,16 @@ fn bird_sessions_routes_withdrawals_and_exports() {
         .unwrap();
     assert_eq!(r.paths[0].as_path, "65010");
     assert_eq!(r.paths[0].next_hop, "10.0.3.2");
+    assert_eq!(
+        r.paths[0].local_pref,
+        Some(200),
+        "import policy sets LOCAL_PREF"
+    );
     assert!(r.paths[0].selected);
+    assert!(
+        !s.bgp_routes.iter().any(|r| r.prefix == "fd17::/48"),
+        "import prefix list rejects fd17::/48"
+    );
 
     // Learned routes forward through XDP (the CXP's kernel does not forward).
     wait_until(&agent, "next hop resolved", Duration::from_secs(5), |s| {
@@ -175,9 +187,17 @@ fn bird_sessions_routes_withdrawals_and_exports() {
 
     // Export policy: the IPv4 neighbour gets only a default route, the IPv6 one only the
     // custom prefix, as BIRD sees them.
-    let r4 = bird.cmd("show route protocol cxp");
+    let r4 = bird.cmd("show route protocol cxp all");
     assert!(r4.contains("0.0.0.0/0"), "{r4}");
     assert!(!r4.contains("10.1.0.0/16"), "{r4}");
+    assert!(
+        r4.contains("BGP.as_path: 65000 65000 65000"),
+        "export prepends twice: {r4}"
+    );
+    assert!(
+        r4.contains("(65000,100)"),
+        "export adds the community: {r4}"
+    );
     // The IPv6 session runs without 4-octet AS (a 2-octet peer): paths still decode.
     let r6 = bird.cmd("show route protocol cxp6 all");
     assert!(r6.contains("fd01::/48"), "{r6}");

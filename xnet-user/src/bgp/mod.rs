@@ -27,12 +27,13 @@ pub struct Peer {
     pub prefixes: Vec<ipnet::IpNet>,
     pub state: SharedState,
     pub adverts: watch::Sender<Arc<Vec<Advert>>>,
-    /// Prefixes received from it (accepted into the RIB).
-    pub received: usize,
+    pub import: policy::Import,
+    pub export: policy::Export,
 }
 
 /// The BGP speaker: listener, sessions, and the channel their events arrive on.
 pub struct Speaker {
+    pub asn: u32,
     pub peers: Vec<Peer>,
     pub events: mpsc::Receiver<Event>,
 }
@@ -74,7 +75,8 @@ impl Speaker {
                 prefixes: n.prefixes.clone(),
                 state,
                 adverts: adv_tx,
-                received: 0,
+                import: n.import.clone(),
+                export: n.export.clone(),
             });
         }
         let listener = TcpListener::bind(SocketAddr::new("::".parse().unwrap(), b.port))
@@ -101,7 +103,11 @@ impl Speaker {
                 }
             }
         });
-        Ok(Some(Speaker { peers, events }))
+        Ok(Some(Speaker {
+            asn: b.asn,
+            peers,
+            events,
+        }))
     }
 
     /// Recomputes what each neighbour of `segment` is sent, from `routes` (the segment's
@@ -147,6 +153,13 @@ impl Speaker {
                     })
                     .collect(),
             };
+            let list: Vec<Advert> = list
+                .into_iter()
+                .map(|mut a| {
+                    p.export.apply(self.asn, &mut a.attrs);
+                    a
+                })
+                .collect();
             p.adverts.send_if_modified(|cur| {
                 if **cur == list {
                     false
@@ -173,3 +186,4 @@ pub fn as_path_string(p: &[AsSegment]) -> String {
         .collect::<Vec<_>>()
         .join(" ")
 }
+pub mod policy;
