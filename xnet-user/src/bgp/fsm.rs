@@ -330,6 +330,9 @@ impl Session<'_> {
             tokio::select! {
                 m = self.read_within(hold) => match m? {
                     Message::Update(u) => {
+                        if let Some(why) = &u.treat_as_withdraw {
+                            warn!("bgp {} ({}): malformed UPDATE treated as withdraw (RFC 7606): {why}", self.cfg.name, self.cfg.peer);
+                        }
                         if let Some(max) = self.cfg.max_prefixes {
                             for n in u.withdrawn.iter().chain(u.mp_unreach.iter().flat_map(|m| m.withdrawn.iter())) {
                                 received.remove(n);

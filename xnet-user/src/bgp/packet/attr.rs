@@ -129,6 +129,11 @@ pub struct DecodedAttrs {
     pub attrs: Attrs,
     pub mp_reach: Option<MpReach>,
     pub mp_unreach: Option<MpUnreach>,
+    /// RFC 7606 "treat-as-withdraw": an attribute was malformed in a way that spares the
+    /// session; the UPDATE's prefixes are withdrawn instead of installed. The reason.
+    pub treat_as_withdraw: Option<String>,
+    /// Codes of the attributes present.
+    pub present: Vec<u8>,
 }
 
 /// Decodes a path-attribute block. `four_octet`: AS numbers in AS_PATH/AGGREGATOR are 4
@@ -153,13 +158,51 @@ pub fn decode_attrs(buf: &[u8], four_octet: bool) -> Result<DecodedAttrs, BgpErr
             )
         })?;
         if seen[code as usize] {
-            return Err(err(
-                ERR_UPDATE,
-                1,
-                format!("attribute {code} appears twice"),
-            ));
+            // RFC 7606 §3(g): a repeated MP attribute resets the session; any other
+            // repeat is discarded.
+            if code == ATTR_MP_REACH || code == ATTR_MP_UNREACH {
+                return Err(err(
+                    ERR_UPDATE,
+                    1,
+                    format!("attribute {code} appears twice"),
+                ));
+            }
+            continue;
         }
         seen[code as usize] = true;
+        d.present.push(code);
+        match parse_one(&mut d, flags, code, value, four_octet) {
+            Ok(()) => {}
+            // Malformed path attributes that do not affect framing: treat-as-withdraw
+            // (RFC 7606 §7.1-7.8), or discard the attribute (§7.6, §7.7).
+            Err(e) => match code {
+                ATTR_ORIGIN
+                | ATTR_AS_PATH
+                | ATTR_NEXT_HOP
+                | ATTR_MED
+                | ATTR_LOCAL_PREF
+                | ATTR_COMMUNITIES
+                | ATTR_LARGE_COMMUNITIES => {
+                    d.treat_as_withdraw.get_or_insert(e.reason);
+                }
+                ATTR_ATOMIC_AGGREGATE | ATTR_AGGREGATOR => {}
+                _ => return Err(e),
+            },
+        }
+    }
+    Ok(d)
+}
+
+/// Parses one attribute's value into `d`.
+fn parse_one(
+    d: &mut DecodedAttrs,
+    flags: u8,
+    code: u8,
+    value: &[u8],
+    four_octet: bool,
+) -> Result<(), BgpError> {
+    let len = value.len();
+    {
         let mut v = Reader::new(value, ERR_UPDATE, 5);
         let bad_len = || err(ERR_UPDATE, 5, format!("attribute {code}: bad length {len}"));
         match code {
@@ -298,7 +341,7 @@ pub fn decode_attrs(buf: &[u8], four_octet: bool) -> Result<DecodedAttrs, BgpErr
             _ => {} // optional non-transitive and unknown: dropped quietly (RFC 4271 §5)
         }
     }
-    Ok(d)
+    Ok(())
 }
 
 fn push_attr(out: &mut Vec<u8>, flags: u8, code: u8, value: &[u8]) {

@@ -42,6 +42,8 @@ pub struct Update {
     pub nlri: Vec<IpNet>,
     pub mp_reach: Option<MpReach>,
     pub mp_unreach: Option<MpUnreach>,
+    /// Set when RFC 7606 turned this UPDATE's announcements into withdrawals: why.
+    pub treat_as_withdraw: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -194,14 +196,39 @@ fn decode_update(body: &[u8], four_octet: bool) -> Result<Update, BgpError> {
     };
     if alen > 0 {
         let d = decode_attrs(abuf, four_octet)?;
-        if !u.nlri.is_empty() && d.attrs.next_hop.is_none() {
-            return Err(err(ERR_UPDATE, 3, "missing NEXT_HOP"));
-        }
-        u.attrs = Some(d.attrs);
+        let announces =
+            !u.nlri.is_empty() || d.mp_reach.as_ref().is_some_and(|m| !m.nlri.is_empty());
+        let has = |c: u8| d.present.contains(&c);
+        let missing = if !announces {
+            None
+        } else if !has(ATTR_ORIGIN) || !has(ATTR_AS_PATH) {
+            Some("missing ORIGIN or AS_PATH".to_string())
+        } else if !u.nlri.is_empty() && !has(ATTR_NEXT_HOP) {
+            Some("missing NEXT_HOP".to_string())
+        } else {
+            None
+        };
         u.mp_reach = d.mp_reach;
         u.mp_unreach = d.mp_unreach;
+        match d.treat_as_withdraw.or(missing) {
+            // RFC 7606: keep the session, withdraw what the UPDATE announced.
+            Some(reason) => {
+                u.withdrawn.append(&mut u.nlri);
+                if let Some(mp) = u.mp_reach.take() {
+                    let un = u.mp_unreach.get_or_insert(MpUnreach {
+                        afi: mp.afi,
+                        safi: mp.safi,
+                        withdrawn: Vec::new(),
+                    });
+                    un.withdrawn.extend(mp.nlri);
+                }
+                u.treat_as_withdraw = Some(reason);
+            }
+            None => u.attrs = Some(d.attrs),
+        }
     } else if !u.nlri.is_empty() {
-        return Err(err(ERR_UPDATE, 3, "NLRI without path attributes"));
+        u.withdrawn.append(&mut u.nlri);
+        u.treat_as_withdraw = Some("NLRI without path attributes".into());
     }
     Ok(u)
 }
@@ -449,14 +476,15 @@ mod tests {
             (code(&bad_type, true).code, code(&bad_type, true).subcode),
             (1, 3)
         );
-        // UPDATE: ORIGIN 7, attribute length past the block, NLRI without NEXT_HOP,
-        // prefix longer than 32, duplicate attribute.
+        // UPDATE errors that reset the session: attribute length past the block, prefix
+        // longer than 32, a repeated MP_REACH.
         for (body, sub) in [
-            ("0000 0004 40010107", 6),
             ("0000 0004 40010501", 5),
-            ("0000 0004 40010100 08 0a", 3),
             ("0000 0000 21 0a000000", 10),
-            ("0000 0008 40010100 40010100", 1),
+            (
+                "0000 0018 800e09000101040a00000100 800e09000101040a00000100",
+                1,
+            ),
         ] {
             let b = hex(body);
             let mut wire = hex(MARKER);
@@ -466,6 +494,44 @@ mod tests {
             let e = code(&wire, true);
             assert_eq!((e.code, e.subcode), (3, sub), "{body}: {e}");
         }
+    }
+
+    fn update(body: &str) -> Update {
+        let b = hex(body);
+        let mut wire = hex(MARKER);
+        wire.extend_from_slice(&((19 + b.len()) as u16).to_be_bytes());
+        wire.push(2);
+        wire.extend(b);
+        match decode(&wire, true, MAX_LEN) {
+            Ok(Message::Update(u)) => u,
+            other => panic!("{body}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn rfc7606_treat_as_withdraw_and_attribute_discard() {
+        let net: IpNet = "10.1.0.0/16".parse().unwrap();
+        // ORIGIN 7; MED of 3 bytes; NLRI without NEXT_HOP; no AS_PATH: the prefix is
+        // withdrawn, the session stays.
+        for body in [
+            "0000 0014 40010107 40020602010000fde9 4003040a000001 100a01",
+            "0000 001a 40010100 40020602010000fde9 80040300000a 4003040a000001 100a01",
+            "0000 000d 40010100 40020602010000fde9 100a01",
+            "0000 000b 40010100 4003040a000001 100a01",
+        ] {
+            let u = update(body);
+            assert!(u.treat_as_withdraw.is_some(), "{body}");
+            assert_eq!(u.withdrawn, vec![net], "{body}");
+            assert!(u.nlri.is_empty() && u.attrs.is_none(), "{body}");
+        }
+        // A bad AGGREGATOR is discarded; a repeated ORIGIN is ignored; the route stands.
+        let u = update(
+            "0000 001e 40010100 40020602010000fde9 4003040a000001 c0070300fde9 40010102 100a01",
+        );
+        assert_eq!(u.treat_as_withdraw, None);
+        assert_eq!(u.nlri, vec![net]);
+        let a = u.attrs.unwrap();
+        assert_eq!((a.aggregator, a.origin), (None, 0));
     }
 
     #[test]
