@@ -507,6 +507,20 @@ impl Agent {
             })
     }
 
+    /// `resolve`, or, for a next hop that is not directly connected (eBGP multihop, iBGP),
+    /// the next hops of the longest static route covering it.
+    fn resolve_recursive(&self, segment: u32, next_hop: IpAddr) -> Vec<NhKey> {
+        if let Some(k) = self.resolve(segment, next_hop) {
+            return vec![k];
+        }
+        self.routes
+            .iter()
+            .filter(|((s, net), _)| *s == segment && net.contains(&next_hop))
+            .max_by_key(|((_, net), _)| net.prefix_len())
+            .map(|(_, hops)| hops.clone())
+            .unwrap_or_default()
+    }
+
     /// Puts the RIB's selection for `changed` into the data plane (static routes win).
     async fn apply_bgp(&mut self, changed: Vec<(u32, IpNet)>) -> Result<()> {
         let mut segments = std::collections::BTreeSet::new();
@@ -519,8 +533,9 @@ impl Agent {
                 .rib
                 .selected(seg, &net)
                 .iter()
-                .filter_map(|p| self.resolve(seg, p.next_hop))
+                .flat_map(|p| self.resolve_recursive(seg, p.next_hop))
                 .collect();
+            hops.sort();
             hops.dedup();
             let table = self.config.segments[seg as usize - 1].table;
             if hops.is_empty() {

@@ -91,6 +91,8 @@ pub struct Neighbor {
     pub prefixes: Vec<IpNet>,
     /// Tear the session down (NOTIFICATION Cease 1) when the peer announces more.
     pub max_prefixes: Option<usize>,
+    /// Our address for the session (eBGP multihop from a loopback, say).
+    pub local_address: Option<IpAddr>,
     /// What is accepted from the peer, and how it is changed.
     #[serde(default)]
     pub import: crate::bgp::policy::Import,
@@ -460,6 +462,14 @@ impl Config {
             }
             if !seen.insert(n.address) {
                 return err(f("address"), format!("{} is listed twice", n.address));
+            }
+            if n.local_address
+                .is_some_and(|l| l.is_ipv4() != n.address.is_ipv4())
+            {
+                return err(
+                    f("local_address"),
+                    "must be of the peer address's family".into(),
+                );
             }
             if n.hold_time == 1 || n.hold_time == 2 {
                 return err(

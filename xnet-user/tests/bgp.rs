@@ -268,3 +268,92 @@ fn max_prefix_limit_tears_the_session_down() {
         "the other session is unaffected"
     );
 }
+
+#[test]
+fn ebgp_multihop_from_loopbacks_resolves_next_hops_through_static_routes() {
+    if !require_root("ebgp_multihop_from_loopbacks_resolves_next_hops_through_static_routes") {
+        return;
+    }
+    let lab = lab("bgpmh");
+    let ns = lab.ns("onprem");
+    let dir = std::env::temp_dir().join(format!("{}-bird", lab.prefix));
+    std::fs::create_dir_all(&dir).unwrap();
+    // BIRD peers from its loopback 192.168.10.1 to the CXP's link address, two hops away
+    // in BGP terms; its routes' next hop is that loopback, reached through the static
+    // route 192.168.0.0/16 via 10.0.3.2.
+    let conf = r#"
+router id 192.168.10.1;
+protocol device {}
+protocol static s4 { ipv4; route 172.20.0.0/16 blackhole; }
+protocol bgp cxp {
+  local 192.168.10.1 as 65010;
+  neighbor 10.0.3.1 as 65000;
+  multihop 2;
+  ipv4 { import all; export where proto = "s4"; };
+}
+"#;
+    std::fs::write(dir.join("mh.conf"), conf).unwrap();
+    let sock = dir.join("mh.ctl");
+    sh(&format!("ip -n {ns} addr add 172.20.0.1/32 dev lo"));
+    let mut bird = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns,
+            "bird",
+            "-f",
+            "-c",
+            dir.join("mh.conf").to_str().unwrap(),
+            "-s",
+            sock.to_str().unwrap(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The agent's own sessions use the main table.
+    sh(&format!(
+        "ip -n {} route add 192.168.0.0/16 via 10.0.3.2",
+        lab.ns("cxp")
+    ));
+    let cfg = r#"
+[bgp]
+asn = 65000
+router_id = "10.0.3.1"
+
+[[bgp.neighbors]]
+name = "onprem-mh"
+segment = "prod"
+address = "192.168.10.1"
+local_address = "10.0.3.1"
+remote_asn = 65010
+"#;
+    let agent = Agent::start(&lab, &format!("{}\n{cfg}", xnet_user::lab::DEMO_CONFIG));
+    wait_until(
+        &agent,
+        "multihop session with the route installed",
+        Duration::from_secs(20),
+        |s| established(&s) == 1 && in_data_plane(s, "172.20.0.0/16"),
+    );
+    let r = agent
+        .status()
+        .bgp_routes
+        .into_iter()
+        .find(|r| r.prefix == "172.20.0.0/16")
+        .unwrap();
+    assert_eq!(r.paths[0].next_hop, "192.168.10.1");
+    assert_eq!(
+        udp(
+            &lab,
+            "vnet1",
+            "10.1.0.1:5000",
+            "onprem",
+            "172.20.0.1:9000",
+            20
+        ),
+        20,
+        "forwarded via the static route's next hop"
+    );
+    let _ = bird.kill();
+    let _ = bird.wait();
+}

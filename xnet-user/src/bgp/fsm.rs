@@ -30,6 +30,21 @@ pub struct SessionConfig {
     pub hold_time: u16,
     pub passive: bool,
     pub max_prefixes: Option<usize>,
+    /// Source address of the session (else the kernel picks).
+    pub local_address: Option<IpAddr>,
+}
+
+/// Connects to `target`, from `local` when given.
+async fn connect(target: SocketAddr, local: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    let sock = if target.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    if let Some(l) = local {
+        sock.bind(SocketAddr::new(l, 0))?;
+    }
+    sock.connect(target).await
 }
 
 /// A route to advertise; the session adds next-hop-self and, for eBGP, its AS.
@@ -90,7 +105,7 @@ pub async fn run(
         let target = SocketAddr::new(cfg.peer, cfg.port);
         let stream = tokio::select! {
             s = incoming.recv() => match s { Some(s) => s, None => return },
-            r = async { tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(target)).await }, if !cfg.passive => {
+            r = async { tokio::time::timeout(Duration::from_secs(5), connect(target, cfg.local_address)).await }, if !cfg.passive => {
                 match r {
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) => { retry(&state, &mut backoff, format!("connect to {target}: {e}")).await; continue; }
@@ -225,7 +240,7 @@ impl Session<'_> {
             families: vec![self.family()],
             four_octet: true,
             route_refresh: true,
-            extended_message: false,
+            extended_message: true,
             graceful_restart: false,
         };
         self.send(&encode_open(&open)).await?;
@@ -271,6 +286,10 @@ impl Session<'_> {
             );
         }
         self.four_octet = peer_open.four_octet;
+        // RFC 8654: larger messages once both sides announced them.
+        if peer_open.extended_message {
+            self.max_len = MAX_LEN_EXTENDED;
+        }
         self.peer_id = peer_open.router_id;
         let hold = Duration::from_secs(self.cfg.hold_time.min(peer_open.hold_time) as u64);
         self.send(&encode_keepalive()).await?;

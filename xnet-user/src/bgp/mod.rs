@@ -64,6 +64,7 @@ impl Speaker {
                 hold_time: n.hold_time,
                 passive: n.passive,
                 max_prefixes: n.max_prefixes,
+                local_address: n.local_address,
             };
             tokio::spawn(fsm::run(cfg, tx.clone(), in_rx, adv_rx, state.clone()));
             peers.push(Peer {
