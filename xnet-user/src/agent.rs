@@ -137,7 +137,14 @@ async fn recv(rx: &mut Option<mpsc::Receiver<health::Probe>>) -> Option<health::
     }
 }
 
-async fn recv_bgp(s: &mut Option<Speaker>) -> Option<Event> {
+/// The `[bgp]` settings a reload cannot change (everything but the neighbours).
+fn bgp_globals(c: &Config) -> Option<(u32, std::net::Ipv4Addr, u16, usize)> {
+    c.bgp
+        .as_ref()
+        .map(|b| (b.asn, b.router_id, b.port, b.multipath))
+}
+
+async fn recv_bgp(s: &mut Option<Speaker>) -> Option<(u64, Event)> {
     match s {
         Some(s) => s.events.recv().await,
         None => std::future::pending().await,
@@ -405,7 +412,15 @@ impl Agent {
         bgp.readvertise(segment, &routes);
     }
 
-    async fn on_bgp(&mut self, ev: Event) {
+    async fn on_bgp(&mut self, (session, ev): (u64, Event)) {
+        // The last words of a session stopped by a reconfiguration: ignore them.
+        if !self
+            .bgp
+            .as_ref()
+            .is_some_and(|b| b.peers.iter().any(|p| p.session == session))
+        {
+            return;
+        }
         let changed = match ev {
             Event::Established { peer, .. } => {
                 info!("bgp: {peer} established");
@@ -713,9 +728,9 @@ impl Agent {
             || new.segments != self.config.segments
             || new.agent != self.config.agent
             || new.services != self.config.services
-            || new.bgp != self.config.bgp
+            || bgp_globals(&new) != bgp_globals(&self.config)
         {
-            error!("reload rejected, nothing changed: {}: interfaces, segments, services, [bgp] and [agent] only change with a restart", self.path.display());
+            error!("reload rejected, nothing changed: {}: interfaces, segments, services, [agent] and the [bgp] settings other than neighbors only change with a restart", self.path.display());
             return;
         }
         let want = route_set(&new, &self.links);
@@ -732,6 +747,21 @@ impl Agent {
                 self.routes.len()
             ),
             Err(e) => error!("reload: {e:#}"),
+        }
+        // Neighbours: only the removed or changed ones restart.
+        let stopped = match self.bgp.as_mut() {
+            Some(b) => b.reconcile(&self.config),
+            None => Vec::new(),
+        };
+        let mut changed = Vec::new();
+        for peer in stopped {
+            changed.extend(self.rib.peer_down(peer));
+        }
+        if let Err(e) = self.apply_bgp(changed).await {
+            warn!("bgp: {e:#}");
+        }
+        for seg in 1..=self.config.segments.len() as u32 {
+            self.readvertise(seg);
         }
     }
 

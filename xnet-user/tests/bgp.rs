@@ -231,6 +231,59 @@ fn bird_sessions_routes_withdrawals_and_exports() {
     let b = s.bgp.iter().find(|b| b.name == "onprem").unwrap();
     assert_eq!(b.received, 2);
     assert_eq!(b.sent, 1);
+
+    // Reconfiguring one neighbour (SIGHUP) restarts only its session: the IPv6 one now
+    // advertises another prefix, the IPv4 one keeps running.
+    wait_until(
+        &agent,
+        "the IPv4 session up for 2 s",
+        Duration::from_secs(15),
+        |s| {
+            s.bgp
+                .iter()
+                .any(|b| b.name == "onprem" && b.state == "Established" && b.uptime_secs >= 2)
+        },
+    );
+    let up_before = agent
+        .status()
+        .bgp
+        .iter()
+        .find(|b| b.name == "onprem")
+        .unwrap()
+        .uptime_secs;
+    let cfg = std::fs::read_to_string(&agent.config).unwrap();
+    std::fs::write(
+        &agent.config,
+        cfg.replace(
+            "prefixes = [\"fd01::/48\"]",
+            "prefixes = [\"fd01::/48\", \"fd03::/48\"]",
+        ),
+    )
+    .unwrap();
+    agent.signal(libc::SIGHUP);
+    wait_until(
+        &agent,
+        "the IPv6 session back with the new export",
+        up,
+        |s| {
+            s.bgp
+                .iter()
+                .any(|b| b.name == "onprem6" && b.state == "Established" && b.sent == 2)
+        },
+    );
+    let s = agent.status();
+    let v4 = s.bgp.iter().find(|b| b.name == "onprem").unwrap();
+    assert_eq!(v4.state, "Established");
+    assert!(
+        v4.uptime_secs >= up_before,
+        "the IPv4 session was not restarted: {v4:?}"
+    );
+    wait_until(
+        &agent,
+        "BIRD sees fd03::/48",
+        Duration::from_secs(5),
+        |_| bird.cmd("show route protocol cxp6").contains("fd03::/48"),
+    );
 }
 
 #[test]

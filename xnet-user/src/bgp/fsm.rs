@@ -20,6 +20,9 @@ use super::packet::*;
 /// What the session needs to know.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
+    /// Distinguishes this session task from an earlier one for the same peer (after a
+    /// reconfiguration), so the agent can ignore the old one's last events.
+    pub id: u64,
     pub name: String,
     pub segment: u32,
     pub local_asn: u32,
@@ -94,7 +97,7 @@ fn set(state: &SharedState, s: &'static str) {
 /// Runs the session until the agent drops its channels.
 pub async fn run(
     cfg: SessionConfig,
-    events: mpsc::Sender<Event>,
+    events: mpsc::Sender<(u64, Event)>,
     mut incoming: mpsc::Receiver<TcpStream>,
     adverts: watch::Receiver<Arc<Vec<Advert>>>,
     state: SharedState,
@@ -128,10 +131,13 @@ pub async fn run(
         warn!("bgp {} ({}): session down: {reason}", cfg.name, cfg.peer);
         state.lock().unwrap().last_error = Some(reason.clone());
         if events
-            .send(Event::Down {
-                peer: cfg.peer,
-                reason,
-            })
+            .send((
+                cfg.id,
+                Event::Down {
+                    peer: cfg.peer,
+                    reason,
+                },
+            ))
             .await
             .is_err()
         {
@@ -227,7 +233,7 @@ impl Session<'_> {
 
     async fn run(
         &mut self,
-        events: &mpsc::Sender<Event>,
+        events: &mpsc::Sender<(u64, Event)>,
         incoming: &mut mpsc::Receiver<TcpStream>,
         mut adverts: watch::Receiver<Arc<Vec<Advert>>>,
         state: &SharedState,
@@ -321,10 +327,13 @@ impl Session<'_> {
         );
         let ebgp = self.cfg.remote_asn != self.cfg.local_asn;
         events
-            .send(Event::Established {
-                peer: self.cfg.peer,
-                peer_id: self.peer_id,
-            })
+            .send((
+                self.cfg.id,
+                Event::Established {
+                    peer: self.cfg.peer,
+                    peer_id: self.peer_id,
+                },
+            ))
             .await
             .map_err(|_| "agent gone")?;
         let local = self
@@ -362,7 +371,7 @@ impl Session<'_> {
                                 return Err(self.notify(&e).await);
                             }
                         }
-                        events.send(Event::Update { peer: self.cfg.peer, peer_id: self.peer_id, ebgp, update: u }).await.map_err(|_| "agent gone")?;
+                        events.send((self.cfg.id, Event::Update { peer: self.cfg.peer, peer_id: self.peer_id, ebgp, update: u })).await.map_err(|_| "agent gone")?;
                     }
                     Message::Keepalive => {}
                     Message::RouteRefresh { .. } => {

@@ -13,7 +13,7 @@ use log::{info, warn};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
-use crate::config::{Advertise, Config};
+use crate::config::{Advertise, Bgp, Config, Neighbor};
 use fsm::{Advert, Event, SessionConfig, SharedState};
 use packet::{AsSegment, Attrs};
 
@@ -29,13 +29,29 @@ pub struct Peer {
     pub adverts: watch::Sender<Arc<Vec<Advert>>>,
     pub import: policy::Import,
     pub export: policy::Export,
+    /// The session task's id: events of older tasks for this address are stale.
+    pub session: u64,
+    neighbor: Neighbor,
+    task: tokio::task::JoinHandle<()>,
 }
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+type Inboxes = Arc<std::sync::Mutex<HashMap<IpAddr, mpsc::Sender<TcpStream>>>>;
 
 /// The BGP speaker: listener, sessions, and the channel their events arrive on.
 pub struct Speaker {
     pub asn: u32,
+    bgp: Bgp,
     pub peers: Vec<Peer>,
-    pub events: mpsc::Receiver<Event>,
+    pub events: mpsc::Receiver<(u64, Event)>,
+    tx: mpsc::Sender<(u64, Event)>,
+    inboxes: Inboxes,
+    next_session: u64,
 }
 
 impl Speaker {
@@ -46,49 +62,28 @@ impl Speaker {
             return Ok(None);
         };
         let (tx, events) = mpsc::channel(4096);
-        let mut inboxes: HashMap<IpAddr, mpsc::Sender<TcpStream>> = HashMap::new();
-        let mut peers = Vec::new();
-        for n in &b.neighbors {
-            let (in_tx, in_rx) = mpsc::channel(4);
-            inboxes.insert(n.address, in_tx);
-            let (adv_tx, adv_rx) = watch::channel(Arc::new(Vec::new()));
-            let state: SharedState = Default::default();
-            let cfg = SessionConfig {
-                name: n.name.clone(),
-                segment: config.segment_id(&n.segment).unwrap(),
-                local_asn: b.asn,
-                router_id: b.router_id,
-                peer: n.address,
-                port: b.port,
-                remote_asn: n.remote_asn,
-                hold_time: n.hold_time,
-                passive: n.passive,
-                max_prefixes: n.max_prefixes,
-                local_address: n.local_address,
-            };
-            tokio::spawn(fsm::run(cfg, tx.clone(), in_rx, adv_rx, state.clone()));
-            peers.push(Peer {
-                name: n.name.clone(),
-                segment: config.segment_id(&n.segment).unwrap(),
-                address: n.address,
-                remote_asn: n.remote_asn,
-                advertise: n.advertise,
-                prefixes: n.prefixes.clone(),
-                state,
-                adverts: adv_tx,
-                import: n.import.clone(),
-                export: n.export.clone(),
-            });
-        }
+        let inboxes: Inboxes = Default::default();
         let listener = TcpListener::bind(SocketAddr::new("::".parse().unwrap(), b.port))
             .await
             .with_context(|| format!("bgp: listening on port {}", b.port))?;
+        let mut speaker = Speaker {
+            asn: b.asn,
+            bgp: b.clone(),
+            peers: Vec::new(),
+            events,
+            tx,
+            inboxes: inboxes.clone(),
+            next_session: 1,
+        };
+        for n in &b.neighbors {
+            speaker.spawn(config, n);
+        }
         info!(
             "bgp: AS {}, router id {}, listening on port {}, {} neighbours",
             b.asn,
             b.router_id,
             b.port,
-            peers.len()
+            b.neighbors.len()
         );
         tokio::spawn(async move {
             loop {
@@ -96,7 +91,8 @@ impl Speaker {
                     continue;
                 };
                 let ip = from.ip().to_canonical();
-                match inboxes.get(&ip) {
+                let inbox = inboxes.lock().unwrap().get(&ip).cloned();
+                match inbox {
                     Some(inbox) => {
                         let _ = inbox.try_send(stream);
                     }
@@ -104,11 +100,88 @@ impl Speaker {
                 }
             }
         });
-        Ok(Some(Speaker {
-            asn: b.asn,
-            peers,
-            events,
-        }))
+        Ok(Some(speaker))
+    }
+
+    fn spawn(&mut self, config: &Config, n: &Neighbor) {
+        let b = &self.bgp;
+        let (in_tx, in_rx) = mpsc::channel(4);
+        self.inboxes.lock().unwrap().insert(n.address, in_tx);
+        let (adv_tx, adv_rx) = watch::channel(Arc::new(Vec::new()));
+        let state: SharedState = Default::default();
+        let session = self.next_session;
+        self.next_session += 1;
+        let segment = config.segment_id(&n.segment).unwrap();
+        let cfg = SessionConfig {
+            id: session,
+            name: n.name.clone(),
+            segment,
+            local_asn: b.asn,
+            router_id: b.router_id,
+            peer: n.address,
+            port: b.port,
+            remote_asn: n.remote_asn,
+            hold_time: n.hold_time,
+            passive: n.passive,
+            max_prefixes: n.max_prefixes,
+            local_address: n.local_address,
+        };
+        let task = tokio::spawn(fsm::run(cfg, self.tx.clone(), in_rx, adv_rx, state.clone()));
+        self.peers.push(Peer {
+            name: n.name.clone(),
+            segment,
+            address: n.address,
+            remote_asn: n.remote_asn,
+            advertise: n.advertise,
+            prefixes: n.prefixes.clone(),
+            state,
+            adverts: adv_tx,
+            import: n.import.clone(),
+            export: n.export.clone(),
+            session,
+            neighbor: n.clone(),
+            task,
+        });
+    }
+
+    /// Applies a new neighbour list: sessions of removed or changed neighbours stop (a
+    /// changed one starts again with its new settings); the others are not touched.
+    /// Returns the addresses whose sessions stopped. Settings of `[bgp]` itself (AS,
+    /// router id, port) need a restart: the caller rejects such changes.
+    pub fn reconcile(&mut self, config: &Config) -> Vec<IpAddr> {
+        let Some(b) = &config.bgp else {
+            return Vec::new();
+        };
+        let mut stopped = Vec::new();
+        self.peers.retain(|p| {
+            let keep = b.neighbors.contains(&p.neighbor);
+            if !keep {
+                info!(
+                    "bgp {} ({}): removed or changed: session stopped",
+                    p.name, p.address
+                );
+                stopped.push(p.address);
+            }
+            keep
+        });
+        {
+            let mut inboxes = self.inboxes.lock().unwrap();
+            for a in &stopped {
+                inboxes.remove(a);
+            }
+        }
+        let new: Vec<Neighbor> = b
+            .neighbors
+            .iter()
+            .filter(|n| !self.peers.iter().any(|p| p.neighbor == **n))
+            .cloned()
+            .collect();
+        for n in &new {
+            info!("bgp {} ({}): starting", n.name, n.address);
+            self.spawn(config, n);
+        }
+        self.bgp.neighbors = b.neighbors.clone();
+        stopped
     }
 
     /// Recomputes what each neighbour of `segment` is sent, from `routes` (the segment's
