@@ -223,10 +223,22 @@ fn bird_sessions_routes_withdrawals_and_exports() {
 
     // A session reset from BIRD: down, routes gone, up again, routes back.
     bird.cmd("restart cxp");
+    // BIRD's reset arrives as NOTIFICATION Cease/4 (administrative reset).
     wait_until(&agent, "session back after reset", up, |s| {
-        established(s) == 2 && in_data_plane(s, "172.16.0.0/16")
+        let reset = s.bgp.iter().any(|b| {
+            b.name == "onprem" && b.last_error.as_deref().is_some_and(|e| e.contains("6/4"))
+        });
+        reset && established(s) == 2 && in_data_plane(s, "172.16.0.0/16")
     });
-    assert_eq!(to_onprem_172(&lab, 20), 20);
+    // The old session's withdrawals and the new one's announcements may still be in
+    // flight for a moment: traffic must be back within a few seconds.
+    let t = std::time::Instant::now();
+    while to_onprem_172(&lab, 20) != 20 {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "traffic not back after the reset"
+        );
+    }
     let s = agent.status();
     let b = s.bgp.iter().find(|b| b.name == "onprem").unwrap();
     assert_eq!(b.received, 2);

@@ -42,6 +42,12 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
+    /// Fuzz the BGP message decoder (cargo-fuzz, libFuzzer) for a while.
+    Fuzz {
+        /// How long to run.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+    },
     /// Benchmarks: ns/packet of the XDP program with the full Internet table.
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -82,6 +88,7 @@ fn real_main() -> Result<()> {
                 .env("XNET_EBPF_OBJ", ebpf_object(&root));
             run_tests(&mut cmd)
         }
+        Cmd::Fuzz { seconds } => fuzz(&root, seconds),
         Cmd::Bench { args } => {
             let xnet = build(&root)?;
             let mut cmd = Command::new(xnet);
@@ -321,6 +328,56 @@ fn debian_packages() -> Result<()> {
 
 extern "C" {
     fn geteuid() -> u32;
+}
+
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// Runs the decoder fuzz target for `seconds`, installing cargo-fuzz (cached in target/)
+/// the first time. A crash fails the run and leaves its input in xnet-user/fuzz/artifacts.
+fn fuzz(root: &Path, seconds: u64) -> Result<()> {
+    toolchain(BPF_TOOLCHAIN, &["rust-src"])?;
+    let dest = tools_dir(root).join(format!("cargo-fuzz-{CARGO_FUZZ_VERSION}"));
+    let bin = dest.join("bin/cargo-fuzz");
+    if !bin.is_file() {
+        step(&format!("building cargo-fuzz {CARGO_FUZZ_VERSION} (once)"));
+        let mut cmd = cargo(BPF_TOOLCHAIN);
+        cmd.args([
+            "install",
+            "cargo-fuzz",
+            "--locked",
+            "--version",
+            CARGO_FUZZ_VERSION,
+            "--root",
+        ])
+        .arg(&dest);
+        run(&mut cmd)?;
+    }
+    step(&format!("fuzzing the BGP decoder for {seconds} s"));
+    let mut cmd = Command::new("rustup");
+    cmd.args(["run", BPF_TOOLCHAIN])
+        .arg(&bin)
+        .args([
+            "fuzz",
+            "run",
+            "--fuzz-dir",
+            "xnet-user/fuzz",
+            "bgp_decode",
+            "--",
+            &format!("-max_total_time={seconds}"),
+        ])
+        .current_dir(root)
+        .env("CARGO_TARGET_DIR", root.join("target/fuzz"));
+    for v in [
+        "RUSTC",
+        "RUSTDOC",
+        "CARGO",
+        "RUSTUP_TOOLCHAIN",
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+    ] {
+        cmd.env_remove(v);
+    }
+    run(&mut cmd)
 }
 
 fn ebpf_object(root: &Path) -> PathBuf {
