@@ -58,14 +58,19 @@ struct Bird {
 
 impl Bird {
     fn start(lab: &Lab) -> Bird {
+        Self::with_config(lab, BIRD_CONF, "172.16.0.1")
+    }
+
+    /// BIRD in the on-prem namespace with `conf`; the namespace owns `address`, so
+    /// traffic to it can be checked end to end.
+    fn with_config(lab: &Lab, conf: &str, address: &str) -> Bird {
         let dir = std::env::temp_dir().join(format!("{}-bird", lab.prefix));
         std::fs::create_dir_all(&dir).unwrap();
-        let conf = dir.join("bird.conf");
-        std::fs::write(&conf, BIRD_CONF).unwrap();
+        let path = dir.join("bird.conf");
+        std::fs::write(&path, conf).unwrap();
         let socket = dir.join("bird.ctl").display().to_string();
         let ns = lab.ns("onprem");
-        // The on-prem router owns the prefixes it announces.
-        sh(&format!("ip -n {ns} addr add 172.16.0.1/32 dev lo"));
+        sh(&format!("ip -n {ns} addr add {address}/32 dev lo"));
         let child = Command::new("ip")
             .args([
                 "netns",
@@ -74,7 +79,7 @@ impl Bird {
                 "bird",
                 "-f",
                 "-c",
-                conf.to_str().unwrap(),
+                path.to_str().unwrap(),
                 "-s",
                 &socket,
             ])
@@ -340,9 +345,6 @@ fn ebgp_multihop_from_loopbacks_resolves_next_hops_through_static_routes() {
         return;
     }
     let lab = lab("bgpmh");
-    let ns = lab.ns("onprem");
-    let dir = std::env::temp_dir().join(format!("{}-bird", lab.prefix));
-    std::fs::create_dir_all(&dir).unwrap();
     // BIRD peers from its loopback 192.168.10.1 to the CXP's link address, two hops away
     // in BGP terms; its routes' next hop is that loopback, reached through the static
     // route 192.168.0.0/16 via 10.0.3.2.
@@ -357,25 +359,7 @@ protocol bgp cxp {
   ipv4 { import all; export where proto = "s4"; };
 }
 "#;
-    std::fs::write(dir.join("mh.conf"), conf).unwrap();
-    let sock = dir.join("mh.ctl");
-    sh(&format!("ip -n {ns} addr add 172.20.0.1/32 dev lo"));
-    let mut bird = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &ns,
-            "bird",
-            "-f",
-            "-c",
-            dir.join("mh.conf").to_str().unwrap(),
-            "-s",
-            sock.to_str().unwrap(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let _bird = Bird::with_config(&lab, conf, "172.20.0.1");
     // The agent's own sessions use the main table.
     sh(&format!(
         "ip -n {} route add 192.168.0.0/16 via 10.0.3.2",
@@ -419,6 +403,4 @@ remote_asn = 65010
         20,
         "forwarded via the static route's next hop"
     );
-    let _ = bird.kill();
-    let _ = bird.wait();
 }
