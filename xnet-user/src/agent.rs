@@ -734,6 +734,13 @@ impl Agent {
             return;
         }
         let want = route_set(&new, &self.links);
+        // Static routes that go away uncover what BGP learned for the same prefix.
+        let uncovered: Vec<(u32, IpNet)> = self
+            .routes
+            .keys()
+            .filter(|k| !want.contains_key(*k))
+            .copied()
+            .collect();
         let old = std::mem::replace(&mut self.config, new);
         if let Err(e) = self.apply_policy() {
             error!("reload rejected, nothing changed: {e:#}");
@@ -754,6 +761,10 @@ impl Agent {
             None => Vec::new(),
         };
         let mut changed = Vec::new();
+        for k in uncovered {
+            self.bgp_routes.remove(&k);
+            changed.push(k);
+        }
         for peer in stopped {
             changed.extend(self.rib.peer_down(peer));
         }
@@ -997,7 +1008,7 @@ impl Agent {
             }
         }
         if self.config.agent.kernel_fib {
-            for (seg, net) in self.routes.keys() {
+            for (seg, net) in self.routes.keys().chain(self.bgp_routes.keys()) {
                 let table = self.config.segments[*seg as usize - 1].table;
                 let _ = self.kernel.delete_route(table, *net).await;
             }
