@@ -398,7 +398,7 @@ impl Agent {
             bgp.readvertise(segment, &[]);
             return;
         }
-        let mut routes: Vec<(IpNet, Option<(IpAddr, Arc<crate::bgp::packet::Attrs>)>)> = self
+        let mut routes: Vec<crate::bgp::SegmentRoute> = self
             .routes
             .keys()
             .filter(|(s, _)| *s == segment)
@@ -439,7 +439,7 @@ impl Agent {
                 peer_id,
                 ebgp,
                 update,
-            } => self.on_update(peer, peer_id, ebgp, update),
+            } => self.on_update(peer, peer_id, ebgp, *update),
         };
         if let Err(e) = self.apply_bgp(changed).await {
             warn!("bgp: {e:#}");

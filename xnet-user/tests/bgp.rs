@@ -382,7 +382,7 @@ remote_asn = 65010
         &agent,
         "multihop session with the route installed",
         Duration::from_secs(20),
-        |s| established(&s) == 1 && in_data_plane(s, "172.20.0.0/16"),
+        |s| established(s) == 1 && in_data_plane(s, "172.20.0.0/16"),
     );
     let r = agent
         .status()

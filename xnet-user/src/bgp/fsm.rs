@@ -67,7 +67,7 @@ pub enum Event {
         peer: IpAddr,
         peer_id: Ipv4Addr,
         ebgp: bool,
-        update: Update,
+        update: Box<Update>,
     },
     Down {
         peer: IpAddr,
@@ -371,7 +371,7 @@ impl Session<'_> {
                                 return Err(self.notify(&e).await);
                             }
                         }
-                        events.send((self.cfg.id, Event::Update { peer: self.cfg.peer, peer_id: self.peer_id, ebgp, update: u })).await.map_err(|_| "agent gone")?;
+                        events.send((self.cfg.id, Event::Update { peer: self.cfg.peer, peer_id: self.peer_id, ebgp, update: Box::new(u) })).await.map_err(|_| "agent gone")?;
                     }
                     Message::Keepalive => {}
                     Message::RouteRefresh { .. } => {

@@ -41,6 +41,10 @@ impl Drop for Peer {
     }
 }
 
+/// A route of a segment as advertisement sees it: prefix, and for a learned route the
+/// peer it came from and its attributes (`None`: static).
+pub type SegmentRoute = (ipnet::IpNet, Option<(IpAddr, Arc<Attrs>)>);
+
 type Inboxes = Arc<std::sync::Mutex<HashMap<IpAddr, mpsc::Sender<TcpStream>>>>;
 
 /// The BGP speaker: listener, sessions, and the channel their events arrive on.
@@ -187,11 +191,7 @@ impl Speaker {
     /// Recomputes what each neighbour of `segment` is sent, from `routes` (the segment's
     /// routes with their BGP attributes when learned, `None` for static ones) and the
     /// neighbours' advertisement modes.
-    pub fn readvertise(
-        &self,
-        segment: u32,
-        routes: &[(ipnet::IpNet, Option<(IpAddr, Arc<Attrs>)>)],
-    ) {
+    pub fn readvertise(&self, segment: u32, routes: &[SegmentRoute]) {
         for p in self.peers.iter().filter(|p| p.segment == segment) {
             let own = |net| Advert {
                 net,

@@ -270,7 +270,7 @@ fn parse_one(
                 d.attrs.aggregator = Some((asn, Ipv4Addr::new(b[0], b[1], b[2], b[3])));
             }
             ATTR_COMMUNITIES => {
-                if len % 4 != 0 {
+                if !len.is_multiple_of(4) {
                     return Err(bad_len());
                 }
                 while v.left() > 0 {
@@ -278,7 +278,7 @@ fn parse_one(
                 }
             }
             ATTR_LARGE_COMMUNITIES => {
-                if len % 12 != 0 {
+                if !len.is_multiple_of(12) {
                     return Err(bad_len());
                 }
                 while v.left() > 0 {
