@@ -241,18 +241,7 @@ fn invalid_config_is_reported_and_changes_nothing() {
         .config(dir.join("s").to_str().unwrap())
         .replace("\"vnet2\"", "\"vnet9\"");
     std::fs::write(&path, bad).unwrap();
-    let out = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &lab.ns("cxp"),
-            XNET,
-            "run",
-            "--config",
-            path.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+    let out = agent_command(&lab, &path).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1));
     assert!(

@@ -81,17 +81,7 @@ fn steered_flows_cross_one_firewall_both_ways_and_fail_over() {
     );
 
     // One UDP flow, then its reverse (same addresses and ports swapped).
-    assert_eq!(
-        udp(
-            &lab,
-            "vnet1",
-            "10.1.0.1:5000",
-            "onprem",
-            "192.168.10.1:9000",
-            100
-        ),
-        100
-    );
+    assert_eq!(vnet1_to_onprem(&lab, 100), 100);
     assert_eq!(
         udp(
             &lab,
@@ -151,17 +141,7 @@ fn steered_flows_cross_one_firewall_both_ways_and_fail_over() {
         |s| healthy(s) == 1,
     );
     eprintln!("instance removed after {:?}", t.elapsed());
-    assert_eq!(
-        udp(
-            &lab,
-            "vnet1",
-            "10.1.0.1:5000",
-            "onprem",
-            "192.168.10.1:9000",
-            100
-        ),
-        100
-    );
+    assert_eq!(vnet1_to_onprem(&lab, 100), 100);
     let c2 = counts(&lab);
     assert!(c2[idle].0 >= 100, "flow moved to fw{}: {c2:?}", idle + 1);
 
@@ -177,17 +157,7 @@ fn steered_flows_cross_one_firewall_both_ways_and_fail_over() {
         |s| healthy(s) == 0,
     );
     let dropped = agent.status().reason("drop_fail_closed");
-    assert_eq!(
-        udp(
-            &lab,
-            "vnet1",
-            "10.1.0.1:5000",
-            "onprem",
-            "192.168.10.1:9000",
-            50
-        ),
-        0
-    );
+    assert_eq!(vnet1_to_onprem(&lab, 50), 0);
     assert!(agent.status().reason("drop_fail_closed") - dropped >= 50);
 
     // Recovery puts an instance back (its default route went with the link: restore it).
@@ -199,15 +169,5 @@ fn steered_flows_cross_one_firewall_both_ways_and_fail_over() {
     wait_until(&agent, "instance back", Duration::from_secs(3), |s| {
         healthy(s) == 1
     });
-    assert_eq!(
-        udp(
-            &lab,
-            "vnet1",
-            "10.1.0.1:5000",
-            "onprem",
-            "192.168.10.1:9000",
-            50
-        ),
-        50
-    );
+    assert_eq!(vnet1_to_onprem(&lab, 50), 50);
 }

@@ -157,6 +157,21 @@ pub fn in_netns<R: Send + 'static>(ns: &str, f: impl FnOnce() -> R + Send + 'sta
     .unwrap_or_else(|e| std::panic::resume_unwind(e))
 }
 
+/// `xnet run --config PATH` inside the lab's cxp namespace.
+pub fn agent_command(lab: &Lab, path: &std::path::Path) -> Command {
+    let mut c = Command::new("ip");
+    c.args([
+        "netns",
+        "exec",
+        &lab.ns("cxp"),
+        XNET,
+        "run",
+        "--config",
+        path.to_str().unwrap(),
+    ]);
+    c
+}
+
 pub struct Agent {
     pub child: Option<Child>,
     pub socket: PathBuf,
@@ -178,16 +193,7 @@ impl Agent {
             config.replace("/run/xnet/demo.sock", socket.to_str().unwrap()),
         )
         .unwrap();
-        let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &lab.ns("cxp"),
-                XNET,
-                "run",
-                "--config",
-                path.to_str().unwrap(),
-            ])
+        let child = agent_command(lab, &path)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr).unwrap())
             .spawn()
