@@ -1,11 +1,12 @@
 //! The agent: applies a config to the data plane and the kernel, keeps next-hop MACs and
 //! local addresses current, serves status, reloads routes on SIGHUP, and undoes everything
-//! on SIGINT/SIGTERM.
+//! on SIGINT/SIGTERM. SIGUSR1 exits for a graceful restart instead: forwarding goes on and
+//! BGP peers keep our routes until the next agent takes over (see `restart`).
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use ipnet::IpNet;
@@ -20,6 +21,7 @@ use xnet_common::{IF_F_DEFAULT_DENY, IF_F_FIREWALL};
 use std::sync::Arc;
 
 use crate::bgp::fsm::Event;
+use crate::bgp::graceful::Stale;
 use crate::bgp::rib::{self, Rib};
 use crate::bgp::Speaker;
 use crate::config::{Config, DefaultAction, FailureMode, Role, XdpMode};
@@ -55,6 +57,16 @@ struct Agent {
     /// Kernel FIB updates for learned routes, written by a task of their own so a full
     /// table never holds up the data plane.
     fib: Option<mpsc::UnboundedSender<FibOp>>,
+    /// Graceful restart, new agent: the XDP links the previous agent left (ifindex, pin),
+    /// taken over once routes are selected; and when we started.
+    handover: Vec<(u32, PathBuf)>,
+    started: Instant,
+    /// Peers whose initial routes are all in (End-of-RIB, or no graceful restart).
+    converged: HashSet<IpAddr>,
+    /// Graceful restart, helper side: routes of restarting peers.
+    stale: Stale,
+    /// Restart time each peer announced (graceful restart negotiated).
+    peer_restart_time: HashMap<IpAddr, u16>,
 }
 
 enum FibOp {
@@ -102,13 +114,30 @@ pub async fn run(path: &Path) -> Result<()> {
         bgp_routes: RouteSet::new(),
         connected: Vec::new(),
         fib: None,
+        handover: Vec::new(),
+        started: Instant::now(),
+        converged: HashSet::new(),
+        stale: Stale::default(),
+        peer_restart_time: HashMap::new(),
     };
     let result = match agent.start(routes).await {
         Ok(()) => agent.serve().await,
         Err(e) => Err(e),
     };
-    agent.stop().await;
-    result
+    match result {
+        Ok(Exit::Restart) => agent.exit_for_restart().await,
+        _ => agent.stop().await,
+    }
+    result.map(|_| ())
+}
+
+/// How the agent leaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Exit {
+    /// Undo everything.
+    Stop,
+    /// Leave forwarding running for the next agent (SIGUSR1).
+    Restart,
 }
 
 fn route_set(config: &Config, links: &HashMap<String, (u32, [u8; 6])>) -> RouteSet {
@@ -170,6 +199,22 @@ impl Agent {
 
     async fn start(&mut self, routes: RouteSet) -> Result<()> {
         let c = self.config.clone();
+        // A previous agent's XDP links (graceful restart): ours are taken over later;
+        // those of interfaces no longer configured detach now.
+        let ours: HashSet<u32> = self.links.values().map(|(i, _)| *i).collect();
+        for (ifindex, pin) in Dataplane::pinned(&crate::restart::dir(&c.agent.pin_dir)) {
+            if ours.contains(&ifindex) {
+                self.handover.push((ifindex, pin));
+            } else if std::fs::remove_file(&pin).is_ok() {
+                info!("ifindex {ifindex}: XDP left by the previous agent detached (no longer configured)");
+            }
+        }
+        if !self.handover.is_empty() {
+            info!(
+                "graceful restart: the previous agent's XDP keeps forwarding on {} interfaces until routes are selected",
+                self.handover.len()
+            );
+        }
         for (i, _) in c.segments.iter().enumerate() {
             self.dp.add_segment(i as u32 + 1)?;
         }
@@ -198,6 +243,9 @@ impl Agent {
         }
         for itf in &c.interfaces {
             let (ifindex, _) = self.links[&itf.name];
+            if self.handover.iter().any(|(i, _)| *i == ifindex) {
+                continue;
+            }
             self.dp.attach(ifindex, generic).with_context(|| {
                 format!("{}: interfaces: {} (set agent.xdp_mode = \"generic\" if its driver has no native XDP)", self.path.display(), itf.name)
             })?;
@@ -222,6 +270,10 @@ impl Agent {
                 self.rules.push(itf.name.clone());
             }
         }
+        if self.handover.is_empty() {
+            // A crashed agent may have left routes in the kernel.
+            self.sweep_kernel_routes().await;
+        }
         info!(
             "xnet agent running: {} interfaces, {} routes, status on {}",
             c.interfaces.len(),
@@ -229,6 +281,104 @@ impl Agent {
             c.agent.socket.display()
         );
         Ok(())
+    }
+
+    /// Removes the kernel routes (protocol 250) in segment tables that we do not want.
+    async fn sweep_kernel_routes(&mut self) {
+        if !self.config.agent.kernel_fib {
+            return;
+        }
+        let tables: HashMap<u32, u32> = self
+            .config
+            .segments
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.table, i as u32 + 1))
+            .collect();
+        let ours = match self.kernel.our_routes().await {
+            Ok(r) => r,
+            Err(e) => {
+                warn!("listing kernel routes: {e:#}");
+                return;
+            }
+        };
+        let mut n = 0;
+        for (table, net) in ours {
+            let Some(seg) = tables.get(&table) else {
+                continue;
+            };
+            if self.routes.contains_key(&(*seg, net)) || self.bgp_routes.contains_key(&(*seg, net))
+            {
+                continue;
+            }
+            n += 1;
+            match &self.fib {
+                Some(f) => {
+                    let _ = f.send(FibOp::Delete(table, net));
+                }
+                None => {
+                    let _ = self.kernel.delete_route(table, net).await;
+                }
+            }
+        }
+        if n > 0 {
+            info!("removed {n} kernel routes a previous agent left");
+        }
+    }
+
+    /// Graceful restart, new agent: once every peer has sent its routes (End-of-RIB) or
+    /// `restart_time` is over, and the firewall health checks have answered (or 5 s
+    /// passed), puts our program behind the previous agent's links and lets our
+    /// advertisements go.
+    async fn maybe_finish_restart(&mut self) {
+        let bgp_pending = self.bgp.as_ref().is_some_and(|b| b.restarting());
+        if self.handover.is_empty() && !bgp_pending {
+            return;
+        }
+        let waited = self.started.elapsed();
+        let deadline = Duration::from_secs(
+            self.config
+                .bgp
+                .as_ref()
+                .map(|b| b.restart_time)
+                .unwrap_or(0) as u64,
+        );
+        let peers_done = self
+            .bgp
+            .as_ref()
+            .is_none_or(|b| b.peers.iter().all(|p| self.converged.contains(&p.address)));
+        let health_done = self.health.iter().flatten().all(|h| h.up.is_some());
+        if !((peers_done || waited >= deadline)
+            && (health_done || waited >= Duration::from_secs(5)))
+        {
+            return;
+        }
+        let generic = self.config.agent.xdp_mode == XdpMode::Generic;
+        for (ifindex, pin) in std::mem::take(&mut self.handover) {
+            let name = self.link_name(ifindex);
+            if let Err(e) = self.dp.take_over(ifindex, &pin) {
+                // Never leave an interface without XDP: drop the old one, attach ours.
+                warn!("{name}: {e:#}: detaching the previous agent's XDP and attaching ours");
+                let _ = std::fs::remove_file(&pin);
+                if let Err(e) = self.dp.attach(ifindex, generic) {
+                    error!("{name}: attaching XDP: {e:#}");
+                }
+            }
+        }
+        if let Some(b) = &self.bgp {
+            b.restart_done();
+        }
+        for seg in 1..=self.config.segments.len() as u32 {
+            self.readvertise(seg);
+        }
+        self.sweep_kernel_routes().await;
+        info!(
+            "graceful restart complete after {:.1} s: our XDP program forwards now ({} of {} BGP peers sent End-of-RIB, {} BGP routes)",
+            waited.as_secs_f64(),
+            self.converged.len(),
+            self.bgp.as_ref().map(|b| b.peers.len()).unwrap_or(0),
+            self.bgp_routes.len()
+        );
     }
 
     /// Makes the applied routes equal to `want`: data plane first, then the kernel mirror.
@@ -380,7 +530,7 @@ impl Agent {
             });
             self.fib = Some(tx);
         }
-        self.bgp = Speaker::start(&self.config).await?;
+        self.bgp = Speaker::start(&self.config, !self.handover.is_empty()).await?;
         for seg in 1..=self.config.segments.len() as u32 {
             self.readvertise(seg);
         }
@@ -421,18 +571,78 @@ impl Agent {
         {
             return;
         }
+        let local_restart = self
+            .config
+            .bgp
+            .as_ref()
+            .map(|b| b.restart_time)
+            .unwrap_or(0);
         let changed = match ev {
-            Event::Established { peer, .. } => {
+            Event::Established {
+                peer,
+                graceful_restart,
+                ..
+            } => {
                 info!("bgp: {peer} established");
-                return;
+                let family = if peer.is_ipv4() { (1, 1) } else { (2, 1) };
+                let kept = graceful_restart
+                    .as_ref()
+                    .is_some_and(|g| g.forwarding(family.0, family.1));
+                if graceful_restart.is_none() {
+                    // No End-of-RIB to wait for.
+                    self.converged.insert(peer);
+                }
+                // Its routes are kept across its restarts only for the families its
+                // capability lists (RFC 4724 §4.2).
+                match graceful_restart
+                    .as_ref()
+                    .filter(|g| g.families.iter().any(|(a, s, _)| (*a, *s) == family))
+                {
+                    Some(g) => self.peer_restart_time.insert(peer, g.restart_time),
+                    None => self.peer_restart_time.remove(&peer),
+                };
+                if !self.stale.has(peer) {
+                    return;
+                }
+                if kept {
+                    let n = self.stale.rearm(peer, local_restart);
+                    info!("bgp: {peer} is back from a graceful restart: its {n} stale routes stay until its End-of-RIB");
+                    return;
+                }
+                // It did not keep forwarding (F bit clear) or no longer does graceful
+                // restart: its old routes are void now.
+                self.drop_stale(peer, "the peer did not keep its forwarding state")
             }
-            Event::Down { peer, reason } => {
-                let changed = self.rib.peer_down(peer);
-                info!(
-                    "bgp: {peer} down ({reason}): {} prefixes changed",
-                    changed.len()
-                );
-                changed
+            Event::EndOfRib { peer } => {
+                self.converged.insert(peer);
+                if self.stale.has(peer) {
+                    self.drop_stale(peer, "End-of-RIB")
+                } else {
+                    Vec::new()
+                }
+            }
+            Event::Down {
+                peer,
+                reason,
+                graceful,
+            } => {
+                self.converged.remove(&peer);
+                match self.peer_restart_time.get(&peer).copied() {
+                    Some(secs) if graceful && secs > 0 => {
+                        let n = self.stale.keep(peer, self.rib.prefixes_of(peer), secs);
+                        info!("bgp: {peer} down ({reason}): graceful restart, its {n} routes stay (stale) for up to {secs} s");
+                        Vec::new()
+                    }
+                    _ => {
+                        self.stale.take(peer);
+                        let changed = self.rib.peer_down(peer);
+                        info!(
+                            "bgp: {peer} down ({reason}): {} prefixes changed",
+                            changed.len()
+                        );
+                        changed
+                    }
+                }
             }
             Event::Update {
                 peer,
@@ -443,6 +653,31 @@ impl Agent {
         };
         if let Err(e) = self.apply_bgp(changed).await {
             warn!("bgp: {e:#}");
+        }
+    }
+
+    /// Withdraws the routes of `peer` still stale.
+    fn drop_stale(&mut self, peer: IpAddr, why: &str) -> Vec<(u32, IpNet)> {
+        let keys = self.stale.take(peer);
+        let n = keys.len();
+        let changed: Vec<(u32, IpNet)> = keys
+            .into_iter()
+            .filter(|(s, net)| self.rib.withdraw(*s, *net, peer))
+            .collect();
+        info!("bgp: {peer}: {why}: {n} stale routes removed");
+        changed
+    }
+
+    /// Helper side: restarting peers that did not come back in time lose their routes.
+    async fn expire_stale(&mut self) {
+        let mut changed = Vec::new();
+        for peer in self.stale.expired(Instant::now()) {
+            changed.extend(self.drop_stale(peer, "restart time over"));
+        }
+        if !changed.is_empty() {
+            if let Err(e) = self.apply_bgp(changed).await {
+                warn!("bgp: {e:#}");
+            }
         }
     }
 
@@ -470,6 +705,7 @@ impl Agent {
             .iter()
             .chain(u.mp_unreach.iter().flat_map(|m| m.withdrawn.iter()));
         for net in withdrawn {
+            self.stale.refreshed(peer, &(seg, *net));
             if self.rib.withdraw(seg, *net, peer) {
                 changed.push((seg, *net));
             }
@@ -481,6 +717,7 @@ impl Agent {
         let mp = u.mp_reach.and_then(|m| m.next_hop.map(|nh| (nh, m.nlri)));
         for (next_hop, nlri) in v4.into_iter().chain(mp) {
             for net in nlri {
+                self.stale.refreshed(peer, &(seg, net));
                 // Our own AS in the path: a loop (RFC 4271 §9.1.2); treat as withdrawn.
                 // Import policy: rejected prefixes are withdrawn (a route accepted before
                 // may be refused now).
@@ -776,7 +1013,7 @@ impl Agent {
         }
     }
 
-    async fn serve(&mut self) -> Result<()> {
+    async fn serve(&mut self) -> Result<Exit> {
         let socket = self.config.agent.socket.clone();
         if let Some(dir) = socket.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -787,15 +1024,20 @@ impl Agent {
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut hup = signal(SignalKind::hangup())?;
+        let mut usr1 = signal(SignalKind::user_defined1())?;
         let mut tick =
             tokio::time::interval(Duration::from_millis(self.config.agent.neighbour_poll_ms));
         let mut log_tick = tokio::time::interval(Duration::from_secs(5));
-        loop {
+        let exit = loop {
             tokio::select! {
-                _ = term.recv() => { info!("SIGTERM: stopping"); break; }
-                _ = int.recv() => { info!("SIGINT: stopping"); break; }
+                _ = term.recv() => { info!("SIGTERM: stopping"); break Exit::Stop; }
+                _ = int.recv() => { info!("SIGINT: stopping"); break Exit::Stop; }
+                _ = usr1.recv() => { info!("SIGUSR1: exiting for a graceful restart"); break Exit::Restart; }
                 _ = hup.recv() => self.reload().await,
-                Some(ev) = recv_bgp(&mut self.bgp) => self.on_bgp(ev).await,
+                Some(ev) = recv_bgp(&mut self.bgp) => {
+                    self.on_bgp(ev).await;
+                    self.maybe_finish_restart().await;
+                }
                 Some(p) = recv(&mut self.probes) => {
                     if let Err(e) = self.on_probe(p) {
                         warn!("health: {e:#}");
@@ -807,6 +1049,8 @@ impl Agent {
                     if let Err(e) = self.sync_kernel_state().await {
                         warn!("reading neighbours and addresses: {e:#}");
                     }
+                    self.expire_stale().await;
+                    self.maybe_finish_restart().await;
                 }
                 conn = listener.accept() => {
                     if let Ok((mut stream, _)) = conn {
@@ -819,9 +1063,9 @@ impl Agent {
                     }
                 }
             }
-        }
+        };
         let _ = std::fs::remove_file(&socket);
-        Ok(())
+        Ok(exit)
     }
 
     fn status(&self) -> Result<Status> {
@@ -839,7 +1083,9 @@ impl Agent {
                 ifindex,
                 segment: itf.segment.clone(),
                 mac: status::mac_string(&mac),
-                xdp: if !attached.contains(&ifindex) {
+                xdp: if self.handover.iter().any(|(i, _)| *i == ifindex) {
+                    "previous agent's (graceful restart)".into()
+                } else if !attached.contains(&ifindex) {
                     "detached".into()
                 } else if self.config.agent.xdp_mode == XdpMode::Generic {
                     "generic".into()
@@ -980,6 +1226,7 @@ impl Agent {
                                 .map(|c| format!("{}:{}", c >> 16, c & 0xffff))
                                 .collect(),
                             selected: selected.iter().any(|x| x.peer == p.peer),
+                            stale: self.stale.is_stale(p.peer, &(*seg, *net)),
                         })
                         .collect(),
                 });
@@ -999,8 +1246,57 @@ impl Agent {
         Ok(s)
     }
 
-    /// Undoes what start() did, in reverse: XDP first, so no packet meets half-removed state.
+    /// SIGUSR1: leaves forwarding to the next agent. The XDP links are pinned (the
+    /// program and its maps keep forwarding), kernel routes, rules and neighbours stay, and
+    /// BGP sessions close without a NOTIFICATION, so graceful-restart peers keep our
+    /// routes for `restart_time`. If the links cannot be pinned, stops cleanly instead.
+    async fn exit_for_restart(&mut self) {
+        let base = self.config.agent.pin_dir.clone();
+        // Still restarting ourselves: the previous agent's program is in place and pinned.
+        if self.handover.is_empty() {
+            let pinned = crate::restart::prepare(&base).and_then(|d| {
+                self.dp.pin_all(&d)?;
+                Ok(d)
+            });
+            match pinned {
+                Ok(d) => info!("XDP links pinned in {}", d.display()),
+                Err(e) => {
+                    error!("graceful restart not possible, stopping cleanly: {e:#}");
+                    self.stop().await;
+                    return;
+                }
+            }
+        }
+        let gr = self
+            .config
+            .bgp
+            .as_ref()
+            .map(|b| (b.graceful_restart, b.restart_time));
+        if let Some(b) = &mut self.bgp {
+            match gr {
+                Some((true, _)) => b.close_for_restart(),
+                _ => b.shutdown().await,
+            }
+        }
+        info!(
+            "xnet agent exited for a graceful restart: XDP keeps forwarding, kernel routes and rules stay{}; start the agent again to take over",
+            match gr {
+                Some((true, secs)) => format!(", BGP peers keep our routes for {secs} s"),
+                _ => String::new(),
+            }
+        );
+    }
+
+    /// Undoes what start() did, in reverse: BGP peers are told first (so they move traffic
+    /// away), then XDP goes, so no packet meets half-removed state.
     async fn stop(&mut self) {
+        if let Some(b) = &mut self.bgp {
+            b.shutdown().await;
+        }
+        // A graceful restart in progress: the previous agent's program goes too.
+        for (_, pin) in std::mem::take(&mut self.handover) {
+            let _ = std::fs::remove_file(pin);
+        }
         self.dp.detach_all();
         for name in std::mem::take(&mut self.rules) {
             if let Err(e) = self.kernel.delete_segment_rules(&name).await {

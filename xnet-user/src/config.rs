@@ -44,8 +44,24 @@ pub struct Bgp {
     /// Equal paths installed together (ECMP width).
     #[serde(default = "default_multipath")]
     pub multipath: usize,
+    /// Graceful restart (RFC 4724): keep a restarting peer's routes, and restart the
+    /// agent (SIGUSR1, then start it again) without peers dropping ours or traffic
+    /// stopping.
+    #[serde(default = "default_true")]
+    pub graceful_restart: bool,
+    /// Seconds peers keep our routes while the agent restarts; also how long a restarted
+    /// agent waits for its peers' End-of-RIB before it selects routes anyway.
+    #[serde(default = "default_restart_time")]
+    pub restart_time: u16,
     #[serde(default)]
     pub neighbors: Vec<Neighbor>,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_restart_time() -> u16 {
+    120
 }
 
 fn default_bgp_port() -> u16 {
@@ -126,6 +142,9 @@ pub struct AgentSettings {
     pub kernel_fib: bool,
     /// How often the neighbour table and local addresses are re-read, in milliseconds.
     pub neighbour_poll_ms: u64,
+    /// Directory on a BPF filesystem where a graceful restart (SIGUSR1) leaves the XDP
+    /// attachments, so forwarding goes on until the next agent takes them over.
+    pub pin_dir: PathBuf,
 }
 
 impl Default for AgentSettings {
@@ -136,6 +155,7 @@ impl Default for AgentSettings {
             route_table_groups: 8192,
             kernel_fib: true,
             neighbour_poll_ms: 250,
+            pin_dir: PathBuf::from("/sys/fs/bpf/xnet"),
         }
     }
 }
@@ -453,6 +473,13 @@ impl Config {
         }
         if !(1..=16).contains(&b.multipath) {
             return err("bgp.multipath".into(), "must be 1 to 16".into());
+        }
+        // The capability carries it in 12 bits.
+        if !(1..=4095).contains(&b.restart_time) {
+            return err(
+                "bgp.restart_time".into(),
+                "must be 1 to 4095 seconds".into(),
+            );
         }
         let mut seen = HashSet::new();
         for (i, n) in b.neighbors.iter().enumerate() {

@@ -9,12 +9,15 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::os::fd::{AsFd, AsRawFd};
+use std::path::Path;
 use std::sync::atomic::AtomicU32;
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::maps::{
     Array, DevMapHash, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues,
 };
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::xdp::XdpLink;
 use aya::programs::{Xdp, XdpMode};
 use aya::util::nr_cpus;
 use aya::{Ebpf, EbpfLoader};
@@ -284,6 +287,81 @@ impl Dataplane {
 
     pub fn attached(&self) -> Vec<u32> {
         self.attached.iter().map(|(i, _)| *i).collect()
+    }
+
+    /// Graceful restart, old agent: pins every attachment under `dir` (one file per
+    /// ifindex) and lets go of it. The kernel keeps the program and its maps alive through
+    /// the pins, so packets keep being forwarded after this process exits.
+    pub fn pin_all(&mut self, dir: &Path) -> Result<()> {
+        let p: &mut Xdp = self
+            .ebpf
+            .program_mut(names::PROG_FORWARD)
+            .unwrap()
+            .try_into()?;
+        let mut pinned = Vec::new();
+        let mut result = Ok(());
+        for (ifindex, id) in std::mem::take(&mut self.attached) {
+            let path = dir.join(ifindex.to_string());
+            let r = p
+                .take_link(id)
+                .map_err(anyhow::Error::from)
+                .and_then(|l| {
+                    FdLink::try_from(l)
+                        .map_err(|e| anyhow!("{e} (attached through netlink, not a BPF link)"))
+                })
+                .and_then(|l| l.pin(&path).map_err(anyhow::Error::from))
+                .with_context(|| {
+                    format!(
+                        "pinning the XDP link of ifindex {ifindex} at {}",
+                        path.display()
+                    )
+                });
+            match r {
+                Ok(l) => pinned.push(l),
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        if result.is_err() {
+            // All or nothing: unpinned links detach when dropped.
+            for l in pinned {
+                let _ = l.unpin();
+            }
+        }
+        result
+    }
+
+    /// Graceful restart, new agent: the attachments a previous agent pinned under `dir`:
+    /// ifindex and pin path.
+    pub fn pinned(dir: &Path) -> Vec<(u32, std::path::PathBuf)> {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path())))
+            .collect()
+    }
+
+    /// Atomically puts our program behind a link a previous agent pinned at `path` (no
+    /// packet sees an interface without XDP), then removes the pin: the link is ours now.
+    /// On failure the pin stays, and with it the old program.
+    pub fn take_over(&mut self, ifindex: u32, path: &Path) -> Result<()> {
+        let p: &mut Xdp = self
+            .ebpf
+            .program_mut(names::PROG_FORWARD)
+            .unwrap()
+            .try_into()?;
+        let fd = FdLink::from(PinnedLink::from_pin(path)?);
+        let link = XdpLink::try_from(fd).context("the pinned link is not an XDP link")?;
+        let id = p
+            .attach_to_link(link)
+            .with_context(|| format!("replacing the XDP program on ifindex {ifindex}"))?;
+        self.attached.push((ifindex, id));
+        std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
+        Ok(())
     }
 
     /// Gives a segment its two route tables. Idempotent.

@@ -227,6 +227,44 @@ impl Kernel {
             .with_context(|| format!("deleting kernel route {net} table {table}"))
     }
 
+    /// Every route the agent installed (protocol 250), in any table: (table, prefix).
+    /// A new agent removes the ones it no longer wants (a previous agent's leftovers).
+    pub async fn our_routes(&self) -> Result<Vec<(u32, IpNet)>> {
+        use netlink_packet_route::route::{RouteAddress, RouteAttribute};
+        let mut out = Vec::new();
+        for v6 in [false, true] {
+            let msg = if v6 {
+                RouteMessageBuilder::<std::net::Ipv6Addr>::new().build()
+            } else {
+                RouteMessageBuilder::<std::net::Ipv4Addr>::new().build()
+            };
+            let mut s = self.handle.route().get(msg).execute();
+            while let Some(m) = s.try_next().await? {
+                if m.header.protocol != RouteProtocol::Other(RTPROT_XNET) {
+                    continue;
+                }
+                let mut table = m.header.table as u32;
+                let mut dst: IpAddr = if v6 {
+                    std::net::Ipv6Addr::UNSPECIFIED.into()
+                } else {
+                    std::net::Ipv4Addr::UNSPECIFIED.into()
+                };
+                for a in &m.attributes {
+                    match a {
+                        RouteAttribute::Table(t) => table = *t,
+                        RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = (*a).into(),
+                        RouteAttribute::Destination(RouteAddress::Inet6(a)) => dst = (*a).into(),
+                        _ => {}
+                    }
+                }
+                if let Ok(net) = IpNet::new(dst, m.header.destination_prefix_length) {
+                    out.push((table, net));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// `ip rule add iif NAME lookup TABLE` and `iif NAME unreachable` after it, both
     /// families.
     pub async fn add_segment_rules(&self, iif: &str, table: u32, priority: u32) -> Result<()> {

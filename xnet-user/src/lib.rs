@@ -11,4 +11,5 @@ pub mod kernel;
 pub mod lab;
 pub mod lpm;
 pub mod policy;
+pub mod restart;
 pub mod status;

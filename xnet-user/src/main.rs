@@ -18,8 +18,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent: load and attach XDP on the config's interfaces, program the routes,
-    /// mirror them into the kernel FIB, and follow neighbours. SIGHUP reloads routes;
-    /// SIGINT/SIGTERM detach and clean up.
+    /// mirror them into the kernel FIB, and follow neighbours. SIGHUP reloads routes and
+    /// BGP neighbours; SIGINT/SIGTERM tell BGP peers, detach and clean up. SIGUSR1 exits
+    /// for a graceful restart: XDP keeps forwarding (pinned in agent.pin_dir), kernel
+    /// routes stay, BGP peers keep our routes; the next `xnet run` takes over without
+    /// dropping traffic.
     Run {
         /// The TOML config (see xnet-user/config/demo-lab.toml for an example).
         #[arg(short, long)]

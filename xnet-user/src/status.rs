@@ -69,6 +69,9 @@ pub struct BgpPathStatus {
     pub communities: Vec<String>,
     /// Chosen (best, or equal to it under multipath).
     pub selected: bool,
+    /// Kept from a peer that is restarting (graceful restart), until its End-of-RIB.
+    #[serde(default)]
+    pub stale: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -235,13 +238,15 @@ impl Status {
                 b.last_error.as_deref().unwrap_or("-")
             );
         }
-        let _ = writeln!(s, "\n  SEGMENT      PREFIX                         PEER                     NEXT HOP                 AS PATH              LOCPRF    MED");
+        let _ = writeln!(s, "\n(* selected, S stale: kept while the peer restarts)");
+        let _ = writeln!(s, "   SEGMENT      PREFIX                         PEER                     NEXT HOP                 AS PATH              LOCPRF    MED");
         for r in &self.bgp_routes {
             for p in &r.paths {
                 let _ = writeln!(
                     s,
-                    "{} {:<12} {:<30} {:<24} {:<24} {:<20} {:>6} {:>6}",
+                    "{}{} {:<12} {:<30} {:<24} {:<24} {:<20} {:>6} {:>6}",
                     if p.selected { "*" } else { " " },
+                    if p.stale { "S" } else { " " },
                     r.segment,
                     r.prefix,
                     p.peer,

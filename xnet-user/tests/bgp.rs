@@ -54,6 +54,7 @@ struct Bird {
     child: Child,
     socket: String,
     ns: String,
+    conf: String,
 }
 
 impl Bird {
@@ -71,23 +72,39 @@ impl Bird {
         let socket = dir.join("bird.ctl").display().to_string();
         let ns = lab.ns("onprem");
         sh(&format!("ip -n {ns} addr add {address}/32 dev lo"));
-        let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &ns,
-                "bird",
-                "-f",
-                "-c",
-                path.to_str().unwrap(),
-                "-s",
-                &socket,
-            ])
-            .stdout(Stdio::null())
+        let conf = path.display().to_string();
+        let child = Self::spawn(&ns, &conf, &socket, false);
+        Bird {
+            child,
+            socket,
+            ns,
+            conf,
+        }
+    }
+
+    /// `recovery`: start in graceful-restart recovery mode (`bird -R`).
+    fn spawn(ns: &str, conf: &str, socket: &str, recovery: bool) -> Child {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns, "bird", "-f", "-c", conf, "-s", socket]);
+        if recovery {
+            c.arg("-R");
+        }
+        c.stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("bird (Debian bird2) is installed by cargo xtask setup");
-        Bird { child, socket, ns }
+            .expect("bird (Debian bird2) is installed by cargo xtask setup")
+    }
+
+    /// `birdc graceful restart`: BIRD exits, closing its sessions without a NOTIFICATION
+    /// so its peers keep its routes. Returns once it is gone.
+    fn exit_for_graceful_restart(&mut self) {
+        self.cmd("graceful restart");
+        let _ = self.child.wait();
+    }
+
+    /// Starts BIRD again in recovery mode after `exit_for_graceful_restart`.
+    fn recover(&mut self) {
+        self.child = Self::spawn(&self.ns, &self.conf, &self.socket, true);
     }
 
     fn cmd(&self, args: &str) -> String {
@@ -301,6 +318,40 @@ fn bird_sessions_routes_withdrawals_and_exports() {
         Duration::from_secs(5),
         |_| bird.cmd("show route protocol cxp6").contains("fd03::/48"),
     );
+
+    // A new import policy keeps the session: ROUTE-REFRESH brings the routes again and
+    // the new policy applies to them.
+    let up_before = agent
+        .status()
+        .bgp
+        .iter()
+        .find(|b| b.name == "onprem")
+        .unwrap()
+        .uptime_secs;
+    let cfg = std::fs::read_to_string(&agent.config).unwrap();
+    std::fs::write(
+        &agent.config,
+        cfg.replace("import = { local_pref = 200 }", "import = { local_pref = 300 }"),
+    )
+    .unwrap();
+    agent.signal(libc::SIGHUP);
+    wait_until(
+        &agent,
+        "routes refreshed under the new import policy",
+        Duration::from_secs(10),
+        |s| {
+            s.bgp_routes.iter().any(|r| {
+                r.prefix == "172.16.0.0/16" && r.paths.iter().any(|p| p.local_pref == Some(300))
+            })
+        },
+    );
+    let s = agent.status();
+    let v4 = s.bgp.iter().find(|b| b.name == "onprem").unwrap();
+    assert!(
+        v4.state == "Established" && v4.uptime_secs >= up_before,
+        "no session reset for an import change: {v4:?}"
+    );
+    assert!(agent.log().contains("ROUTE-REFRESH sent"), "{}", agent.log());
 }
 
 #[test]
@@ -403,4 +454,151 @@ remote_asn = 65010
         20,
         "forwarded via the static route's next hop"
     );
+}
+
+/// A BPF filesystem mounted for the test in the host's mount namespace: the agent runs
+/// under `ip netns exec`, whose private /sys would give each agent its own, gone when it
+/// exits, and the pins with it.
+struct BpfFs(std::path::PathBuf);
+
+impl BpfFs {
+    fn mount(lab: &Lab) -> BpfFs {
+        let dir = std::env::temp_dir().join(format!("{}-bpffs", lab.prefix));
+        std::fs::create_dir_all(&dir).unwrap();
+        sh(&format!("mount -t bpf bpf {}", dir.display()));
+        BpfFs(dir)
+    }
+
+    fn pins(&self) -> usize {
+        std::fs::read_dir(&self.0)
+            .unwrap()
+            .flatten()
+            .filter_map(|ns| std::fs::read_dir(ns.path()).ok())
+            .map(|d| d.count())
+            .sum()
+    }
+}
+
+impl Drop for BpfFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// UDP from vnet1 to 172.16.0.1 every 2 ms until `stop`, in the background; the handle
+/// gives (sent, received).
+fn steady_traffic(
+    lab: &Lab,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(usize, usize)> {
+    use std::net::UdpSocket;
+    use std::sync::atomic::Ordering;
+
+    let rx = udp_counter(lab, "onprem", "172.16.0.1:9100".parse().unwrap(), b"steady");
+    let client = in_netns(&lab.ns("vnet1"), || {
+        UdpSocket::bind("10.1.0.1:5100").unwrap()
+    });
+    std::thread::spawn(move || {
+        let mut sent = 0;
+        while !stop.load(Ordering::Relaxed) {
+            if client.send_to(b"steady", "172.16.0.1:9100").is_ok() {
+                sent += 1;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        (sent, rx.join().unwrap())
+    })
+}
+
+fn stale(s: &Status, prefix: &str) -> bool {
+    s.bgp_routes
+        .iter()
+        .any(|r| r.prefix == prefix && r.paths.iter().any(|p| p.stale))
+}
+
+#[test]
+fn graceful_restart_of_the_agent_and_of_bird() {
+    if !require_root("graceful_restart_of_the_agent_and_of_bird") {
+        return;
+    }
+    let lab = lab("bgpgr");
+    let pins = BpfFs::mount(&lab);
+    let conf = BIRD_CONF.replace(
+        "neighbor 10.0.3.1 as 65000;",
+        "neighbor 10.0.3.1 as 65000;\n  graceful restart on;",
+    );
+    let mut bird = Bird::with_config(&lab, &conf, "172.16.0.1");
+    let cfg = format!(
+        "{}\n{}",
+        xnet_user::lab::DEMO_CONFIG.replace(
+            "[agent]\n",
+            &format!("[agent]\npin_dir = \"{}\"\n", pins.0.display())
+        ),
+        XNET_BGP
+    );
+    let mut agent = Agent::start(&lab, &cfg);
+    let up = Duration::from_secs(20);
+    wait_until(&agent, "sessions up, routes in", up, |s| {
+        established(s) == 2 && in_data_plane(s, "172.16.0.0/16")
+    });
+    wait_until(&agent, "next hops resolved", Duration::from_secs(5), |s| {
+        s.routes
+            .iter()
+            .all(|r| r.next_hops.iter().all(|h| h.fast_path))
+    });
+    assert!(bird.cmd("show route protocol cxp").contains("0.0.0.0/0"));
+
+    // 1. The agent restarts (SIGUSR1, then a new agent) under steady traffic.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = steady_traffic(&lab, stop.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    agent.signal(libc::SIGUSR1);
+    let code = agent.child.take().unwrap().wait().unwrap();
+    assert!(code.success(), "agent exit: {code}: {}", agent.log());
+    assert!(
+        agent.log().contains("exited for a graceful restart"),
+        "{}",
+        agent.log()
+    );
+    assert!(pins.pins() >= 3, "XDP links pinned: {}", pins.pins());
+    // While no agent runs: BIRD keeps our route, the kernel keeps the learned ones.
+    std::thread::sleep(Duration::from_millis(1000));
+    let kept = bird.cmd("show route protocol cxp");
+    assert!(kept.contains("0.0.0.0/0"), "BIRD kept our route: {kept}");
+    let t100 = sh(&format!("ip -n {} route show table 100", lab.ns("cxp")));
+    assert!(t100.contains("172.16.0.0/16"), "{t100}");
+    let agent2 = Agent::start(&lab, &cfg);
+    wait_until(&agent2, "the new agent took over", up, |s| {
+        established(s) == 2
+            && s.interfaces.iter().all(|i| i.xdp == "native")
+            && in_data_plane(s, "172.16.0.0/16")
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (sent, received) = traffic.join().unwrap();
+    assert!(sent > 500, "{sent} sent");
+    assert_eq!(received, sent, "no datagram lost across the restart");
+    let log = agent2.log();
+    assert!(log.contains("graceful restart complete"), "{log}");
+    assert_eq!(pins.pins(), 0, "the new agent owns the links");
+    assert!(
+        agent2.status().reason("forwarded") > 0,
+        "the new program forwards"
+    );
+    let r = bird.cmd("show route protocol cxp all");
+    assert!(r.contains("0.0.0.0/0") && !r.contains("stale"), "{r}");
+
+    // 2. BIRD restarts gracefully: the agent keeps its routes (stale) and forwarding.
+    bird.exit_for_graceful_restart();
+    wait_until(&agent2, "the session down, routes stale", up, |s| {
+        established(s) < 2 && stale(s, "172.16.0.0/16") && in_data_plane(s, "172.16.0.0/16")
+    });
+    assert_eq!(to_onprem_172(&lab, 20), 20, "forwarding on stale routes");
+    bird.recover();
+    wait_until(&agent2, "BIRD back, routes current", up, |s| {
+        established(s) == 2 && in_data_plane(s, "172.16.0.0/16") && !stale(s, "172.16.0.0/16")
+    });
+    assert!(agent2.log().contains("End-of-RIB"), "{}", agent2.log());
+    assert_eq!(to_onprem_172(&lab, 20), 20);
 }

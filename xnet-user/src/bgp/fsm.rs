@@ -1,11 +1,12 @@
 //! One BGP session per neighbour, as a tokio task: Idle → Connect/Active → OpenSent →
 //! OpenConfirm → Established (RFC 4271 §8), with connect-retry back-off, hold and keepalive
-//! timers, connection-collision resolution (§6.8) and NOTIFICATIONs with the right codes.
-//! It reports to the agent through [`Event`]s and sends what the agent puts in its
-//! advertisement channel.
+//! timers, connection-collision resolution (§6.8), graceful restart (RFC 4724) and
+//! NOTIFICATIONs with the right codes. It reports to the agent through [`Event`]s, sends what
+//! the agent puts in its advertisement channel and obeys its [`Control`]s.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,6 +36,32 @@ pub struct SessionConfig {
     pub max_prefixes: Option<usize>,
     /// Source address of the session (else the kernel picks).
     pub local_address: Option<IpAddr>,
+    /// Announce graceful restart (RFC 4724), as helper and as restarting speaker.
+    pub graceful_restart: Option<GrLocal>,
+    /// Set while the agent is restarting (its routes not yet selected): the R bit, and
+    /// our advertisements wait.
+    pub restarting: Arc<AtomicBool>,
+}
+
+/// Our side of graceful restart.
+#[derive(Debug, Clone, Copy)]
+pub struct GrLocal {
+    /// Seconds the peer should keep our routes when our session drops.
+    pub restart_time: u16,
+    /// The F bit of the first session: the agent took over a data plane that kept
+    /// forwarding. Later sessions of the same agent always have it (XDP never stopped).
+    pub forwarding: bool,
+}
+
+/// What the agent asks of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Close with NOTIFICATION Cease/Administrative Shutdown, so the peer drops our routes
+    /// at once instead of keeping them for a graceful restart.
+    Shutdown,
+    /// Ask the peer to send its routes again (ROUTE-REFRESH, RFC 2918): the import policy
+    /// changed. A peer without the capability gets its session reset instead.
+    Refresh,
 }
 
 /// Connects to `target`, from `local` when given.
@@ -62,7 +89,11 @@ pub enum Event {
     Established {
         peer: IpAddr,
         peer_id: Ipv4Addr,
+        /// The peer's graceful-restart capability, when both sides announced one.
+        graceful_restart: Option<GracefulRestart>,
     },
+    /// The peer sent End-of-RIB: its initial routes are all in.
+    EndOfRib { peer: IpAddr },
     Update {
         peer: IpAddr,
         peer_id: Ipv4Addr,
@@ -72,7 +103,34 @@ pub enum Event {
     Down {
         peer: IpAddr,
         reason: String,
+        /// Both sides announced graceful restart and the session ended without a
+        /// NOTIFICATION: the peer is restarting, keep its routes (RFC 4724 §4.2).
+        graceful: bool,
     },
+}
+
+/// Why a session ended.
+struct Ended {
+    reason: String,
+    graceful: bool,
+    /// Collision resolution kept the peer's connection: go on with it.
+    switch_to: Option<TcpStream>,
+}
+
+impl From<String> for Ended {
+    fn from(reason: String) -> Self {
+        Ended {
+            reason,
+            graceful: false,
+            switch_to: None,
+        }
+    }
+}
+
+impl From<&str> for Ended {
+    fn from(reason: &str) -> Self {
+        reason.to_string().into()
+    }
 }
 
 /// Session state as `xnet bgp` shows it.
@@ -94,54 +152,94 @@ fn set(state: &SharedState, s: &'static str) {
     }
 }
 
-/// Runs the session until the agent drops its channels.
+/// Runs the session until the agent drops its channels or shuts it down.
 pub async fn run(
     cfg: SessionConfig,
     events: mpsc::Sender<(u64, Event)>,
     mut incoming: mpsc::Receiver<TcpStream>,
-    adverts: watch::Receiver<Arc<Vec<Advert>>>,
+    adverts: watch::Receiver<Option<Arc<Vec<Advert>>>>,
+    mut control: mpsc::UnboundedReceiver<Control>,
     state: SharedState,
 ) {
     let mut backoff = Duration::from_secs(1);
+    let mut first = true;
+    let mut next: Option<TcpStream> = None;
     loop {
         set(&state, if cfg.passive { "Active" } else { "Connect" });
         let target = SocketAddr::new(cfg.peer, cfg.port);
-        let stream = tokio::select! {
-            s = incoming.recv() => match s { Some(s) => s, None => return },
-            r = async { tokio::time::timeout(Duration::from_secs(5), connect(target, cfg.local_address)).await }, if !cfg.passive => {
-                match r {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => { retry(&state, &mut backoff, format!("connect to {target}: {e}")).await; continue; }
-                    Err(_) => { retry(&state, &mut backoff, format!("connect to {target}: timed out")).await; continue; }
+        let (stream, initiated) = match next.take() {
+            Some(s) => (s, false),
+            None => tokio::select! {
+                s = incoming.recv() => match s { Some(s) => (s, false), None => return },
+                c = control.recv() => match c { Some(Control::Refresh) => continue, _ => return },
+                r = async { tokio::time::timeout(Duration::from_secs(5), connect(target, cfg.local_address)).await }, if !cfg.passive => {
+                    match r {
+                        Ok(Ok(s)) => (s, true),
+                        Ok(Err(e)) => { retry(&state, &mut backoff, format!("connect to {target}: {e}")).await; continue; }
+                        Err(_) => { retry(&state, &mut backoff, format!("connect to {target}: timed out")).await; continue; }
+                    }
                 }
-            }
+            },
         };
         let mut s = Session {
             cfg: &cfg,
             stream,
+            initiated,
+            forwarding: !first || cfg.graceful_restart.is_some_and(|g| g.forwarding),
             four_octet: false,
             max_len: MAX_LEN,
             peer_id: Ipv4Addr::UNSPECIFIED,
+            gr: false,
+            established: false,
         };
-        let result = s.run(&events, &mut incoming, adverts.clone(), &state).await;
-        let reason = match result {
-            Ok(()) => "closed".to_string(),
+        first = false;
+        let result = s
+            .run(
+                &events,
+                &mut incoming,
+                adverts.clone(),
+                &mut control,
+                &state,
+            )
+            .await;
+        let established = s.established;
+        let ended = match result {
+            Ok(()) => return,
             Err(e) => e,
         };
+        let switch_to = ended.switch_to;
+        if !established {
+            if let Some(other) = switch_to {
+                // Collision resolution: not a session that went down, a connection
+                // replaced before it came up.
+                info!("bgp {} ({}): {}", cfg.name, cfg.peer, ended.reason);
+                next = Some(other);
+                continue;
+            }
+        }
+        let reason = ended.reason;
         warn!("bgp {} ({}): session down: {reason}", cfg.name, cfg.peer);
         state.lock().unwrap().last_error = Some(reason.clone());
+        if established {
+            backoff = Duration::from_secs(1);
+        }
         if events
             .send((
                 cfg.id,
                 Event::Down {
                     peer: cfg.peer,
                     reason,
+                    graceful: ended.graceful,
                 },
             ))
             .await
             .is_err()
         {
             return;
+        }
+        if let Some(other) = switch_to {
+            next = Some(other);
+            continue;
         }
         retry(&state, &mut backoff, String::new()).await;
     }
@@ -159,52 +257,68 @@ async fn retry(state: &SharedState, backoff: &mut Duration, why: String) {
 struct Session<'a> {
     cfg: &'a SessionConfig,
     stream: TcpStream,
+    /// We opened this connection (collision resolution keeps the one the side with the
+    /// higher BGP identifier opened).
+    initiated: bool,
+    /// The F bit we announce.
+    forwarding: bool,
     four_octet: bool,
     max_len: usize,
     peer_id: Ipv4Addr,
+    /// Both sides announced graceful restart.
+    gr: bool,
+    established: bool,
 }
 
 impl Session<'_> {
-    async fn send(&mut self, msg: &[u8]) -> Result<(), String> {
-        self.stream
-            .write_all(msg)
-            .await
-            .map_err(|e| format!("write: {e}"))
+    async fn send(&mut self, msg: &[u8]) -> Result<(), Ended> {
+        if let Err(e) = self.stream.write_all(msg).await {
+            return Err(self.lost(format!("write: {e}")));
+        }
+        Ok(())
     }
 
-    async fn notify(&mut self, e: &BgpError) -> String {
+    async fn notify(&mut self, e: &BgpError) -> Ended {
         let _ = self
             .send(&encode_notification(e.code, e.subcode, &[]))
             .await;
-        format!("sent NOTIFICATION: {e}")
+        format!("sent NOTIFICATION: {e}").into()
     }
 
-    async fn read(&mut self) -> Result<Message, String> {
+    /// An I/O failure: the connection is gone without a NOTIFICATION, which is how a
+    /// peer's graceful restart looks.
+    fn lost(&self, what: String) -> Ended {
+        Ended {
+            reason: what,
+            graceful: self.gr && self.established,
+            switch_to: None,
+        }
+    }
+
+    async fn read(&mut self) -> Result<Message, Ended> {
         let mut hdr = [0u8; HEADER_LEN];
-        self.stream
-            .read_exact(&mut hdr)
-            .await
-            .map_err(|e| format!("read: {e}"))?;
+        if let Err(e) = self.stream.read_exact(&mut hdr).await {
+            return Err(self.lost(format!("read: {e}")));
+        }
         let len = match frame_len(&hdr, self.max_len) {
             Ok(l) => l,
             Err(e) => return Err(self.notify(&e).await),
         };
         let mut buf = hdr.to_vec();
         buf.resize(len, 0);
-        self.stream
-            .read_exact(&mut buf[HEADER_LEN..])
-            .await
-            .map_err(|e| format!("read: {e}"))?;
+        if let Err(e) = self.stream.read_exact(&mut buf[HEADER_LEN..]).await {
+            return Err(self.lost(format!("read: {e}")));
+        }
         match decode(&buf, self.four_octet, self.max_len) {
             Ok(Message::Notification { code, subcode, .. }) => {
-                Err(format!("received NOTIFICATION {code}/{subcode}"))
+                Err(format!("received NOTIFICATION {code}/{subcode}").into())
             }
             Ok(m) => Ok(m),
             Err(e) => Err(self.notify(&e).await),
         }
     }
 
-    async fn read_within(&mut self, hold: Duration) -> Result<Message, String> {
+    async fn read_within(&mut self, hold: Duration) -> Result<Message, Ended> {
         if hold.is_zero() {
             return self.read().await;
         }
@@ -235,19 +349,25 @@ impl Session<'_> {
         &mut self,
         events: &mpsc::Sender<(u64, Event)>,
         incoming: &mut mpsc::Receiver<TcpStream>,
-        mut adverts: watch::Receiver<Arc<Vec<Advert>>>,
+        mut adverts: watch::Receiver<Option<Arc<Vec<Advert>>>>,
+        control: &mut mpsc::UnboundedReceiver<Control>,
         state: &SharedState,
-    ) -> Result<(), String> {
+    ) -> Result<(), Ended> {
         let _ = self.stream.set_nodelay(true);
+        let family = self.family();
         let open = Open {
             asn: self.cfg.local_asn,
             hold_time: self.cfg.hold_time,
             router_id: self.cfg.router_id,
-            families: vec![self.family()],
+            families: vec![family],
             four_octet: true,
             route_refresh: true,
             extended_message: true,
-            graceful_restart: false,
+            graceful_restart: self.cfg.graceful_restart.map(|g| GracefulRestart {
+                restarting: self.cfg.restarting.load(Ordering::Relaxed),
+                restart_time: g.restart_time,
+                families: vec![(family.0, family.1, self.forwarding)],
+            }),
         };
         self.send(&encode_open(&open)).await?;
         set(state, "OpenSent");
@@ -284,11 +404,10 @@ impl Session<'_> {
                 })
                 .await);
         }
-        if !peer_open.families.contains(&self.family()) {
+        if !peer_open.families.contains(&family) {
             warn!(
                 "bgp {}: peer does not announce {:?}; routes may not flow",
-                self.cfg.name,
-                self.family()
+                self.cfg.name, family
             );
         }
         self.four_octet = peer_open.four_octet;
@@ -297,12 +416,14 @@ impl Session<'_> {
             self.max_len = MAX_LEN_EXTENDED;
         }
         self.peer_id = peer_open.router_id;
+        let peer_gr = peer_open
+            .graceful_restart
+            .clone()
+            .filter(|_| self.cfg.graceful_restart.is_some());
+        self.gr = peer_gr.is_some();
         let hold = Duration::from_secs(self.cfg.hold_time.min(peer_open.hold_time) as u64);
         self.send(&encode_keepalive()).await?;
         set(state, "OpenConfirm");
-        // Connection collision (§6.8): an incoming connection from this peer while we are
-        // in OpenConfirm. The side with the higher BGP identifier keeps the connection it
-        // initiated; the other is closed with Cease 7.
         loop {
             tokio::select! {
                 m = self.read_within(hold.max(Duration::from_secs(3))) => {
@@ -311,19 +432,37 @@ impl Session<'_> {
                         other => return Err(self.notify(&BgpError { code: ERR_FSM, subcode: 2, reason: format!("expected KEEPALIVE, got {other:?}") }).await),
                     }
                 }
-                Some(mut other) = incoming.recv() => {
-                    let _ = other.write_all(&encode_notification(ERR_CEASE, 7, &[])).await;
+                Some(other) = incoming.recv() => {
+                    if let Some(e) = self.collision(other).await {
+                        return Err(e);
+                    }
+                }
+                c = control.recv() => if c != Some(Control::Refresh) {
+                    return self.shutdown().await;
                 }
             }
         }
         set(state, "Established");
+        self.established = true;
         info!(
-            "bgp {} ({}): established, AS {}, id {}, hold {}s",
+            "bgp {} ({}): established, AS {}, id {}, hold {}s{}",
             self.cfg.name,
             self.cfg.peer,
             peer_open.asn,
             peer_open.router_id,
-            hold.as_secs()
+            hold.as_secs(),
+            match &peer_gr {
+                Some(g) => format!(
+                    ", graceful restart (peer restart time {}s{})",
+                    g.restart_time,
+                    if g.restarting {
+                        ", peer restarting"
+                    } else {
+                        ""
+                    }
+                ),
+                None => String::new(),
+            }
         );
         let ebgp = self.cfg.remote_asn != self.cfg.local_asn;
         events
@@ -332,6 +471,7 @@ impl Session<'_> {
                 Event::Established {
                     peer: self.cfg.peer,
                     peer_id: self.peer_id,
+                    graceful_restart: peer_gr,
                 },
             ))
             .await
@@ -345,8 +485,15 @@ impl Session<'_> {
         let mut sent: HashMap<IpNet, Attrs> = HashMap::new();
         // What the peer currently announces, for the max-prefix limit.
         let mut received: std::collections::HashSet<IpNet> = std::collections::HashSet::new();
+        // Our first full table ends with End-of-RIB. While the agent is restarting there
+        // is no table yet (None): it comes once the agent has selected its routes.
+        let mut initial_sent = false;
         let current = adverts.borrow_and_update().clone();
-        self.advertise(&current, &mut sent, local, ebgp).await?;
+        if let Some(current) = current {
+            self.advertise(&current, &mut sent, local, ebgp).await?;
+            self.end_of_rib().await?;
+            initial_sent = true;
+        }
         state.lock().unwrap().sent = sent.len();
         let keepalive = if hold.is_zero() {
             Duration::from_secs(3600)
@@ -357,6 +504,10 @@ impl Session<'_> {
         loop {
             tokio::select! {
                 m = self.read_within(hold) => match m? {
+                    Message::Update(u) if u.end_of_rib.is_some() => {
+                        info!("bgp {} ({}): End-of-RIB received", self.cfg.name, self.cfg.peer);
+                        events.send((self.cfg.id, Event::EndOfRib { peer: self.cfg.peer })).await.map_err(|_| "agent gone")?;
+                    }
                     Message::Update(u) => {
                         if let Some(why) = &u.treat_as_withdraw {
                             warn!("bgp {} ({}): malformed UPDATE treated as withdraw (RFC 7606): {why}", self.cfg.name, self.cfg.peer);
@@ -376,8 +527,10 @@ impl Session<'_> {
                     Message::Keepalive => {}
                     Message::RouteRefresh { .. } => {
                         let all = adverts.borrow().clone();
-                        sent.clear();
-                        self.advertise(&all, &mut sent, local, ebgp).await?;
+                        if let Some(all) = all {
+                            sent.clear();
+                            self.advertise(&all, &mut sent, local, ebgp).await?;
+                        }
                     }
                     Message::Open(_) => return Err(self.notify(&BgpError { code: ERR_FSM, subcode: 3, reason: "OPEN while established".into() }).await),
                     Message::Notification { .. } => unreachable!("read() returns NOTIFICATIONs as errors"),
@@ -385,18 +538,83 @@ impl Session<'_> {
                 _ = ka.tick() => self.send(&encode_keepalive()).await?,
                 changed = adverts.changed() => {
                     if changed.is_err() {
-                        let _ = self.send(&encode_notification(ERR_CEASE, 2, &[])).await;
-                        return Ok(());
+                        return self.shutdown().await;
                     }
                     let all = adverts.borrow_and_update().clone();
-                    self.advertise(&all, &mut sent, local, ebgp).await?;
-                    state.lock().unwrap().sent = sent.len();
+                    if let Some(all) = all {
+                        self.advertise(&all, &mut sent, local, ebgp).await?;
+                        if !initial_sent {
+                            self.end_of_rib().await?;
+                            initial_sent = true;
+                        }
+                        state.lock().unwrap().sent = sent.len();
+                    }
                 }
-                Some(mut other) = incoming.recv() => {
+                c = control.recv() => match c {
+                    Some(Control::Refresh) if peer_open.route_refresh => {
+                        info!("bgp {} ({}): import policy changed: ROUTE-REFRESH sent", self.cfg.name, self.cfg.peer);
+                        self.send(&encode_route_refresh(family.0, family.1)).await?;
+                    }
+                    Some(Control::Refresh) => {
+                        // Without route refresh the only way to see the routes again.
+                        return Err(self.notify(&BgpError { code: ERR_CEASE, subcode: 6, reason: "import policy changed and the peer has no route refresh: session reset".into() }).await);
+                    }
+                    _ => return self.shutdown().await,
+                },
+                Some(other) = incoming.recv() => {
+                    if self.gr {
+                        // RFC 4724 §4.2: a new connection from a graceful-restart peer while
+                        // established means it restarted: the old session is gone.
+                        return Err(Ended {
+                            reason: "peer reconnected (graceful restart)".into(),
+                            graceful: true,
+                            switch_to: Some(other),
+                        });
+                    }
+                    // §6.8: a connection collision with an established session: the new
+                    // connection is closed.
+                    let mut other = other;
                     let _ = other.write_all(&encode_notification(ERR_CEASE, 7, &[])).await;
                 }
             }
         }
+    }
+
+    /// Cease/Administrative Shutdown: the peer drops our routes now.
+    async fn shutdown(&mut self) -> Result<(), Ended> {
+        let _ = self.send(&encode_notification(ERR_CEASE, 2, &[])).await;
+        info!("bgp {} ({}): shut down", self.cfg.name, self.cfg.peer);
+        Ok(())
+    }
+
+    async fn end_of_rib(&mut self) -> Result<(), Ended> {
+        if self.gr {
+            let (afi, safi) = self.family();
+            self.send(&encode_end_of_rib(afi, safi)).await?;
+        }
+        Ok(())
+    }
+
+    /// Connection collision in OpenConfirm (RFC 4271 §6.8): the connection opened by the
+    /// side with the higher BGP identifier survives; the other gets Cease 7. Returns the
+    /// end of this connection when the peer's one wins.
+    async fn collision(&mut self, mut other: TcpStream) -> Option<Ended> {
+        let peer_wins = u32::from(self.cfg.router_id) < u32::from(self.peer_id);
+        if self.initiated && peer_wins {
+            let _ = self.send(&encode_notification(ERR_CEASE, 7, &[])).await;
+            return Some(Ended {
+                reason: format!(
+                    "connection collision: peer id {} is higher, its connection is kept",
+                    self.peer_id
+                ),
+                graceful: false,
+                switch_to: Some(other),
+            });
+        }
+        let _ = other
+            .write_all(&encode_notification(ERR_CEASE, 7, &[]))
+            .await;
+        None
     }
 
     /// Sends what changed between `sent` and `want`: withdrawals, then announcements with
@@ -407,7 +625,7 @@ impl Session<'_> {
         sent: &mut HashMap<IpNet, Attrs>,
         local: IpAddr,
         ebgp: bool,
-    ) -> Result<(), String> {
+    ) -> Result<(), Ended> {
         let (afi, safi) = self.family();
         let want: HashMap<IpNet, &Attrs> = want
             .iter()
@@ -487,5 +705,120 @@ impl Session<'_> {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Collision resolution needs two simultaneous connections, which a real peer makes
+    //! only by chance: here a scripted peer on loopback plays both.
+    use super::*;
+    use tokio::net::TcpListener;
+
+    async fn read_msg(s: &mut TcpStream) -> Message {
+        let mut hdr = [0u8; HEADER_LEN];
+        s.read_exact(&mut hdr).await.unwrap();
+        let len = frame_len(&hdr, MAX_LEN).unwrap();
+        let mut buf = hdr.to_vec();
+        buf.resize(len, 0);
+        s.read_exact(&mut buf[HEADER_LEN..]).await.unwrap();
+        decode(&buf, true, MAX_LEN).unwrap()
+    }
+
+    fn open(id: &str) -> Vec<u8> {
+        encode_open(&Open {
+            asn: 65010,
+            hold_time: 90,
+            router_id: id.parse().unwrap(),
+            families: vec![(AFI_IPV4, SAFI_UNICAST)],
+            four_octet: true,
+            route_refresh: true,
+            extended_message: false,
+            graceful_restart: None,
+        })
+    }
+
+    /// Our session connects to the peer and reaches OpenConfirm; then the peer's own
+    /// connection arrives. Returns (our connection, the peer's, events).
+    async fn collide(
+        peer_id: &str,
+    ) -> (TcpStream, TcpStream, mpsc::Receiver<(u64, Event)>, tokio::task::JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cfg = SessionConfig {
+            id: 1,
+            name: "t".into(),
+            segment: 1,
+            local_asn: 65000,
+            router_id: "10.0.0.5".parse().unwrap(),
+            peer: "127.0.0.1".parse().unwrap(),
+            port,
+            remote_asn: 65010,
+            hold_time: 90,
+            passive: false,
+            max_prefixes: None,
+            local_address: None,
+            graceful_restart: None,
+            restarting: Default::default(),
+        };
+        let (ev_tx, ev_rx) = mpsc::channel(16);
+        let (in_tx, in_rx) = mpsc::channel(4);
+        let (_adv_tx, adv_rx) = watch::channel(Some(Arc::new(Vec::new())));
+        let (_ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            let _keep = (_adv_tx, _ctl_tx);
+            run(cfg, ev_tx, in_rx, adv_rx, ctl_rx, Default::default()).await
+        });
+        let (mut ours, _) = listener.accept().await.unwrap();
+        assert!(matches!(read_msg(&mut ours).await, Message::Open(_)));
+        ours.write_all(&open(peer_id)).await.unwrap();
+        assert_eq!(read_msg(&mut ours).await, Message::Keepalive);
+        // OpenConfirm now. The peer's connection: one end is handed to the session as
+        // the listener would, the other is the peer's.
+        let (theirs, session_end) = tokio::join!(
+            TcpStream::connect(("127.0.0.1", port)),
+            async { listener.accept().await.unwrap().0 }
+        );
+        in_tx.send(session_end).await.unwrap();
+        std::mem::forget(in_tx);
+        (ours, theirs.unwrap(), ev_rx, task)
+    }
+
+    #[tokio::test]
+    async fn collision_higher_peer_id_keeps_the_peers_connection() {
+        let (mut ours, mut theirs, mut events, task) = collide("10.0.0.9").await;
+        assert_eq!(
+            read_msg(&mut ours).await,
+            Message::Notification {
+                code: ERR_CEASE,
+                subcode: 7,
+                data: vec![]
+            }
+        );
+        // The session goes on over the peer's connection.
+        assert!(matches!(read_msg(&mut theirs).await, Message::Open(_)));
+        theirs.write_all(&open("10.0.0.9")).await.unwrap();
+        assert_eq!(read_msg(&mut theirs).await, Message::Keepalive);
+        theirs.write_all(&encode_keepalive()).await.unwrap();
+        let (_, ev) = events.recv().await.unwrap();
+        assert!(matches!(ev, Event::Established { .. }), "{ev:?}");
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn collision_lower_peer_id_keeps_our_connection() {
+        let (mut ours, mut theirs, mut events, task) = collide("10.0.0.1").await;
+        assert_eq!(
+            read_msg(&mut theirs).await,
+            Message::Notification {
+                code: ERR_CEASE,
+                subcode: 7,
+                data: vec![]
+            }
+        );
+        ours.write_all(&encode_keepalive()).await.unwrap();
+        let (_, ev) = events.recv().await.unwrap();
+        assert!(matches!(ev, Event::Established { .. }), "{ev:?}");
+        task.abort();
     }
 }

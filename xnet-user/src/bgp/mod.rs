@@ -1,12 +1,15 @@
 //! BGP: the wire codec (`packet`), the per-neighbour session state machine (`fsm`), the
 //! RIB with best-path selection (`rib`) and what is advertised to whom (`policy`).
 pub mod fsm;
+pub mod graceful;
 pub mod packet;
 pub mod rib;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use log::{info, warn};
@@ -14,7 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{Advertise, Bgp, Config, Neighbor};
-use fsm::{Advert, Event, SessionConfig, SharedState};
+use fsm::{Advert, Control, Event, GrLocal, SessionConfig, SharedState};
 use packet::{AsSegment, Attrs};
 
 /// One configured neighbour and the handles to its session task.
@@ -26,7 +29,9 @@ pub struct Peer {
     pub advertise: Advertise,
     pub prefixes: Vec<ipnet::IpNet>,
     pub state: SharedState,
-    pub adverts: watch::Sender<Arc<Vec<Advert>>>,
+    /// None until the agent has a table for this peer (it holds it back while restarting).
+    pub adverts: watch::Sender<Option<Arc<Vec<Advert>>>>,
+    control: mpsc::UnboundedSender<Control>,
     pub import: policy::Import,
     pub export: policy::Export,
     /// The session task's id: events of older tasks for this address are stale.
@@ -56,12 +61,18 @@ pub struct Speaker {
     tx: mpsc::Sender<(u64, Event)>,
     inboxes: Inboxes,
     next_session: u64,
+    /// The agent restarted and has not selected its routes yet: the R bit in OPENs, and
+    /// no advertisements.
+    restarting: Arc<AtomicBool>,
+    /// The agent took over a data plane that kept forwarding (the F bit).
+    forwarding: bool,
 }
 
 impl Speaker {
     /// Starts a session per neighbour and a listener that hands incoming connections to
-    /// them (connections from unknown addresses are closed).
-    pub async fn start(config: &Config) -> Result<Option<Speaker>> {
+    /// them (connections from unknown addresses are closed). `restarted`: the agent took
+    /// over a forwarding data plane and is restarting gracefully.
+    pub async fn start(config: &Config, restarted: bool) -> Result<Option<Speaker>> {
         let Some(b) = &config.bgp else {
             return Ok(None);
         };
@@ -78,6 +89,8 @@ impl Speaker {
             tx,
             inboxes: inboxes.clone(),
             next_session: 1,
+            restarting: Arc::new(AtomicBool::new(restarted && b.graceful_restart)),
+            forwarding: restarted,
         };
         for n in &b.neighbors {
             speaker.spawn(config, n);
@@ -111,7 +124,8 @@ impl Speaker {
         let b = &self.bgp;
         let (in_tx, in_rx) = mpsc::channel(4);
         self.inboxes.lock().unwrap().insert(n.address, in_tx);
-        let (adv_tx, adv_rx) = watch::channel(Arc::new(Vec::new()));
+        let (adv_tx, adv_rx) = watch::channel(None);
+        let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
         let state: SharedState = Default::default();
         let session = self.next_session;
         self.next_session += 1;
@@ -129,8 +143,20 @@ impl Speaker {
             passive: n.passive,
             max_prefixes: n.max_prefixes,
             local_address: n.local_address,
+            graceful_restart: b.graceful_restart.then_some(GrLocal {
+                restart_time: b.restart_time,
+                forwarding: self.forwarding,
+            }),
+            restarting: self.restarting.clone(),
         };
-        let task = tokio::spawn(fsm::run(cfg, self.tx.clone(), in_rx, adv_rx, state.clone()));
+        let task = tokio::spawn(fsm::run(
+            cfg,
+            self.tx.clone(),
+            in_rx,
+            adv_rx,
+            ctl_rx,
+            state.clone(),
+        ));
         self.peers.push(Peer {
             name: n.name.clone(),
             segment,
@@ -140,6 +166,7 @@ impl Speaker {
             prefixes: n.prefixes.clone(),
             state,
             adverts: adv_tx,
+            control: ctl_tx,
             import: n.import.clone(),
             export: n.export.clone(),
             session,
@@ -157,6 +184,22 @@ impl Speaker {
             return Vec::new();
         };
         let mut stopped = Vec::new();
+        for p in &mut self.peers {
+            // Only the import policy changed: keep the session, ask for the routes again.
+            let refreshed = b.neighbors.iter().find(|n| {
+                n.address == p.address
+                    && **n != p.neighbor
+                    && Neighbor {
+                        import: n.import.clone(),
+                        ..p.neighbor.clone()
+                    } == **n
+            });
+            if let Some(n) = refreshed {
+                p.import = n.import.clone();
+                p.neighbor = n.clone();
+                let _ = p.control.send(Control::Refresh);
+            }
+        }
         self.peers.retain(|p| {
             let keep = b.neighbors.contains(&p.neighbor);
             if !keep {
@@ -192,6 +235,9 @@ impl Speaker {
     /// routes with their BGP attributes when learned, `None` for static ones) and the
     /// neighbours' advertisement modes.
     pub fn readvertise(&self, segment: u32, routes: &[SegmentRoute]) {
+        if self.restarting() {
+            return;
+        }
         for p in self.peers.iter().filter(|p| p.segment == segment) {
             let own = |net| Advert {
                 net,
@@ -235,14 +281,46 @@ impl Speaker {
                 })
                 .collect();
             p.adverts.send_if_modified(|cur| {
-                if **cur == list {
+                if cur.as_deref() == Some(&list) {
                     false
                 } else {
-                    *cur = Arc::new(list);
+                    *cur = Some(Arc::new(list));
                     true
                 }
             });
         }
+    }
+
+    /// Whether the agent is still restarting (routes not selected, nothing advertised).
+    pub fn restarting(&self) -> bool {
+        self.restarting.load(Ordering::Relaxed)
+    }
+
+    /// The restarted agent has selected its routes: advertisements may flow (the caller
+    /// readvertises every segment), later OPENs no longer carry the R bit.
+    pub fn restart_done(&self) {
+        self.restarting.store(false, Ordering::Relaxed);
+    }
+
+    /// Stops every session with Cease/Administrative Shutdown, so peers drop our routes
+    /// now; waits up to a second for the NOTIFICATIONs to go out.
+    pub async fn shutdown(&mut self) {
+        for p in &self.peers {
+            let _ = p.control.send(Control::Shutdown);
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            for p in &mut self.peers {
+                let _ = (&mut p.task).await;
+            }
+        })
+        .await;
+        self.peers.clear();
+    }
+
+    /// Drops every session without a NOTIFICATION: to graceful-restart peers this is a
+    /// restart, and they keep our routes for `restart_time`.
+    pub fn close_for_restart(&mut self) {
+        self.peers.clear();
     }
 }
 

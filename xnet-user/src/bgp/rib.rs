@@ -94,14 +94,18 @@ impl Rib {
 
     /// Drops every path from `peer`; returns the prefixes whose selection changed.
     pub fn peer_down(&mut self, peer: IpAddr) -> Vec<(u32, IpNet)> {
-        let keys: Vec<(u32, IpNet)> = self
-            .paths
+        self.prefixes_of(peer)
+            .into_iter()
+            .filter(|(s, n)| self.withdraw(*s, *n, peer))
+            .collect()
+    }
+
+    /// The prefixes `peer` has a path for.
+    pub fn prefixes_of(&self, peer: IpAddr) -> Vec<(u32, IpNet)> {
+        self.paths
             .iter()
             .filter(|(_, v)| v.iter().any(|p| p.peer == peer))
             .map(|(k, _)| *k)
-            .collect();
-        keys.into_iter()
-            .filter(|(s, n)| self.withdraw(*s, *n, peer))
             .collect()
     }
 

@@ -264,27 +264,38 @@ impl Drop for Agent {
     }
 }
 
-/// Sends `n` UDP datagrams from `src` in namespace `from` to `dst` in namespace `to`;
-/// returns how many arrived.
-pub fn udp(lab: &Lab, from: &str, src: &str, to: &str, dst: &str, n: usize) -> usize {
-    let dst: SocketAddr = dst.parse().unwrap();
-    let server = in_netns(&lab.ns(to), move || {
+/// Counts, in the background, the datagrams starting with `tag` that arrive at `dst` in
+/// namespace `ns`, until none came for 700 ms. Reading while the client sends, so the
+/// socket buffer never decides the result.
+pub fn udp_counter(
+    lab: &Lab,
+    ns: &str,
+    dst: SocketAddr,
+    tag: &'static [u8],
+) -> std::thread::JoinHandle<usize> {
+    let server = in_netns(&lab.ns(ns), move || {
         let s = UdpSocket::bind(dst).unwrap();
         s.set_read_timeout(Some(Duration::from_millis(700)))
             .unwrap();
         s
     });
-    // Read while the client sends, so the socket buffer never decides the result.
-    let server = std::thread::spawn(move || {
+    std::thread::spawn(move || {
         let mut got = 0;
         let mut buf = [0u8; 64];
         while let Ok((k, _)) = server.recv_from(&mut buf) {
-            if buf[..k].starts_with(b"datagram") {
+            if buf[..k].starts_with(tag) {
                 got += 1;
             }
         }
         got
-    });
+    })
+}
+
+/// Sends `n` UDP datagrams from `src` in namespace `from` to `dst` in namespace `to`;
+/// returns how many arrived.
+pub fn udp(lab: &Lab, from: &str, src: &str, to: &str, dst: &str, n: usize) -> usize {
+    let dst: SocketAddr = dst.parse().unwrap();
+    let server = udp_counter(lab, to, dst, b"datagram");
     let src: SocketAddr = src.parse().unwrap();
     in_netns(&lab.ns(from), move || {
         let c = UdpSocket::bind(src).unwrap();

@@ -31,7 +31,54 @@ pub struct Open {
     pub four_octet: bool,
     pub route_refresh: bool,
     pub extended_message: bool,
-    pub graceful_restart: bool,
+    pub graceful_restart: Option<GracefulRestart>,
+}
+
+/// The graceful-restart capability (RFC 4724 §3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GracefulRestart {
+    /// R bit: the sender has just restarted (the receiver must not wait for its
+    /// End-of-RIB before sending its own routes).
+    pub restarting: bool,
+    /// Seconds the receiver should keep the sender's routes after the session drops.
+    pub restart_time: u16,
+    /// (AFI, SAFI, F bit: forwarding state kept across the restart).
+    pub families: Vec<(u16, u8, bool)>,
+}
+
+impl GracefulRestart {
+    fn encode(&self) -> Vec<u8> {
+        let flags = if self.restarting { 0x8000 } else { 0 };
+        let mut v = (flags | (self.restart_time & 0x0fff))
+            .to_be_bytes()
+            .to_vec();
+        for (afi, safi, f) in &self.families {
+            v.extend_from_slice(&afi.to_be_bytes());
+            v.extend_from_slice(&[*safi, if *f { 0x80 } else { 0 }]);
+        }
+        v
+    }
+
+    /// None for a capability too short to hold its flags; a trailing partial family is
+    /// ignored rather than failing the OPEN (the capability is advisory).
+    fn decode(v: &[u8]) -> Option<Self> {
+        let head = u16::from_be_bytes([*v.first()?, *v.get(1)?]);
+        Some(Self {
+            restarting: head & 0x8000 != 0,
+            restart_time: head & 0x0fff,
+            families: v[2..]
+                .as_chunks::<4>()
+                .0
+                .iter()
+                .map(|c| (u16::from_be_bytes([c[0], c[1]]), c[2], c[3] & 0x80 != 0))
+                .collect(),
+        })
+    }
+
+    /// Whether the sender kept its forwarding state for this family.
+    pub fn forwarding(&self, afi: u16, safi: u8) -> bool {
+        self.families.contains(&(afi, safi, true))
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -44,8 +91,13 @@ pub struct Update {
     pub mp_unreach: Option<MpUnreach>,
     /// Set when RFC 7606 turned this UPDATE's announcements into withdrawals: why.
     pub treat_as_withdraw: Option<String>,
+    /// The End-of-RIB marker for this (AFI, SAFI) (RFC 4724 §2): an UPDATE with nothing in
+    /// it (IPv4 unicast), or with only an empty MP_UNREACH_NLRI.
+    pub end_of_rib: Option<(u16, u8)>,
 }
 
+// Messages live only from the socket to the agent; boxing would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
     Open(Open),
@@ -141,7 +193,7 @@ fn decode_open(body: &[u8]) -> Result<Open, BgpError> {
         four_octet: false,
         route_refresh: false,
         extended_message: false,
-        graceful_restart: false,
+        graceful_restart: None,
     };
     let mut p = Reader::new(opts, ERR_OPEN, 0);
     while p.left() > 0 {
@@ -169,7 +221,7 @@ fn decode_open(body: &[u8]) -> Result<Open, BgpError> {
                 }
                 CAP_ROUTE_REFRESH => o.route_refresh = true,
                 CAP_EXTENDED_MESSAGE => o.extended_message = true,
-                CAP_GRACEFUL_RESTART => o.graceful_restart = true,
+                CAP_GRACEFUL_RESTART => o.graceful_restart = GracefulRestart::decode(cval),
                 _ => {}
             }
         }
@@ -208,6 +260,13 @@ fn decode_update(body: &[u8], four_octet: bool) -> Result<Update, BgpError> {
         } else {
             None
         };
+        if d.present == [ATTR_MP_UNREACH] && u.withdrawn.is_empty() && u.nlri.is_empty() {
+            u.end_of_rib = d
+                .mp_unreach
+                .as_ref()
+                .filter(|m| m.withdrawn.is_empty())
+                .map(|m| (m.afi, m.safi));
+        }
         u.mp_reach = d.mp_reach;
         u.mp_unreach = d.mp_unreach;
         match d.treat_as_withdraw.or(missing) {
@@ -229,6 +288,8 @@ fn decode_update(body: &[u8], four_octet: bool) -> Result<Update, BgpError> {
     } else if !u.nlri.is_empty() {
         u.withdrawn.append(&mut u.nlri);
         u.treat_as_withdraw = Some("NLRI without path attributes".into());
+    } else if u.withdrawn.is_empty() {
+        u.end_of_rib = Some((AFI_IPV4, SAFI_UNICAST));
     }
     Ok(u)
 }
@@ -258,6 +319,9 @@ pub fn encode_open(o: &Open) -> Vec<u8> {
     if o.extended_message {
         cap(CAP_EXTENDED_MESSAGE, &[]);
     }
+    if let Some(gr) = &o.graceful_restart {
+        cap(CAP_GRACEFUL_RESTART, &gr.encode());
+    }
     cap(CAP_FOUR_OCTET_AS, &o.asn.to_be_bytes());
     let mut b = vec![4];
     let as2 = if o.asn > 65535 {
@@ -272,6 +336,26 @@ pub fn encode_open(o: &Open) -> Vec<u8> {
     b.extend_from_slice(&[2, caps.len() as u8]);
     b.extend_from_slice(&caps);
     frame(1, &b)
+}
+
+/// The End-of-RIB marker for a family (RFC 4724 §2).
+pub fn encode_end_of_rib(afi: u16, safi: u8) -> Vec<u8> {
+    if (afi, safi) == (AFI_IPV4, SAFI_UNICAST) {
+        return frame(2, &[0, 0, 0, 0]);
+    }
+    let un = MpUnreach {
+        afi,
+        safi,
+        withdrawn: Vec::new(),
+    };
+    encode_update(&[], None, &[], Some(&un), true)
+}
+
+/// ROUTE-REFRESH for a family (RFC 2918 §3).
+pub fn encode_route_refresh(afi: u16, safi: u8) -> Vec<u8> {
+    let mut b = afi.to_be_bytes().to_vec();
+    b.extend_from_slice(&[0, safi]);
+    frame(5, &b)
 }
 
 pub fn encode_keepalive() -> Vec<u8> {
@@ -347,7 +431,7 @@ mod tests {
             four_octet: true,
             route_refresh: true,
             extended_message: false,
-            graceful_restart: false,
+            graceful_restart: None,
         };
         let wire = encode_open(&o);
         let expect = hex(&format!(
@@ -356,6 +440,77 @@ mod tests {
         ));
         assert_eq!(wire, expect);
         assert_eq!(decode(&wire, false, MAX_LEN).unwrap(), Message::Open(o));
+    }
+
+    #[test]
+    fn graceful_restart_capability_and_end_of_rib_byte_exact() {
+        let o = Open {
+            asn: 65000,
+            hold_time: 90,
+            router_id: "10.0.0.1".parse().unwrap(),
+            families: vec![(AFI_IPV6, 1)],
+            four_octet: true,
+            route_refresh: false,
+            extended_message: false,
+            graceful_restart: Some(GracefulRestart {
+                restarting: true,
+                restart_time: 120,
+                families: vec![(AFI_IPV6, 1, true)],
+            }),
+        };
+        let wire = encode_open(&o);
+        // Capability 64, length 6: R bit + 120 s, then AFI 2 SAFI 1 with the F bit.
+        let expect = hex(&format!(
+            "{MARKER} 0033 01 04 fde8 005a 0a000001 16 02 14 \
+             0104 0002 0001  4006 8078 0002 0180  4104 0000fde8"
+        ));
+        assert_eq!(wire, expect);
+        assert_eq!(decode(&wire, false, MAX_LEN).unwrap(), Message::Open(o));
+        // A capability cut short inside a family keeps what is whole.
+        let gr = GracefulRestart::decode(&hex("0078 0001 0180 0002")).unwrap();
+        assert_eq!(gr.families, vec![(AFI_IPV4, 1, true)]);
+        assert!(!gr.restarting && gr.restart_time == 120);
+        assert!(GracefulRestart::decode(&hex("00")).is_none());
+
+        // End-of-RIB: IPv4 is an empty UPDATE; IPv6 an UPDATE with an empty MP_UNREACH.
+        let eor4 = encode_end_of_rib(AFI_IPV4, 1);
+        assert_eq!(eor4, hex(&format!("{MARKER} 0017 02 0000 0000")));
+        let eor6 = encode_end_of_rib(AFI_IPV6, 1);
+        assert_eq!(
+            eor6,
+            hex(&format!("{MARKER} 001e 02 0000 0007 90 0f 0003 0002 01"))
+        );
+        for (wire, fam) in [(eor4, (AFI_IPV4, 1)), (eor6, (AFI_IPV6, 1))] {
+            let Message::Update(u) = decode(&wire, true, MAX_LEN).unwrap() else {
+                panic!()
+            };
+            assert_eq!(u.end_of_rib, Some(fam));
+        }
+        // BIRD's form of the IPv6 marker: 1-octet attribute length.
+        let Message::Update(u) = decode(
+            &hex(&format!("{MARKER} 001d 02 0000 0006 80 0f 03 0002 01")),
+            true,
+            MAX_LEN,
+        )
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(u.end_of_rib, Some((AFI_IPV6, 1)));
+        let rr = encode_route_refresh(AFI_IPV6, 1);
+        assert_eq!(rr, hex(&format!("{MARKER} 0017 05 0002 00 01")));
+        assert_eq!(
+            decode(&rr, true, MAX_LEN).unwrap(),
+            Message::RouteRefresh {
+                afi: AFI_IPV6,
+                safi: 1
+            }
+        );
+        // A withdrawal is not an End-of-RIB.
+        let w = encode_update(&["10.0.0.0/8".parse().unwrap()], None, &[], None, true);
+        let Message::Update(u) = decode(&w, true, MAX_LEN).unwrap() else {
+            panic!()
+        };
+        assert_eq!(u.end_of_rib, None);
     }
 
     #[test]
