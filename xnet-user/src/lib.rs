@@ -7,6 +7,7 @@ pub mod config;
 pub mod dataplane;
 pub mod demo;
 pub mod health;
+pub mod ike;
 pub mod kernel;
 pub mod lab;
 pub mod lpm;

@@ -331,7 +331,10 @@ fn bird_sessions_routes_withdrawals_and_exports() {
     let cfg = std::fs::read_to_string(&agent.config).unwrap();
     std::fs::write(
         &agent.config,
-        cfg.replace("import = { local_pref = 200 }", "import = { local_pref = 300 }"),
+        cfg.replace(
+            "import = { local_pref = 200 }",
+            "import = { local_pref = 300 }",
+        ),
     )
     .unwrap();
     agent.signal(libc::SIGHUP);
@@ -351,7 +354,11 @@ fn bird_sessions_routes_withdrawals_and_exports() {
         v4.state == "Established" && v4.uptime_secs >= up_before,
         "no session reset for an import change: {v4:?}"
     );
-    assert!(agent.log().contains("ROUTE-REFRESH sent"), "{}", agent.log());
+    assert!(
+        agent.log().contains("ROUTE-REFRESH sent"),
+        "{}",
+        agent.log()
+    );
 }
 
 #[test]

@@ -742,7 +742,12 @@ mod tests {
     /// connection arrives. Returns (our connection, the peer's, events).
     async fn collide(
         peer_id: &str,
-    ) -> (TcpStream, TcpStream, mpsc::Receiver<(u64, Event)>, tokio::task::JoinHandle<()>) {
+    ) -> (
+        TcpStream,
+        TcpStream,
+        mpsc::Receiver<(u64, Event)>,
+        tokio::task::JoinHandle<()>,
+    ) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let cfg = SessionConfig {
@@ -775,10 +780,9 @@ mod tests {
         assert_eq!(read_msg(&mut ours).await, Message::Keepalive);
         // OpenConfirm now. The peer's connection: one end is handed to the session as
         // the listener would, the other is the peer's.
-        let (theirs, session_end) = tokio::join!(
-            TcpStream::connect(("127.0.0.1", port)),
-            async { listener.accept().await.unwrap().0 }
-        );
+        let (theirs, session_end) = tokio::join!(TcpStream::connect(("127.0.0.1", port)), async {
+            listener.accept().await.unwrap().0
+        });
         in_tx.send(session_end).await.unwrap();
         std::mem::forget(in_tx);
         (ours, theirs.unwrap(), ev_rx, task)
