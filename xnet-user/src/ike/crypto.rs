@@ -469,6 +469,15 @@ impl SkCipher<'_> {
         }
     }
 
+    /// Length of the Encrypted payload's body for `plain` octets of payloads.
+    pub fn sealed_len(&self, plain: usize) -> usize {
+        let ct = match self.encr {
+            Encr::AesGcm16(_) => plain + 1,
+            Encr::AesCbc(_) => (plain + 1).div_ceil(16) * 16,
+        };
+        self.encr.iv_len() + ct + self.icv_len()
+    }
+
     /// Encrypts `plain` into the body of an Encrypted payload: IV | ciphertext | ICV.
     /// `header` is the message up to and including the Encrypted payload's generic
     /// header, with the final lengths already in place (it is authenticated).

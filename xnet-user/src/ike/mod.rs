@@ -2,3 +2,5 @@
 //! daemon that runs the configured IPsec connectors and installs their SAs into XFRM.
 pub mod crypto;
 pub mod packet;
+pub mod proposal;
+pub mod sa;

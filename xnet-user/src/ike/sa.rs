@@ -1,0 +1,1425 @@
+//! One IKE SA as a state machine without I/O: it takes datagrams and clock ticks and
+//! returns what to send and what happened (CHILD SAs up or down, the SA closed), so the
+//! daemon owns sockets and XFRM and tests can run two of these against each other.
+//!
+//! Covered: IKE_SA_INIT (with INVALID_KE_PAYLOAD and COOKIE retries), IKE_AUTH with PSK
+//! and the first CHILD SA (traffic selectors narrowed to the config), INFORMATIONAL
+//! (DPD liveness checks, DELETE of CHILD and IKE SAs in both directions), a message-ID
+//! window of one with retransmission of the last response, and retransmission of our
+//! requests with back-off. Anything that does not decode, decrypt or authenticate is
+//! dropped and counted; it never changes state.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::crypto::{self, ChildKeys, Dh, IkeKeys, IkeSuite, Secret, SkCipher};
+use super::packet::*;
+use super::proposal::{self, Suite};
+
+/// A connector as the state machine needs it.
+#[derive(Debug, Clone)]
+pub struct Conn {
+    pub name: String,
+    pub local: IpAddr,
+    pub remote: IpAddr,
+    pub psk: Secret,
+    /// Our ID (type, data) and the one the peer must show (None: any; the PSK decides).
+    pub local_id: (u8, Vec<u8>),
+    pub remote_id: Option<(u8, Vec<u8>)>,
+    pub ike: Vec<Suite>,
+    pub esp: Vec<Suite>,
+    pub local_ts: Vec<TrafficSelector>,
+    pub remote_ts: Vec<TrafficSelector>,
+    /// Idle time after which we check the peer is alive (0: never).
+    pub dpd: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Initiator: IKE_SA_INIT sent.
+    InitSent,
+    /// Responder: IKE_SA_INIT answered, waiting for IKE_AUTH.
+    InitDone,
+    /// Initiator: IKE_AUTH sent.
+    AuthSent,
+    Established,
+    /// Our DELETE of the IKE SA is out.
+    Deleting,
+    Closed,
+}
+
+/// A negotiated CHILD SA (ESP, tunnel mode).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChildSa {
+    /// SPI of the SA that carries traffic to us (we chose it) and from us.
+    pub spi_in: u32,
+    pub spi_out: u32,
+    pub suite: Suite,
+    pub keys: ChildKeys,
+    /// We were the initiator of the exchange that made it (decides which keys go out).
+    pub initiator: bool,
+    pub local_ts: Vec<TrafficSelector>,
+    pub remote_ts: Vec<TrafficSelector>,
+}
+
+impl ChildSa {
+    /// (encryption key, integrity key) of the outbound SA.
+    pub fn out_keys(&self) -> (&Secret, &Secret) {
+        if self.initiator {
+            (&self.keys.encr_i, &self.keys.integ_i)
+        } else {
+            (&self.keys.encr_r, &self.keys.integ_r)
+        }
+    }
+    pub fn in_keys(&self) -> (&Secret, &Secret) {
+        if self.initiator {
+            (&self.keys.encr_r, &self.keys.integ_r)
+        } else {
+            (&self.keys.encr_i, &self.keys.integ_i)
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Output {
+    Send(Vec<u8>),
+    Established,
+    ChildUp(ChildSa),
+    ChildDown {
+        spi_in: u32,
+        spi_out: u32,
+    },
+    /// The IKE SA is gone; why.
+    Closed(String),
+    /// A message was dropped (malformed, not authentic, unexpected); why.
+    Dropped(String),
+}
+
+struct Pending {
+    id: u32,
+    msg: Vec<u8>,
+    sent: Instant,
+    tries: u32,
+}
+
+/// Retransmissions of a request before the peer counts as dead (1+2+4+8+16 s).
+const TRIES: u32 = 5;
+
+pub struct IkeSa {
+    pub conn: Arc<Conn>,
+    pub initiator: bool,
+    pub spi_i: u64,
+    pub spi_r: u64,
+    pub state: State,
+    suite: Option<IkeSuite>,
+    dh: Option<Dh>,
+    keys: Option<IkeKeys>,
+    ni: Vec<u8>,
+    nr: Vec<u8>,
+    /// The IKE_SA_INIT request and response, as they were on the wire (both AUTHs sign one).
+    msg1: Vec<u8>,
+    msg2: Vec<u8>,
+    next_id: u32,
+    expect_id: u32,
+    pending: Option<Pending>,
+    last_response: Option<(u32, Vec<u8>)>,
+    /// SPI we offer for the first CHILD SA.
+    child_spi: u32,
+    pub children: Vec<ChildSa>,
+    pub last_heard: Instant,
+    pub established_at: Option<Instant>,
+}
+
+fn nonzero_u64() -> u64 {
+    loop {
+        let v = u64::from_be_bytes(crypto::random(8).try_into().unwrap());
+        if v != 0 {
+            return v;
+        }
+    }
+}
+
+/// A random SPI outside 1–255 (reserved by IANA).
+pub fn new_esp_spi() -> u32 {
+    loop {
+        let v = u32::from_be_bytes(crypto::random(4).try_into().unwrap());
+        if v > 255 {
+            return v;
+        }
+    }
+}
+
+fn first<T>(payloads: &[Payload], f: impl Fn(&Payload) -> Option<T>) -> Option<T> {
+    payloads.iter().find_map(f)
+}
+
+fn notify_of(payloads: &[Payload], kind: u16) -> Option<&[u8]> {
+    payloads.iter().find_map(|p| match p {
+        Payload::Notify { kind: k, data, .. } if *k == kind => Some(data.as_slice()),
+        _ => None,
+    })
+}
+
+/// The first error notify (type below 16384), if any.
+fn error_notify(payloads: &[Payload]) -> Option<u16> {
+    payloads.iter().find_map(|p| match p {
+        Payload::Notify { kind, .. } if *kind < 16384 => Some(*kind),
+        _ => None,
+    })
+}
+
+fn notify_name(n: u16) -> String {
+    match n {
+        N_NO_PROPOSAL_CHOSEN => "NO_PROPOSAL_CHOSEN".into(),
+        N_AUTHENTICATION_FAILED => "AUTHENTICATION_FAILED".into(),
+        N_TS_UNACCEPTABLE => "TS_UNACCEPTABLE".into(),
+        N_INVALID_SYNTAX => "INVALID_SYNTAX".into(),
+        N_INVALID_KE_PAYLOAD => "INVALID_KE_PAYLOAD".into(),
+        other => format!("notify {other}"),
+    }
+}
+
+/// The part of `a` inside `b` (same family; ports and protocol intersected too).
+fn intersect(a: &TrafficSelector, b: &TrafficSelector) -> Option<TrafficSelector> {
+    if a.start.is_ipv4() != b.start.is_ipv4() {
+        return None;
+    }
+    let protocol = match (a.protocol, b.protocol) {
+        (0, p) | (p, 0) => p,
+        (x, y) if x == y => x,
+        _ => return None,
+    };
+    let start = a.start.max(b.start);
+    let end = a.end.min(b.end);
+    let start_port = a.start_port.max(b.start_port);
+    let end_port = a.end_port.min(b.end_port);
+    (start <= end && start_port <= end_port).then_some(TrafficSelector {
+        protocol,
+        start_port,
+        end_port,
+        start,
+        end,
+    })
+}
+
+/// Narrowing (§2.9): what of the peer's selectors our config allows.
+pub fn narrow(theirs: &[TrafficSelector], ours: &[TrafficSelector]) -> Vec<TrafficSelector> {
+    let mut out = Vec::new();
+    for t in theirs {
+        for o in ours {
+            if let Some(x) = intersect(t, o) {
+                if !out.contains(&x) {
+                    out.push(x);
+                }
+            }
+        }
+    }
+    out
+}
+
+impl IkeSa {
+    fn new(conn: Arc<Conn>, initiator: bool) -> Self {
+        IkeSa {
+            conn,
+            initiator,
+            spi_i: 0,
+            spi_r: 0,
+            state: State::InitSent,
+            suite: None,
+            dh: None,
+            keys: None,
+            ni: Vec::new(),
+            nr: Vec::new(),
+            msg1: Vec::new(),
+            msg2: Vec::new(),
+            next_id: 0,
+            expect_id: 0,
+            pending: None,
+            last_response: None,
+            child_spi: new_esp_spi(),
+            children: Vec::new(),
+            last_heard: Instant::now(),
+            established_at: None,
+        }
+    }
+
+    /// Our SPI: how the daemon finds this SA for an incoming message.
+    pub fn local_spi(&self) -> u64 {
+        if self.initiator {
+            self.spi_i
+        } else {
+            self.spi_r
+        }
+    }
+
+    pub fn suite(&self) -> Option<IkeSuite> {
+        self.suite
+    }
+
+    /// Starts an SA as initiator: the IKE_SA_INIT request.
+    pub fn initiate(conn: Arc<Conn>, now: Instant) -> (IkeSa, Vec<Output>) {
+        let mut sa = IkeSa::new(conn, true);
+        sa.spi_i = nonzero_u64();
+        let group = sa.conn.ike[0].dh.expect("IKE suites have a group");
+        let out = sa.send_init(group, None, now);
+        (sa, out)
+    }
+
+    fn send_init(
+        &mut self,
+        group: crypto::DhGroup,
+        cookie: Option<Vec<u8>>,
+        now: Instant,
+    ) -> Vec<Output> {
+        let dh = Dh::new(group);
+        self.ni = crypto::random(32);
+        let proposals = self
+            .conn
+            .ike
+            .iter()
+            .enumerate()
+            .map(|(i, s)| s.proposal(i as u8 + 1, true, Vec::new()))
+            .collect();
+        let mut payloads = Vec::new();
+        if let Some(c) = cookie {
+            payloads.push(Payload::notify(N_COOKIE, c));
+        }
+        payloads.push(Payload::Sa(proposals));
+        payloads.push(Payload::Ke {
+            group: group.id(),
+            data: dh.public.clone(),
+        });
+        payloads.push(Payload::Nonce(self.ni.clone()));
+        self.dh = Some(dh);
+        let msg = self.plain(IKE_SA_INIT, false, 0, &payloads);
+        self.msg1 = msg.clone();
+        self.state = State::InitSent;
+        self.next_id = 1;
+        self.request(0, msg, now)
+    }
+
+    fn request(&mut self, id: u32, msg: Vec<u8>, now: Instant) -> Vec<Output> {
+        self.pending = Some(Pending {
+            id,
+            msg: msg.clone(),
+            sent: now,
+            tries: 0,
+        });
+        vec![Output::Send(msg)]
+    }
+
+    fn header(&self, exchange: u8, response: bool, id: u32, next: u8, length: usize) -> Header {
+        let mut flags = 0;
+        if self.initiator {
+            flags |= FLAG_INITIATOR;
+        }
+        if response {
+            flags |= FLAG_RESPONSE;
+        }
+        Header {
+            spi_i: self.spi_i,
+            spi_r: self.spi_r,
+            next,
+            exchange,
+            flags,
+            message_id: id,
+            length: length as u32,
+        }
+    }
+
+    fn plain(&self, exchange: u8, response: bool, id: u32, payloads: &[Payload]) -> Vec<u8> {
+        let (first, body) = encode_payloads(payloads);
+        let h = self.header(exchange, response, id, first, HEADER_LEN + body.len());
+        [h.encode().to_vec(), body].concat()
+    }
+
+    fn cipher(&self, from_initiator: bool) -> SkCipher<'_> {
+        let s = self.suite.expect("keys exist");
+        let k = self.keys.as_ref().expect("keys exist");
+        let (ek, ak) = if from_initiator {
+            (&k.ei, &k.ai)
+        } else {
+            (&k.er, &k.ar)
+        };
+        SkCipher {
+            encr: s.encr,
+            integ: s.integ,
+            ek: ek.bytes(),
+            ak: ak.bytes(),
+        }
+    }
+
+    fn encrypted(&self, exchange: u8, response: bool, id: u32, payloads: &[Payload]) -> Vec<u8> {
+        let (first, inner) = encode_payloads(payloads);
+        let c = self.cipher(self.initiator);
+        let body_len = c.sealed_len(inner.len());
+        let h = self.header(exchange, response, id, PT_SK, HEADER_LEN + 4 + body_len);
+        let mut aad = h.encode().to_vec();
+        aad.extend_from_slice(&[first, 0]);
+        aad.extend_from_slice(&((4 + body_len) as u16).to_be_bytes());
+        let body = c.seal(&aad, &inner);
+        debug_assert_eq!(body.len(), body_len);
+        [aad, body].concat()
+    }
+
+    fn decrypt(&self, msg: &[u8], h: &Header) -> Result<Vec<Payload>, String> {
+        let (_, enc) =
+            decode_payloads(h.next, &msg[HEADER_LEN..], HEADER_LEN).map_err(|e| e.to_string())?;
+        let enc = enc.ok_or("no Encrypted payload")?;
+        let aad_end = enc.offset + 4;
+        let c = self.cipher(h.from_initiator());
+        let plain = c
+            .open(&msg[..aad_end], &msg[aad_end..])
+            .ok_or("Encrypted payload does not authenticate")?;
+        let (payloads, inner) = decode_payloads(enc.first, &plain, 0).map_err(|e| e.to_string())?;
+        if inner.is_some() {
+            return Err("Encrypted payload inside an Encrypted payload".into());
+        }
+        Ok(payloads)
+    }
+
+    /// Responder: a new SA from an IKE_SA_INIT request. Err carries a stateless answer
+    /// (INVALID_KE_PAYLOAD, NO_PROPOSAL_CHOSEN) or None to drop.
+    pub fn respond(
+        conn: Arc<Conn>,
+        msg: &[u8],
+        now: Instant,
+    ) -> Result<(IkeSa, Vec<Output>), (Option<Vec<u8>>, String)> {
+        let h = Header::decode(msg).map_err(|e| (None, e.to_string()))?;
+        if h.exchange != IKE_SA_INIT || h.is_response() || h.message_id != 0 || h.spi_r != 0 {
+            return Err((None, "not an IKE_SA_INIT request".into()));
+        }
+        let (payloads, _) = decode_payloads(h.next, &msg[HEADER_LEN..], HEADER_LEN)
+            .map_err(|e| (None, e.to_string()))?;
+        let mut sa = IkeSa::new(conn, false);
+        sa.spi_i = h.spi_i;
+        let answer = |sa: &IkeSa, kind: u16, data: Vec<u8>| {
+            sa.plain(IKE_SA_INIT, true, 0, &[Payload::notify(kind, data)])
+        };
+        let offer = first(&payloads, |p| match p {
+            Payload::Sa(v) => Some(v.clone()),
+            _ => None,
+        })
+        .ok_or((None, "IKE_SA_INIT without SA".to_string()))?;
+        let Some((chosen, suite)) = proposal::choose(&offer, &sa.conn.ike, true) else {
+            return Err((
+                Some(answer(&sa, N_NO_PROPOSAL_CHOSEN, Vec::new())),
+                "no acceptable IKE proposal".into(),
+            ));
+        };
+        let group = suite.dh.unwrap();
+        let (kg, kdata) = first(&payloads, |p| match p {
+            Payload::Ke { group, data } => Some((*group, data.clone())),
+            _ => None,
+        })
+        .ok_or((None, "IKE_SA_INIT without KE".to_string()))?;
+        if kg != group.id() {
+            return Err((
+                Some(answer(
+                    &sa,
+                    N_INVALID_KE_PAYLOAD,
+                    group.id().to_be_bytes().to_vec(),
+                )),
+                format!("peer sent a KE of group {kg}, we chose {}", group.id()),
+            ));
+        }
+        sa.ni = first(&payloads, |p| match p {
+            Payload::Nonce(n) => Some(n.clone()),
+            _ => None,
+        })
+        .ok_or((None, "IKE_SA_INIT without nonce".to_string()))?;
+        let dh = Dh::new(group);
+        let shared = dh.shared(&kdata).map_err(|e| (None, e.to_string()))?;
+        sa.spi_r = nonzero_u64();
+        sa.nr = crypto::random(32);
+        let s = IkeSuite {
+            encr: suite.encr,
+            prf: suite.prf.unwrap(),
+            integ: suite.integ,
+            dh: group,
+        };
+        sa.suite = Some(s);
+        let mut resp_prop = suite.proposal(chosen.num, true, Vec::new());
+        resp_prop.num = chosen.num;
+        let out = vec![
+            Payload::Sa(vec![resp_prop]),
+            Payload::Ke {
+                group: group.id(),
+                data: dh.public.clone(),
+            },
+            Payload::Nonce(sa.nr.clone()),
+        ];
+        let resp = sa.plain(IKE_SA_INIT, true, 0, &out);
+        sa.keys = Some(IkeKeys::derive(&s, &shared, &sa.ni, &sa.nr, &sa.spis()));
+        sa.msg1 = msg.to_vec();
+        sa.msg2 = resp.clone();
+        sa.expect_id = 1;
+        sa.next_id = 0;
+        sa.state = State::InitDone;
+        sa.last_response = Some((0, resp.clone()));
+        sa.last_heard = now;
+        Ok((sa, vec![Output::Send(resp)]))
+    }
+
+    fn spis(&self) -> [u8; 16] {
+        let mut s = [0u8; 16];
+        s[..8].copy_from_slice(&self.spi_i.to_be_bytes());
+        s[8..].copy_from_slice(&self.spi_r.to_be_bytes());
+        s
+    }
+
+    /// AUTH for PSK (§2.15): prf(prf(PSK, pad), msg | nonce | prf(SK_p, ID body)).
+    fn auth(&self, of_initiator: bool, id: &(u8, Vec<u8>)) -> Vec<u8> {
+        let s = self.suite.unwrap();
+        let k = self.keys.as_ref().unwrap();
+        let (msg, nonce, skp) = if of_initiator {
+            (&self.msg1, &self.nr, &k.pi)
+        } else {
+            (&self.msg2, &self.ni, &k.pr)
+        };
+        let maced = s.prf.prf(skp.bytes(), &[&id_body(id.0, &id.1)]);
+        crypto::psk_auth(
+            s.prf,
+            self.conn.psk.bytes(),
+            &[msg.as_slice(), nonce, &maced].concat(),
+        )
+    }
+
+    /// Handles a datagram for this SA.
+    pub fn on_message(&mut self, msg: &[u8], now: Instant) -> Vec<Output> {
+        let h = match Header::decode(msg) {
+            Ok(h) => h,
+            Err(e) => return vec![Output::Dropped(e.to_string())],
+        };
+        if h.from_initiator() == self.initiator {
+            return vec![Output::Dropped("message with our own I flag".into())];
+        }
+        if h.is_response() {
+            self.on_response(msg, &h, now)
+        } else {
+            self.on_request(msg, &h, now)
+        }
+    }
+
+    fn on_response(&mut self, msg: &[u8], h: &Header, now: Instant) -> Vec<Output> {
+        let Some(p) = &self.pending else {
+            return vec![Output::Dropped(
+                "response with no request outstanding".into(),
+            )];
+        };
+        if h.message_id != p.id {
+            return vec![Output::Dropped(format!(
+                "response id {} (waiting for {})",
+                h.message_id, p.id
+            ))];
+        }
+        match (h.exchange, self.state) {
+            (IKE_SA_INIT, State::InitSent) => self.on_init_response(msg, h, now),
+            (IKE_AUTH, State::AuthSent) => {
+                let payloads = match self.decrypt(msg, h) {
+                    Ok(p) => p,
+                    Err(e) => return vec![Output::Dropped(e)],
+                };
+                self.pending = None;
+                self.last_heard = now;
+                self.on_auth_response(payloads, now)
+            }
+            (INFORMATIONAL, State::Established | State::Deleting) => {
+                let payloads = match self.decrypt(msg, h) {
+                    Ok(p) => p,
+                    Err(e) => return vec![Output::Dropped(e)],
+                };
+                self.pending = None;
+                self.last_heard = now;
+                if self.state == State::Deleting {
+                    self.state = State::Closed;
+                    return vec![Output::Closed("deleted by us".into())];
+                }
+                let mut out = Vec::new();
+                for p in payloads {
+                    if let Payload::Delete {
+                        protocol: PROTO_ESP,
+                        spis,
+                    } = p
+                    {
+                        out.extend(self.remove_children_by_out(&spis));
+                    }
+                }
+                out
+            }
+            _ => vec![Output::Dropped(format!(
+                "unexpected response to exchange {}",
+                h.exchange
+            ))],
+        }
+    }
+
+    fn on_init_response(&mut self, msg: &[u8], h: &Header, now: Instant) -> Vec<Output> {
+        let payloads = match decode_payloads(h.next, &msg[HEADER_LEN..], HEADER_LEN) {
+            Ok((p, _)) => p,
+            Err(e) => return vec![Output::Dropped(e.to_string())],
+        };
+        if let Some(c) = notify_of(&payloads, N_COOKIE) {
+            let group = self.dh.as_ref().unwrap().group;
+            return self.send_init(group, Some(c.to_vec()), now);
+        }
+        if let Some(g) = notify_of(&payloads, N_INVALID_KE_PAYLOAD) {
+            let g = g.get(..2).map(|b| u16::from_be_bytes([b[0], b[1]]));
+            let ok = g
+                .and_then(crypto::DhGroup::from_id)
+                .filter(|g| self.conn.ike.iter().any(|s| s.dh == Some(*g)));
+            return match ok {
+                Some(group) if Some(group) != self.dh.as_ref().map(|d| d.group) => {
+                    self.send_init(group, None, now)
+                }
+                _ => self.close(format!(
+                    "peer wants DH group {g:?}, which we do not propose"
+                )),
+            };
+        }
+        if let Some(n) = error_notify(&payloads) {
+            return self.close(format!("peer refused IKE_SA_INIT: {}", notify_name(n)));
+        }
+        let chosen = first(&payloads, |p| match p {
+            Payload::Sa(v) if v.len() == 1 => Some(v[0].clone()),
+            _ => None,
+        });
+        let Some(suite) = chosen
+            .and_then(|p| Suite::from_chosen(&p, true))
+            .filter(|s| self.conn.ike.contains(s))
+        else {
+            return self.close("peer chose a proposal we did not offer".into());
+        };
+        let dh = self.dh.as_ref().unwrap();
+        let Some((kg, kdata)) = first(&payloads, |p| match p {
+            Payload::Ke { group, data } => Some((*group, data.clone())),
+            _ => None,
+        }) else {
+            return vec![Output::Dropped("IKE_SA_INIT response without KE".into())];
+        };
+        if kg != dh.group.id() || suite.dh != Some(dh.group) {
+            return self.close("peer's KE group differs from the proposal".into());
+        }
+        let Some(nr) = first(&payloads, |p| match p {
+            Payload::Nonce(n) => Some(n.clone()),
+            _ => None,
+        }) else {
+            return vec![Output::Dropped("IKE_SA_INIT response without nonce".into())];
+        };
+        let shared = match dh.shared(&kdata) {
+            Ok(s) => s,
+            Err(e) => return vec![Output::Dropped(e.into())],
+        };
+        self.spi_r = h.spi_r;
+        self.nr = nr;
+        let s = IkeSuite {
+            encr: suite.encr,
+            prf: suite.prf.unwrap(),
+            integ: suite.integ,
+            dh: dh.group,
+        };
+        self.suite = Some(s);
+        self.keys = Some(IkeKeys::derive(
+            &s,
+            &shared,
+            &self.ni,
+            &self.nr,
+            &self.spis(),
+        ));
+        self.dh = None;
+        self.msg2 = msg.to_vec();
+        self.pending = None;
+        self.last_heard = now;
+        // IKE_AUTH with the first CHILD SA.
+        let id = self.conn.local_id.clone();
+        let auth = self.auth(true, &id);
+        let esp = self
+            .conn
+            .esp
+            .iter()
+            .enumerate()
+            .map(|(i, s)| s.proposal(i as u8 + 1, false, self.child_spi.to_be_bytes().to_vec()))
+            .collect();
+        let mut payloads = vec![
+            Payload::Id {
+                initiator: true,
+                kind: id.0,
+                data: id.1.clone(),
+            },
+            Payload::Auth {
+                method: AUTH_PSK,
+                data: auth,
+            },
+        ];
+        if let Some(r) = &self.conn.remote_id {
+            payloads.push(Payload::Id {
+                initiator: false,
+                kind: r.0,
+                data: r.1.clone(),
+            });
+        }
+        payloads.push(Payload::notify(N_INITIAL_CONTACT, Vec::new()));
+        payloads.push(Payload::Sa(esp));
+        payloads.push(Payload::Ts {
+            initiator: true,
+            selectors: self.conn.local_ts.clone(),
+        });
+        payloads.push(Payload::Ts {
+            initiator: false,
+            selectors: self.conn.remote_ts.clone(),
+        });
+        let msg = self.encrypted(IKE_AUTH, false, 1, &payloads);
+        self.next_id = 2;
+        self.state = State::AuthSent;
+        self.request(1, msg, now)
+    }
+
+    fn on_auth_response(&mut self, payloads: Vec<Payload>, now: Instant) -> Vec<Output> {
+        let idr = first(&payloads, |p| match p {
+            Payload::Id {
+                initiator: false,
+                kind,
+                data,
+            } => Some((*kind, data.clone())),
+            _ => None,
+        });
+        let auth = first(&payloads, |p| match p {
+            Payload::Auth {
+                method: AUTH_PSK,
+                data,
+            } => Some(data.clone()),
+            _ => None,
+        });
+        let (Some(idr), Some(auth)) = (idr, auth) else {
+            let why = error_notify(&payloads)
+                .map(notify_name)
+                .unwrap_or_else(|| "no IDr/AUTH".into());
+            return self.close(format!("IKE_AUTH failed: {why}"));
+        };
+        if !crypto::ct_eq(&self.auth(false, &idr), &auth) {
+            return self.close("IKE_AUTH: the peer's AUTH does not verify (PSK mismatch?)".into());
+        }
+        if self.conn.remote_id.as_ref().is_some_and(|r| *r != idr) {
+            return self.close("IKE_AUTH: the peer's ID is not the configured one".into());
+        }
+        self.state = State::Established;
+        self.established_at = Some(now);
+        let mut out = vec![Output::Established];
+        match self.child_from(&payloads, true, self.child_spi) {
+            Ok(c) => {
+                self.children.push(c.clone());
+                out.push(Output::ChildUp(c));
+            }
+            Err(e) => out.push(Output::Dropped(format!("IKE SA up, but no CHILD SA: {e}"))),
+        }
+        out
+    }
+
+    /// Reads the CHILD SA an IKE_AUTH response (or request, as responder) carries.
+    fn child_from(
+        &self,
+        payloads: &[Payload],
+        initiator: bool,
+        spi_in: u32,
+    ) -> Result<ChildSa, String> {
+        if let Some(n) = error_notify(payloads) {
+            return Err(notify_name(n));
+        }
+        let sa = first(payloads, |p| match p {
+            Payload::Sa(v) if v.len() == 1 => Some(v[0].clone()),
+            _ => None,
+        })
+        .ok_or("no SA payload")?;
+        let suite = Suite::from_chosen(&sa, false)
+            .filter(|s| self.conn.esp.contains(s))
+            .ok_or("peer chose an ESP proposal we did not offer")?;
+        let spi_out: [u8; 4] = sa
+            .spi
+            .as_slice()
+            .try_into()
+            .map_err(|_| "ESP SPI not 4 octets")?;
+        let ts = |init: bool| {
+            first(payloads, |p| match p {
+                Payload::Ts {
+                    initiator,
+                    selectors,
+                } if *initiator == init => Some(selectors.clone()),
+                _ => None,
+            })
+        };
+        let (tsi, tsr) = (ts(true).ok_or("no TSi")?, ts(false).ok_or("no TSr")?);
+        // Ours must contain what the responder narrowed to.
+        let (local_ts, remote_ts) = (
+            narrow(&tsi, &self.conn.local_ts),
+            narrow(&tsr, &self.conn.remote_ts),
+        );
+        if local_ts != tsi || remote_ts != tsr {
+            return Err("peer's traffic selectors are wider than ours".into());
+        }
+        let s = self.suite.unwrap();
+        let keys = ChildKeys::derive(
+            s.prf,
+            &self.keys.as_ref().unwrap().d,
+            suite.encr,
+            suite.integ,
+            None,
+            &self.ni,
+            &self.nr,
+        );
+        Ok(ChildSa {
+            spi_in,
+            spi_out: u32::from_be_bytes(spi_out),
+            suite,
+            keys,
+            initiator,
+            local_ts,
+            remote_ts,
+        })
+    }
+
+    fn on_request(&mut self, msg: &[u8], h: &Header, now: Instant) -> Vec<Output> {
+        // Window of one: a retransmitted request gets the same response again.
+        if let Some((id, resp)) = &self.last_response {
+            if h.message_id == *id {
+                return vec![Output::Send(resp.clone())];
+            }
+        }
+        if h.message_id != self.expect_id || self.keys.is_none() {
+            return vec![Output::Dropped(format!(
+                "request id {} (expected {})",
+                h.message_id, self.expect_id
+            ))];
+        }
+        let payloads = match self.decrypt(msg, h) {
+            Ok(p) => p,
+            Err(e) => return vec![Output::Dropped(e)],
+        };
+        self.last_heard = now;
+        match (h.exchange, self.state) {
+            (IKE_AUTH, State::InitDone) => self.on_auth_request(payloads, h.message_id, now),
+            (INFORMATIONAL, State::Established | State::Deleting) => {
+                self.on_informational(payloads, h.message_id)
+            }
+            (CREATE_CHILD_SA, State::Established) => {
+                // Not negotiated yet: refuse politely, the SA stays.
+                let out = self.respond_with(
+                    CREATE_CHILD_SA,
+                    h.message_id,
+                    &[Payload::notify(N_NO_PROPOSAL_CHOSEN, Vec::new())],
+                );
+                vec![
+                    out,
+                    Output::Dropped("CREATE_CHILD_SA refused (not supported)".into()),
+                ]
+            }
+            _ => vec![Output::Dropped(format!(
+                "exchange {} in state {:?}",
+                h.exchange, self.state
+            ))],
+        }
+    }
+
+    fn respond_with(&mut self, exchange: u8, id: u32, payloads: &[Payload]) -> Output {
+        let resp = self.encrypted(exchange, true, id, payloads);
+        self.last_response = Some((id, resp.clone()));
+        self.expect_id = id + 1;
+        Output::Send(resp)
+    }
+
+    fn on_auth_request(&mut self, payloads: Vec<Payload>, id: u32, now: Instant) -> Vec<Output> {
+        let idi = first(&payloads, |p| match p {
+            Payload::Id {
+                initiator: true,
+                kind,
+                data,
+            } => Some((*kind, data.clone())),
+            _ => None,
+        });
+        let auth = first(&payloads, |p| match p {
+            Payload::Auth {
+                method: AUTH_PSK,
+                data,
+            } => Some(data.clone()),
+            _ => None,
+        });
+        let fail = |sa: &mut IkeSa, why: String| {
+            let out = sa.respond_with(
+                IKE_AUTH,
+                id,
+                &[Payload::notify(N_AUTHENTICATION_FAILED, Vec::new())],
+            );
+            sa.state = State::Closed;
+            vec![out, Output::Closed(why)]
+        };
+        let (Some(idi), Some(auth)) = (idi, auth) else {
+            return fail(self, "IKE_AUTH without IDi or PSK AUTH".into());
+        };
+        if !crypto::ct_eq(&self.auth(true, &idi), &auth) {
+            return fail(
+                self,
+                "IKE_AUTH: the peer's AUTH does not verify (PSK mismatch?)".into(),
+            );
+        }
+        if self.conn.remote_id.as_ref().is_some_and(|r| *r != idi) {
+            return fail(
+                self,
+                "IKE_AUTH: the peer's ID is not the configured one".into(),
+            );
+        }
+        let my_id = self.conn.local_id.clone();
+        let mut resp = vec![
+            Payload::Id {
+                initiator: false,
+                kind: my_id.0,
+                data: my_id.1.clone(),
+            },
+            Payload::Auth {
+                method: AUTH_PSK,
+                data: self.auth(false, &my_id),
+            },
+        ];
+        // The first CHILD SA: choose, narrow, answer with our SPI.
+        let child = self.child_for_request(&payloads);
+        let mut out = Vec::new();
+        match child {
+            Ok((c, prop)) => {
+                resp.push(Payload::Sa(vec![prop]));
+                resp.push(Payload::Ts {
+                    initiator: true,
+                    selectors: c.remote_ts.clone(),
+                });
+                resp.push(Payload::Ts {
+                    initiator: false,
+                    selectors: c.local_ts.clone(),
+                });
+                self.children.push(c.clone());
+                out.push(Output::ChildUp(c));
+            }
+            Err((notify, why)) => {
+                resp.push(Payload::notify(notify, Vec::new()));
+                out.push(Output::Dropped(format!(
+                    "IKE SA up, but no CHILD SA: {why}"
+                )));
+            }
+        }
+        let send = self.respond_with(IKE_AUTH, id, &resp);
+        self.state = State::Established;
+        self.established_at = Some(now);
+        let mut all = vec![send, Output::Established];
+        all.extend(out);
+        all
+    }
+
+    fn child_for_request(
+        &self,
+        payloads: &[Payload],
+    ) -> Result<(ChildSa, Proposal), (u16, String)> {
+        let offer = first(payloads, |p| match p {
+            Payload::Sa(v) => Some(v.clone()),
+            _ => None,
+        })
+        .ok_or((N_INVALID_SYNTAX, "no SA payload".to_string()))?;
+        let (chosen, suite) = proposal::choose(&offer, &self.conn.esp, false).ok_or((
+            N_NO_PROPOSAL_CHOSEN,
+            "no acceptable ESP proposal".to_string(),
+        ))?;
+        let spi_out: [u8; 4] = chosen
+            .spi
+            .as_slice()
+            .try_into()
+            .map_err(|_| (N_INVALID_SYNTAX, "ESP SPI not 4 octets".to_string()))?;
+        let ts = |init: bool| {
+            first(payloads, |p| match p {
+                Payload::Ts {
+                    initiator,
+                    selectors,
+                } if *initiator == init => Some(selectors.clone()),
+                _ => None,
+            })
+        };
+        let (tsi, tsr) = (ts(true).unwrap_or_default(), ts(false).unwrap_or_default());
+        let remote_ts = narrow(&tsi, &self.conn.remote_ts);
+        let local_ts = narrow(&tsr, &self.conn.local_ts);
+        if remote_ts.is_empty() || local_ts.is_empty() {
+            return Err((
+                N_TS_UNACCEPTABLE,
+                "traffic selectors outside the config".into(),
+            ));
+        }
+        let s = self.suite.unwrap();
+        let keys = ChildKeys::derive(
+            s.prf,
+            &self.keys.as_ref().unwrap().d,
+            suite.encr,
+            suite.integ,
+            None,
+            &self.ni,
+            &self.nr,
+        );
+        let spi_in = self.child_spi;
+        let prop = suite.proposal(chosen.num, false, spi_in.to_be_bytes().to_vec());
+        Ok((
+            ChildSa {
+                spi_in,
+                spi_out: u32::from_be_bytes(spi_out),
+                suite,
+                keys,
+                initiator: false,
+                local_ts,
+                remote_ts,
+            },
+            prop,
+        ))
+    }
+
+    fn on_informational(&mut self, payloads: Vec<Payload>, id: u32) -> Vec<Output> {
+        let mut out = Vec::new();
+        let mut answer = Vec::new();
+        for p in &payloads {
+            match p {
+                Payload::Delete {
+                    protocol: PROTO_IKE,
+                    ..
+                } => {
+                    let send = self.respond_with(INFORMATIONAL, id, &[]);
+                    self.state = State::Closed;
+                    let mut v = vec![send];
+                    v.extend(self.children.drain(..).map(|c| Output::ChildDown {
+                        spi_in: c.spi_in,
+                        spi_out: c.spi_out,
+                    }));
+                    v.push(Output::Closed("deleted by the peer".into()));
+                    return v;
+                }
+                Payload::Delete {
+                    protocol: PROTO_ESP,
+                    spis,
+                } => {
+                    // Their SPIs are our outbound ones; we answer with our inbound ones.
+                    let gone = self.remove_children_by_out(spis);
+                    let ours: Vec<Vec<u8>> = gone
+                        .iter()
+                        .filter_map(|o| match o {
+                            Output::ChildDown { spi_in, .. } => Some(spi_in.to_be_bytes().to_vec()),
+                            _ => None,
+                        })
+                        .collect();
+                    if !ours.is_empty() {
+                        answer.push(Payload::Delete {
+                            protocol: PROTO_ESP,
+                            spis: ours,
+                        });
+                    }
+                    out.extend(gone);
+                }
+                _ => {}
+            }
+        }
+        // An empty request is a liveness check (DPD): the empty answer is the point.
+        let mut v = vec![self.respond_with(INFORMATIONAL, id, &answer)];
+        v.extend(out);
+        v
+    }
+
+    fn remove_children_by_out(&mut self, spis: &[Vec<u8>]) -> Vec<Output> {
+        let mut out = Vec::new();
+        self.children.retain(|c| {
+            let hit = spis.iter().any(|s| s.as_slice() == c.spi_out.to_be_bytes());
+            if hit {
+                out.push(Output::ChildDown {
+                    spi_in: c.spi_in,
+                    spi_out: c.spi_out,
+                });
+            }
+            !hit
+        });
+        out
+    }
+
+    fn close(&mut self, why: String) -> Vec<Output> {
+        self.state = State::Closed;
+        self.pending = None;
+        let mut v: Vec<Output> = self
+            .children
+            .drain(..)
+            .map(|c| Output::ChildDown {
+                spi_in: c.spi_in,
+                spi_out: c.spi_out,
+            })
+            .collect();
+        v.push(Output::Closed(why));
+        v
+    }
+
+    /// Sends DELETE for the IKE SA (and with it its CHILD SAs); the SA closes when the
+    /// peer answers or the retransmissions run out.
+    pub fn delete(&mut self, now: Instant) -> Vec<Output> {
+        if self.state != State::Established {
+            return self.close("deleted by us".into());
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let msg = self.encrypted(
+            INFORMATIONAL,
+            false,
+            id,
+            &[Payload::Delete {
+                protocol: PROTO_IKE,
+                spis: Vec::new(),
+            }],
+        );
+        self.state = State::Deleting;
+        let mut out: Vec<Output> = self
+            .children
+            .drain(..)
+            .map(|c| Output::ChildDown {
+                spi_in: c.spi_in,
+                spi_out: c.spi_out,
+            })
+            .collect();
+        out.extend(self.request(id, msg, now));
+        out
+    }
+
+    /// Deletes one CHILD SA (by our inbound SPI), telling the peer.
+    pub fn delete_child(&mut self, spi_in: u32, now: Instant) -> Vec<Output> {
+        if self.state != State::Established || self.pending.is_some() {
+            return Vec::new();
+        }
+        let Some(pos) = self.children.iter().position(|c| c.spi_in == spi_in) else {
+            return Vec::new();
+        };
+        let c = self.children.remove(pos);
+        let id = self.next_id;
+        self.next_id += 1;
+        let msg = self.encrypted(
+            INFORMATIONAL,
+            false,
+            id,
+            &[Payload::Delete {
+                protocol: PROTO_ESP,
+                spis: vec![spi_in.to_be_bytes().to_vec()],
+            }],
+        );
+        let mut out = vec![Output::ChildDown {
+            spi_in: c.spi_in,
+            spi_out: c.spi_out,
+        }];
+        out.extend(self.request(id, msg, now));
+        out
+    }
+
+    /// Retransmissions and liveness checks; call about once a second.
+    pub fn on_tick(&mut self, now: Instant) -> Vec<Output> {
+        if let Some(p) = &mut self.pending {
+            let wait = Duration::from_secs(1 << p.tries.min(5));
+            if now.duration_since(p.sent) >= wait {
+                if p.tries + 1 >= TRIES {
+                    return self.close("peer not answering (retransmissions exhausted)".into());
+                }
+                p.tries += 1;
+                p.sent = now;
+                return vec![Output::Send(p.msg.clone())];
+            }
+            return Vec::new();
+        }
+        if self.state == State::Established
+            && !self.conn.dpd.is_zero()
+            && now.duration_since(self.last_heard) >= self.conn.dpd
+        {
+            let id = self.next_id;
+            self.next_id += 1;
+            let msg = self.encrypted(INFORMATIONAL, false, id, &[]);
+            return self.request(id, msg, now);
+        }
+        // A responder whose initiator never sent IKE_AUTH.
+        if self.state == State::InitDone
+            && now.duration_since(self.last_heard) > Duration::from_secs(30)
+        {
+            return self.close("half-open: no IKE_AUTH within 30 s".into());
+        }
+        Vec::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(
+        local: &str,
+        remote: &str,
+        ike: &[&str],
+        esp: &[&str],
+        psk: &str,
+        lts: &str,
+        rts: &str,
+    ) -> Arc<Conn> {
+        let local: IpAddr = local.parse().unwrap();
+        let remote: IpAddr = remote.parse().unwrap();
+        Arc::new(Conn {
+            name: "t".into(),
+            local,
+            remote,
+            psk: Secret::new(psk.as_bytes().to_vec()),
+            local_id: id_of(local),
+            remote_id: Some(id_of(remote)),
+            ike: ike.iter().map(|n| Suite::parse(n, true).unwrap()).collect(),
+            esp: esp
+                .iter()
+                .map(|n| Suite::parse(n, false).unwrap())
+                .collect(),
+            local_ts: vec![TrafficSelector::from_net(lts.parse().unwrap())],
+            remote_ts: vec![TrafficSelector::from_net(rts.parse().unwrap())],
+            dpd: Duration::from_secs(10),
+        })
+    }
+
+    fn sent(out: &[Output]) -> Vec<u8> {
+        out.iter()
+            .find_map(|o| match o {
+                Output::Send(m) => Some(m.clone()),
+                _ => None,
+            })
+            .expect("something to send")
+    }
+
+    fn child(out: &[Output]) -> ChildSa {
+        out.iter()
+            .find_map(|o| match o {
+                Output::ChildUp(c) => Some(c.clone()),
+                _ => None,
+            })
+            .expect("a CHILD SA")
+    }
+
+    /// Two state machines negotiate; returns both ends.
+    fn handshake(a: Arc<Conn>, b: Arc<Conn>) -> (IkeSa, IkeSa, Vec<Output>, Vec<Output>) {
+        let now = Instant::now();
+        let (mut i, out) = IkeSa::initiate(a, now);
+        let mut msg = sent(&out);
+        let mut r = loop {
+            match IkeSa::respond(b.clone(), &msg, now) {
+                Ok((r, out)) => {
+                    let o = i.on_message(&sent(&out), now);
+                    msg = sent(&o);
+                    break r;
+                }
+                // INVALID_KE_PAYLOAD: the initiator tries again.
+                Err((Some(answer), _)) => msg = sent(&i.on_message(&answer, now)),
+                Err((None, why)) => panic!("{why}"),
+            }
+        };
+        let r_out = r.on_message(&msg, now);
+        let i_out = i.on_message(&sent(&r_out), now);
+        (i, r, i_out, r_out)
+    }
+
+    #[test]
+    fn psk_handshake_with_three_proposal_kinds_and_narrowing() {
+        for (ike, esp) in [
+            ("aes256gcm16-prfsha384-ecp384", "aes256gcm16"),
+            ("aes128-sha256-modp2048", "aes128-sha256"),
+            ("aes256-sha512-curve25519", "aes256-sha512"),
+            ("aes128gcm16-prfsha256-ecp521", "aes128gcm16"),
+        ] {
+            let a = conn(
+                "192.0.2.1",
+                "192.0.2.2",
+                &[ike],
+                &[esp],
+                "secret",
+                "10.1.0.0/16",
+                "0.0.0.0/0",
+            );
+            let b = conn(
+                "192.0.2.2",
+                "192.0.2.1",
+                &[ike],
+                &[esp],
+                "secret",
+                "192.168.0.0/16",
+                "10.0.0.0/8",
+            );
+            let (i, r, i_out, r_out) = handshake(a, b);
+            assert_eq!(i.state, State::Established, "{ike}");
+            assert_eq!(r.state, State::Established);
+            let (ci, cr) = (child(&i_out), child(&r_out));
+            // Each side's outbound SA is the other's inbound, with the same keys.
+            assert_eq!(ci.spi_out, cr.spi_in);
+            assert_eq!(ci.spi_in, cr.spi_out);
+            assert_eq!(ci.out_keys(), cr.in_keys());
+            assert_eq!(ci.in_keys(), cr.out_keys());
+            assert_eq!(ci.suite, Suite::parse(esp, false).unwrap());
+            // The responder narrowed the initiator's 0.0.0.0/0 to its own 192.168/16.
+            assert_eq!(
+                ci.remote_ts,
+                vec![TrafficSelector::from_net("192.168.0.0/16".parse().unwrap())]
+            );
+            assert_eq!(
+                cr.remote_ts,
+                vec![TrafficSelector::from_net("10.1.0.0/16".parse().unwrap())]
+            );
+        }
+    }
+
+    #[test]
+    fn invalid_ke_payload_makes_the_initiator_switch_groups() {
+        let a = conn(
+            "192.0.2.1",
+            "192.0.2.2",
+            &[
+                "aes256gcm16-prfsha384-ecp384",
+                "aes256gcm16-prfsha384-curve25519",
+            ],
+            &["aes256gcm16"],
+            "s",
+            "10.1.0.0/16",
+            "10.2.0.0/16",
+        );
+        let b = conn(
+            "192.0.2.2",
+            "192.0.2.1",
+            &["aes256gcm16-prfsha384-curve25519"],
+            &["aes256gcm16"],
+            "s",
+            "10.2.0.0/16",
+            "10.1.0.0/16",
+        );
+        let (i, _, _, _) = handshake(a, b);
+        assert_eq!(i.state, State::Established);
+        assert_eq!(i.suite().unwrap().dh, crypto::DhGroup::Curve25519);
+    }
+
+    #[test]
+    fn wrong_psk_fails_authentication_on_both_sides() {
+        let a = conn(
+            "192.0.2.1",
+            "192.0.2.2",
+            &["aes256gcm16-prfsha384-ecp384"],
+            &["aes256gcm16"],
+            "one",
+            "10.1.0.0/16",
+            "10.2.0.0/16",
+        );
+        let b = conn(
+            "192.0.2.2",
+            "192.0.2.1",
+            &["aes256gcm16-prfsha384-ecp384"],
+            &["aes256gcm16"],
+            "two",
+            "10.2.0.0/16",
+            "10.1.0.0/16",
+        );
+        let (i, r, i_out, r_out) = handshake(a, b);
+        assert_eq!(r.state, State::Closed);
+        assert!(r_out
+            .iter()
+            .any(|o| matches!(o, Output::Closed(w) if w.contains("PSK"))));
+        assert_eq!(i.state, State::Closed);
+        assert!(
+            i_out
+                .iter()
+                .any(|o| matches!(o, Output::Closed(w) if w.contains("AUTHENTICATION_FAILED"))),
+            "{i_out:?}"
+        );
+    }
+
+    #[test]
+    fn dpd_delete_retransmission_and_tampering() {
+        let a = conn(
+            "192.0.2.1",
+            "192.0.2.2",
+            &["aes128-sha256-modp2048"],
+            &["aes128-sha256"],
+            "s",
+            "10.1.0.0/16",
+            "10.2.0.0/16",
+        );
+        let b = conn(
+            "192.0.2.2",
+            "192.0.2.1",
+            &["aes128-sha256-modp2048"],
+            &["aes128-sha256"],
+            "s",
+            "10.2.0.0/16",
+            "10.1.0.0/16",
+        );
+        let (mut i, mut r, i_out, _) = handshake(a, b);
+        let spi_out = child(&i_out).spi_out;
+        let t0 = Instant::now();
+        // Idle past the DPD interval: an empty INFORMATIONAL, answered empty.
+        let dpd = sent(&i.on_tick(t0 + Duration::from_secs(11)));
+        let answer = sent(&r.on_message(&dpd, t0));
+        // The same request again (our answer was lost): the same answer, no new state.
+        assert_eq!(sent(&r.on_message(&dpd, t0)), answer);
+        assert!(i.on_message(&answer, t0).is_empty());
+        // A tampered message is dropped and changes nothing.
+        let mut bad = sent(&i.on_tick(t0 + Duration::from_secs(30)));
+        let n = bad.len();
+        bad[n - 1] ^= 0xff;
+        let out = r.on_message(&bad, t0);
+        assert!(matches!(&out[..], [Output::Dropped(_)]), "{out:?}");
+        assert_eq!(r.state, State::Established);
+        // No answer: retransmitted with back-off, then the peer is dead.
+        let mut t = t0 + Duration::from_secs(30);
+        let mut sends = 0;
+        let closed = loop {
+            t += Duration::from_secs(1);
+            let out = i.on_tick(t);
+            sends += out.iter().filter(|o| matches!(o, Output::Send(_))).count();
+            if let Some(Output::Closed(w)) = out.iter().find(|o| matches!(o, Output::Closed(_))) {
+                break w.clone();
+            }
+            assert!(t < t0 + Duration::from_secs(120));
+        };
+        assert!(closed.contains("not answering"), "{closed}");
+        assert_eq!(sends, 4);
+        // DELETE of a CHILD SA from the responder: both sides drop it.
+        let (mut i, mut r, i_out, _) = handshake(
+            conn(
+                "192.0.2.1",
+                "192.0.2.2",
+                &["aes128-sha256-modp2048"],
+                &["aes128-sha256"],
+                "s",
+                "10.1.0.0/16",
+                "10.2.0.0/16",
+            ),
+            conn(
+                "192.0.2.2",
+                "192.0.2.1",
+                &["aes128-sha256-modp2048"],
+                &["aes128-sha256"],
+                "s",
+                "10.2.0.0/16",
+                "10.1.0.0/16",
+            ),
+        );
+        let c = child(&i_out);
+        let _ = spi_out;
+        let del = r.delete_child(c.spi_out, t0);
+        assert!(del.contains(&Output::ChildDown {
+            spi_in: c.spi_out,
+            spi_out: c.spi_in
+        }));
+        let out = i.on_message(&sent(&del), t0);
+        assert!(
+            out.contains(&Output::ChildDown {
+                spi_in: c.spi_in,
+                spi_out: c.spi_out
+            }),
+            "{out:?}"
+        );
+        assert!(r.on_message(&sent(&out), t0).is_empty());
+        // DELETE of the IKE SA from the initiator.
+        let out = i.delete(t0);
+        let out = r.on_message(&sent(&out), t0);
+        assert!(out.contains(&Output::Closed("deleted by the peer".into())));
+        assert_eq!(
+            i.on_message(&sent(&out), t0),
+            vec![Output::Closed("deleted by us".into())]
+        );
+    }
+}
