@@ -67,6 +67,7 @@ struct Agent {
     stale: Stale,
     /// Restart time each peer announced (graceful restart negotiated).
     peer_restart_time: HashMap<IpAddr, u16>,
+    ike: Option<crate::ike::daemon::IkeHandle>,
 }
 
 enum FibOp {
@@ -119,6 +120,7 @@ pub async fn run(path: &Path) -> Result<()> {
         converged: HashSet::new(),
         stale: Stale::default(),
         peer_restart_time: HashMap::new(),
+        ike: None,
     };
     let result = match agent.start(routes).await {
         Ok(()) => agent.serve().await,
@@ -235,6 +237,8 @@ impl Agent {
         self.start_services().await?;
         self.apply_policy()?;
         self.start_bgp().await?;
+        self.ike =
+            crate::ike::daemon::start(&self.config, &self.path.display().to_string()).await?;
         self.sync_kernel_state().await?;
         // Maps are complete before the first packet meets the program.
         let generic = c.agent.xdp_mode == XdpMode::Generic;
@@ -1232,6 +1236,9 @@ impl Agent {
                 });
             }
         }
+        if let Some(ike) = &self.ike {
+            s.ipsec = ike.status.lock().unwrap().clone();
+        }
         s.reasons = counters
             .reasons
             .iter()
@@ -1267,6 +1274,11 @@ impl Agent {
                 }
             }
         }
+        // IPsec SAs are not handed over (yet): they are deleted and negotiated again by
+        // the next agent.
+        if let Some(ike) = self.ike.take() {
+            ike.shutdown().await;
+        }
         let gr = self
             .config
             .bgp
@@ -1292,6 +1304,9 @@ impl Agent {
     async fn stop(&mut self) {
         if let Some(b) = &mut self.bgp {
             b.shutdown().await;
+        }
+        if let Some(ike) = self.ike.take() {
+            ike.shutdown().await;
         }
         // A graceful restart in progress: the previous agent's program goes too.
         for (_, pin) in std::mem::take(&mut self.handover) {

@@ -31,6 +31,84 @@ pub struct Config {
     pub policies: Vec<Policy>,
     /// The BGP speaker; absent: no BGP.
     pub bgp: Option<Bgp>,
+    /// Site-to-site IPsec connectors (IKEv2, ESP in kernel XFRM).
+    #[serde(default)]
+    pub ipsec: Vec<Ipsec>,
+}
+
+/// One IPsec connector: an IKEv2 peer and the CHILD SA between the given selectors.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Ipsec {
+    pub name: String,
+    pub segment: String,
+    /// Our tunnel endpoint (IKE listens on UDP 500 there).
+    pub local_address: std::net::IpAddr,
+    pub remote_address: std::net::IpAddr,
+    /// The pre-shared key: a file whose first line it is, or an environment variable.
+    /// The config never holds the key itself.
+    pub psk_file: Option<PathBuf>,
+    pub psk_env: Option<String>,
+    /// Start the IKE SA (true) or wait for the peer to.
+    #[serde(default = "default_true")]
+    pub initiate: bool,
+    /// "azure": the Azure VPN gateway's default IKEv2/IPsec policy, for proposals left
+    /// out.
+    pub profile: Option<String>,
+    /// strongSwan-style names, in order of preference.
+    #[serde(default)]
+    pub ike_proposals: Vec<String>,
+    #[serde(default)]
+    pub esp_proposals: Vec<String>,
+    /// Traffic selectors: our side's prefixes and the peer's.
+    pub local_ts: Vec<IpNet>,
+    pub remote_ts: Vec<IpNet>,
+    /// IKE identities; default: the addresses. An address or a name (FQDN).
+    pub local_id: Option<String>,
+    pub remote_id: Option<String>,
+    /// Idle seconds before a liveness check (DPD); 0: none.
+    #[serde(default = "default_dpd")]
+    pub dpd_seconds: u64,
+    /// Encapsulate ESP in UDP 4500 even without a NAT (paths that drop IP protocol 50).
+    #[serde(default)]
+    pub force_encap: bool,
+}
+
+fn default_dpd() -> u64 {
+    30
+}
+
+/// Proposals used when a connector names neither a profile nor its own.
+pub const DEFAULT_IKE_PROPOSALS: &[&str] =
+    &["aes256gcm16-prfsha384-ecp384", "aes256-sha256-modp2048"];
+pub const DEFAULT_ESP_PROPOSALS: &[&str] = &["aes256gcm16", "aes256-sha256"];
+
+impl Ipsec {
+    /// The proposals in effect: its own, else its profile's, else the defaults.
+    pub fn proposals(&self) -> (Vec<String>, Vec<String>) {
+        let azure = self.profile.as_deref() == Some("azure");
+        let pick = |own: &Vec<String>, profile: &[&str], default: &[&str]| {
+            if !own.is_empty() {
+                own.clone()
+            } else if azure {
+                profile.iter().map(|s| s.to_string()).collect()
+            } else {
+                default.iter().map(|s| s.to_string()).collect()
+            }
+        };
+        (
+            pick(
+                &self.ike_proposals,
+                crate::ike::proposal::AZURE_IKE,
+                DEFAULT_IKE_PROPOSALS,
+            ),
+            pick(
+                &self.esp_proposals,
+                crate::ike::proposal::AZURE_ESP,
+                DEFAULT_ESP_PROPOSALS,
+            ),
+        )
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -456,7 +534,67 @@ impl Config {
     fn validate(&self) -> Result<(), (String, String)> {
         self.validate_routing()?;
         crate::policy::validate(self)?;
-        self.validate_bgp()
+        self.validate_bgp()?;
+        self.validate_ipsec()
+    }
+
+    fn validate_ipsec(&self) -> Result<(), (String, String)> {
+        let mut names = HashSet::new();
+        let mut pairs = HashSet::new();
+        for (i, c) in self.ipsec.iter().enumerate() {
+            let f = |sub: &str| format!("ipsec[{i}].{sub}");
+            if c.name.is_empty() || !names.insert(c.name.clone()) {
+                return Err((f("name"), format!("{:?} is empty or used twice", c.name)));
+            }
+            if self.segment_id(&c.segment).is_none() {
+                return Err((f("segment"), format!("unknown segment {:?}", c.segment)));
+            }
+            if c.local_address.is_ipv4() != c.remote_address.is_ipv4() {
+                return Err((
+                    f("remote_address"),
+                    "must be of local_address's family".into(),
+                ));
+            }
+            if !pairs.insert((c.local_address, c.remote_address)) {
+                return Err((
+                    f("remote_address"),
+                    format!(
+                        "another connector already joins {} and {}",
+                        c.local_address, c.remote_address
+                    ),
+                ));
+            }
+            if c.psk_file.is_some() == c.psk_env.is_some() {
+                return Err((
+                    f("psk_file"),
+                    "give exactly one of psk_file and psk_env".into(),
+                ));
+            }
+            if let Some(p) = &c.profile {
+                if p != "azure" {
+                    return Err((
+                        f("profile"),
+                        format!("unknown profile {p:?} (known: \"azure\")"),
+                    ));
+                }
+            }
+            let (ike, esp) = c.proposals();
+            for (k, n) in ike.iter().enumerate() {
+                crate::ike::proposal::Suite::parse(n, true)
+                    .map_err(|e| (f(&format!("ike_proposals[{k}]")), e))?;
+            }
+            for (k, n) in esp.iter().enumerate() {
+                crate::ike::proposal::Suite::parse(n, false)
+                    .map_err(|e| (f(&format!("esp_proposals[{k}]")), e))?;
+            }
+            if c.local_ts.is_empty() || c.remote_ts.is_empty() {
+                return Err((
+                    f("local_ts"),
+                    "local_ts and remote_ts need at least one prefix each".into(),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn validate_bgp(&self) -> Result<(), (String, String)> {

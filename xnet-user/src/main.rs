@@ -75,6 +75,28 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print what the other side of an IPsec connector needs (addresses, identities,
+    /// proposals, traffic selectors, the PSK by reference, BGP settings), in its syntax.
+    PeerConfig {
+        /// The connector's name (`[[ipsec]] name`).
+        connector: String,
+        #[arg(short, long)]
+        config: PathBuf,
+        #[arg(long, value_enum, default_value = "strongswan")]
+        format: xnet_user::ike::peer_config::Format,
+        /// Print the pre-shared key itself instead of where it is kept.
+        #[arg(long)]
+        include_psk: bool,
+    },
+    /// Show a running agent's IPsec connectors: IKE SA state and proposal, CHILD SAs with
+    /// SPIs, proposals and traffic selectors.
+    Ipsec {
+        #[arg(short, long, default_value = "/run/xnet/xnet.sock")]
+        socket: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show a running agent's interfaces, routes, neighbours and data-plane counters.
     Status {
         /// The agent's status socket (agent.socket in its config).
@@ -148,6 +170,35 @@ async fn real_main() -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 print!("{}", s.render_policy());
+            }
+            Ok(())
+        }
+        Command::PeerConfig {
+            connector,
+            config,
+            format,
+            include_psk,
+        } => {
+            let c = Config::load(&config)?;
+            let psk = if include_psk {
+                let conns = xnet_user::ike::daemon::conns(&c, &config.display().to_string())?;
+                let i = c.ipsec.iter().position(|x| x.name == connector);
+                i.map(|i| String::from_utf8_lossy(conns[i].psk.bytes()).into_owned())
+            } else {
+                None
+            };
+            print!(
+                "{}",
+                xnet_user::ike::peer_config::render(&c, &connector, format, psk.as_deref())?
+            );
+            Ok(())
+        }
+        Command::Ipsec { socket, json } => {
+            let s = status::fetch(&socket).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s.ipsec)?);
+            } else {
+                print!("{}", s.render_ipsec());
             }
             Ok(())
         }

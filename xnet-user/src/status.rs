@@ -31,6 +31,82 @@ pub struct Status {
     /// Learned prefixes installed in the data plane.
     #[serde(default)]
     pub bgp_in_data_plane: usize,
+    #[serde(default)]
+    pub ipsec: Vec<IpsecStatus>,
+}
+
+impl Status {
+    pub fn render_ipsec(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "{:<16} {:<10} {:<18} {:<18} {:<12} {:>8}  {:<32} LAST ERROR",
+            "CONNECTOR", "SEGMENT", "LOCAL", "REMOTE", "STATE", "UPTIME", "IKE PROPOSAL"
+        );
+        for c in &self.ipsec {
+            let _ = writeln!(
+                s,
+                "{:<16} {:<10} {:<18} {:<18} {:<12} {:>8}  {:<32} {}",
+                c.name,
+                c.segment,
+                c.local,
+                c.remote,
+                c.state,
+                c.uptime_secs,
+                c.ike_proposal.as_deref().unwrap_or("-"),
+                c.last_error.as_deref().unwrap_or("-")
+            );
+            for ch in &c.children {
+                let _ = writeln!(
+                    s,
+                    "  child in {} out {} {} {} <-> {}{}",
+                    ch.spi_in,
+                    ch.spi_out,
+                    ch.proposal,
+                    ch.local_ts,
+                    ch.remote_ts,
+                    if ch.installed {
+                        ""
+                    } else {
+                        " (not in the kernel)"
+                    }
+                );
+            }
+        }
+        if let Some(c) = self.ipsec.first() {
+            let _ = writeln!(s, "IKE messages dropped: {}", c.dropped);
+        }
+        s
+    }
+}
+
+/// An IPsec connector: its IKE SA and CHILD SAs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct IpsecStatus {
+    pub name: String,
+    pub segment: String,
+    pub local: String,
+    pub remote: String,
+    /// down, connecting, established, deleting.
+    pub state: String,
+    pub ike_proposal: Option<String>,
+    pub uptime_secs: u64,
+    pub children: Vec<IpsecChildStatus>,
+    pub last_error: Option<String>,
+    /// IKE messages dropped (malformed, not authentic, unexpected), all connectors.
+    pub dropped: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct IpsecChildStatus {
+    pub spi_in: String,
+    pub spi_out: String,
+    pub proposal: String,
+    pub local_ts: String,
+    pub remote_ts: String,
+    /// In kernel XFRM (false: the kernel refused, e.g. no ESP support).
+    pub installed: bool,
 }
 
 pub const BGP_ROUTES_SHOWN: usize = 10_000;

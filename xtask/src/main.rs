@@ -15,7 +15,20 @@ const USER_TOOLCHAIN: &str = "1.99.0";
 const BPF_TOOLCHAIN: &str = "nightly-2026-10-30";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the lab, the tests and the demo use.
-const DEBIAN_PACKAGES: &[&str] = &["iproute2", "ethtool", "iputils-ping", "nftables", "bird2"];
+/// bird2: BGP interop; strongSwan (charon with swanctl, the plugins for GCM, Curve25519
+/// and userspace ESP): IKEv2 interop.
+const DEBIAN_PACKAGES: &[&str] = &[
+    "iproute2",
+    "ethtool",
+    "iputils-ping",
+    "nftables",
+    "bird2",
+    "strongswan-charon",
+    "strongswan-swanctl",
+    "libstrongswan-standard-plugins",
+    "libstrongswan-extra-plugins",
+    "libcharon-extra-plugins",
+];
 
 #[derive(Parser)]
 #[command(about = "Build, run, test and benchmark xnet")]
@@ -42,9 +55,9 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
-    /// Fuzz the BGP message decoder (cargo-fuzz, libFuzzer) for a while.
+    /// Fuzz the BGP and IKEv2 message decoders (cargo-fuzz, libFuzzer), each for a while.
     Fuzz {
-        /// How long to run.
+        /// How long to run each target.
         #[arg(long, default_value_t = 30)]
         seconds: u64,
     },
@@ -352,32 +365,35 @@ fn fuzz(root: &Path, seconds: u64) -> Result<()> {
         .arg(&dest);
         run(&mut cmd)?;
     }
-    step(&format!("fuzzing the BGP decoder for {seconds} s"));
-    let mut cmd = Command::new("rustup");
-    cmd.args(["run", BPF_TOOLCHAIN])
-        .arg(&bin)
-        .args([
-            "fuzz",
-            "run",
-            "--fuzz-dir",
-            "xnet-user/fuzz",
-            "bgp_decode",
-            "--",
-            &format!("-max_total_time={seconds}"),
-        ])
-        .current_dir(root)
-        .env("CARGO_TARGET_DIR", root.join("target/fuzz"));
-    for v in [
-        "RUSTC",
-        "RUSTDOC",
-        "CARGO",
-        "RUSTUP_TOOLCHAIN",
-        "RUSTFLAGS",
-        "CARGO_ENCODED_RUSTFLAGS",
-    ] {
-        cmd.env_remove(v);
+    for (target, what) in [("bgp_decode", "BGP decoder"), ("ike_decode", "IKEv2 decoder")] {
+        step(&format!("fuzzing the {what} for {seconds} s"));
+        let mut cmd = Command::new("rustup");
+        cmd.args(["run", BPF_TOOLCHAIN])
+            .arg(&bin)
+            .args([
+                "fuzz",
+                "run",
+                "--fuzz-dir",
+                "xnet-user/fuzz",
+                target,
+                "--",
+                &format!("-max_total_time={seconds}"),
+            ])
+            .current_dir(root)
+            .env("CARGO_TARGET_DIR", root.join("target/fuzz"));
+        for v in [
+            "RUSTC",
+            "RUSTDOC",
+            "CARGO",
+            "RUSTUP_TOOLCHAIN",
+            "RUSTFLAGS",
+            "CARGO_ENCODED_RUSTFLAGS",
+        ] {
+            cmd.env_remove(v);
+        }
+        run(&mut cmd)?;
     }
-    run(&mut cmd)
+    Ok(())
 }
 
 fn ebpf_object(root: &Path) -> PathBuf {

@@ -57,7 +57,7 @@ impl Prf {
     }
 
     /// Output and preferred key length.
-    pub fn len(self) -> usize {
+    pub fn out_len(self) -> usize {
         match self {
             Prf::HmacSha256 => 32,
             Prf::HmacSha384 => 48,
@@ -82,7 +82,7 @@ impl Prf {
 
     /// prf+ (§2.13): T1 | T2 | … with Tn = prf(K, Tn-1 | S | n), cut to `len`.
     pub fn prf_plus(self, key: &[u8], seed: &[u8], len: usize) -> Secret {
-        let mut out = Vec::with_capacity(len + self.len());
+        let mut out = Vec::with_capacity(len + self.out_len());
         let mut t: Vec<u8> = Vec::new();
         let mut n = 1u8;
         while out.len() < len {
@@ -116,10 +116,10 @@ impl Integ {
         })
     }
     pub fn key_len(self) -> usize {
-        self.prf().len()
+        self.prf().out_len()
     }
     pub fn icv_len(self) -> usize {
-        self.prf().len() / 2
+        self.prf().out_len() / 2
     }
     fn prf(self) -> Prf {
         match self {
@@ -385,7 +385,7 @@ impl IkeKeys {
 
     fn from_seed(s: &IkeSuite, skeyseed: &[u8], seed: &[u8]) -> Self {
         let (p, a, e) = (
-            s.prf.len(),
+            s.prf.out_len(),
             s.integ.map(|i| i.key_len()).unwrap_or(0),
             s.encr.key_len(),
         );

@@ -33,6 +33,23 @@ pub struct Conn {
     pub remote_ts: Vec<TrafficSelector>,
     /// Idle time after which we check the peer is alive (0: never).
     pub dpd: Duration,
+    /// Use UDP encapsulation (port 4500) even without a NAT, by making our NAT detection
+    /// hash not match (what strongSwan's `encap = yes` does): for paths that drop ESP.
+    pub force_encap: bool,
+}
+
+/// NAT detection hash (RFC 7296 §2.23): SHA-1(SPIi | SPIr | IP | port).
+fn nat_hash(spi_i: u64, spi_r: u64, ip: IpAddr, port: u16) -> Vec<u8> {
+    use sha1::Digest;
+    let mut h = sha1::Sha1::new();
+    h.update(spi_i.to_be_bytes());
+    h.update(spi_r.to_be_bytes());
+    match ip {
+        IpAddr::V4(a) => h.update(a.octets()),
+        IpAddr::V6(a) => h.update(a.octets()),
+    }
+    h.update(port.to_be_bytes());
+    h.finalize().to_vec()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +65,10 @@ pub enum State {
     Deleting,
     Closed,
 }
+
+/// Why an IKE_SA_INIT request made no SA: a stateless answer to send (or None to drop)
+/// and the reason.
+pub type Refused = (Option<Vec<u8>>, String);
 
 /// A negotiated CHILD SA (ESP, tunnel mode).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,7 +124,7 @@ struct Pending {
     tries: u32,
 }
 
-/// Retransmissions of a request before the peer counts as dead (1+2+4+8+16 s).
+/// Sends of a request before the peer counts as dead: after 0.5, 1, 2, 4 and 8 s.
 const TRIES: u32 = 5;
 
 pub struct IkeSa {
@@ -129,6 +150,12 @@ pub struct IkeSa {
     pub children: Vec<ChildSa>,
     pub last_heard: Instant,
     pub established_at: Option<Instant>,
+    /// NAT-T: from IKE_AUTH on, IKE and ESP go over UDP 4500 (ESP encapsulated).
+    pub natt: bool,
+    /// The peer's UDP port as we last saw it (500, 4500, or what a NAT made of it).
+    pub remote_port: u16,
+    /// The NAT detection notifies showed a NAT (or forced encapsulation).
+    pub nat_detected: bool,
 }
 
 fn nonzero_u64() -> u64 {
@@ -241,7 +268,38 @@ impl IkeSa {
             children: Vec::new(),
             last_heard: Instant::now(),
             established_at: None,
+            natt: false,
+            remote_port: 500,
+            nat_detected: false,
         }
+    }
+
+    /// Our NAT detection notifies for an IKE_SA_INIT message with the current SPIs.
+    fn nat_payloads(&self) -> [Payload; 2] {
+        let src = if self.conn.force_encap {
+            crypto::random(20)
+        } else {
+            nat_hash(self.spi_i, self.spi_r, self.conn.local, 500)
+        };
+        let dst = nat_hash(self.spi_i, self.spi_r, self.conn.remote, self.remote_port);
+        [
+            Payload::notify(N_NAT_DETECTION_SOURCE_IP, src),
+            Payload::notify(N_NAT_DETECTION_DESTINATION_IP, dst),
+        ]
+    }
+
+    /// Whether the peer's NAT detection notifies (if it sent any) show a NAT between us,
+    /// for a message with these SPIs that came from `remote_port`.
+    fn nat_between(&self, payloads: &[Payload], spi_i: u64, spi_r: u64) -> bool {
+        let src = notify_of(payloads, N_NAT_DETECTION_SOURCE_IP);
+        let dst = notify_of(payloads, N_NAT_DETECTION_DESTINATION_IP);
+        let (Some(src), Some(dst)) = (src, dst) else {
+            return false;
+        };
+        let peer_natted =
+            src != nat_hash(spi_i, spi_r, self.conn.remote, self.remote_port).as_slice();
+        let we_natted = dst != nat_hash(spi_i, spi_r, self.conn.local, 500).as_slice();
+        peer_natted || we_natted || self.conn.force_encap
     }
 
     /// Our SPI: how the daemon finds this SA for an incoming message.
@@ -291,6 +349,7 @@ impl IkeSa {
             data: dh.public.clone(),
         });
         payloads.push(Payload::Nonce(self.ni.clone()));
+        payloads.extend(self.nat_payloads());
         self.dh = Some(dh);
         let msg = self.plain(IKE_SA_INIT, false, 0, &payloads);
         self.msg1 = msg.clone();
@@ -384,8 +443,9 @@ impl IkeSa {
     pub fn respond(
         conn: Arc<Conn>,
         msg: &[u8],
+        remote_port: u16,
         now: Instant,
-    ) -> Result<(IkeSa, Vec<Output>), (Option<Vec<u8>>, String)> {
+    ) -> Result<(IkeSa, Vec<Output>), Refused> {
         let h = Header::decode(msg).map_err(|e| (None, e.to_string()))?;
         if h.exchange != IKE_SA_INIT || h.is_response() || h.message_id != 0 || h.spi_r != 0 {
             return Err((None, "not an IKE_SA_INIT request".into()));
@@ -394,6 +454,10 @@ impl IkeSa {
             .map_err(|e| (None, e.to_string()))?;
         let mut sa = IkeSa::new(conn, false);
         sa.spi_i = h.spi_i;
+        sa.remote_port = remote_port;
+        // The initiator moves to 4500 if it sees the NAT too; we follow when it does
+        // (the daemon sets `natt` on the first message over 4500).
+        sa.nat_detected = sa.nat_between(&payloads, h.spi_i, 0);
         let answer = |sa: &IkeSa, kind: u16, data: Vec<u8>| {
             sa.plain(IKE_SA_INIT, true, 0, &[Payload::notify(kind, data)])
         };
@@ -442,7 +506,7 @@ impl IkeSa {
         sa.suite = Some(s);
         let mut resp_prop = suite.proposal(chosen.num, true, Vec::new());
         resp_prop.num = chosen.num;
-        let out = vec![
+        let mut out = vec![
             Payload::Sa(vec![resp_prop]),
             Payload::Ke {
                 group: group.id(),
@@ -450,6 +514,9 @@ impl IkeSa {
             },
             Payload::Nonce(sa.nr.clone()),
         ];
+        if notify_of(&payloads, N_NAT_DETECTION_SOURCE_IP).is_some() {
+            out.extend(sa.nat_payloads());
+        }
         let resp = sa.plain(IKE_SA_INIT, true, 0, &out);
         sa.keys = Some(IkeKeys::derive(&s, &shared, &sa.ni, &sa.nr, &sa.spis()));
         sa.msg1 = msg.to_vec();
@@ -613,6 +680,8 @@ impl IkeSa {
         };
         self.spi_r = h.spi_r;
         self.nr = nr;
+        self.natt = self.nat_between(&payloads, h.spi_i, h.spi_r);
+        self.nat_detected = self.natt;
         let s = IkeSuite {
             encr: suite.encr,
             prf: suite.prf.unwrap(),
@@ -1113,7 +1182,7 @@ impl IkeSa {
     /// Retransmissions and liveness checks; call about once a second.
     pub fn on_tick(&mut self, now: Instant) -> Vec<Output> {
         if let Some(p) = &mut self.pending {
-            let wait = Duration::from_secs(1 << p.tries.min(5));
+            let wait = Duration::from_millis(500 << p.tries.min(5));
             if now.duration_since(p.sent) >= wait {
                 if p.tries + 1 >= TRIES {
                     return self.close("peer not answering (retransmissions exhausted)".into());
@@ -1173,6 +1242,7 @@ mod tests {
             local_ts: vec![TrafficSelector::from_net(lts.parse().unwrap())],
             remote_ts: vec![TrafficSelector::from_net(rts.parse().unwrap())],
             dpd: Duration::from_secs(10),
+            force_encap: false,
         })
     }
 
@@ -1200,7 +1270,7 @@ mod tests {
         let (mut i, out) = IkeSa::initiate(a, now);
         let mut msg = sent(&out);
         let mut r = loop {
-            match IkeSa::respond(b.clone(), &msg, now) {
+            match IkeSa::respond(b.clone(), &msg, 500, now) {
                 Ok((r, out)) => {
                     let o = i.on_message(&sent(&out), now);
                     msg = sent(&o);

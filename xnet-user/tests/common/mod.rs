@@ -183,6 +183,11 @@ impl Agent {
     /// Starts the agent in the lab's cxp namespace and waits until every next hop is on the
     /// fast path (its MAC resolved).
     pub fn start(lab: &Lab, config: &str) -> Agent {
+        Self::start_with_env(lab, config, &[])
+    }
+
+    /// `start` with extra environment variables for the agent.
+    pub fn start_with_env(lab: &Lab, config: &str, env: &[(&str, &str)]) -> Agent {
         let dir = std::env::temp_dir().join(&lab.prefix);
         std::fs::create_dir_all(&dir).unwrap();
         let socket = dir.join("xnet.sock");
@@ -194,6 +199,7 @@ impl Agent {
         )
         .unwrap();
         let child = agent_command(lab, &path)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr).unwrap())
             .spawn()

@@ -1,0 +1,750 @@
+//! The IKE daemon: one UDP socket on port 500 per local tunnel address, the IKE SAs of
+//! the configured connectors (initiating those marked `initiate`, answering the others),
+//! and the CHILD SAs they negotiate installed into kernel XFRM.
+//!
+//! Data-plane contract: ESP (IP protocol 50) and IKE (UDP 500/4500) reaching XDP go to the
+//! kernel (`XDP_PASS`, counted as `esp` / `ike`), so XFRM decrypts them; traffic for a
+//! tunnel's remote selectors has no XDP route and reaches the kernel too, whose XFRM
+//! policies encrypt it. XDP never touches tunnel traffic itself.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use log::{info, warn};
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot};
+
+use super::crypto::Secret;
+use super::packet::{id_of, Header, TrafficSelector, ID_FQDN, IKE_SA_INIT};
+use super::proposal::Suite;
+use super::sa::{ChildSa, Conn, IkeSa, Output, State};
+use super::xfrm::{self, Xfrm};
+use crate::config::{Config, Ipsec};
+use crate::status::{IpsecChildStatus, IpsecStatus};
+
+pub const IKE_PORT: u16 = 500;
+/// NAT-T: IKE behind a 4-octet non-ESP marker, and ESP in UDP (RFC 3948).
+pub const NATT_PORT: u16 = 4500;
+
+/// Makes a UDP 4500 socket take ESP-in-UDP for the kernel (UDP_ENCAP_ESPINUDP); IKE
+/// messages (marker 0) still reach the socket.
+fn set_espinudp(s: &UdpSocket) {
+    use std::os::fd::AsRawFd;
+    let v: libc::c_int = 2;
+    // SAFETY: a valid int option on our own socket (UDP_ENCAP = 100).
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_UDP,
+            100,
+            &v as *const _ as *const libc::c_void,
+            4,
+        )
+    };
+    if r != 0 {
+        warn!(
+            "ipsec: UDP_ENCAP on port {NATT_PORT}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// Shared with the agent's status.
+pub type SharedStatus = Arc<Mutex<Vec<IpsecStatus>>>;
+
+/// The daemon as the agent holds it.
+pub struct IkeHandle {
+    pub status: SharedStatus,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl IkeHandle {
+    /// Deletes every SA (telling the peers) and removes what was installed in XFRM.
+    pub async fn shutdown(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(3), &mut self.task).await;
+    }
+}
+
+fn id_from(s: &Option<String>, addr: IpAddr) -> (u8, Vec<u8>) {
+    match s {
+        None => id_of(addr),
+        Some(s) => match s.parse::<IpAddr>() {
+            Ok(a) => id_of(a),
+            Err(_) => (ID_FQDN, s.as_bytes().to_vec()),
+        },
+    }
+}
+
+fn load_psk(c: &Ipsec, i: usize, file: &str) -> Result<Secret> {
+    let raw = match (&c.psk_file, &c.psk_env) {
+        (Some(p), _) => std::fs::read_to_string(p)
+            .with_context(|| format!("{file}: ipsec[{i}].psk_file: cannot read {}", p.display()))?,
+        (_, Some(v)) => std::env::var(v)
+            .with_context(|| format!("{file}: ipsec[{i}].psk_env: {v} is not set"))?,
+        _ => unreachable!("validated"),
+    };
+    let key = raw.lines().next().unwrap_or("").trim().as_bytes().to_vec();
+    if key.len() < 8 {
+        anyhow::bail!("{file}: ipsec[{i}]: the pre-shared key is shorter than 8 characters");
+    }
+    Ok(Secret::new(key))
+}
+
+/// The state machine's view of the configured connectors; the PSKs are read here, so a
+/// missing key fails the start with the field that names it.
+pub fn conns(config: &Config, file: &str) -> Result<Vec<Arc<Conn>>> {
+    config
+        .ipsec
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let (ike, esp) = c.proposals();
+            Ok(Arc::new(Conn {
+                name: c.name.clone(),
+                local: c.local_address,
+                remote: c.remote_address,
+                psk: load_psk(c, i, file)?,
+                local_id: id_from(&c.local_id, c.local_address),
+                remote_id: Some(id_from(&c.remote_id, c.remote_address)),
+                ike: ike
+                    .iter()
+                    .map(|n| Suite::parse(n, true).expect("validated"))
+                    .collect(),
+                esp: esp
+                    .iter()
+                    .map(|n| Suite::parse(n, false).expect("validated"))
+                    .collect(),
+                local_ts: c
+                    .local_ts
+                    .iter()
+                    .map(|n| TrafficSelector::from_net(*n))
+                    .collect(),
+                remote_ts: c
+                    .remote_ts
+                    .iter()
+                    .map(|n| TrafficSelector::from_net(*n))
+                    .collect(),
+                dpd: Duration::from_secs(c.dpd_seconds),
+                force_encap: c.force_encap,
+            }))
+        })
+        .collect()
+}
+
+struct Connector {
+    conn: Arc<Conn>,
+    initiate: bool,
+    segment: String,
+    /// XFRM request id: ties the connector's policies to its SAs.
+    reqid: u32,
+    /// Our SPI of its current IKE SA.
+    sa: Option<u64>,
+    /// When to try again after a failure (initiators).
+    retry_at: Instant,
+    backoff: Duration,
+    last_error: Option<String>,
+    /// CHILD SAs in XFRM: (child, installed).
+    children: Vec<(ChildSa, bool)>,
+}
+
+struct Datagram {
+    local: IpAddr,
+    /// Our port it arrived on.
+    port: u16,
+    from: SocketAddr,
+    msg: Vec<u8>,
+}
+
+struct Daemon {
+    connectors: Vec<Connector>,
+    sas: HashMap<u64, IkeSa>,
+    /// (local address, port 500 or 4500) → socket.
+    sockets: HashMap<(IpAddr, u16), Arc<UdpSocket>>,
+    xfrm: Option<Xfrm>,
+    status: SharedStatus,
+    keylog: Option<std::fs::File>,
+    dropped: u64,
+    esp_missing_logged: bool,
+}
+
+/// Starts the daemon for the config's connectors (None without any).
+pub async fn start(config: &Config, file: &str) -> Result<Option<IkeHandle>> {
+    if config.ipsec.is_empty() {
+        return Ok(None);
+    }
+    let conns = conns(config, file)?;
+    let mut sockets = HashMap::new();
+    let (tx, rx) = mpsc::channel::<Datagram>(1024);
+    for c in &conns {
+        for port in [IKE_PORT, NATT_PORT] {
+            if sockets.contains_key(&(c.local, port)) {
+                continue;
+            }
+            let s = Arc::new(
+                UdpSocket::bind(SocketAddr::new(c.local, port))
+                    .await
+                    .with_context(|| {
+                        format!("{file}: ipsec {}: IKE on {}:{port}", c.name, c.local)
+                    })?,
+            );
+            if port == NATT_PORT {
+                set_espinudp(&s);
+            }
+            let (reader, tx, local) = (s.clone(), tx.clone(), c.local);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                while let Ok((n, from)) = reader.recv_from(&mut buf).await {
+                    let msg = if port == NATT_PORT {
+                        // IKE carries a zero non-ESP marker; a one-octet 0xff is a NAT
+                        // keepalive; anything else was ESP for the kernel.
+                        match buf.get(..4) {
+                            Some([0, 0, 0, 0]) if n > 4 => buf[4..n].to_vec(),
+                            _ => continue,
+                        }
+                    } else {
+                        buf[..n].to_vec()
+                    };
+                    if tx
+                        .send(Datagram {
+                            local,
+                            port,
+                            from,
+                            msg,
+                        })
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            });
+            sockets.insert((c.local, port), s);
+        }
+    }
+    let xfrm = match Xfrm::open() {
+        Ok(x) => Some(x),
+        Err(e) => {
+            warn!("ipsec: no XFRM netlink ({e}): SAs are negotiated but not installed");
+            None
+        }
+    };
+    // A debugging aid like SSLKEYLOGFILE: the ESP keys, for decrypting captures. Off
+    // unless the variable is set, and loud about it.
+    let keylog = std::env::var_os("XNET_IKE_KEYLOG").and_then(|p| {
+        warn!(
+            "ipsec: XNET_IKE_KEYLOG is set: ESP keys are written to {}",
+            p.to_string_lossy()
+        );
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .ok()
+    });
+    let now = Instant::now();
+    let connectors = conns
+        .into_iter()
+        .zip(&config.ipsec)
+        .enumerate()
+        .map(|(i, (conn, c))| Connector {
+            conn,
+            initiate: c.initiate,
+            segment: c.segment.clone(),
+            reqid: 0x100 + i as u32,
+            sa: None,
+            retry_at: now,
+            backoff: Duration::from_secs(1),
+            last_error: None,
+            children: Vec::new(),
+        })
+        .collect();
+    let status: SharedStatus = Default::default();
+    let mut d = Daemon {
+        connectors,
+        sas: HashMap::new(),
+        sockets,
+        xfrm,
+        status: status.clone(),
+        keylog,
+        dropped: 0,
+        esp_missing_logged: false,
+    };
+    d.publish();
+    info!(
+        "ipsec: {} connectors, IKE on UDP {IKE_PORT}",
+        d.connectors.len()
+    );
+    let (stop_tx, stop_rx) = oneshot::channel();
+    let task = tokio::spawn(async move { d.run(rx, stop_rx).await });
+    Ok(Some(IkeHandle {
+        status,
+        stop: Some(stop_tx),
+        task,
+    }))
+}
+
+impl Daemon {
+    async fn run(&mut self, mut rx: mpsc::Receiver<Datagram>, mut stop: oneshot::Receiver<()>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                _ = &mut stop => break,
+                Some(d) = rx.recv() => self.on_datagram(d).await,
+                _ = tick.tick() => self.on_tick().await,
+            }
+            self.publish();
+        }
+        // Tell every peer, then clean XFRM.
+        let now = Instant::now();
+        self.each_sa(|sa| sa.delete(now)).await;
+        for i in 0..self.connectors.len() {
+            let children: Vec<ChildSa> = self.connectors[i]
+                .children
+                .drain(..)
+                .map(|(c, _)| c)
+                .collect();
+            for c in children {
+                self.uninstall(i, &c);
+            }
+        }
+        info!("ipsec: stopped, SAs deleted");
+    }
+
+    /// Runs `f` on every SA and carries out what each asks for.
+    async fn each_sa(&mut self, f: impl Fn(&mut IkeSa) -> Vec<Output>) {
+        let spis: Vec<u64> = self.sas.keys().copied().collect();
+        for spi in spis {
+            let out = self.sas.get_mut(&spi).map(&f).unwrap_or_default();
+            self.apply(spi, out).await;
+        }
+    }
+
+    fn connector_of(&self, spi: u64) -> Option<usize> {
+        self.connectors.iter().position(|c| c.sa == Some(spi))
+    }
+
+    async fn on_datagram(&mut self, d: Datagram) {
+        let (local, from, msg) = (d.local, d.from, d.msg.as_slice());
+        let from_ip = from.ip().to_canonical();
+        let Ok(h) = Header::decode(msg) else {
+            self.dropped += 1;
+            return;
+        };
+        let now = Instant::now();
+        // Our SPI is the responder's if we answer, the initiator's if we asked.
+        let ours = if h.from_initiator() { h.spi_r } else { h.spi_i };
+        if let Some(sa) = self.sas.get_mut(&ours) {
+            if sa.conn.remote != from_ip {
+                self.dropped += 1;
+                return;
+            }
+            // The peer's port may change (a NAT, or the move to 4500): answer where it is.
+            sa.remote_port = from.port();
+            if d.port == NATT_PORT {
+                sa.natt = true;
+            }
+            let out = sa.on_message(msg, now);
+            self.apply(ours, out).await;
+            return;
+        }
+        if h.exchange != IKE_SA_INIT || h.is_response() || h.spi_r != 0 {
+            self.dropped += 1;
+            return;
+        }
+        let Some(ci) = self
+            .connectors
+            .iter()
+            .position(|c| c.conn.local == local && c.conn.remote == from_ip)
+        else {
+            warn!(
+                "ipsec: IKE_SA_INIT from {from_ip} to {local}: no connector for this pair, dropped"
+            );
+            self.dropped += 1;
+            return;
+        };
+        // A retransmitted IKE_SA_INIT for an SA we already answered.
+        if let Some(existing) = self
+            .sas
+            .values_mut()
+            .find(|s| !s.initiator && s.spi_i == h.spi_i && s.conn.remote == from_ip)
+        {
+            let spi = existing.local_spi();
+            let out = existing.on_message(msg, now);
+            self.apply(spi, out).await;
+            return;
+        }
+        let conn = self.connectors[ci].conn.clone();
+        match IkeSa::respond(conn.clone(), msg, from.port(), now) {
+            Ok((sa, out)) => {
+                let spi = sa.local_spi();
+                // A new IKE SA from the peer replaces the one we had (it restarted, or
+                // both sides initiated at once): the old one's CHILD SAs go.
+                if let Some(old) = self.connectors[ci].sa.replace(spi) {
+                    info!(
+                        "ipsec {}: the peer started a new IKE SA; the old one is dropped",
+                        conn.name
+                    );
+                    self.sas.remove(&old);
+                    let children: Vec<ChildSa> = self.connectors[ci]
+                        .children
+                        .drain(..)
+                        .map(|(c, _)| c)
+                        .collect();
+                    for c in children {
+                        self.uninstall(ci, &c);
+                    }
+                }
+                self.sas.insert(spi, sa);
+                self.apply(spi, out).await;
+            }
+            Err((answer, why)) => {
+                info!(
+                    "ipsec {}: IKE_SA_INIT from {from_ip} refused: {why}",
+                    conn.name
+                );
+                if let Some(a) = answer {
+                    self.send(local, SocketAddr::new(conn.remote, from.port()), false, &a)
+                        .await;
+                }
+            }
+        }
+    }
+
+    async fn send(&self, local: IpAddr, to: SocketAddr, natt: bool, msg: &[u8]) {
+        let port = if natt { NATT_PORT } else { IKE_PORT };
+        let Some(s) = self.sockets.get(&(local, port)) else {
+            return;
+        };
+        let r = if natt {
+            s.send_to(&[&[0u8, 0, 0, 0][..], msg].concat(), to).await
+        } else {
+            s.send_to(msg, to).await
+        };
+        if let Err(e) = r {
+            warn!("ipsec: sending to {to}: {e}");
+        }
+    }
+
+    /// Carries out what an SA asked for.
+    async fn apply(&mut self, spi: u64, out: Vec<Output>) {
+        let Some((local, remote, name)) = self
+            .sas
+            .get(&spi)
+            .map(|s| (s.conn.local, s.conn.remote, s.conn.name.clone()))
+        else {
+            return;
+        };
+        // Where to send: the peer's current port, over 4500 once NAT-T is on.
+        let path = |d: &Daemon| {
+            d.sas
+                .get(&spi)
+                .map(|s| (s.remote_port, s.natt))
+                .unwrap_or((IKE_PORT, false))
+        };
+        let ci = self.connector_of(spi);
+        for o in out {
+            match o {
+                Output::Send(m) => {
+                    let (port, natt) = path(self);
+                    // Moving to NAT-T: the peer's IKE port becomes 4500 (RFC 3948 §2.2).
+                    let port = if natt && port == IKE_PORT {
+                        NATT_PORT
+                    } else {
+                        port
+                    };
+                    self.send(local, SocketAddr::new(remote, port), natt, &m)
+                        .await
+                }
+                Output::Established => {
+                    let suite = self.sas.get(&spi).and_then(|s| s.suite());
+                    info!(
+                        "ipsec {name}: IKE SA established with {remote} ({})",
+                        suite
+                            .map(|s| format!("{:?}/{:?}/{:?}", s.encr, s.prf, s.dh))
+                            .unwrap_or_default()
+                    );
+                    if let Some(ci) = ci {
+                        self.connectors[ci].backoff = Duration::from_secs(1);
+                        self.connectors[ci].last_error = None;
+                    }
+                }
+                Output::ChildUp(c) => {
+                    info!(
+                        "ipsec {name}: CHILD SA {} in 0x{:08x} out 0x{:08x}, {} <-> {}",
+                        c.suite.name(),
+                        c.spi_in,
+                        c.spi_out,
+                        ts_list(&c.local_ts),
+                        ts_list(&c.remote_ts)
+                    );
+                    if let Some(ci) = ci {
+                        let encap = self.sas.get(&spi).filter(|s| s.natt).map(|s| {
+                            (
+                                NATT_PORT,
+                                if s.remote_port == IKE_PORT {
+                                    NATT_PORT
+                                } else {
+                                    s.remote_port
+                                },
+                            )
+                        });
+                        let ok = self.install(ci, &c, encap);
+                        self.connectors[ci].children.push((c, ok));
+                    }
+                }
+                Output::ChildDown { spi_in, .. } => {
+                    if let Some(ci) = ci {
+                        if let Some(pos) = self.connectors[ci]
+                            .children
+                            .iter()
+                            .position(|(c, _)| c.spi_in == spi_in)
+                        {
+                            let (c, _) = self.connectors[ci].children.remove(pos);
+                            info!(
+                                "ipsec {name}: CHILD SA in 0x{:08x} out 0x{:08x} deleted",
+                                c.spi_in, c.spi_out
+                            );
+                            self.uninstall(ci, &c);
+                        }
+                    }
+                }
+                Output::Closed(why) => {
+                    info!("ipsec {name}: IKE SA closed: {why}");
+                    if let Some(ci) = ci {
+                        let c = &mut self.connectors[ci];
+                        c.sa = None;
+                        if !why.contains("deleted by us") {
+                            c.last_error = Some(why);
+                        }
+                        c.retry_at = Instant::now() + c.backoff;
+                        c.backoff = (c.backoff * 2).min(Duration::from_secs(60));
+                    }
+                }
+                Output::Dropped(why) => {
+                    self.dropped += 1;
+                    log::debug!("ipsec {name}: dropped: {why}");
+                    if why.starts_with("IKE SA up, but no CHILD SA") {
+                        warn!("ipsec {name}: {why}");
+                    }
+                }
+            }
+        }
+        if self.sas.get(&spi).is_some_and(|s| s.state == State::Closed) {
+            self.sas.remove(&spi);
+        }
+    }
+
+    fn policies(&self, ci: usize, c: &ChildSa) -> Vec<xfrm::Policy> {
+        let k = &self.connectors[ci];
+        let (l, r) = (k.conn.local, k.conn.remote);
+        let mut v = Vec::new();
+        for lt in &c.local_ts {
+            for rt in &c.remote_ts {
+                if lt.start.is_ipv4() != rt.start.is_ipv4() {
+                    continue;
+                }
+                v.push(xfrm::Policy {
+                    src: *lt,
+                    dst: *rt,
+                    dir: xfrm::DIR_OUT,
+                    tun_src: l,
+                    tun_dst: r,
+                    reqid: k.reqid,
+                    priority: 1000,
+                });
+                for dir in [xfrm::DIR_IN, xfrm::DIR_FWD] {
+                    v.push(xfrm::Policy {
+                        src: *rt,
+                        dst: *lt,
+                        dir,
+                        tun_src: r,
+                        tun_dst: l,
+                        reqid: k.reqid,
+                        priority: 1000,
+                    });
+                }
+            }
+        }
+        v
+    }
+
+    fn sas_of(&self, ci: usize, c: &ChildSa, encap: Option<(u16, u16)>) -> [xfrm::Sa; 2] {
+        let k = &self.connectors[ci];
+        let (l, r) = (k.conn.local, k.conn.remote);
+        let (oe, oa) = c.out_keys();
+        let (ie, ia) = c.in_keys();
+        let sa = |src, dst, spi, e: &Secret, a: &Secret| xfrm::Sa {
+            src,
+            dst,
+            spi,
+            reqid: k.reqid,
+            encr: c.suite.encr,
+            integ: c.suite.integ,
+            enc_key: e.clone(),
+            auth_key: a.clone(),
+            lifetime: 0,
+            replay_window: 32,
+            encap,
+        };
+        [sa(l, r, c.spi_out, oe, oa), sa(r, l, c.spi_in, ie, ia)]
+    }
+
+    /// Installs a CHILD SA's two SAs and its policies; false if the kernel refused.
+    fn install(&mut self, ci: usize, c: &ChildSa, encap: Option<(u16, u16)>) -> bool {
+        let sas = self.sas_of(ci, c, encap);
+        if let Some(f) = &mut self.keylog {
+            for s in &sas {
+                let _ = writeln!(
+                    f,
+                    "esp {} {} 0x{:08x} {} {} {}",
+                    s.src,
+                    s.dst,
+                    s.spi,
+                    c.suite.name(),
+                    hex(s.enc_key.bytes()),
+                    hex(s.auth_key.bytes())
+                );
+            }
+        }
+        let policies = self.policies(ci, c);
+        let name = self.connectors[ci].conn.name.clone();
+        let Some(x) = &mut self.xfrm else {
+            return false;
+        };
+        let mut ok = true;
+        for s in &sas {
+            if let Err(e) = x.add_sa(s) {
+                ok = false;
+                if !self.esp_missing_logged {
+                    warn!("ipsec {name}: the kernel refused the ESP SA 0x{:08x} ({e}); without ESP in the kernel (esp4/esp6, the cipher modules) tunnels are negotiated but carry no traffic", s.spi);
+                    self.esp_missing_logged = true;
+                }
+            }
+        }
+        for p in &policies {
+            if let Err(e) = x.add_policy(p) {
+                warn!(
+                    "ipsec {name}: XFRM policy {} -> {}: {e}",
+                    ts_list(&[p.src]),
+                    ts_list(&[p.dst])
+                );
+            }
+        }
+        ok
+    }
+
+    fn uninstall(&mut self, ci: usize, c: &ChildSa) {
+        let sas = self.sas_of(ci, c, None);
+        let policies = self.policies(ci, c);
+        let Some(x) = &mut self.xfrm else { return };
+        for s in &sas {
+            let _ = x.del_sa(&s.dst, s.spi);
+        }
+        // Another CHILD SA of the connector may still use the same policies.
+        let still = self.connectors[ci]
+            .children
+            .iter()
+            .any(|(o, _)| o.local_ts == c.local_ts && o.remote_ts == c.remote_ts);
+        if !still {
+            for p in &policies {
+                let _ = x.del_policy(p);
+            }
+        }
+    }
+
+    async fn on_tick(&mut self) {
+        let now = Instant::now();
+        self.each_sa(|sa| sa.on_tick(now)).await;
+        for ci in 0..self.connectors.len() {
+            let c = &self.connectors[ci];
+            if !c.initiate || c.sa.is_some() || now < c.retry_at {
+                continue;
+            }
+            let (sa, out) = IkeSa::initiate(c.conn.clone(), now);
+            let spi = sa.local_spi();
+            info!("ipsec {}: initiating to {}", c.conn.name, c.conn.remote);
+            self.connectors[ci].sa = Some(spi);
+            // Until it is up, a failure retries with back-off.
+            let c = &mut self.connectors[ci];
+            c.retry_at = now + c.backoff;
+            self.sas.insert(spi, sa);
+            self.apply(spi, out).await;
+        }
+    }
+
+    fn publish(&self) {
+        let mut v = Vec::new();
+        for c in &self.connectors {
+            let sa = c.sa.and_then(|s| self.sas.get(&s));
+            v.push(IpsecStatus {
+                name: c.conn.name.clone(),
+                segment: c.segment.clone(),
+                local: c.conn.local.to_string(),
+                remote: c.conn.remote.to_string(),
+                state: match sa.map(|s| s.state) {
+                    None => "down".into(),
+                    Some(State::Established) => "established".into(),
+                    Some(State::Deleting) => "deleting".into(),
+                    Some(_) => "connecting".into(),
+                },
+                ike_proposal: sa.and_then(|s| s.suite()).map(|s| {
+                    Suite {
+                        encr: s.encr,
+                        prf: Some(s.prf),
+                        integ: s.integ,
+                        dh: Some(s.dh),
+                    }
+                    .name()
+                }),
+                uptime_secs: sa
+                    .and_then(|s| s.established_at)
+                    .map(|t| t.elapsed().as_secs())
+                    .unwrap_or(0),
+                children: c
+                    .children
+                    .iter()
+                    .map(|(ch, installed)| IpsecChildStatus {
+                        spi_in: format!("0x{:08x}", ch.spi_in),
+                        spi_out: format!("0x{:08x}", ch.spi_out),
+                        proposal: ch.suite.name(),
+                        local_ts: ts_list(&ch.local_ts),
+                        remote_ts: ts_list(&ch.remote_ts),
+                        installed: *installed,
+                    })
+                    .collect(),
+                last_error: c.last_error.clone(),
+                dropped: self.dropped,
+            });
+        }
+        *self.status.lock().unwrap() = v;
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    if b.is_empty() {
+        return "-".into();
+    }
+    let mut s = String::from("0x");
+    for x in b {
+        s.push_str(&format!("{x:02x}"));
+    }
+    s
+}
+
+pub fn ts_list(ts: &[TrafficSelector]) -> String {
+    ts.iter()
+        .map(|t| match t.to_net() {
+            Some(n) => n.to_string(),
+            None => format!("{}-{}", t.start, t.end),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}

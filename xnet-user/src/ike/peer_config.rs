@@ -1,0 +1,309 @@
+//! `xnet peer-config`: what the other side of a connector needs, in its own syntax:
+//! addresses, identities, proposals, the PSK (by reference unless asked for), traffic
+//! selectors and, when the segment has BGP neighbours at the peer's tunnel address, the
+//! BGP settings.
+
+use std::fmt::Write;
+
+use anyhow::{bail, Result};
+
+use super::proposal::Suite;
+use crate::config::{Config, Ipsec};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Strongswan,
+    Azure,
+    CiscoIos,
+    Junos,
+}
+
+fn psk_line(c: &Ipsec, psk: Option<&str>) -> String {
+    match (psk, &c.psk_file, &c.psk_env) {
+        (Some(k), _, _) => k.to_string(),
+        (None, Some(f), _) => format!("<the key in {} on the CXP>", f.display()),
+        (None, _, Some(v)) => format!("<the key in ${v} of the CXP agent>"),
+        _ => "<pre-shared key>".into(),
+    }
+}
+
+/// Renders the peer's configuration for connector `name`. `psk`: the key itself, when
+/// the operator asked for it (`--include-psk`).
+pub fn render(config: &Config, name: &str, format: Format, psk: Option<&str>) -> Result<String> {
+    let Some(c) = config.ipsec.iter().find(|c| c.name == name) else {
+        bail!(
+            "no ipsec connector {name:?} (known: {})",
+            config
+                .ipsec
+                .iter()
+                .map(|c| c.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    };
+    let (ike, esp) = c.proposals();
+    let ike: Vec<Suite> = ike
+        .iter()
+        .map(|n| Suite::parse(n, true))
+        .collect::<Result<_, _>>()
+        .map_err(anyhow::Error::msg)?;
+    let esp: Vec<Suite> = esp
+        .iter()
+        .map(|n| Suite::parse(n, false))
+        .collect::<Result<_, _>>()
+        .map_err(anyhow::Error::msg)?;
+    let local_id = c.local_id.clone().unwrap_or(c.local_address.to_string());
+    let remote_id = c.remote_id.clone().unwrap_or(c.remote_address.to_string());
+    let list = |v: &[ipnet::IpNet]| {
+        v.iter()
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let bgp = config.bgp.as_ref().and_then(|b| {
+        b.neighbors
+            .iter()
+            .find(|n| {
+                n.segment == c.segment
+                    && (n.address == c.remote_address
+                        || c.remote_ts.iter().any(|t| t.contains(&n.address)))
+            })
+            .map(|n| {
+                (
+                    b.asn,
+                    n.remote_asn,
+                    n.local_address.unwrap_or(c.local_address),
+                    n.address,
+                )
+            })
+    });
+    let psk = psk_line(c, psk);
+    let mut s = String::new();
+    match format {
+        Format::Strongswan => {
+            let _ = writeln!(
+                s,
+                "# swanctl.conf for the peer of xnet connector {:?} (segment {})",
+                c.name, c.segment
+            );
+            let _ = writeln!(s, "connections {{\n  xnet-{} {{\n    version = 2", c.name);
+            let _ = writeln!(
+                s,
+                "    local_addrs = {}\n    remote_addrs = {}",
+                c.remote_address, c.local_address
+            );
+            let _ = writeln!(
+                s,
+                "    proposals = {}",
+                ike.iter().map(|p| p.name()).collect::<Vec<_>>().join(",")
+            );
+            let _ = writeln!(s, "    dpd_delay = {}s", c.dpd_seconds.max(1));
+            if c.force_encap {
+                let _ = writeln!(s, "    encap = yes");
+            }
+            let _ = writeln!(
+                s,
+                "    local {{\n      auth = psk\n      id = {remote_id}\n    }}"
+            );
+            let _ = writeln!(
+                s,
+                "    remote {{\n      auth = psk\n      id = {local_id}\n    }}"
+            );
+            let _ = writeln!(s, "    children {{\n      xnet-{} {{", c.name);
+            let _ = writeln!(
+                s,
+                "        local_ts = {}\n        remote_ts = {}",
+                list(&c.remote_ts),
+                list(&c.local_ts)
+            );
+            let _ = writeln!(
+                s,
+                "        esp_proposals = {}",
+                esp.iter().map(|p| p.name()).collect::<Vec<_>>().join(",")
+            );
+            let _ = writeln!(
+                s,
+                "        start_action = {}",
+                if c.initiate { "none" } else { "start" }
+            );
+            let _ = writeln!(
+                s,
+                "        dpd_action = restart\n      }}\n    }}\n  }}\n}}"
+            );
+            let _ = writeln!(s, "secrets {{\n  ike-xnet-{} {{\n    id-cxp = {local_id}\n    id-peer = {remote_id}\n    secret = \"{psk}\"\n  }}\n}}", c.name);
+            if let Some((asn, peer_asn, cxp, peer)) = bgp {
+                let _ = writeln!(
+                    s,
+                    "# BGP: peer AS {peer_asn} at {peer}, neighbour AS {asn} at {cxp}"
+                );
+            }
+        }
+        Format::Azure => {
+            let _ = writeln!(
+                s,
+                "# Azure: local network gateway and connection for xnet connector {:?}",
+                c.name
+            );
+            let _ = writeln!(
+                s,
+                "Local network gateway:\n  gatewayIpAddress: {}\n  addressPrefixes: [{}]",
+                c.local_address,
+                list(&c.local_ts)
+            );
+            if let Some((asn, _, cxp, _)) = bgp {
+                let _ = writeln!(
+                    s,
+                    "  bgpSettings: {{ asn: {asn}, bgpPeeringAddress: {cxp} }}"
+                );
+            }
+            let _ = writeln!(
+                s,
+                "Connection (type IPsec, IKEv2):\n  sharedKey: {psk}\n  enableBgp: {}",
+                bgp.is_some()
+            );
+            if c.profile.as_deref() == Some("azure")
+                && c.ike_proposals.is_empty()
+                && c.esp_proposals.is_empty()
+            {
+                let _ = writeln!(
+                    s,
+                    "  ipsecPolicies: [] (the gateway's default policy: it matches this connector)"
+                );
+            } else {
+                let i = ike[0];
+                let e = esp[0];
+                let _ = writeln!(s, "  ipsecPolicies:\n  - ikeEncryption: {:?}\n    ikeIntegrity: {:?}\n    dhGroup: {:?}\n    ipsecEncryption: {:?}\n    ipsecIntegrity: {:?}\n    pfsGroup: None", i.encr, i.prf, i.dh, e.encr, e.integ);
+            }
+            let _ = writeln!(
+                s,
+                "  trafficSelectorPolicies: local {} remote {}",
+                list(&c.remote_ts),
+                list(&c.local_ts)
+            );
+        }
+        Format::CiscoIos => {
+            let i = ike[0];
+            let e = esp[0];
+            let _ = writeln!(s, "! Cisco IOS-XE for xnet connector {:?}", c.name);
+            let _ = writeln!(
+                s,
+                "crypto ikev2 proposal XNET-{n}\n encryption {}\n prf {}\n group {}",
+                cisco_encr(&i),
+                cisco_hash(i.prf.map(|p| p.out_len())),
+                i.dh.map(|d| d.id()).unwrap_or(0),
+                n = c.name
+            );
+            if let Some(g) = i.integ {
+                let _ = writeln!(s, " integrity {}", cisco_hash(Some(g.key_len())));
+            }
+            let _ = writeln!(
+                s,
+                "crypto ikev2 policy XNET-{n}\n proposal XNET-{n}",
+                n = c.name
+            );
+            let _ = writeln!(
+                s,
+                "crypto ikev2 keyring XNET-{n}\n peer cxp\n  address {}\n  pre-shared-key {psk}",
+                c.local_address,
+                n = c.name
+            );
+            let _ = writeln!(s, "crypto ikev2 profile XNET-{n}\n match identity remote address {} 255.255.255.255\n identity local address {}\n authentication remote pre-share\n authentication local pre-share\n keyring local XNET-{n}\n dpd {} 5 periodic", c.local_address, c.remote_address, c.dpd_seconds.max(10), n = c.name);
+            let _ = writeln!(
+                s,
+                "crypto ipsec transform-set XNET-{n} {}\n mode tunnel",
+                cisco_esp(&e),
+                n = c.name
+            );
+            let _ = writeln!(
+                s,
+                "! traffic: local {} remote {}",
+                list(&c.remote_ts),
+                list(&c.local_ts)
+            );
+            if let Some((asn, peer_asn, cxp, _)) = bgp {
+                let _ = writeln!(s, "router bgp {peer_asn}\n neighbor {cxp} remote-as {asn}");
+            }
+        }
+        Format::Junos => {
+            let i = ike[0];
+            let e = esp[0];
+            let n = &c.name;
+            let _ = writeln!(s, "# Junos (SRX) for xnet connector {n:?}");
+            let _ = writeln!(
+                s,
+                "set security ike proposal xnet-{n} authentication-method pre-shared-keys"
+            );
+            let _ = writeln!(
+                s,
+                "set security ike proposal xnet-{n} dh-group group{}",
+                i.dh.map(|d| d.id()).unwrap_or(0)
+            );
+            let _ = writeln!(
+                s,
+                "set security ike proposal xnet-{n} encryption-algorithm {}",
+                junos_encr(&i)
+            );
+            let _ = writeln!(s, "set security ike policy xnet-{n} proposals xnet-{n}");
+            let _ = writeln!(
+                s,
+                "set security ike policy xnet-{n} pre-shared-key ascii-text \"{psk}\""
+            );
+            let _ = writeln!(
+                s,
+                "set security ike gateway xnet-{n} ike-policy xnet-{n} address {} version v2-only",
+                c.local_address
+            );
+            let _ = writeln!(
+                s,
+                "set security ipsec proposal xnet-{n} protocol esp encryption-algorithm {}",
+                junos_encr(&e)
+            );
+            let _ = writeln!(s, "set security ipsec vpn xnet-{n} ike gateway xnet-{n}");
+            let _ = writeln!(
+                s,
+                "# traffic selectors: local {} remote {}",
+                list(&c.remote_ts),
+                list(&c.local_ts)
+            );
+            if let Some((asn, _, cxp, _)) = bgp {
+                let _ = writeln!(
+                    s,
+                    "set protocols bgp group xnet-{n} neighbor {cxp} peer-as {asn}"
+                );
+            }
+        }
+    }
+    Ok(s)
+}
+
+fn cisco_hash(len: Option<usize>) -> &'static str {
+    match len {
+        Some(48) => "sha384",
+        Some(64) => "sha512",
+        _ => "sha256",
+    }
+}
+
+fn cisco_encr(s: &Suite) -> String {
+    match s.encr {
+        super::crypto::Encr::AesCbc(b) => format!("aes-cbc-{b}"),
+        super::crypto::Encr::AesGcm16(b) => format!("aes-gcm-{b}"),
+    }
+}
+
+fn cisco_esp(s: &Suite) -> String {
+    match (s.encr, s.integ) {
+        (super::crypto::Encr::AesGcm16(b), _) => format!("esp-gcm {b}"),
+        (super::crypto::Encr::AesCbc(b), i) => format!(
+            "esp-aes {b} esp-{}-hmac",
+            i.map(|i| cisco_hash(Some(i.key_len()))).unwrap_or("sha256")
+        ),
+    }
+}
+
+fn junos_encr(s: &Suite) -> String {
+    match s.encr {
+        super::crypto::Encr::AesCbc(b) => format!("aes-{b}-cbc"),
+        super::crypto::Encr::AesGcm16(b) => format!("aes-{b}-gcm"),
+    }
+}

@@ -1,0 +1,445 @@
+//! IKEv2 against a real peer: strongSwan's charon in the lab's on-prem namespace, the
+//! agent in cxp, the peer configured by `xnet peer-config --format strongswan` as is.
+//!
+//! This host's kernel has no ESP, so charon does ESP in userspace (kernel-libipsec, which
+//! only knows ESP in UDP: the connectors force NAT-T encapsulation) and the agent's SAs
+//! cannot enter XFRM. What is checked is what IKE decides: both sides
+//! agree on SPIs, algorithms and keys (charon logs its keys at level 4; the agent writes
+//! its own to XNET_IKE_KEYLOG), and the agent's XFRM policies are in the kernel. The
+//! encrypted data path is tested in the VM (vm-tests).
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use xnet_user::lab::Lab;
+use xnet_user::status::{IpsecStatus, Status};
+
+struct Charon {
+    child: Child,
+    dir: PathBuf,
+    ns: String,
+}
+
+impl Charon {
+    /// charon in the on-prem namespace with its own /run (its pid file is fixed there),
+    /// control socket and log; loads `swanctl_conf`.
+    fn start(lab: &Lab, swanctl_conf: &str) -> Charon {
+        let dir = std::env::temp_dir().join(format!("{}-charon", lab.prefix));
+        std::fs::create_dir_all(&dir).unwrap();
+        let d = dir.display();
+        std::fs::write(
+            dir.join("strongswan.conf"),
+            format!(
+                r#"charon {{
+  port = 500
+  port_nat_t = 4500
+  install_routes = no
+  retransmit_timeout = 1
+  retransmit_tries = 3
+  load = random nonce aes sha1 sha2 hmac gcm curve25519 openssl pem pkcs1 x509 pubkey kdf kernel-libipsec kernel-netlink socket-default vici
+  plugins {{
+    vici {{
+      socket = unix://{d}/charon.vici
+    }}
+  }}
+  filelog {{
+    log {{
+      path = {d}/charon.log
+      default = 1
+      ike = 2
+      chd = 4
+      cfg = 2
+      flush_line = yes
+    }}
+  }}
+}}
+"#
+            ),
+        )
+        .unwrap();
+        std::fs::write(dir.join("swanctl.conf"), swanctl_conf).unwrap();
+        let ns = lab.ns("onprem");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns, "unshare", "-m", "sh", "-c"])
+            .arg(format!(
+                "mount -t tmpfs tmpfs /run && exec env STRONGSWAN_CONF={d}/strongswan.conf /usr/lib/ipsec/charon"
+            ))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("charon (Debian strongswan-charon) is installed by cargo xtask setup");
+        let c = Charon { child, dir, ns };
+        let t = Instant::now();
+        while !c.dir.join("charon.vici").exists() {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "charon did not start: {}",
+                c.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        c.load();
+        c
+    }
+
+    fn load(&self) {
+        self.swanctl(&format!(
+            "--load-all --file {}/swanctl.conf",
+            self.dir.display()
+        ));
+    }
+
+    fn swanctl(&self, args: &str) -> String {
+        sh(&format!(
+            "ip netns exec {} swanctl {args} --uri unix://{}/charon.vici",
+            self.ns,
+            self.dir.display()
+        ))
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("charon.log")).unwrap_or_default()
+    }
+
+    /// The hexdump charon logs after `label` (e.g. "encryption initiator key"), the last
+    /// one logged.
+    fn key(&self, label: &str) -> String {
+        let log = self.log();
+        let lines: Vec<&str> = log.lines().collect();
+        let at = lines
+            .iter()
+            .rposition(|l| l.contains(&format!("{label} =>")))
+            .unwrap_or_else(|| panic!("charon logged no {label}: {log}"));
+        let mut hex = String::new();
+        for l in &lines[at + 1..] {
+            // "13[CHD]    0: 01 02 …  ascii": thread and group, an offset, a colon, up to
+            // 16 hex pairs.
+            let l = l.split_once(']').map(|(_, r)| r).unwrap_or(l);
+            let Some((off, rest)) = l.split_once(": ") else {
+                break;
+            };
+            if off.trim().parse::<usize>().is_err() {
+                break;
+            }
+            for w in rest.split_whitespace().take(16) {
+                if w.len() == 2 && w.chars().all(|c| c.is_ascii_hexdigit()) {
+                    hex.push_str(&w.to_lowercase());
+                } else {
+                    break;
+                }
+            }
+        }
+        hex
+    }
+}
+
+impl Drop for Charon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const PSK: &str = "xnet-interop-test-key-0123456789";
+
+fn agent_config(lab: &Lab, initiate: bool, ike: &[&str], esp: &[&str]) -> (String, PathBuf) {
+    let dir = std::env::temp_dir().join(&lab.prefix);
+    std::fs::create_dir_all(&dir).unwrap();
+    let psk = dir.join("onprem.psk");
+    std::fs::write(&psk, format!("{PSK}\n")).unwrap();
+    let list = |v: &[&str]| {
+        v.iter()
+            .map(|s| format!("{s:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let cfg = format!(
+        r#"{}
+[[ipsec]]
+name = "onprem-vpn"
+segment = "prod"
+local_address = "10.0.3.1"
+remote_address = "10.0.3.2"
+psk_file = "{}"
+initiate = {initiate}
+ike_proposals = [{}]
+esp_proposals = [{}]
+local_ts = ["10.1.0.0/16"]
+remote_ts = ["192.168.10.0/24"]
+dpd_seconds = 2
+force_encap = true
+"#,
+        xnet_user::lab::DEMO_CONFIG,
+        psk.display(),
+        list(ike),
+        list(esp)
+    );
+    (cfg, dir.join("ike.keys"))
+}
+
+/// `xnet peer-config onprem-vpn --format strongswan --include-psk` for the agent's config.
+fn peer_config(agent: &Agent) -> String {
+    let out = Command::new(XNET)
+        .args([
+            "peer-config",
+            "onprem-vpn",
+            "--format",
+            "strongswan",
+            "--include-psk",
+            "--config",
+        ])
+        .arg(&agent.config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn tunnel(s: &Status) -> IpsecStatus {
+    s.ipsec.first().cloned().expect("one connector")
+}
+
+fn up(s: &Status) -> bool {
+    let t = tunnel(s);
+    t.state == "established" && t.children.len() == 1
+}
+
+/// The agent's logged ESP key for the SA with `spi`: (encryption, integrity).
+fn keylog(path: &PathBuf, spi: &str) -> (String, String) {
+    let text = std::fs::read_to_string(path).unwrap();
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.split_whitespace().nth(3) == Some(spi))
+        .unwrap_or_else(|| panic!("no key logged for {spi}: {text}"));
+    let f: Vec<&str> = line.split_whitespace().collect();
+    let strip = |s: &str| s.trim_start_matches("0x").replace('-', "");
+    (strip(f[5]), strip(f[6]))
+}
+
+/// Checks that charon and the agent agree on the CHILD SA: SPIs, algorithms, keys.
+fn same_child_sa(
+    agent: &Agent,
+    charon: &Charon,
+    keys: &PathBuf,
+    agent_initiated: bool,
+    esp_name: &str,
+) {
+    let t = tunnel(&agent.status());
+    let c = &t.children[0];
+    let sas = charon.swanctl("--list-sas");
+    assert!(
+        sas.contains("ESTABLISHED") && sas.contains("INSTALLED"),
+        "{sas}"
+    );
+    assert!(
+        sas.contains(esp_name),
+        "charon's ESP proposal {esp_name}: {sas}"
+    );
+    // charon's inbound SPI is our outbound one and the other way round.
+    let spi = |s: &str| s.trim_start_matches("0x").to_string();
+    assert!(
+        sas.contains(&format!("in  {}", spi(&c.spi_out))),
+        "{c:?}\n{sas}"
+    );
+    assert!(
+        sas.contains(&format!("out {}", spi(&c.spi_in))),
+        "{c:?}\n{sas}"
+    );
+    // Keys: initiator-to-responder first (RFC 7296 §2.17).
+    let (out_e, out_a) = keylog(keys, &c.spi_out);
+    let (in_e, in_a) = keylog(keys, &c.spi_in);
+    let (mine, theirs) = if agent_initiated {
+        ("initiator", "responder")
+    } else {
+        ("responder", "initiator")
+    };
+    assert_eq!(out_e, charon.key(&format!("encryption {mine} key")));
+    assert_eq!(in_e, charon.key(&format!("encryption {theirs} key")));
+    if !out_a.is_empty() {
+        assert_eq!(out_a, charon.key(&format!("integrity {mine} key")));
+        assert_eq!(in_a, charon.key(&format!("integrity {theirs} key")));
+    }
+}
+
+#[test]
+fn agent_initiates_to_strongswan_then_deletes_both_ways() {
+    if !require_root("agent_initiates_to_strongswan_then_deletes_both_ways") {
+        return;
+    }
+    let lab = lab("ike-i");
+    let (cfg, keys) = agent_config(
+        &lab,
+        true,
+        &["aes256gcm16-prfsha384-ecp384"],
+        &["aes256gcm16"],
+    );
+    // The peer's config comes from the agent's; charon first, so the first try lands.
+    let path = std::env::temp_dir().join(&lab.prefix).join("pre.toml");
+    std::fs::write(&path, &cfg).unwrap();
+    let pre = Agent {
+        child: None,
+        socket: PathBuf::new(),
+        config: path,
+        stderr: PathBuf::new(),
+    };
+    let charon = Charon::start(&lab, &peer_config(&pre));
+    let agent = Agent::start_with_env(&lab, &cfg, &[("XNET_IKE_KEYLOG", keys.to_str().unwrap())]);
+    wait_until(
+        &agent,
+        "IKE SA and CHILD SA up",
+        Duration::from_secs(20),
+        up,
+    );
+    let t = tunnel(&agent.status());
+    assert_eq!(
+        t.ike_proposal.as_deref(),
+        Some("aes256gcm16-prfsha384-ecp384")
+    );
+    assert!(charon
+        .swanctl("--list-sas")
+        .contains("AES_GCM_16-256/PRF_HMAC_SHA2_384/ECP_384"));
+    same_child_sa(&agent, &charon, &keys, true, "AES_GCM_16-256");
+    // The kernel has the agent's policies (its SAs need ESP, which this kernel lacks).
+    let pol = sh(&format!("ip -n {} xfrm policy", lab.ns("cxp")));
+    assert!(pol.contains("src 10.1.0.0/16 dst 192.168.10.0/24"), "{pol}");
+    assert!(pol.contains("tmpl src 10.0.3.1 dst 10.0.3.2"), "{pol}");
+    assert!(pol.contains("src 192.168.10.0/24 dst 10.1.0.0/16"), "{pol}");
+
+    // DELETE from strongSwan: the agent drops the SAs and (an initiator) starts again.
+    charon.swanctl("--terminate --ike xnet-onprem-vpn");
+    wait_until(
+        &agent,
+        "agent saw the DELETE",
+        Duration::from_secs(10),
+        |_| agent.log().contains("IKE SA closed: deleted by the peer"),
+    );
+    wait_until(&agent, "re-established", Duration::from_secs(20), up);
+
+    // DELETE from the agent: a clean stop tells charon.
+    let mut agent = agent;
+    assert!(agent.stop().success());
+    let t = Instant::now();
+    while charon.swanctl("--list-sas").contains("ESTABLISHED") {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "charon kept the SA: {}",
+            charon.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        charon.log().contains("received DELETE for IKE_SA"),
+        "{}",
+        charon.log()
+    );
+    let pol = sh(&format!("ip -n {} xfrm policy", lab.ns("cxp")));
+    assert!(!pol.contains("10.1.0.0/16"), "policies removed: {pol}");
+}
+
+#[test]
+fn strongswan_initiates_proposals_and_dpd_finds_it_dead() {
+    if !require_root("strongswan_initiates_proposals_and_dpd_finds_it_dead") {
+        return;
+    }
+    let lab = lab("ike-r");
+    let (cfg, keys) = agent_config(
+        &lab,
+        false,
+        &["aes128-sha256-modp2048", "aes256-sha512-curve25519"],
+        &["aes128-sha256", "aes256-sha512"],
+    );
+    let agent = Agent::start_with_env(&lab, &cfg, &[("XNET_IKE_KEYLOG", keys.to_str().unwrap())]);
+    // The agent does not initiate: charon does (start_action = start), offering both.
+    let conf = peer_config(&agent);
+    assert!(conf.contains("start_action = start"), "{conf}");
+    let charon = Charon::start(&lab, &conf);
+    wait_until(&agent, "charon's IKE SA up", Duration::from_secs(20), up);
+    assert_eq!(
+        tunnel(&agent.status()).ike_proposal.as_deref(),
+        Some("aes128-sha256-prfsha256-modp2048")
+    );
+    assert!(charon
+        .swanctl("--list-sas")
+        .contains("AES_CBC-128/HMAC_SHA2_256_128/PRF_HMAC_SHA2_256/MODP_2048"));
+    same_child_sa(
+        &agent,
+        &charon,
+        &keys,
+        false,
+        "AES_CBC-128/HMAC_SHA2_256_128",
+    );
+
+    // A third proposal: charon now offers only AES-256/SHA-512 with Curve25519.
+    let only = conf
+        .replace(
+            "proposals = aes128-sha256-prfsha256-modp2048,",
+            "proposals =",
+        )
+        .replace("esp_proposals = aes128-sha256,", "esp_proposals =");
+    assert_ne!(only, conf);
+    std::fs::write(charon.dir.join("swanctl.conf"), &only).unwrap();
+    charon.swanctl("--terminate --ike xnet-onprem-vpn");
+    // Loading a connection with start_action = start initiates it.
+    charon.load();
+    wait_until(&agent, "curve25519 SA up", Duration::from_secs(20), |s| {
+        up(s) && tunnel(s).ike_proposal.as_deref() == Some("aes256-sha512-prfsha512-curve25519")
+    });
+    same_child_sa(
+        &agent,
+        &charon,
+        &keys,
+        false,
+        "AES_CBC-256/HMAC_SHA2_512_256",
+    );
+
+    // charon dies without a word: the agent's liveness check (DPD after 2 s idle, then
+    // retransmissions) finds out and removes the SAs.
+    drop(charon);
+    wait_until(&agent, "dead peer detected", Duration::from_secs(30), |s| {
+        let t = tunnel(s);
+        t.state == "down"
+            && t.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("not answering"))
+    });
+    let pol = sh(&format!("ip -n {} xfrm policy", lab.ns("cxp")));
+    assert!(!pol.contains("10.1.0.0/16"), "policies removed: {pol}");
+}
+
+#[test]
+fn malformed_ike_datagrams_are_dropped_and_counted() {
+    if !require_root("malformed_ike_datagrams_are_dropped_and_counted") {
+        return;
+    }
+    let lab = lab("ike-bad");
+    let (cfg, _) = agent_config(
+        &lab,
+        false,
+        &["aes256gcm16-prfsha384-ecp384"],
+        &["aes256gcm16"],
+    );
+    let agent = Agent::start(&lab, &cfg);
+    let before = tunnel(&agent.status()).dropped;
+    in_netns(&lab.ns("onprem"), || {
+        let s = std::net::UdpSocket::bind("10.0.3.2:500").unwrap();
+        let mut junk = vec![0u8; 28];
+        junk[17] = 0x20;
+        junk[18] = 37;
+        junk[27] = 28;
+        for m in [vec![1u8, 2, 3], vec![0xff; 200], junk] {
+            s.send_to(&m, "10.0.3.1:500").unwrap();
+        }
+    });
+    wait_until(&agent, "three drops counted", Duration::from_secs(5), |s| {
+        tunnel(s).dropped >= before + 3
+    });
+    assert_eq!(tunnel(&agent.status()).state, "down");
+}
