@@ -72,6 +72,10 @@ pub struct Ipsec {
     /// Encapsulate ESP in UDP 4500 even without a NAT (paths that drop IP protocol 50).
     #[serde(default)]
     pub force_encap: bool,
+    /// Seconds after which we rekey the CHILD SA and the IKE SA (make-before-break).
+    /// Default 3,600 and 14,400; with `profile = "azure"` 27,000 and 28,800.
+    pub child_lifetime: Option<u64>,
+    pub ike_lifetime: Option<u64>,
 }
 
 fn default_dpd() -> u64 {
@@ -84,6 +88,23 @@ pub const DEFAULT_IKE_PROPOSALS: &[&str] =
 pub const DEFAULT_ESP_PROPOSALS: &[&str] = &["aes256gcm16", "aes256-sha256"];
 
 impl Ipsec {
+    /// (CHILD SA, IKE SA) lifetimes in effect.
+    pub fn lifetimes(&self) -> (u64, u64) {
+        let azure = self.profile.as_deref() == Some("azure");
+        let (c, i) = if azure {
+            (
+                crate::ike::proposal::AZURE_CHILD_LIFETIME,
+                crate::ike::proposal::AZURE_IKE_LIFETIME,
+            )
+        } else {
+            (3600, 14400)
+        };
+        (
+            self.child_lifetime.unwrap_or(c),
+            self.ike_lifetime.unwrap_or(i),
+        )
+    }
+
     /// The proposals in effect: its own, else its profile's, else the defaults.
     pub fn proposals(&self) -> (Vec<String>, Vec<String>) {
         let azure = self.profile.as_deref() == Some("azure");
@@ -586,6 +607,14 @@ impl Config {
             for (k, n) in esp.iter().enumerate() {
                 crate::ike::proposal::Suite::parse(n, false)
                     .map_err(|e| (f(&format!("esp_proposals[{k}]")), e))?;
+            }
+            for (field, v) in [
+                ("child_lifetime", c.child_lifetime),
+                ("ike_lifetime", c.ike_lifetime),
+            ] {
+                if v.is_some_and(|s| s < 2) {
+                    return Err((f(field), "at least 2 seconds".into()));
+                }
             }
             if c.local_ts.is_empty() || c.remote_ts.is_empty() {
                 return Err((

@@ -146,6 +146,17 @@ impl Drop for Charon {
 const PSK: &str = "xnet-interop-test-key-0123456789";
 
 fn agent_config(lab: &Lab, initiate: bool, ike: &[&str], esp: &[&str]) -> (String, PathBuf) {
+    agent_config_with(lab, initiate, ike, esp, "")
+}
+
+/// `agent_config` with more lines for the connector.
+fn agent_config_with(
+    lab: &Lab,
+    initiate: bool,
+    ike: &[&str],
+    esp: &[&str],
+    extra: &str,
+) -> (String, PathBuf) {
     let dir = std::env::temp_dir().join(&lab.prefix);
     std::fs::create_dir_all(&dir).unwrap();
     let psk = dir.join("onprem.psk");
@@ -171,6 +182,7 @@ local_ts = ["10.1.0.0/16"]
 remote_ts = ["192.168.10.0/24"]
 dpd_seconds = 2
 force_encap = true
+{extra}
 "#,
         xnet_user::lab::DEMO_CONFIG,
         psk.display(),
@@ -377,6 +389,38 @@ fn strongswan_initiates_proposals_and_dpd_finds_it_dead() {
         "AES_CBC-128/HMAC_SHA2_256_128",
     );
 
+    // charon rekeys the CHILD SA, then the IKE SA: the agent follows, the tunnel stays.
+    let before = tunnel(&agent.status()).children[0].clone();
+    charon.swanctl("--rekey --child xnet-onprem-vpn");
+    wait_until(
+        &agent,
+        "CHILD SA rekeyed by charon",
+        Duration::from_secs(10),
+        |s| up(s) && tunnel(s).children[0].spi_in != before.spi_in,
+    );
+    same_child_sa(
+        &agent,
+        &charon,
+        &keys,
+        false,
+        "AES_CBC-128/HMAC_SHA2_256_128",
+    );
+    charon.swanctl("--rekey --ike xnet-onprem-vpn");
+    wait_until(
+        &agent,
+        "IKE SA rekeyed by charon",
+        Duration::from_secs(10),
+        |_| agent.log().contains("IKE SA rekeyed"),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(up(&agent.status()));
+    let sas = charon.swanctl("--list-sas");
+    assert_eq!(
+        sas.matches("ESTABLISHED").count(),
+        1,
+        "one IKE SA after the rekey: {sas}"
+    );
+
     // A third proposal: charon now offers only AES-256/SHA-512 with Curve25519.
     let only = conf
         .replace(
@@ -442,4 +486,52 @@ fn malformed_ike_datagrams_are_dropped_and_counted() {
         tunnel(s).dropped >= before + 3
     });
     assert_eq!(tunnel(&agent.status()).state, "down");
+}
+
+#[test]
+fn agent_rekeys_child_and_ike_sas_with_strongswan() {
+    if !require_root("agent_rekeys_child_and_ike_sas_with_strongswan") {
+        return;
+    }
+    let lab = lab("ike-k");
+    let (cfg, keys) = agent_config_with(
+        &lab,
+        true,
+        &["aes256gcm16-prfsha384-ecp384"],
+        &["aes256gcm16"],
+        "child_lifetime = 5\nike_lifetime = 12",
+    );
+    let path = std::env::temp_dir().join(&lab.prefix).join("pre.toml");
+    std::fs::write(&path, &cfg).unwrap();
+    let pre = Agent {
+        child: None,
+        socket: PathBuf::new(),
+        config: path,
+        stderr: PathBuf::new(),
+    };
+    let charon = Charon::start(&lab, &peer_config(&pre));
+    let agent = Agent::start_with_env(&lab, &cfg, &[("XNET_IKE_KEYLOG", keys.to_str().unwrap())]);
+    wait_until(&agent, "up", Duration::from_secs(20), up);
+    let first = tunnel(&agent.status()).children[0].clone();
+    // After 5 s the agent rekeys the CHILD SA (it initiates that exchange).
+    wait_until(
+        &agent,
+        "CHILD SA rekeyed by the agent",
+        Duration::from_secs(10),
+        |s| up(s) && tunnel(s).children[0].spi_in != first.spi_in,
+    );
+    same_child_sa(&agent, &charon, &keys, true, "AES_GCM_16-256");
+    // After 12 s the IKE SA; the CHILD SAs move to the new one.
+    wait_until(
+        &agent,
+        "IKE SA rekeyed by the agent",
+        Duration::from_secs(15),
+        |_| agent.log().contains("IKE SA rekeyed"),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(up(&agent.status()), "{}", agent.log());
+    let sas = charon.swanctl("--list-sas");
+    assert_eq!(sas.matches("ESTABLISHED").count(), 1, "{sas}");
+    assert_eq!(sas.matches("INSTALLED").count(), 1, "{sas}");
+    assert!(!agent.log().contains("rekey refused"), "{}", agent.log());
 }

@@ -365,7 +365,10 @@ fn fuzz(root: &Path, seconds: u64) -> Result<()> {
         .arg(&dest);
         run(&mut cmd)?;
     }
-    for (target, what) in [("bgp_decode", "BGP decoder"), ("ike_decode", "IKEv2 decoder")] {
+    for (target, what) in [
+        ("bgp_decode", "BGP decoder"),
+        ("ike_decode", "IKEv2 decoder"),
+    ] {
         step(&format!("fuzzing the {what} for {seconds} s"));
         let mut cmd = Command::new("rustup");
         cmd.args(["run", BPF_TOOLCHAIN])

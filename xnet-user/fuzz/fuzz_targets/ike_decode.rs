@@ -30,6 +30,8 @@ fn conn() -> Arc<Conn> {
             remote_ts: vec![TrafficSelector::from_net("10.0.0.0/8".parse().unwrap())],
             dpd: Duration::ZERO,
             force_encap: false,
+            child_lifetime: Duration::from_secs(3600),
+            ike_lifetime: Duration::from_secs(14400),
         })
     })
     .clone()

@@ -134,6 +134,8 @@ pub fn conns(config: &Config, file: &str) -> Result<Vec<Arc<Conn>>> {
                     .collect(),
                 dpd: Duration::from_secs(c.dpd_seconds),
                 force_encap: c.force_encap,
+                child_lifetime: Duration::from_secs(c.lifetimes().0),
+                ike_lifetime: Duration::from_secs(c.lifetimes().1),
             }))
         })
         .collect()
@@ -327,10 +329,6 @@ impl Daemon {
         }
     }
 
-    fn connector_of(&self, spi: u64) -> Option<usize> {
-        self.connectors.iter().position(|c| c.sa == Some(spi))
-    }
-
     async fn on_datagram(&mut self, d: Datagram) {
         let (local, from, msg) = (d.local, d.from, d.msg.as_slice());
         let from_ip = from.ip().to_canonical();
@@ -449,9 +447,25 @@ impl Daemon {
                 .map(|s| (s.remote_port, s.natt))
                 .unwrap_or((IKE_PORT, false))
         };
-        let ci = self.connector_of(spi);
+        // The connector this SA belongs to (an SA being replaced by a rekey included).
+        let ci = self.sas.get(&spi).and_then(|s| {
+            self.connectors
+                .iter()
+                .position(|c| Arc::ptr_eq(&c.conn, &s.conn))
+        });
         for o in out {
             match o {
+                Output::NewIkeSa(new) => {
+                    let nspi = new.local_spi();
+                    info!(
+                        "ipsec {name}: IKE SA rekeyed ({:016x} -> {:016x})",
+                        spi, nspi
+                    );
+                    self.sas.insert(nspi, *new);
+                    if let Some(ci) = ci {
+                        self.connectors[ci].sa = Some(nspi);
+                    }
+                }
                 Output::Send(m) => {
                     let (port, natt) = path(self);
                     // Moving to NAT-T: the peer's IKE port becomes 4500 (RFC 3948 §2.2).
@@ -518,7 +532,8 @@ impl Daemon {
                 }
                 Output::Closed(why) => {
                     info!("ipsec {name}: IKE SA closed: {why}");
-                    if let Some(ci) = ci {
+                    // An SA a rekey replaced closes without taking the connector down.
+                    if let Some(ci) = ci.filter(|&ci| self.connectors[ci].sa == Some(spi)) {
                         let c = &mut self.connectors[ci];
                         c.sa = None;
                         if !why.contains("deleted by us") {

@@ -17,6 +17,9 @@ use super::crypto::{self, ChildKeys, Dh, IkeKeys, IkeSuite, Secret, SkCipher};
 use super::packet::*;
 use super::proposal::{self, Suite};
 
+mod rekey;
+use rekey::Rekey;
+
 /// A connector as the state machine needs it.
 #[derive(Debug, Clone)]
 pub struct Conn {
@@ -36,6 +39,9 @@ pub struct Conn {
     /// Use UDP encapsulation (port 4500) even without a NAT, by making our NAT detection
     /// hash not match (what strongSwan's `encap = yes` does): for paths that drop ESP.
     pub force_encap: bool,
+    /// Age at which we rekey a CHILD SA, and the IKE SA.
+    pub child_lifetime: Duration,
+    pub ike_lifetime: Duration,
 }
 
 /// NAT detection hash (RFC 7296 §2.23): SHA-1(SPIi | SPIr | IP | port).
@@ -82,6 +88,7 @@ pub struct ChildSa {
     pub initiator: bool,
     pub local_ts: Vec<TrafficSelector>,
     pub remote_ts: Vec<TrafficSelector>,
+    pub created: Instant,
 }
 
 impl ChildSa {
@@ -105,6 +112,8 @@ impl ChildSa {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Output {
     Send(Vec<u8>),
+    /// A rekey made this IKE SA's successor (it took the CHILD SAs); the old one closes.
+    NewIkeSa(Box<IkeSa>),
     Established,
     ChildUp(ChildSa),
     ChildDown {
@@ -156,7 +165,26 @@ pub struct IkeSa {
     pub remote_port: u16,
     /// The NAT detection notifies showed a NAT (or forced encapsulation).
     pub nat_detected: bool,
+    rekey: Option<Rekey>,
 }
+
+impl std::fmt::Debug for IkeSa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "IkeSa({:016x}/{:016x} {:?})",
+            self.spi_i, self.spi_r, self.state
+        )
+    }
+}
+
+impl PartialEq for IkeSa {
+    fn eq(&self, o: &Self) -> bool {
+        (self.spi_i, self.spi_r) == (o.spi_i, o.spi_r)
+    }
+}
+
+impl Eq for IkeSa {}
 
 fn nonzero_u64() -> u64 {
     loop {
@@ -271,6 +299,7 @@ impl IkeSa {
             natt: false,
             remote_port: 500,
             nat_detected: false,
+            rekey: None,
         }
     }
 
@@ -592,6 +621,15 @@ impl IkeSa {
                 self.last_heard = now;
                 self.on_auth_response(payloads, now)
             }
+            (CREATE_CHILD_SA, State::Established) => {
+                let payloads = match self.decrypt(msg, h) {
+                    Ok(p) => p,
+                    Err(e) => return vec![Output::Dropped(e)],
+                };
+                self.pending = None;
+                self.last_heard = now;
+                self.on_rekey_response(payloads, now)
+            }
             (INFORMATIONAL, State::Established | State::Deleting) => {
                 let payloads = match self.decrypt(msg, h) {
                     Ok(p) => p,
@@ -844,6 +882,7 @@ impl IkeSa {
             initiator,
             local_ts,
             remote_ts,
+            created: Instant::now(),
         })
     }
 
@@ -871,16 +910,7 @@ impl IkeSa {
                 self.on_informational(payloads, h.message_id)
             }
             (CREATE_CHILD_SA, State::Established) => {
-                // Not negotiated yet: refuse politely, the SA stays.
-                let out = self.respond_with(
-                    CREATE_CHILD_SA,
-                    h.message_id,
-                    &[Payload::notify(N_NO_PROPOSAL_CHOSEN, Vec::new())],
-                );
-                vec![
-                    out,
-                    Output::Dropped("CREATE_CHILD_SA refused (not supported)".into()),
-                ]
+                self.on_rekey_request(payloads, h.message_id, now)
             }
             _ => vec![Output::Dropped(format!(
                 "exchange {} in state {:?}",
@@ -1037,6 +1067,7 @@ impl IkeSa {
                 initiator: false,
                 local_ts,
                 remote_ts,
+                created: Instant::now(),
             },
             prop,
         ))
@@ -1193,6 +1224,12 @@ impl IkeSa {
             }
             return Vec::new();
         }
+        if self.state == State::Established {
+            let out = self.rekey_due(now);
+            if !out.is_empty() {
+                return out;
+            }
+        }
         if self.state == State::Established
             && !self.conn.dpd.is_zero()
             && now.duration_since(self.last_heard) >= self.conn.dpd
@@ -1243,6 +1280,8 @@ mod tests {
             remote_ts: vec![TrafficSelector::from_net(rts.parse().unwrap())],
             dpd: Duration::from_secs(10),
             force_encap: false,
+            child_lifetime: Duration::from_secs(3600),
+            ike_lifetime: Duration::from_secs(14400),
         })
     }
 
@@ -1491,5 +1530,98 @@ mod tests {
             i.on_message(&sent(&out), t0),
             vec![Output::Closed("deleted by us".into())]
         );
+    }
+
+    #[test]
+    fn rekeys_child_and_ike_sas_both_ways_make_before_break() {
+        for esp in ["aes256gcm16", "aes128-sha256-ecp256"] {
+            let a = conn(
+                "192.0.2.1",
+                "192.0.2.2",
+                &["aes256gcm16-prfsha384-ecp384"],
+                &[esp],
+                "s",
+                "10.1.0.0/16",
+                "10.2.0.0/16",
+            );
+            let b = conn(
+                "192.0.2.2",
+                "192.0.2.1",
+                &["aes256gcm16-prfsha384-ecp384"],
+                &[esp],
+                "s",
+                "10.2.0.0/16",
+                "10.1.0.0/16",
+            );
+            let (mut i, mut r, i_out, _) = handshake(a, b);
+            let old = child(&i_out);
+            let t = Instant::now();
+            // CHILD SA rekey from the initiator: the new SA comes up first, then the old
+            // one is deleted.
+            let req = i.rekey_child(old.spi_in, t);
+            let resp = r.on_message(&sent(&req), t);
+            let r_new = child(&resp);
+            let out = i.on_message(&sent(&resp), t);
+            let i_new = child(&out);
+            assert_eq!(i_new.out_keys(), r_new.in_keys(), "{esp}");
+            assert_eq!(i_new.spi_out, r_new.spi_in);
+            assert_ne!(i_new.spi_in, old.spi_in);
+            let up = out
+                .iter()
+                .position(|o| matches!(o, Output::ChildUp(_)))
+                .unwrap();
+            let down = out
+                .iter()
+                .position(|o| matches!(o, Output::ChildDown { .. }))
+                .unwrap();
+            assert!(up < down, "make before break: {out:?}");
+            let del = r.on_message(&sent(&out), t);
+            assert!(del.contains(&Output::ChildDown {
+                spi_in: old.spi_out,
+                spi_out: old.spi_in
+            }));
+            assert!(i.on_message(&sent(&del), t).is_empty());
+            assert_eq!((i.children.len(), r.children.len()), (1, 1));
+            // CHILD SA rekey from the responder.
+            let req = r.rekey_child(r_new.spi_in, t);
+            let resp = i.on_message(&sent(&req), t);
+            let out = r.on_message(&sent(&resp), t);
+            let ack = i.on_message(&sent(&out), t);
+            assert!(r.on_message(&sent(&ack), t).is_empty());
+            assert_eq!((i.children.len(), r.children.len()), (1, 1));
+            assert_eq!(i.children[0].out_keys(), r.children[0].in_keys());
+            // IKE SA rekey from the responder: both get a successor with the CHILD SA.
+            let req = r.rekey_ike(t);
+            let mut resp = i.on_message(&sent(&req), t);
+            let mut i2 = take_new(&mut resp);
+            let mut out = r.on_message(&sent(&resp), t);
+            let mut r2 = take_new(&mut out);
+            assert!(
+                r2.initiator && !i2.initiator,
+                "the rekey's initiator starts the new SA"
+            );
+            assert_eq!((r2.children.len(), i2.children.len()), (1, 1));
+            assert!(r.children.is_empty() && i.children.is_empty(), "moved");
+            // The old SA is deleted on the old keys; the new one answers DPD.
+            let closed = i.on_message(&sent(&out), t);
+            assert!(
+                closed.iter().any(|o| matches!(o, Output::Closed(_))),
+                "{closed:?}"
+            );
+            let dpd = sent(&r2.on_tick(t + Duration::from_secs(11)));
+            let ans = i2.on_message(&dpd, t);
+            assert!(r2.on_message(&sent(&ans), t).is_empty());
+        }
+    }
+
+    fn take_new(out: &mut Vec<Output>) -> IkeSa {
+        let pos = out
+            .iter()
+            .position(|o| matches!(o, Output::NewIkeSa(_)))
+            .expect("a successor SA");
+        match out.remove(pos) {
+            Output::NewIkeSa(b) => *b,
+            _ => unreachable!(),
+        }
     }
 }
