@@ -56,6 +56,12 @@ enum Command {
         /// Only the BGP ingest benchmark.
         #[arg(long)]
         bgp_only: bool,
+        /// Only the IKE setup benchmark.
+        #[arg(long)]
+        ike_only: bool,
+        /// IKE SAs the IKE setup benchmark establishes.
+        #[arg(long, default_value_t = 1000)]
+        tunnels: usize,
     },
     /// Show a running agent's BGP sessions (state, uptime, prefixes received and sent) and
     /// routes with their attributes and which path was chosen.
@@ -136,7 +142,13 @@ async fn real_main() -> Result<()> {
             packets,
             rounds,
             bgp_only,
+            ike_only,
+            tunnels,
         } => {
+            if ike_only {
+                return tokio::task::spawn_blocking(move || xnet_user::bench_ike::run(tunnels))
+                    .await?;
+            }
             let (v4, v6) = if bgp_only {
                 xnet_user::bench::tables(table_dir.as_deref())?
             } else {
@@ -150,7 +162,8 @@ async fn real_main() -> Result<()> {
                     .join()
                     .map_err(|_| anyhow::anyhow!("benchmark thread panicked"))??
             };
-            tokio::task::spawn_blocking(move || xnet_user::bench_bgp::run(&v4, &v6)).await?
+            tokio::task::spawn_blocking(move || xnet_user::bench_bgp::run(&v4, &v6)).await??;
+            tokio::task::spawn_blocking(move || xnet_user::bench_ike::run(tunnels)).await?
         }
         Command::Demo { duration } => xnet_user::demo::run(duration).await,
         Command::Bgp { socket, json } => {
