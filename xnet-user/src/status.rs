@@ -91,6 +91,9 @@ pub struct IpsecStatus {
     /// down, connecting, established, deleting.
     pub state: String,
     pub ike_proposal: Option<String>,
+    /// NAT-T in use: IKE and ESP over UDP 4500.
+    #[serde(default)]
+    pub natt: bool,
     pub uptime_secs: u64,
     pub children: Vec<IpsecChildStatus>,
     pub last_error: Option<String>,

@@ -27,6 +27,10 @@ impl Charon {
     /// charon in the on-prem namespace with its own /run (its pid file is fixed there),
     /// control socket and log; loads `swanctl_conf`.
     fn start(lab: &Lab, swanctl_conf: &str) -> Charon {
+        Self::start_in(lab, &lab.ns("onprem"), swanctl_conf)
+    }
+
+    fn start_in(lab: &Lab, ns: &str, swanctl_conf: &str) -> Charon {
         let dir = std::env::temp_dir().join(format!("{}-charon", lab.prefix));
         std::fs::create_dir_all(&dir).unwrap();
         let d = dir.display();
@@ -61,7 +65,7 @@ impl Charon {
         )
         .unwrap();
         std::fs::write(dir.join("swanctl.conf"), swanctl_conf).unwrap();
-        let ns = lab.ns("onprem");
+        let ns = ns.to_string();
         let child = Command::new("ip")
             .args(["netns", "exec", &ns, "unshare", "-m", "sh", "-c"])
             .arg(format!(
@@ -534,4 +538,109 @@ fn agent_rekeys_child_and_ike_sas_with_strongswan() {
     assert_eq!(sas.matches("ESTABLISHED").count(), 1, "{sas}");
     assert_eq!(sas.matches("INSTALLED").count(), 1, "{sas}");
     assert!(!agent.log().contains("rekey refused"), "{}", agent.log());
+}
+
+/// Namespaces a test adds beside the lab's, deleted with it.
+struct ExtraNs(Vec<String>);
+
+impl Drop for ExtraNs {
+    fn drop(&mut self) {
+        for n in &self.0 {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+    }
+}
+
+#[test]
+fn nat_traversal_through_a_masquerading_nat() {
+    if !require_root("nat_traversal_through_a_masquerading_nat") {
+        return;
+    }
+    let lab = lab("ike-nat");
+    // cxp natx 10.9.1.1 -- 10.9.1.254 nat (masquerade) 192.168.50.1 -- 192.168.50.2 branch
+    let (nat, branch) = (lab.ns("nat"), lab.ns("branch"));
+    let _extra = ExtraNs(vec![nat.clone(), branch.clone()]);
+    let cxp = lab.ns("cxp");
+    for cmd in [
+        format!("ip netns add {nat}"),
+        format!("ip netns add {branch}"),
+        format!("ip link add natx netns {cxp} type veth peer name out netns {nat}"),
+        format!("ip link add in netns {nat} type veth peer name eth0 netns {branch}"),
+        format!("ip -n {cxp} addr add 10.9.1.1/24 dev natx"),
+        format!("ip -n {cxp} link set natx up"),
+        format!("ip -n {nat} addr add 10.9.1.254/24 dev out"),
+        format!("ip -n {nat} addr add 192.168.50.1/24 dev in"),
+        format!("ip -n {nat} link set out up"),
+        format!("ip -n {nat} link set in up"),
+        format!("ip -n {nat} link set lo up"),
+        format!("ip netns exec {nat} sysctl -qw net.ipv4.ip_forward=1"),
+        format!("ip -n {branch} addr add 192.168.50.2/24 dev eth0"),
+        format!("ip -n {branch} link set eth0 up"),
+        format!("ip -n {branch} link set lo up"),
+        // charon's userspace ESP routes from an address inside its selector.
+        format!("ip -n {branch} addr add 192.168.60.1/32 dev lo"),
+        format!("ip -n {branch} route add default via 192.168.50.1"),
+    ] {
+        sh(&cmd);
+    }
+    sh(&format!(
+        "ip netns exec {nat} nft 'add table ip nat; add chain ip nat post {{ type nat hook postrouting priority 100; }}; add rule ip nat post oifname \"out\" masquerade'"
+    ));
+    let dir = std::env::temp_dir().join(&lab.prefix);
+    std::fs::create_dir_all(&dir).unwrap();
+    let psk = dir.join("branch.psk");
+    std::fs::write(&psk, format!("{PSK}\n")).unwrap();
+    // The CXP knows the branch by the NAT's address and by its ID.
+    let cfg = format!(
+        r#"{}
+[[ipsec]]
+name = "branch"
+segment = "prod"
+local_address = "10.9.1.1"
+remote_address = "10.9.1.254"
+remote_id = "192.168.50.2"
+psk_file = "{}"
+initiate = false
+ike_proposals = ["aes256gcm16-prfsha384-ecp384"]
+esp_proposals = ["aes256gcm16"]
+local_ts = ["10.1.0.0/16"]
+remote_ts = ["192.168.60.0/24"]
+dpd_seconds = 5
+"#,
+        xnet_user::lab::DEMO_CONFIG,
+        psk.display()
+    );
+    let keys = dir.join("ike.keys");
+    let agent = Agent::start_with_env(&lab, &cfg, &[("XNET_IKE_KEYLOG", keys.to_str().unwrap())]);
+    let out = Command::new(XNET)
+        .args([
+            "peer-config",
+            "branch",
+            "--format",
+            "strongswan",
+            "--include-psk",
+            "--config",
+        ])
+        .arg(&agent.config)
+        .output()
+        .unwrap();
+    let conf = String::from_utf8(out.stdout).unwrap();
+    assert!(conf.contains("local_addrs = 192.168.50.2"), "{conf}");
+    let charon = Charon::start_in(&lab, &branch, &conf);
+    wait_until(
+        &agent,
+        "tunnel up through the NAT",
+        Duration::from_secs(20),
+        |s| {
+            let t = tunnel(s);
+            up(s) && t.natt
+        },
+    );
+    let sas = charon.swanctl("--list-sas");
+    assert!(sas.contains("TUNNEL-in-UDP"), "ESP in UDP: {sas}");
+    assert!(sas.contains("10.9.1.1[4500]"), "IKE moved to 4500: {sas}");
+    same_child_sa(&agent, &charon, &keys, false, "AES_GCM_16-256");
+    // The agent answers the NAT's mapped port, which keeps working for liveness checks.
+    std::thread::sleep(Duration::from_secs(7));
+    assert!(up(&agent.status()), "{}", agent.log());
 }

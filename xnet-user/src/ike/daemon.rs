@@ -719,6 +719,7 @@ impl Daemon {
                     }
                     .name()
                 }),
+                natt: sa.is_some_and(|s| s.natt),
                 uptime_secs: sa
                     .and_then(|s| s.established_at)
                     .map(|t| t.elapsed().as_secs())

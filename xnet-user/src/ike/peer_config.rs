@@ -87,10 +87,24 @@ pub fn render(config: &Config, name: &str, format: Format, psk: Option<&str>) ->
                 c.name, c.segment
             );
             let _ = writeln!(s, "connections {{\n  xnet-{} {{\n    version = 2", c.name);
+            // Behind a NAT the peer's own address is not remote_address (the NAT's):
+            // an address ID names it.
+            let own = c
+                .remote_id
+                .as_deref()
+                .and_then(|i| i.parse::<std::net::IpAddr>().ok())
+                .unwrap_or(c.remote_address);
+            if own != c.remote_address {
+                let _ = writeln!(
+                    s,
+                    "    # behind a NAT that shows it as {}",
+                    c.remote_address
+                );
+            }
             let _ = writeln!(
                 s,
-                "    local_addrs = {}\n    remote_addrs = {}",
-                c.remote_address, c.local_address
+                "    local_addrs = {own}\n    remote_addrs = {}",
+                c.local_address
             );
             let _ = writeln!(
                 s,
