@@ -244,6 +244,9 @@ pub struct AgentSettings {
     /// Directory on a BPF filesystem where a graceful restart (SIGUSR1) leaves the XDP
     /// attachments, so forwarding goes on until the next agent takes them over.
     pub pin_dir: PathBuf,
+    /// Half-open IKE SAs (IKE_SA_INIT answered, no IKE_AUTH yet) above which new
+    /// initiators must return a cookie first (RFC 7296 §2.6); 0: always.
+    pub ike_cookie_threshold: usize,
 }
 
 impl Default for AgentSettings {
@@ -255,6 +258,7 @@ impl Default for AgentSettings {
             kernel_fib: true,
             neighbour_poll_ms: 250,
             pin_dir: PathBuf::from("/sys/fs/bpf/xnet"),
+            ike_cookie_threshold: 100,
         }
     }
 }

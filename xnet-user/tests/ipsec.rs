@@ -372,12 +372,20 @@ fn strongswan_initiates_proposals_and_dpd_finds_it_dead() {
         &["aes128-sha256-modp2048", "aes256-sha512-curve25519"],
         &["aes128-sha256", "aes256-sha512"],
     );
+    // Cookies always (threshold 0): charon must come back with one (RFC 7296 §2.6).
+    let cfg = cfg.replacen("[agent]\n", "[agent]\nike_cookie_threshold = 0\n", 1);
     let agent = Agent::start_with_env(&lab, &cfg, &[("XNET_IKE_KEYLOG", keys.to_str().unwrap())]);
     // The agent does not initiate: charon does (start_action = start), offering both.
     let conf = peer_config(&agent);
     assert!(conf.contains("start_action = start"), "{conf}");
     let charon = Charon::start(&lab, &conf);
     wait_until(&agent, "charon's IKE SA up", Duration::from_secs(20), up);
+    assert!(
+        agent.log().contains("asking initiators for cookies"),
+        "{}",
+        agent.log()
+    );
+    assert!(charon.log().contains("received COOKIE"), "{}", charon.log());
     assert_eq!(
         tunnel(&agent.status()).ike_proposal.as_deref(),
         Some("aes128-sha256-prfsha256-modp2048")

@@ -19,7 +19,10 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 
 use super::crypto::Secret;
-use super::packet::{id_of, Header, TrafficSelector, ID_FQDN, IKE_SA_INIT};
+use super::packet::{
+    decode_payloads, encode_payloads, id_of, Header, Payload, TrafficSelector, FLAG_RESPONSE,
+    HEADER_LEN, ID_FQDN, IKE_SA_INIT, N_COOKIE,
+};
 use super::proposal::Suite;
 use super::sa::{ChildSa, Conn, IkeSa, Output, State};
 use super::xfrm::{self, Xfrm};
@@ -175,6 +178,9 @@ struct Daemon {
     keylog: Option<std::fs::File>,
     dropped: u64,
     esp_missing_logged: bool,
+    cookies: super::cookie::Cookies,
+    cookie_threshold: usize,
+    cookies_sent: u64,
 }
 
 /// Starts the daemon for the config's connectors (None without any).
@@ -278,6 +284,9 @@ pub async fn start(config: &Config, file: &str) -> Result<Option<IkeHandle>> {
         keylog,
         dropped: 0,
         esp_missing_logged: false,
+        cookies: Default::default(),
+        cookie_threshold: config.agent.ike_cookie_threshold,
+        cookies_sent: 0,
     };
     d.publish();
     info!(
@@ -379,6 +388,9 @@ impl Daemon {
             self.apply(spi, out).await;
             return;
         }
+        if !self.cookie_ok(local, &h, msg, from, now).await {
+            return;
+        }
         let conn = self.connectors[ci].conn.clone();
         match IkeSa::respond(conn.clone(), msg, from.port(), now) {
             Ok((sa, out)) => {
@@ -414,6 +426,70 @@ impl Daemon {
                 }
             }
         }
+    }
+
+    /// Under load (too many half-open SAs), an IKE_SA_INIT must carry our cookie; one
+    /// without gets a COOKIE answer and no state (RFC 7296 §2.6). False: not to go on.
+    async fn cookie_ok(
+        &mut self,
+        local: IpAddr,
+        h: &Header,
+        msg: &[u8],
+        from: SocketAddr,
+        now: Instant,
+    ) -> bool {
+        let half_open = self
+            .sas
+            .values()
+            .filter(|s| s.state == State::InitDone)
+            .count();
+        if half_open < self.cookie_threshold {
+            return true;
+        }
+        let Ok((payloads, _)) = decode_payloads(h.next, &msg[HEADER_LEN..], HEADER_LEN) else {
+            self.dropped += 1;
+            return false;
+        };
+        let Some(ni) = payloads.iter().find_map(|p| match p {
+            Payload::Nonce(n) => Some(n.clone()),
+            _ => None,
+        }) else {
+            self.dropped += 1;
+            return false;
+        };
+        let ip = from.ip().to_canonical();
+        // The cookie must be the first payload.
+        if let Some(Payload::Notify {
+            kind: N_COOKIE,
+            data,
+            ..
+        }) = payloads.first()
+        {
+            if self.cookies.check(data, &ni, ip, h.spi_i, now) {
+                return true;
+            }
+        }
+        let cookie = self.cookies.make(&ni, ip, h.spi_i, now);
+        let (first, body) = encode_payloads(&[Payload::notify(N_COOKIE, cookie)]);
+        let hdr = Header {
+            spi_i: h.spi_i,
+            spi_r: 0,
+            next: first,
+            exchange: IKE_SA_INIT,
+            flags: FLAG_RESPONSE,
+            message_id: 0,
+            length: (HEADER_LEN + body.len()) as u32,
+        };
+        self.cookies_sent += 1;
+        if self.cookies_sent == 1 || self.cookies_sent.is_multiple_of(1000) {
+            info!(
+                "ipsec: {half_open} half-open IKE SAs: asking initiators for cookies ({} sent)",
+                self.cookies_sent
+            );
+        }
+        self.send(local, from, false, &[hdr.encode().to_vec(), body].concat())
+            .await;
+        false
     }
 
     async fn send(&self, local: IpAddr, to: SocketAddr, natt: bool, msg: &[u8]) {
