@@ -73,6 +73,8 @@ pub const IF_F_DEFAULT_DENY: u32 = 2;
 
 /// The next hop is usable: its MAC is known and its egress port is in `TX_PORTS`.
 pub const NH_F_VALID: u32 = 1;
+/// The next hop is an IPsec tunnel: the kernel's XFRM encrypts, so XDP passes the packet.
+pub const NH_F_KERNEL: u32 = 2;
 
 /// Where a routed packet leaves: egress interface and the two MACs it gets.
 #[repr(C)]
@@ -150,10 +152,12 @@ pub enum Reason {
     DropFailClosed,
     /// Forwarded to a firewall instance by a `steer` policy.
     Steered,
+    /// Routed into an IPsec tunnel: the kernel's XFRM encrypts it.
+    PassTunnel,
 }
 
 impl Reason {
-    pub const COUNT: u32 = Reason::Steered as u32 + 1;
+    pub const COUNT: u32 = Reason::PassTunnel as u32 + 1;
     pub const ALL: [Reason; Reason::COUNT as usize] = [
         Reason::Forwarded,
         Reason::PassLocal,
@@ -175,6 +179,7 @@ impl Reason {
         Reason::DropPolicy,
         Reason::DropFailClosed,
         Reason::Steered,
+        Reason::PassTunnel,
     ];
 
     /// Stable name used in status output and tests.
@@ -200,6 +205,7 @@ impl Reason {
             Reason::DropPolicy => "drop_policy",
             Reason::DropFailClosed => "drop_fail_closed",
             Reason::Steered => "steered",
+            Reason::PassTunnel => "pass_tunnel",
         }
     }
 }

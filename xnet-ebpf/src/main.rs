@@ -20,7 +20,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use xnet_common::policy::{ACTION_DENY, ACTION_STEER, STAY};
 use xnet_common::{
-    IfConfig, NextHop, Reason, IF_F_DEFAULT_DENY, IF_F_FIREWALL, LEAF_NONE, NH_F_VALID,
+    IfConfig, NextHop, Reason, IF_F_DEFAULT_DENY, IF_F_FIREWALL, LEAF_NONE, NH_F_KERNEL, NH_F_VALID,
 };
 
 use maps::{BENCH_ROOTS, BENCH_TRIE_V4, BENCH_TRIE_V6, INTERFACES, LOCAL_V4, LOCAL_V6, TX_PORTS};
@@ -247,6 +247,10 @@ fn route_packet<const N: usize>(
     let Some(nh) = route::select(nhg, hash) else {
         return pass(Reason::PassNoRoute);
     };
+    // Tunnel routes: XFRM in the kernel encrypts (the contract in ike::daemon).
+    if nh.flags & NH_F_KERNEL != 0 {
+        return pass(Reason::PassTunnel);
+    }
     if nh.flags & NH_F_VALID == 0 {
         return pass(Reason::PassNoNeighbour);
     }

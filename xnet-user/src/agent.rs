@@ -68,6 +68,8 @@ struct Agent {
     /// Restart time each peer announced (graceful restart negotiated).
     peer_restart_time: HashMap<IpAddr, u16>,
     ike: Option<crate::ike::daemon::IkeHandle>,
+    /// Routes into IPsec tunnels that are up: connector index → (segment, prefix).
+    tunnel_routes: HashMap<usize, Vec<(u32, IpNet)>>,
 }
 
 enum FibOp {
@@ -121,6 +123,7 @@ pub async fn run(path: &Path) -> Result<()> {
         stale: Stale::default(),
         peer_restart_time: HashMap::new(),
         ike: None,
+        tunnel_routes: HashMap::new(),
     };
     let result = match agent.start(routes).await {
         Ok(()) => agent.serve().await,
@@ -173,6 +176,15 @@ fn bgp_globals(c: &Config) -> Option<(u32, std::net::Ipv4Addr, u16, usize)> {
     c.bgp
         .as_ref()
         .map(|b| (b.asn, b.router_id, b.port, b.multipath))
+}
+
+async fn recv_tunnel(
+    ike: &mut Option<crate::ike::daemon::IkeHandle>,
+) -> Option<crate::ike::daemon::TunnelEvent> {
+    match ike {
+        Some(h) => h.events.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn recv_bgp(s: &mut Option<Speaker>) -> Option<(u64, Event)> {
@@ -660,6 +672,98 @@ impl Agent {
         }
     }
 
+    /// An IPsec connector's tunnel came up or went down: its prefixes are routed into it
+    /// (XDP passes them to the kernel, whose XFRM policies encrypt; the segment's kernel
+    /// table sends them toward the tunnel endpoint) or taken out again.
+    async fn on_tunnel(&mut self, ev: crate::ike::daemon::TunnelEvent) {
+        use crate::ike::daemon::TunnelEvent;
+        match ev {
+            TunnelEvent::Up(i) => {
+                let Some(c) = self.config.ipsec.get(i).cloned() else {
+                    return;
+                };
+                let seg = self.config.segment_id(&c.segment).expect("validated");
+                let table = self.config.segments[seg as usize - 1].table;
+                let underlay = match self.kernel.route_to(c.remote_address).await {
+                    Ok((oif, gw)) => Some((oif, gw.unwrap_or(c.remote_address))),
+                    Err(e) => {
+                        warn!(
+                            "ipsec {}: {e:#}: the slow path will not route into the tunnel",
+                            c.name
+                        );
+                        None
+                    }
+                };
+                let prefixes = if c.routes.is_empty() {
+                    c.remote_ts.clone()
+                } else {
+                    c.routes.clone()
+                };
+                let mut done = Vec::new();
+                for net in prefixes {
+                    let hop = NhKey {
+                        ifindex: crate::dataplane::TUNNEL,
+                        via: c.remote_address,
+                    };
+                    if let Err(e) = self.dp.set_route(seg, net, &[hop]) {
+                        warn!("ipsec {}: route {net}: {e:#}", c.name);
+                        continue;
+                    }
+                    if let (true, Some((oif, gw))) = (self.config.agent.kernel_fib, underlay) {
+                        if let Err(e) = self.kernel.replace_route(table, net, &[(oif, gw)]).await {
+                            warn!("ipsec {}: {e:#}", c.name);
+                        }
+                    }
+                    done.push((seg, net));
+                }
+                info!(
+                    "ipsec {}: tunnel up: {} routed into it in segment {}",
+                    c.name,
+                    done.iter()
+                        .map(|(_, n)| n.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    c.segment
+                );
+                self.tunnel_routes.insert(i, done);
+            }
+            TunnelEvent::Down(i) => {
+                let Some(routes) = self.tunnel_routes.remove(&i) else {
+                    return;
+                };
+                self.remove_tunnel_routes(&routes).await;
+                if let Some(c) = self.config.ipsec.get(i) {
+                    info!("ipsec {}: tunnel down: its routes are gone", c.name);
+                }
+            }
+        }
+    }
+
+    /// Takes tunnel routes out; a static or learned route for the same prefix comes back.
+    async fn remove_tunnel_routes(&mut self, routes: &[(u32, IpNet)]) {
+        for (seg, net) in routes {
+            let table = self.config.segments[*seg as usize - 1].table;
+            let back = self
+                .routes
+                .get(&(*seg, *net))
+                .or_else(|| self.bgp_routes.get(&(*seg, *net)))
+                .cloned();
+            match back {
+                Some(hops) => {
+                    let _ = self.dp.set_route(*seg, *net, &hops);
+                    let kh: Vec<(u32, IpAddr)> = hops.iter().map(|h| (h.ifindex, h.via)).collect();
+                    let _ = self.kernel.replace_route(table, *net, &kh).await;
+                }
+                None => {
+                    let _ = self.dp.remove_route(*seg, *net);
+                    if self.config.agent.kernel_fib {
+                        let _ = self.kernel.delete_route(table, *net).await;
+                    }
+                }
+            }
+        }
+    }
+
     /// Withdraws the routes of `peer` still stale.
     fn drop_stale(&mut self, peer: IpAddr, why: &str) -> Vec<(u32, IpNet)> {
         let keys = self.stale.take(peer);
@@ -1038,6 +1142,7 @@ impl Agent {
                 _ = int.recv() => { info!("SIGINT: stopping"); break Exit::Stop; }
                 _ = usr1.recv() => { info!("SIGUSR1: exiting for a graceful restart"); break Exit::Restart; }
                 _ = hup.recv() => self.reload().await,
+                Some(ev) = recv_tunnel(&mut self.ike) => self.on_tunnel(ev).await,
                 Some(ev) = recv_bgp(&mut self.bgp) => {
                     self.on_bgp(ev).await;
                     self.maybe_finish_restart().await;
@@ -1308,6 +1413,8 @@ impl Agent {
         if let Some(ike) = self.ike.take() {
             ike.shutdown().await;
         }
+        let tunnels: Vec<(u32, IpNet)> = self.tunnel_routes.drain().flat_map(|(_, r)| r).collect();
+        self.remove_tunnel_routes(&tunnels).await;
         // A graceful restart in progress: the previous agent's program goes too.
         for (_, pin) in std::mem::take(&mut self.handover) {
             let _ = std::fs::remove_file(pin);

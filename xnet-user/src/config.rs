@@ -72,6 +72,9 @@ pub struct Ipsec {
     /// Encapsulate ESP in UDP 4500 even without a NAT (paths that drop IP protocol 50).
     #[serde(default)]
     pub force_encap: bool,
+    /// Prefixes routed into the tunnel in the segment while it is up (default: remote_ts).
+    #[serde(default)]
+    pub routes: Vec<IpNet>,
     /// Seconds after which we rekey the CHILD SA and the IKE SA (make-before-break).
     /// Default 3,600 and 14,400; with `profile = "azure"` 27,000 and 28,800.
     pub child_lifetime: Option<u64>,

@@ -24,7 +24,9 @@ use aya::{Ebpf, EbpfLoader};
 use ipnet::IpNet;
 use serde::Serialize;
 use xnet_common::route::GROUP_SIZE;
-use xnet_common::{names, IfConfig, IfStats, NextHop, NhGroup, Reason, MAX_ECMP, NH_F_VALID};
+use xnet_common::{
+    names, IfConfig, IfStats, NextHop, NhGroup, Reason, MAX_ECMP, NH_F_KERNEL, NH_F_VALID,
+};
 
 use crate::lpm::{LpmUsage, NodeMemory, RouteTables, TableId};
 use crate::policy::Compiled;
@@ -35,6 +37,10 @@ use xnet_common::policy::{
 
 /// The XDP object, embedded at build time by `cargo xtask build` (see build.rs).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xnet.bpf.o"));
+
+/// The ifindex of a next hop that is an IPsec tunnel (its `via`: the tunnel's remote
+/// endpoint): XDP hands such packets to the kernel.
+pub const TUNNEL: u32 = 0;
 
 /// A next hop as callers name it: egress interface and gateway address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -784,6 +790,10 @@ impl Dataplane {
             ifindex: k.ifindex,
             ..Default::default()
         };
+        if k.ifindex == TUNNEL {
+            nh.flags = NH_F_KERNEL;
+            return nh;
+        }
         if let (Some(port), Some(mac)) = (
             self.ports.get(&k.ifindex),
             self.neighbours.get(&(k.ifindex, k.via)),

@@ -227,6 +227,53 @@ impl Kernel {
             .with_context(|| format!("deleting kernel route {net} table {table}"))
     }
 
+    /// How the main table reaches `addr`: (output ifindex, gateway if any), by longest
+    /// prefix. The underlay of a tunnel endpoint.
+    pub async fn route_to(&self, addr: IpAddr) -> Result<(u32, Option<IpAddr>)> {
+        use netlink_packet_route::route::{RouteAddress, RouteAttribute};
+        let msg = if addr.is_ipv4() {
+            RouteMessageBuilder::<std::net::Ipv4Addr>::new().build()
+        } else {
+            RouteMessageBuilder::<std::net::Ipv6Addr>::new().build()
+        };
+        let mut best: Option<(u8, u32, Option<IpAddr>)> = None;
+        let mut s = self.handle.route().get(msg).execute();
+        while let Some(m) = s.try_next().await? {
+            let mut table = m.header.table as u32;
+            let (mut dst, mut oif, mut gw) = (None, None, None);
+            for a in &m.attributes {
+                match a {
+                    RouteAttribute::Table(t) => table = *t,
+                    RouteAttribute::Destination(RouteAddress::Inet(a)) => {
+                        dst = Some(IpAddr::V4(*a))
+                    }
+                    RouteAttribute::Destination(RouteAddress::Inet6(a)) => {
+                        dst = Some(IpAddr::V6(*a))
+                    }
+                    RouteAttribute::Oif(i) => oif = Some(*i),
+                    RouteAttribute::Gateway(RouteAddress::Inet(a)) => gw = Some(IpAddr::V4(*a)),
+                    RouteAttribute::Gateway(RouteAddress::Inet6(a)) => gw = Some(IpAddr::V6(*a)),
+                    _ => {}
+                }
+            }
+            let len = m.header.destination_prefix_length;
+            let dst = dst.unwrap_or(if addr.is_ipv4() {
+                std::net::Ipv4Addr::UNSPECIFIED.into()
+            } else {
+                std::net::Ipv6Addr::UNSPECIFIED.into()
+            });
+            let (Some(oif), Ok(net)) = (oif, IpNet::new(dst, len)) else {
+                continue;
+            };
+            if table != 254 || !net.contains(&addr) || best.is_some_and(|(l, _, _)| l >= len) {
+                continue;
+            }
+            best = Some((len, oif, gw));
+        }
+        best.map(|(_, o, g)| (o, g))
+            .ok_or_else(|| anyhow!("no route to {addr} in the main table"))
+    }
+
     /// Every route the agent installed (protocol 250), in any table: (table, prefix).
     /// A new agent removes the ones it no longer wants (a previous agent's leftovers).
     pub async fn our_routes(&self) -> Result<Vec<(u32, IpNet)>> {

@@ -328,6 +328,26 @@ fn agent_initiates_to_strongswan_then_deletes_both_ways() {
     assert!(pol.contains("src 10.1.0.0/16 dst 192.168.10.0/24"), "{pol}");
     assert!(pol.contains("tmpl src 10.0.3.1 dst 10.0.3.2"), "{pol}");
     assert!(pol.contains("src 192.168.10.0/24 dst 10.1.0.0/16"), "{pol}");
+    // The tunnel is a route source: its remote prefix goes to the kernel from XDP (whose
+    // XFRM policy encrypts) and the segment's table points at the tunnel endpoint.
+    let t100 = sh(&format!("ip -n {} route show table 100", lab.ns("cxp")));
+    assert!(
+        t100.contains("192.168.10.0/24 via 10.0.3.2 dev onprem proto 250"),
+        "{t100}"
+    );
+    let before = agent.status().reason("pass_tunnel");
+    udp(
+        &lab,
+        "vnet1",
+        "10.1.0.1:5300",
+        "onprem",
+        "192.168.10.1:9300",
+        10,
+    );
+    assert!(
+        agent.status().reason("pass_tunnel") >= before + 10,
+        "XDP passes tunnel traffic"
+    );
 
     // DELETE from strongSwan: the agent drops the SAs and (an initiator) starts again.
     charon.swanctl("--terminate --ike xnet-onprem-vpn");
@@ -358,6 +378,11 @@ fn agent_initiates_to_strongswan_then_deletes_both_ways() {
     );
     let pol = sh(&format!("ip -n {} xfrm policy", lab.ns("cxp")));
     assert!(!pol.contains("10.1.0.0/16"), "policies removed: {pol}");
+    let t100 = sh(&format!("ip -n {} route show table 100", lab.ns("cxp")));
+    assert!(
+        !t100.contains("192.168.10.0/24"),
+        "tunnel route removed: {t100}"
+    );
 }
 
 #[test]

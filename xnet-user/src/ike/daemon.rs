@@ -59,9 +59,18 @@ fn set_espinudp(s: &UdpSocket) {
 /// Shared with the agent's status.
 pub type SharedStatus = Arc<Mutex<Vec<IpsecStatus>>>;
 
+/// A connector's tunnel came up (its first CHILD SA) or went down (its last): the agent
+/// routes its prefixes into it or takes them out. By index in `config.ipsec`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TunnelEvent {
+    Up(usize),
+    Down(usize),
+}
+
 /// The daemon as the agent holds it.
 pub struct IkeHandle {
     pub status: SharedStatus,
+    pub events: mpsc::UnboundedReceiver<TunnelEvent>,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -181,6 +190,7 @@ struct Daemon {
     cookies: super::cookie::Cookies,
     cookie_threshold: usize,
     cookies_sent: u64,
+    events: mpsc::UnboundedSender<TunnelEvent>,
 }
 
 /// Starts the daemon for the config's connectors (None without any).
@@ -275,6 +285,7 @@ pub async fn start(config: &Config, file: &str) -> Result<Option<IkeHandle>> {
         })
         .collect();
     let status: SharedStatus = Default::default();
+    let (ev_tx, ev_rx) = mpsc::unbounded_channel();
     let mut d = Daemon {
         connectors,
         sas: HashMap::new(),
@@ -287,6 +298,7 @@ pub async fn start(config: &Config, file: &str) -> Result<Option<IkeHandle>> {
         cookies: Default::default(),
         cookie_threshold: config.agent.ike_cookie_threshold,
         cookies_sent: 0,
+        events: ev_tx,
     };
     d.publish();
     info!(
@@ -297,6 +309,7 @@ pub async fn start(config: &Config, file: &str) -> Result<Option<IkeHandle>> {
     let task = tokio::spawn(async move { d.run(rx, stop_rx).await });
     Ok(Some(IkeHandle {
         status,
+        events: ev_rx,
         stop: Some(stop_tx),
         task,
     }))
@@ -408,6 +421,9 @@ impl Daemon {
                         .drain(..)
                         .map(|(c, _)| c)
                         .collect();
+                    if !children.is_empty() {
+                        let _ = self.events.send(TunnelEvent::Down(ci));
+                    }
                     for c in children {
                         self.uninstall(ci, &c);
                     }
@@ -588,6 +604,9 @@ impl Daemon {
                         });
                         let ok = self.install(ci, &c, encap);
                         self.connectors[ci].children.push((c, ok));
+                        if self.connectors[ci].children.len() == 1 {
+                            let _ = self.events.send(TunnelEvent::Up(ci));
+                        }
                     }
                 }
                 Output::ChildDown { spi_in, .. } => {
@@ -598,6 +617,9 @@ impl Daemon {
                             .position(|(c, _)| c.spi_in == spi_in)
                         {
                             let (c, _) = self.connectors[ci].children.remove(pos);
+                            if self.connectors[ci].children.is_empty() {
+                                let _ = self.events.send(TunnelEvent::Down(ci));
+                            }
                             info!(
                                 "ipsec {name}: CHILD SA in 0x{:08x} out 0x{:08x} deleted",
                                 c.spi_in, c.spi_out
