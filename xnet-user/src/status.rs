@@ -67,9 +67,12 @@ impl Status {
                     ch.local_ts,
                     ch.remote_ts,
                     if ch.installed {
-                        ""
+                        format!(
+                            ", in {} B / {} packets, out {} B / {} packets",
+                            ch.bytes_in, ch.packets_in, ch.bytes_out, ch.packets_out
+                        )
                     } else {
-                        " (not in the kernel)"
+                        " (not in the kernel)".to_string()
                     }
                 );
             }
@@ -110,6 +113,15 @@ pub struct IpsecChildStatus {
     pub remote_ts: String,
     /// In kernel XFRM (false: the kernel refused, e.g. no ESP support).
     pub installed: bool,
+    /// Through the SAs, as the kernel counts (0 when not installed).
+    #[serde(default)]
+    pub bytes_in: u64,
+    #[serde(default)]
+    pub bytes_out: u64,
+    #[serde(default)]
+    pub packets_in: u64,
+    #[serde(default)]
+    pub packets_out: u64,
 }
 
 pub const BGP_ROUTES_SHOWN: usize = 10_000;

@@ -191,6 +191,8 @@ struct Daemon {
     cookie_threshold: usize,
     cookies_sent: u64,
     events: mpsc::UnboundedSender<TunnelEvent>,
+    /// Kernel counters of installed SAs by SPI: (bytes, packets), read on each tick.
+    counters: HashMap<u32, (u64, u64)>,
 }
 
 /// Starts the daemon for the config's connectors (None without any).
@@ -299,6 +301,7 @@ pub async fn start(config: &Config, file: &str) -> Result<Option<IkeHandle>> {
         cookie_threshold: config.agent.ike_cookie_threshold,
         cookies_sent: 0,
         events: ev_tx,
+        counters: HashMap::new(),
     };
     d.publish();
     info!(
@@ -703,7 +706,8 @@ impl Daemon {
             integ: c.suite.integ,
             enc_key: e.clone(),
             auth_key: a.clone(),
-            lifetime: 0,
+            // The kernel expires an SA IKE failed to rekey or delete (agent gone).
+            lifetime: k.conn.child_lifetime.as_secs() + k.conn.child_lifetime.as_secs() / 10 + 60,
             replay_window: 32,
             encap,
         };
@@ -776,6 +780,7 @@ impl Daemon {
     async fn on_tick(&mut self) {
         let now = Instant::now();
         self.each_sa(|sa| sa.on_tick(now)).await;
+        self.read_counters();
         for ci in 0..self.connectors.len() {
             let c = &self.connectors[ci];
             if !c.initiate || c.sa.is_some() || now < c.retry_at {
@@ -790,6 +795,23 @@ impl Daemon {
             c.retry_at = now + c.backoff;
             self.sas.insert(spi, sa);
             self.apply(spi, out).await;
+        }
+    }
+
+    fn read_counters(&mut self) {
+        self.counters.clear();
+        let Some(x) = &mut self.xfrm else { return };
+        for c in &self.connectors {
+            for (ch, installed) in &c.children {
+                if !installed {
+                    continue;
+                }
+                for (dst, spi) in [(c.conn.local, ch.spi_in), (c.conn.remote, ch.spi_out)] {
+                    if let Ok(v) = x.sa_counters(&dst, spi) {
+                        self.counters.insert(spi, v);
+                    }
+                }
+            }
         }
     }
 
@@ -832,6 +854,10 @@ impl Daemon {
                         local_ts: ts_list(&ch.local_ts),
                         remote_ts: ts_list(&ch.remote_ts),
                         installed: *installed,
+                        bytes_in: self.counters.get(&ch.spi_in).map(|c| c.0).unwrap_or(0),
+                        packets_in: self.counters.get(&ch.spi_in).map(|c| c.1).unwrap_or(0),
+                        bytes_out: self.counters.get(&ch.spi_out).map(|c| c.0).unwrap_or(0),
+                        packets_out: self.counters.get(&ch.spi_out).map(|c| c.1).unwrap_or(0),
                     })
                     .collect(),
                 last_error: c.last_error.clone(),
