@@ -1033,7 +1033,13 @@ impl Agent {
         let addrs = self.kernel.addresses().await?;
         self.dp.set_local_addrs(&addrs)?;
         let neighbours = self.kernel.neighbours().await?;
-        for (key, _) in self.dp.nexthops() {
+        // Tunnel next hops have no MAC: the kernel takes their packets.
+        for (key, _) in self
+            .dp
+            .nexthops()
+            .into_iter()
+            .filter(|(k, _)| k.ifindex != crate::dataplane::TUNNEL)
+        {
             let mac = neighbours
                 .iter()
                 .find(|n| n.ifindex == key.ifindex && n.ip == key.via)
@@ -1224,7 +1230,12 @@ impl Agent {
                     .collect(),
             });
         }
-        for (key, _) in self.dp.nexthops() {
+        for (key, _) in self
+            .dp
+            .nexthops()
+            .into_iter()
+            .filter(|(k, _)| k.ifindex != crate::dataplane::TUNNEL)
+        {
             s.neighbours.push(status::NeighbourStatus {
                 interface: self.link_name(key.ifindex),
                 ip: key.via.to_string(),

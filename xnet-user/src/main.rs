@@ -129,11 +129,14 @@ async fn real_main() -> Result<()> {
         Command::Check { config } => {
             let c = Config::load(&config)?;
             println!(
-                "{}: ok ({} segments, {} interfaces, {} routes)",
+                "{}: ok ({} segments, {} interfaces, {} routes, {} policies, {} BGP neighbours, {} IPsec connectors)",
                 config.display(),
                 c.segments.len(),
                 c.interfaces.len(),
-                c.routes.len()
+                c.routes.len(),
+                c.policies.len(),
+                c.bgp.as_ref().map(|b| b.neighbors.len()).unwrap_or(0),
+                c.ipsec.len()
             );
             Ok(())
         }
