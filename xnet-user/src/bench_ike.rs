@@ -12,17 +12,17 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 
+use crate::charon::Charon;
 use crate::ike::crypto::Secret;
 use crate::ike::packet::{id_of, Header, TrafficSelector, ID_FQDN};
 use crate::ike::proposal::Suite;
 use crate::ike::sa::{Conn, IkeSa, Output, State};
-use crate::lab::{netns_exec, Lab};
+use crate::lab::Lab;
 
 const PSK: &str = "bench-ike-setup-0123456789";
 const IKE: &str = "aes128gcm16-prfsha256-curve25519";
@@ -30,82 +30,12 @@ const ESP: &str = "aes128gcm16";
 /// SAs in flight at once from the xnet initiator (charon's initiator paces itself).
 const WINDOW: usize = 64;
 
-struct Charon {
-    child: Child,
-    dir: PathBuf,
-    ns: String,
-}
+/// Half-open limits per peer address would throttle both initiators alike: off.
+const SETTINGS: &str = "  install_routes = no\n  block_threshold = 100000\n  cookie_threshold = 100000\n  init_limit_half_open = 0\n  load = random nonce aes sha1 sha2 hmac gcm curve25519 openssl kdf kernel-libipsec kernel-netlink socket-default vici";
+const QUIET: &str = "      default = 0";
 
-impl Drop for Charon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn strongswan_conf(dir: &Path) -> String {
-    let d = dir.display();
-    format!(
-        // Half-open limits per peer address would throttle both initiators alike: off.
-        "charon {{\n  install_routes = no\n  block_threshold = 100000\n  cookie_threshold = 100000\n  init_limit_half_open = 0\n  load = random nonce aes sha1 sha2 hmac gcm curve25519 openssl kdf kernel-libipsec kernel-netlink socket-default vici\n  plugins {{\n    vici {{\n      socket = unix://{d}/charon.vici\n    }}\n  }}\n  filelog {{\n    log {{\n      path = {d}/charon.log\n      default = 0\n    }}\n  }}\n}}\n"
-    )
-}
-
-impl Charon {
-    fn start(ns: &str, dir: PathBuf, swanctl: &str) -> Result<Charon> {
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)?;
-        std::fs::write(dir.join("strongswan.conf"), strongswan_conf(&dir))?;
-        std::fs::write(dir.join("swanctl.conf"), swanctl)?;
-        let d = dir.display().to_string();
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns, "unshare", "-m", "sh", "-c"])
-            .arg(format!("mount -t tmpfs tmpfs /run && exec env STRONGSWAN_CONF={d}/strongswan.conf /usr/lib/ipsec/charon"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting charon")?;
-        let c = Charon {
-            child,
-            dir,
-            ns: ns.to_string(),
-        };
-        let t = Instant::now();
-        while !c.dir.join("charon.vici").exists() {
-            if t.elapsed() > Duration::from_secs(10) {
-                bail!("charon did not start in {ns}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(c)
-    }
-
-    fn swanctl(&self, args: &str) -> Result<String> {
-        netns_exec(
-            &self.ns,
-            &format!(
-                "swanctl {args} --uri unix://{}/charon.vici",
-                self.dir.display()
-            ),
-        )
-    }
-
-    /// (IKE SAs, half-open) from `swanctl --stats`.
-    fn ike_sas(&self) -> (usize, usize) {
-        let s = self.swanctl("--stats").unwrap_or_default();
-        let line = s
-            .lines()
-            .find(|l| l.trim_start().starts_with("IKE_SAs:"))
-            .unwrap_or("");
-        let nums: Vec<usize> = line
-            .split(|c: char| !c.is_ascii_digit())
-            .filter_map(|w| w.parse().ok())
-            .collect();
-        (
-            nums.first().copied().unwrap_or(0),
-            nums.get(1).copied().unwrap_or(0),
-        )
-    }
+fn charon(ns: &str, dir: PathBuf, swanctl: &str) -> Result<Charon> {
+    Charon::start(ns, dir, SETTINGS, QUIET, swanctl)
 }
 
 fn responder_conf() -> String {
@@ -263,15 +193,12 @@ pub fn run(n: usize) -> Result<()> {
     let lab = Lab::create(&format!("xb{}-ike", std::process::id()))?;
     let tmp = std::env::temp_dir();
     // xnet against a fresh responder.
-    let responder = Charon::start(
+    let responder = charon(
         &lab.ns("onprem"),
         tmp.join(format!("{}-resp", lab.prefix)),
         &responder_conf(),
     )?;
-    responder.swanctl(&format!(
-        "--load-all --file {}/swanctl.conf",
-        responder.dir.display()
-    ))?;
+    responder.load("--load-all")?;
     let ns = lab.ns("cxp");
     let xnet_secs = std::thread::spawn(move || -> Result<f64> {
         let f = std::fs::File::open(format!("/run/netns/{ns}"))?;
@@ -290,47 +217,32 @@ pub fn run(n: usize) -> Result<()> {
     }
     drop(responder);
     // The baseline: charon against a fresh responder.
-    let responder = Charon::start(
+    let responder = charon(
         &lab.ns("onprem"),
         tmp.join(format!("{}-resp2", lab.prefix)),
         &responder_conf(),
     )?;
-    responder.swanctl(&format!(
-        "--load-all --file {}/swanctl.conf",
-        responder.dir.display()
-    ))?;
+    responder.load("--load-all")?;
     // Loading n connections over vici takes time of its own: measured alone first, and
     // taken off the baseline, which loads and starts them in one go.
-    let loader = Charon::start(
+    let loader = charon(
         &lab.ns("vnet1"),
         tmp.join(format!("{}-load", lab.prefix)),
         &initiator_conf(n, false),
     )?;
-    loader.swanctl(&format!(
-        "--load-creds --file {}/swanctl.conf",
-        loader.dir.display()
-    ))?;
+    loader.load("--load-creds")?;
     let t = Instant::now();
-    loader.swanctl(&format!(
-        "--load-conns --file {}/swanctl.conf",
-        loader.dir.display()
-    ))?;
+    loader.load("--load-conns")?;
     let load_secs = t.elapsed().as_secs_f64();
     drop(loader);
-    let initiator = Charon::start(
+    let initiator = charon(
         &lab.ns("cxp"),
         tmp.join(format!("{}-init", lab.prefix)),
         &initiator_conf(n, true),
     )?;
-    initiator.swanctl(&format!(
-        "--load-creds --file {}/swanctl.conf",
-        initiator.dir.display()
-    ))?;
+    initiator.load("--load-creds")?;
     let t0 = Instant::now();
-    initiator.swanctl(&format!(
-        "--load-conns --file {}/swanctl.conf",
-        initiator.dir.display()
-    ))?;
+    initiator.load("--load-conns")?;
     loop {
         let (total, half_open) = initiator.ike_sas();
         if total >= n && half_open == 0 {

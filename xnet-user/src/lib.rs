@@ -4,6 +4,7 @@ pub mod bench;
 pub mod bench_bgp;
 pub mod bench_ike;
 pub mod bgp;
+pub mod charon;
 pub mod config;
 pub mod dataplane;
 pub mod demo;

@@ -9,142 +9,61 @@
 //! encrypted data path is tested in the VM (vm-tests).
 mod common;
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
+use xnet_user::charon::Charon;
 use xnet_user::lab::Lab;
 use xnet_user::status::{IpsecStatus, Status};
 
-struct Charon {
-    child: Child,
-    dir: PathBuf,
-    ns: String,
+/// strongswan.conf settings of the test peers: quick retransmissions, userspace ESP.
+const SETTINGS: &str = "  port = 500\n  port_nat_t = 4500\n  install_routes = no\n  retransmit_timeout = 1\n  retransmit_tries = 3\n  load = random nonce aes sha1 sha2 hmac gcm curve25519 openssl pem pkcs1 x509 pubkey kdf kernel-libipsec kernel-netlink socket-default vici";
+/// CHILD SA keys at level 4, to compare them with the agent's.
+const LOG_LEVELS: &str = "      default = 1\n      ike = 2\n      chd = 4\n      cfg = 2";
+
+/// charon in namespace `ns` with `swanctl_conf` loaded.
+fn charon_in(lab: &Lab, ns: &str, swanctl_conf: &str) -> Charon {
+    let dir = std::env::temp_dir().join(format!("{}-charon", lab.prefix));
+    let c = Charon::start(ns, dir, SETTINGS, LOG_LEVELS, swanctl_conf).unwrap();
+    c.load("--load-all").unwrap();
+    c
 }
 
-impl Charon {
-    /// charon in the on-prem namespace with its own /run (its pid file is fixed there),
-    /// control socket and log; loads `swanctl_conf`.
-    fn start(lab: &Lab, swanctl_conf: &str) -> Charon {
-        Self::start_in(lab, &lab.ns("onprem"), swanctl_conf)
-    }
-
-    fn start_in(lab: &Lab, ns: &str, swanctl_conf: &str) -> Charon {
-        let dir = std::env::temp_dir().join(format!("{}-charon", lab.prefix));
-        std::fs::create_dir_all(&dir).unwrap();
-        let d = dir.display();
-        std::fs::write(
-            dir.join("strongswan.conf"),
-            format!(
-                r#"charon {{
-  port = 500
-  port_nat_t = 4500
-  install_routes = no
-  retransmit_timeout = 1
-  retransmit_tries = 3
-  load = random nonce aes sha1 sha2 hmac gcm curve25519 openssl pem pkcs1 x509 pubkey kdf kernel-libipsec kernel-netlink socket-default vici
-  plugins {{
-    vici {{
-      socket = unix://{d}/charon.vici
-    }}
-  }}
-  filelog {{
-    log {{
-      path = {d}/charon.log
-      default = 1
-      ike = 2
-      chd = 4
-      cfg = 2
-      flush_line = yes
-    }}
-  }}
-}}
-"#
-            ),
-        )
-        .unwrap();
-        std::fs::write(dir.join("swanctl.conf"), swanctl_conf).unwrap();
-        let ns = ns.to_string();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns, "unshare", "-m", "sh", "-c"])
-            .arg(format!(
-                "mount -t tmpfs tmpfs /run && exec env STRONGSWAN_CONF={d}/strongswan.conf /usr/lib/ipsec/charon"
-            ))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("charon (Debian strongswan-charon) is installed by cargo xtask setup");
-        let c = Charon { child, dir, ns };
-        let t = Instant::now();
-        while !c.dir.join("charon.vici").exists() {
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "charon did not start: {}",
-                c.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        c.load();
-        c
-    }
-
-    fn load(&self) {
-        self.swanctl(&format!(
-            "--load-all --file {}/swanctl.conf",
-            self.dir.display()
-        ));
-    }
-
-    fn swanctl(&self, args: &str) -> String {
-        sh(&format!(
-            "ip netns exec {} swanctl {args} --uri unix://{}/charon.vici",
-            self.ns,
-            self.dir.display()
-        ))
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("charon.log")).unwrap_or_default()
-    }
-
-    /// The hexdump charon logs after `label` (e.g. "encryption initiator key"), the last
-    /// one logged.
-    fn key(&self, label: &str) -> String {
-        let log = self.log();
-        let lines: Vec<&str> = log.lines().collect();
-        let at = lines
-            .iter()
-            .rposition(|l| l.contains(&format!("{label} =>")))
-            .unwrap_or_else(|| panic!("charon logged no {label}: {log}"));
-        let mut hex = String::new();
-        for l in &lines[at + 1..] {
-            // "13[CHD]    0: 01 02 …  ascii": thread and group, an offset, a colon, up to
-            // 16 hex pairs.
-            let l = l.split_once(']').map(|(_, r)| r).unwrap_or(l);
-            let Some((off, rest)) = l.split_once(": ") else {
-                break;
-            };
-            if off.trim().parse::<usize>().is_err() {
-                break;
-            }
-            for w in rest.split_whitespace().take(16) {
-                if w.len() == 2 && w.chars().all(|c| c.is_ascii_hexdigit()) {
-                    hex.push_str(&w.to_lowercase());
-                } else {
-                    break;
-                }
-            }
-        }
-        hex
-    }
+/// charon in the on-prem namespace.
+fn charon(lab: &Lab, swanctl_conf: &str) -> Charon {
+    charon_in(lab, &lab.ns("onprem"), swanctl_conf)
 }
 
-impl Drop for Charon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+/// The hexdump charon logged last after `label` (e.g. "encryption initiator key").
+fn key(charon: &Charon, label: &str) -> String {
+    let log = charon.log();
+    let lines: Vec<&str> = log.lines().collect();
+    let at = lines
+        .iter()
+        .rposition(|l| l.contains(&format!("{label} =>")))
+        .unwrap_or_else(|| panic!("charon logged no {label}: {log}"));
+    let mut hex = String::new();
+    for l in &lines[at + 1..] {
+        // "13[CHD]    0: 01 02 …  ascii": thread and group, an offset, a colon, up to
+        // 16 hex pairs.
+        let l = l.split_once(']').map(|(_, r)| r).unwrap_or(l);
+        let Some((off, rest)) = l.split_once(": ") else {
+            break;
+        };
+        if off.trim().parse::<usize>().is_err() {
+            break;
+        }
+        for w in rest.split_whitespace().take(16) {
+            if w.len() == 2 && w.chars().all(|c| c.is_ascii_hexdigit()) {
+                hex.push_str(&w.to_lowercase());
+            } else {
+                break;
+            }
+        }
     }
+    hex
 }
 
 const PSK: &str = "xnet-interop-test-key-0123456789";
@@ -196,18 +115,18 @@ force_encap = true
     (cfg, dir.join("ike.keys"))
 }
 
-/// `xnet peer-config onprem-vpn --format strongswan --include-psk` for the agent's config.
-fn peer_config(agent: &Agent) -> String {
+/// `xnet peer-config CONNECTOR --format strongswan --include-psk` for the config at `path`.
+fn peer_config(connector: &str, path: &Path) -> String {
     let out = Command::new(XNET)
         .args([
             "peer-config",
-            "onprem-vpn",
+            connector,
             "--format",
             "strongswan",
             "--include-psk",
             "--config",
         ])
-        .arg(&agent.config)
+        .arg(path)
         .output()
         .unwrap();
     assert!(
@@ -216,6 +135,14 @@ fn peer_config(agent: &Agent) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
+}
+
+/// charon configured from the agent's config before the agent starts, so the agent's
+/// first IKE_SA_INIT finds it.
+fn charon_before_agent(lab: &Lab, cfg: &str) -> Charon {
+    let path = std::env::temp_dir().join(&lab.prefix).join("pre.toml");
+    std::fs::write(&path, cfg).unwrap();
+    charon(lab, &peer_config("onprem-vpn", &path))
 }
 
 fn tunnel(s: &Status) -> IpsecStatus {
@@ -250,7 +177,7 @@ fn same_child_sa(
 ) {
     let t = tunnel(&agent.status());
     let c = &t.children[0];
-    let sas = charon.swanctl("--list-sas");
+    let sas = charon.swanctl("--list-sas").unwrap();
     assert!(
         sas.contains("ESTABLISHED") && sas.contains("INSTALLED"),
         "{sas}"
@@ -277,11 +204,11 @@ fn same_child_sa(
     } else {
         ("responder", "initiator")
     };
-    assert_eq!(out_e, charon.key(&format!("encryption {mine} key")));
-    assert_eq!(in_e, charon.key(&format!("encryption {theirs} key")));
+    assert_eq!(out_e, key(charon, &format!("encryption {mine} key")));
+    assert_eq!(in_e, key(charon, &format!("encryption {theirs} key")));
     if !out_a.is_empty() {
-        assert_eq!(out_a, charon.key(&format!("integrity {mine} key")));
-        assert_eq!(in_a, charon.key(&format!("integrity {theirs} key")));
+        assert_eq!(out_a, key(charon, &format!("integrity {mine} key")));
+        assert_eq!(in_a, key(charon, &format!("integrity {theirs} key")));
     }
 }
 
@@ -298,15 +225,7 @@ fn agent_initiates_to_strongswan_then_deletes_both_ways() {
         &["aes256gcm16"],
     );
     // The peer's config comes from the agent's; charon first, so the first try lands.
-    let path = std::env::temp_dir().join(&lab.prefix).join("pre.toml");
-    std::fs::write(&path, &cfg).unwrap();
-    let pre = Agent {
-        child: None,
-        socket: PathBuf::new(),
-        config: path,
-        stderr: PathBuf::new(),
-    };
-    let charon = Charon::start(&lab, &peer_config(&pre));
+    let charon = charon_before_agent(&lab, &cfg);
     let agent = Agent::start_with_env(&lab, &cfg, &[("XNET_IKE_KEYLOG", keys.to_str().unwrap())]);
     wait_until(
         &agent,
@@ -321,6 +240,7 @@ fn agent_initiates_to_strongswan_then_deletes_both_ways() {
     );
     assert!(charon
         .swanctl("--list-sas")
+        .unwrap()
         .contains("AES_GCM_16-256/PRF_HMAC_SHA2_384/ECP_384"));
     same_child_sa(&agent, &charon, &keys, true, "AES_GCM_16-256");
     // The kernel has the agent's policies (its SAs need ESP, which this kernel lacks).
@@ -350,7 +270,7 @@ fn agent_initiates_to_strongswan_then_deletes_both_ways() {
     );
 
     // DELETE from strongSwan: the agent drops the SAs and (an initiator) starts again.
-    charon.swanctl("--terminate --ike xnet-onprem-vpn");
+    charon.swanctl("--terminate --ike xnet-onprem-vpn").unwrap();
     wait_until(
         &agent,
         "agent saw the DELETE",
@@ -363,7 +283,11 @@ fn agent_initiates_to_strongswan_then_deletes_both_ways() {
     let mut agent = agent;
     assert!(agent.stop().success());
     let t = Instant::now();
-    while charon.swanctl("--list-sas").contains("ESTABLISHED") {
+    while charon
+        .swanctl("--list-sas")
+        .unwrap()
+        .contains("ESTABLISHED")
+    {
         assert!(
             t.elapsed() < Duration::from_secs(10),
             "charon kept the SA: {}",
@@ -401,9 +325,9 @@ fn strongswan_initiates_proposals_and_dpd_finds_it_dead() {
     let cfg = cfg.replacen("[agent]\n", "[agent]\nike_cookie_threshold = 0\n", 1);
     let agent = Agent::start_with_env(&lab, &cfg, &[("XNET_IKE_KEYLOG", keys.to_str().unwrap())]);
     // The agent does not initiate: charon does (start_action = start), offering both.
-    let conf = peer_config(&agent);
+    let conf = peer_config("onprem-vpn", &agent.config);
     assert!(conf.contains("start_action = start"), "{conf}");
-    let charon = Charon::start(&lab, &conf);
+    let charon = charon(&lab, &conf);
     wait_until(&agent, "charon's IKE SA up", Duration::from_secs(20), up);
     assert!(
         agent.log().contains("asking initiators for cookies"),
@@ -417,6 +341,7 @@ fn strongswan_initiates_proposals_and_dpd_finds_it_dead() {
     );
     assert!(charon
         .swanctl("--list-sas")
+        .unwrap()
         .contains("AES_CBC-128/HMAC_SHA2_256_128/PRF_HMAC_SHA2_256/MODP_2048"));
     same_child_sa(
         &agent,
@@ -428,7 +353,7 @@ fn strongswan_initiates_proposals_and_dpd_finds_it_dead() {
 
     // charon rekeys the CHILD SA, then the IKE SA: the agent follows, the tunnel stays.
     let before = tunnel(&agent.status()).children[0].clone();
-    charon.swanctl("--rekey --child xnet-onprem-vpn");
+    charon.swanctl("--rekey --child xnet-onprem-vpn").unwrap();
     wait_until(
         &agent,
         "CHILD SA rekeyed by charon",
@@ -442,7 +367,7 @@ fn strongswan_initiates_proposals_and_dpd_finds_it_dead() {
         false,
         "AES_CBC-128/HMAC_SHA2_256_128",
     );
-    charon.swanctl("--rekey --ike xnet-onprem-vpn");
+    charon.swanctl("--rekey --ike xnet-onprem-vpn").unwrap();
     wait_until(
         &agent,
         "IKE SA rekeyed by charon",
@@ -451,7 +376,7 @@ fn strongswan_initiates_proposals_and_dpd_finds_it_dead() {
     );
     std::thread::sleep(Duration::from_millis(500));
     assert!(up(&agent.status()));
-    let sas = charon.swanctl("--list-sas");
+    let sas = charon.swanctl("--list-sas").unwrap();
     assert_eq!(
         sas.matches("ESTABLISHED").count(),
         1,
@@ -467,9 +392,9 @@ fn strongswan_initiates_proposals_and_dpd_finds_it_dead() {
         .replace("esp_proposals = aes128-sha256,", "esp_proposals =");
     assert_ne!(only, conf);
     std::fs::write(charon.dir.join("swanctl.conf"), &only).unwrap();
-    charon.swanctl("--terminate --ike xnet-onprem-vpn");
+    charon.swanctl("--terminate --ike xnet-onprem-vpn").unwrap();
     // Loading a connection with start_action = start initiates it.
-    charon.load();
+    charon.load("--load-all").unwrap();
     wait_until(&agent, "curve25519 SA up", Duration::from_secs(20), |s| {
         up(s) && tunnel(s).ike_proposal.as_deref() == Some("aes256-sha512-prfsha512-curve25519")
     });
@@ -538,15 +463,7 @@ fn agent_rekeys_child_and_ike_sas_with_strongswan() {
         &["aes256gcm16"],
         "child_lifetime = 5\nike_lifetime = 12",
     );
-    let path = std::env::temp_dir().join(&lab.prefix).join("pre.toml");
-    std::fs::write(&path, &cfg).unwrap();
-    let pre = Agent {
-        child: None,
-        socket: PathBuf::new(),
-        config: path,
-        stderr: PathBuf::new(),
-    };
-    let charon = Charon::start(&lab, &peer_config(&pre));
+    let charon = charon_before_agent(&lab, &cfg);
     let agent = Agent::start_with_env(&lab, &cfg, &[("XNET_IKE_KEYLOG", keys.to_str().unwrap())]);
     wait_until(&agent, "up", Duration::from_secs(20), up);
     let first = tunnel(&agent.status()).children[0].clone();
@@ -567,7 +484,7 @@ fn agent_rekeys_child_and_ike_sas_with_strongswan() {
     );
     std::thread::sleep(Duration::from_millis(500));
     assert!(up(&agent.status()), "{}", agent.log());
-    let sas = charon.swanctl("--list-sas");
+    let sas = charon.swanctl("--list-sas").unwrap();
     assert_eq!(sas.matches("ESTABLISHED").count(), 1, "{sas}");
     assert_eq!(sas.matches("INSTALLED").count(), 1, "{sas}");
     assert!(!agent.log().contains("rekey refused"), "{}", agent.log());
@@ -645,21 +562,9 @@ dpd_seconds = 5
     );
     let keys = dir.join("ike.keys");
     let agent = Agent::start_with_env(&lab, &cfg, &[("XNET_IKE_KEYLOG", keys.to_str().unwrap())]);
-    let out = Command::new(XNET)
-        .args([
-            "peer-config",
-            "branch",
-            "--format",
-            "strongswan",
-            "--include-psk",
-            "--config",
-        ])
-        .arg(&agent.config)
-        .output()
-        .unwrap();
-    let conf = String::from_utf8(out.stdout).unwrap();
+    let conf = peer_config("branch", &agent.config);
     assert!(conf.contains("local_addrs = 192.168.50.2"), "{conf}");
-    let charon = Charon::start_in(&lab, &branch, &conf);
+    let charon = charon_in(&lab, &branch, &conf);
     wait_until(
         &agent,
         "tunnel up through the NAT",
@@ -669,7 +574,7 @@ dpd_seconds = 5
             up(s) && t.natt
         },
     );
-    let sas = charon.swanctl("--list-sas");
+    let sas = charon.swanctl("--list-sas").unwrap();
     assert!(sas.contains("TUNNEL-in-UDP"), "ESP in UDP: {sas}");
     assert!(sas.contains("10.9.1.1[4500]"), "IKE moved to 4500: {sas}");
     same_child_sa(&agent, &charon, &keys, false, "AES_GCM_16-256");

@@ -20,8 +20,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::crypto::Secret;
 use super::packet::{
-    decode_payloads, encode_payloads, id_of, Header, Payload, TrafficSelector, FLAG_RESPONSE,
-    HEADER_LEN, ID_FQDN, IKE_SA_INIT, N_COOKIE,
+    decode_payloads, encode_payloads, id_of, Header, Payload, Payloads, TrafficSelector,
+    FLAG_RESPONSE, HEADER_LEN, ID_FQDN, IKE_SA_INIT, N_COOKIE,
 };
 use super::proposal::Suite;
 use super::sa::{ChildSa, Conn, IkeSa, Output, State};
@@ -469,10 +469,7 @@ impl Daemon {
             self.dropped += 1;
             return false;
         };
-        let Some(ni) = payloads.iter().find_map(|p| match p {
-            Payload::Nonce(n) => Some(n.clone()),
-            _ => None,
-        }) else {
+        let Some(ni) = payloads.nonce() else {
             self.dropped += 1;
             return false;
         };
@@ -484,11 +481,11 @@ impl Daemon {
             ..
         }) = payloads.first()
         {
-            if self.cookies.check(data, &ni, ip, h.spi_i, now) {
+            if self.cookies.check(data, ni, ip, h.spi_i, now) {
                 return true;
             }
         }
-        let cookie = self.cookies.make(&ni, ip, h.spi_i, now);
+        let cookie = self.cookies.make(ni, ip, h.spi_i, now);
         let (first, body) = encode_payloads(&[Payload::notify(N_COOKIE, cookie)]);
         let hdr = Header {
             spi_i: h.spi_i,

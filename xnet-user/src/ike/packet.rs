@@ -318,6 +318,102 @@ impl Payload {
     }
 }
 
+/// Lookups in a decoded payload chain: the first payload of a kind.
+pub trait Payloads {
+    /// The SA payload's proposals.
+    fn sa(&self) -> Option<&[Proposal]>;
+    /// An answer's SA payload: exactly one proposal, the chosen one.
+    fn chosen(&self) -> Option<&Proposal>;
+    fn ke(&self) -> Option<(u16, &[u8])>;
+    fn nonce(&self) -> Option<&[u8]>;
+    /// IDi (`initiator`) or IDr: (type, data).
+    fn id(&self, initiator: bool) -> Option<(u8, Vec<u8>)>;
+    fn psk_auth(&self) -> Option<&[u8]>;
+    /// TSi (`initiator`) or TSr.
+    fn ts(&self, initiator: bool) -> Option<&[TrafficSelector]>;
+    fn notify(&self, kind: u16) -> Option<&[u8]>;
+    /// The first error notify (type below 16384).
+    fn error_notify(&self) -> Option<u16>;
+}
+
+impl Payloads for [Payload] {
+    fn sa(&self) -> Option<&[Proposal]> {
+        self.iter().find_map(|p| match p {
+            Payload::Sa(v) => Some(v.as_slice()),
+            _ => None,
+        })
+    }
+    fn chosen(&self) -> Option<&Proposal> {
+        self.sa().filter(|v| v.len() == 1).map(|v| &v[0])
+    }
+    fn ke(&self) -> Option<(u16, &[u8])> {
+        self.iter().find_map(|p| match p {
+            Payload::Ke { group, data } => Some((*group, data.as_slice())),
+            _ => None,
+        })
+    }
+    fn nonce(&self) -> Option<&[u8]> {
+        self.iter().find_map(|p| match p {
+            Payload::Nonce(n) => Some(n.as_slice()),
+            _ => None,
+        })
+    }
+    fn id(&self, initiator: bool) -> Option<(u8, Vec<u8>)> {
+        self.iter().find_map(|p| match p {
+            Payload::Id {
+                initiator: i,
+                kind,
+                data,
+            } if *i == initiator => Some((*kind, data.clone())),
+            _ => None,
+        })
+    }
+    fn psk_auth(&self) -> Option<&[u8]> {
+        self.iter().find_map(|p| match p {
+            Payload::Auth {
+                method: AUTH_PSK,
+                data,
+            } => Some(data.as_slice()),
+            _ => None,
+        })
+    }
+    fn ts(&self, initiator: bool) -> Option<&[TrafficSelector]> {
+        self.iter().find_map(|p| match p {
+            Payload::Ts {
+                initiator: i,
+                selectors,
+            } if *i == initiator => Some(selectors.as_slice()),
+            _ => None,
+        })
+    }
+    fn notify(&self, kind: u16) -> Option<&[u8]> {
+        self.iter().find_map(|p| match p {
+            Payload::Notify { kind: k, data, .. } if *k == kind => Some(data.as_slice()),
+            _ => None,
+        })
+    }
+    fn error_notify(&self) -> Option<u16> {
+        self.iter().find_map(|p| match p {
+            Payload::Notify { kind, .. } if *kind < 16384 => Some(*kind),
+            _ => None,
+        })
+    }
+}
+
+/// TSi and TSr payloads.
+pub fn ts_pair(tsi: &[TrafficSelector], tsr: &[TrafficSelector]) -> [Payload; 2] {
+    [
+        Payload::Ts {
+            initiator: true,
+            selectors: tsi.to_vec(),
+        },
+        Payload::Ts {
+            initiator: false,
+            selectors: tsr.to_vec(),
+        },
+    ]
+}
+
 /// Where the Encrypted payload sits in a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Encrypted {

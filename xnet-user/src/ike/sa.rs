@@ -205,25 +205,6 @@ pub fn new_esp_spi() -> u32 {
     }
 }
 
-fn first<T>(payloads: &[Payload], f: impl Fn(&Payload) -> Option<T>) -> Option<T> {
-    payloads.iter().find_map(f)
-}
-
-fn notify_of(payloads: &[Payload], kind: u16) -> Option<&[u8]> {
-    payloads.iter().find_map(|p| match p {
-        Payload::Notify { kind: k, data, .. } if *k == kind => Some(data.as_slice()),
-        _ => None,
-    })
-}
-
-/// The first error notify (type below 16384), if any.
-fn error_notify(payloads: &[Payload]) -> Option<u16> {
-    payloads.iter().find_map(|p| match p {
-        Payload::Notify { kind, .. } if *kind < 16384 => Some(*kind),
-        _ => None,
-    })
-}
-
 fn notify_name(n: u16) -> String {
     match n {
         N_NO_PROPOSAL_CHOSEN => "NO_PROPOSAL_CHOSEN".into(),
@@ -320,8 +301,8 @@ impl IkeSa {
     /// Whether the peer's NAT detection notifies (if it sent any) show a NAT between us,
     /// for a message with these SPIs that came from `remote_port`.
     fn nat_between(&self, payloads: &[Payload], spi_i: u64, spi_r: u64) -> bool {
-        let src = notify_of(payloads, N_NAT_DETECTION_SOURCE_IP);
-        let dst = notify_of(payloads, N_NAT_DETECTION_DESTINATION_IP);
+        let src = payloads.notify(N_NAT_DETECTION_SOURCE_IP);
+        let dst = payloads.notify(N_NAT_DETECTION_DESTINATION_IP);
         let (Some(src), Some(dst)) = (src, dst) else {
             return false;
         };
@@ -490,23 +471,19 @@ impl IkeSa {
         let answer = |sa: &IkeSa, kind: u16, data: Vec<u8>| {
             sa.plain(IKE_SA_INIT, true, 0, &[Payload::notify(kind, data)])
         };
-        let offer = first(&payloads, |p| match p {
-            Payload::Sa(v) => Some(v.clone()),
-            _ => None,
-        })
-        .ok_or((None, "IKE_SA_INIT without SA".to_string()))?;
-        let Some((chosen, suite)) = proposal::choose(&offer, &sa.conn.ike, true) else {
+        let offer = payloads
+            .sa()
+            .ok_or((None, "IKE_SA_INIT without SA".to_string()))?;
+        let Some((chosen, suite)) = proposal::choose(offer, &sa.conn.ike, true) else {
             return Err((
                 Some(answer(&sa, N_NO_PROPOSAL_CHOSEN, Vec::new())),
                 "no acceptable IKE proposal".into(),
             ));
         };
         let group = suite.dh.unwrap();
-        let (kg, kdata) = first(&payloads, |p| match p {
-            Payload::Ke { group, data } => Some((*group, data.clone())),
-            _ => None,
-        })
-        .ok_or((None, "IKE_SA_INIT without KE".to_string()))?;
+        let (kg, kdata) = payloads
+            .ke()
+            .ok_or((None, "IKE_SA_INIT without KE".to_string()))?;
         if kg != group.id() {
             return Err((
                 Some(answer(
@@ -517,13 +494,12 @@ impl IkeSa {
                 format!("peer sent a KE of group {kg}, we chose {}", group.id()),
             ));
         }
-        sa.ni = first(&payloads, |p| match p {
-            Payload::Nonce(n) => Some(n.clone()),
-            _ => None,
-        })
-        .ok_or((None, "IKE_SA_INIT without nonce".to_string()))?;
+        sa.ni = payloads
+            .nonce()
+            .ok_or((None, "IKE_SA_INIT without nonce".to_string()))?
+            .to_vec();
         let dh = Dh::new(group);
-        let shared = dh.shared(&kdata).map_err(|e| (None, e.to_string()))?;
+        let shared = dh.shared(kdata).map_err(|e| (None, e.to_string()))?;
         sa.spi_r = nonzero_u64();
         sa.nr = crypto::random(32);
         let s = IkeSuite {
@@ -543,7 +519,7 @@ impl IkeSa {
             },
             Payload::Nonce(sa.nr.clone()),
         ];
-        if notify_of(&payloads, N_NAT_DETECTION_SOURCE_IP).is_some() {
+        if payloads.notify(N_NAT_DETECTION_SOURCE_IP).is_some() {
             out.extend(sa.nat_payloads());
         }
         let resp = sa.plain(IKE_SA_INIT, true, 0, &out);
@@ -665,11 +641,11 @@ impl IkeSa {
             Ok((p, _)) => p,
             Err(e) => return vec![Output::Dropped(e.to_string())],
         };
-        if let Some(c) = notify_of(&payloads, N_COOKIE) {
+        if let Some(c) = payloads.notify(N_COOKIE) {
             let group = self.dh.as_ref().unwrap().group;
             return self.send_init(group, Some(c.to_vec()), now);
         }
-        if let Some(g) = notify_of(&payloads, N_INVALID_KE_PAYLOAD) {
+        if let Some(g) = payloads.notify(N_INVALID_KE_PAYLOAD) {
             let g = g.get(..2).map(|b| u16::from_be_bytes([b[0], b[1]]));
             let ok = g
                 .and_then(crypto::DhGroup::from_id)
@@ -683,36 +659,27 @@ impl IkeSa {
                 )),
             };
         }
-        if let Some(n) = error_notify(&payloads) {
+        if let Some(n) = payloads.error_notify() {
             return self.close(format!("peer refused IKE_SA_INIT: {}", notify_name(n)));
         }
-        let chosen = first(&payloads, |p| match p {
-            Payload::Sa(v) if v.len() == 1 => Some(v[0].clone()),
-            _ => None,
-        });
-        let Some(suite) = chosen
-            .and_then(|p| Suite::from_chosen(&p, true))
+        let Some(suite) = payloads
+            .chosen()
+            .and_then(|p| Suite::from_chosen(p, true))
             .filter(|s| self.conn.ike.contains(s))
         else {
             return self.close("peer chose a proposal we did not offer".into());
         };
         let dh = self.dh.as_ref().unwrap();
-        let Some((kg, kdata)) = first(&payloads, |p| match p {
-            Payload::Ke { group, data } => Some((*group, data.clone())),
-            _ => None,
-        }) else {
+        let Some((kg, kdata)) = payloads.ke() else {
             return vec![Output::Dropped("IKE_SA_INIT response without KE".into())];
         };
         if kg != dh.group.id() || suite.dh != Some(dh.group) {
             return self.close("peer's KE group differs from the proposal".into());
         }
-        let Some(nr) = first(&payloads, |p| match p {
-            Payload::Nonce(n) => Some(n.clone()),
-            _ => None,
-        }) else {
+        let Some(nr) = payloads.nonce().map(<[u8]>::to_vec) else {
             return vec![Output::Dropped("IKE_SA_INIT response without nonce".into())];
         };
-        let shared = match dh.shared(&kdata) {
+        let shared = match dh.shared(kdata) {
             Ok(s) => s,
             Err(e) => return vec![Output::Dropped(e.into())],
         };
@@ -768,14 +735,7 @@ impl IkeSa {
         }
         payloads.push(Payload::notify(N_INITIAL_CONTACT, Vec::new()));
         payloads.push(Payload::Sa(esp));
-        payloads.push(Payload::Ts {
-            initiator: true,
-            selectors: self.conn.local_ts.clone(),
-        });
-        payloads.push(Payload::Ts {
-            initiator: false,
-            selectors: self.conn.remote_ts.clone(),
-        });
+        payloads.extend(ts_pair(&self.conn.local_ts, &self.conn.remote_ts));
         let msg = self.encrypted(IKE_AUTH, false, 1, &payloads);
         self.next_id = 2;
         self.state = State::AuthSent;
@@ -783,28 +743,14 @@ impl IkeSa {
     }
 
     fn on_auth_response(&mut self, payloads: Vec<Payload>, now: Instant) -> Vec<Output> {
-        let idr = first(&payloads, |p| match p {
-            Payload::Id {
-                initiator: false,
-                kind,
-                data,
-            } => Some((*kind, data.clone())),
-            _ => None,
-        });
-        let auth = first(&payloads, |p| match p {
-            Payload::Auth {
-                method: AUTH_PSK,
-                data,
-            } => Some(data.clone()),
-            _ => None,
-        });
-        let (Some(idr), Some(auth)) = (idr, auth) else {
-            let why = error_notify(&payloads)
+        let (Some(idr), Some(auth)) = (payloads.id(false), payloads.psk_auth()) else {
+            let why = payloads
+                .error_notify()
                 .map(notify_name)
                 .unwrap_or_else(|| "no IDr/AUTH".into());
             return self.close(format!("IKE_AUTH failed: {why}"));
         };
-        if !crypto::ct_eq(&self.auth(false, &idr), &auth) {
+        if !crypto::ct_eq(&self.auth(false, &idr), auth) {
             return self.close("IKE_AUTH: the peer's AUTH does not verify (PSK mismatch?)".into());
         }
         if self.conn.remote_id.as_ref().is_some_and(|r| *r != idr) {
@@ -823,6 +769,13 @@ impl IkeSa {
         out
     }
 
+    /// A CHILD SA's keys from this IKE SA's SK_d and one exchange's nonces (§2.17).
+    fn child_keys(&self, suite: Suite, pfs: Option<&Secret>, ni: &[u8], nr: &[u8]) -> ChildKeys {
+        let prf = self.suite.expect("keys exist").prf;
+        let d = &self.keys.as_ref().expect("keys exist").d;
+        ChildKeys::derive(prf, d, suite.encr, suite.integ, pfs, ni, nr)
+    }
+
     /// Reads the CHILD SA an IKE_AUTH response (or request, as responder) carries.
     fn child_from(
         &self,
@@ -830,15 +783,11 @@ impl IkeSa {
         initiator: bool,
         spi_in: u32,
     ) -> Result<ChildSa, String> {
-        if let Some(n) = error_notify(payloads) {
+        if let Some(n) = payloads.error_notify() {
             return Err(notify_name(n));
         }
-        let sa = first(payloads, |p| match p {
-            Payload::Sa(v) if v.len() == 1 => Some(v[0].clone()),
-            _ => None,
-        })
-        .ok_or("no SA payload")?;
-        let suite = Suite::from_chosen(&sa, false)
+        let sa = payloads.chosen().ok_or("no SA payload")?;
+        let suite = Suite::from_chosen(sa, false)
             .filter(|s| self.conn.esp.contains(s))
             .ok_or("peer chose an ESP proposal we did not offer")?;
         let spi_out: [u8; 4] = sa
@@ -846,34 +795,18 @@ impl IkeSa {
             .as_slice()
             .try_into()
             .map_err(|_| "ESP SPI not 4 octets")?;
-        let ts = |init: bool| {
-            first(payloads, |p| match p {
-                Payload::Ts {
-                    initiator,
-                    selectors,
-                } if *initiator == init => Some(selectors.clone()),
-                _ => None,
-            })
-        };
-        let (tsi, tsr) = (ts(true).ok_or("no TSi")?, ts(false).ok_or("no TSr")?);
+        let tsi = payloads.ts(true).ok_or("no TSi")?;
+        let tsr = payloads.ts(false).ok_or("no TSr")?;
         // Ours must contain what the responder narrowed to.
         let (local_ts, remote_ts) = (
-            narrow(&tsi, &self.conn.local_ts),
-            narrow(&tsr, &self.conn.remote_ts),
+            narrow(tsi, &self.conn.local_ts),
+            narrow(tsr, &self.conn.remote_ts),
         );
         if local_ts != tsi || remote_ts != tsr {
             return Err("peer's traffic selectors are wider than ours".into());
         }
-        let s = self.suite.unwrap();
-        let keys = ChildKeys::derive(
-            s.prf,
-            &self.keys.as_ref().unwrap().d,
-            suite.encr,
-            suite.integ,
-            None,
-            &self.ni,
-            &self.nr,
-        );
+        // The first CHILD SA: no PFS, the IKE SA's own nonces.
+        let keys = self.child_keys(suite, None, &self.ni, &self.nr);
         Ok(ChildSa {
             spi_in,
             spi_out: u32::from_be_bytes(spi_out),
@@ -927,21 +860,6 @@ impl IkeSa {
     }
 
     fn on_auth_request(&mut self, payloads: Vec<Payload>, id: u32, now: Instant) -> Vec<Output> {
-        let idi = first(&payloads, |p| match p {
-            Payload::Id {
-                initiator: true,
-                kind,
-                data,
-            } => Some((*kind, data.clone())),
-            _ => None,
-        });
-        let auth = first(&payloads, |p| match p {
-            Payload::Auth {
-                method: AUTH_PSK,
-                data,
-            } => Some(data.clone()),
-            _ => None,
-        });
         let fail = |sa: &mut IkeSa, why: String| {
             let out = sa.respond_with(
                 IKE_AUTH,
@@ -951,10 +869,10 @@ impl IkeSa {
             sa.state = State::Closed;
             vec![out, Output::Closed(why)]
         };
-        let (Some(idi), Some(auth)) = (idi, auth) else {
+        let (Some(idi), Some(auth)) = (payloads.id(true), payloads.psk_auth()) else {
             return fail(self, "IKE_AUTH without IDi or PSK AUTH".into());
         };
-        if !crypto::ct_eq(&self.auth(true, &idi), &auth) {
+        if !crypto::ct_eq(&self.auth(true, &idi), auth) {
             return fail(
                 self,
                 "IKE_AUTH: the peer's AUTH does not verify (PSK mismatch?)".into(),
@@ -984,14 +902,7 @@ impl IkeSa {
         match child {
             Ok((c, prop)) => {
                 resp.push(Payload::Sa(vec![prop]));
-                resp.push(Payload::Ts {
-                    initiator: true,
-                    selectors: c.remote_ts.clone(),
-                });
-                resp.push(Payload::Ts {
-                    initiator: false,
-                    selectors: c.local_ts.clone(),
-                });
+                resp.extend(ts_pair(&c.remote_ts, &c.local_ts));
                 self.children.push(c.clone());
                 out.push(Output::ChildUp(c));
             }
@@ -1014,12 +925,10 @@ impl IkeSa {
         &self,
         payloads: &[Payload],
     ) -> Result<(ChildSa, Proposal), (u16, String)> {
-        let offer = first(payloads, |p| match p {
-            Payload::Sa(v) => Some(v.clone()),
-            _ => None,
-        })
-        .ok_or((N_INVALID_SYNTAX, "no SA payload".to_string()))?;
-        let (chosen, suite) = proposal::choose(&offer, &self.conn.esp, false).ok_or((
+        let offer = payloads
+            .sa()
+            .ok_or((N_INVALID_SYNTAX, "no SA payload".to_string()))?;
+        let (chosen, suite) = proposal::choose(offer, &self.conn.esp, false).ok_or((
             N_NO_PROPOSAL_CHOSEN,
             "no acceptable ESP proposal".to_string(),
         ))?;
@@ -1028,34 +937,16 @@ impl IkeSa {
             .as_slice()
             .try_into()
             .map_err(|_| (N_INVALID_SYNTAX, "ESP SPI not 4 octets".to_string()))?;
-        let ts = |init: bool| {
-            first(payloads, |p| match p {
-                Payload::Ts {
-                    initiator,
-                    selectors,
-                } if *initiator == init => Some(selectors.clone()),
-                _ => None,
-            })
-        };
-        let (tsi, tsr) = (ts(true).unwrap_or_default(), ts(false).unwrap_or_default());
-        let remote_ts = narrow(&tsi, &self.conn.remote_ts);
-        let local_ts = narrow(&tsr, &self.conn.local_ts);
+        let remote_ts = narrow(payloads.ts(true).unwrap_or_default(), &self.conn.remote_ts);
+        let local_ts = narrow(payloads.ts(false).unwrap_or_default(), &self.conn.local_ts);
         if remote_ts.is_empty() || local_ts.is_empty() {
             return Err((
                 N_TS_UNACCEPTABLE,
                 "traffic selectors outside the config".into(),
             ));
         }
-        let s = self.suite.unwrap();
-        let keys = ChildKeys::derive(
-            s.prf,
-            &self.keys.as_ref().unwrap().d,
-            suite.encr,
-            suite.integ,
-            None,
-            &self.ni,
-            &self.nr,
-        );
+        // The first CHILD SA: no PFS, the IKE SA's own nonces.
+        let keys = self.child_keys(suite, None, &self.ni, &self.nr);
         let spi_in = self.child_spi;
         let prop = suite.proposal(chosen.num, false, spi_in.to_be_bytes().to_vec());
         Ok((

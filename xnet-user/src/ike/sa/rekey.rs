@@ -4,10 +4,10 @@
 
 use std::time::Instant;
 
-use super::super::crypto::{self, ChildKeys, Dh, IkeKeys, IkeSuite};
+use super::super::crypto::{self, Dh, IkeKeys, IkeSuite};
 use super::super::packet::*;
 use super::super::proposal::{self, Suite};
-use super::{first, new_esp_spi, nonzero_u64, notify_of, ChildSa, IkeSa, Output, State};
+use super::{new_esp_spi, nonzero_u64, ChildSa, IkeSa, Output, State};
 
 /// Our CREATE_CHILD_SA request in flight.
 pub(super) enum Rekey {
@@ -22,27 +22,6 @@ pub(super) enum Rekey {
         ni: Vec<u8>,
         dh: Dh,
     },
-}
-
-fn nonce(payloads: &[Payload]) -> Option<Vec<u8>> {
-    first(payloads, |p| match p {
-        Payload::Nonce(n) => Some(n.clone()),
-        _ => None,
-    })
-}
-
-fn ke(payloads: &[Payload]) -> Option<(u16, Vec<u8>)> {
-    first(payloads, |p| match p {
-        Payload::Ke { group, data } => Some((*group, data.clone())),
-        _ => None,
-    })
-}
-
-fn one_proposal(payloads: &[Payload]) -> Option<Proposal> {
-    first(payloads, |p| match p {
-        Payload::Sa(v) if v.len() == 1 => Some(v[0].clone()),
-        _ => None,
-    })
 }
 
 impl IkeSa {
@@ -81,14 +60,7 @@ impl IkeSa {
                 data: d.public.clone(),
             });
         }
-        payloads.push(Payload::Ts {
-            initiator: true,
-            selectors: old.local_ts.clone(),
-        });
-        payloads.push(Payload::Ts {
-            initiator: false,
-            selectors: old.remote_ts.clone(),
-        });
+        payloads.extend(ts_pair(&old.local_ts, &old.remote_ts));
         let id = self.next_id;
         self.next_id += 1;
         let msg = self.encrypted(CREATE_CHILD_SA, false, id, &payloads);
@@ -145,14 +117,14 @@ impl IkeSa {
                 "CREATE_CHILD_SA response without a request".into(),
             )];
         };
-        if let Some(n) = super::error_notify(&payloads) {
+        if let Some(n) = payloads.error_notify() {
             // Refused (or a collision the peer won): the old SAs stay; try again later.
             return vec![Output::Dropped(format!(
                 "rekey refused: {}",
                 super::notify_name(n)
             ))];
         }
-        let Some(nr) = nonce(&payloads) else {
+        let Some(nr) = payloads.nonce().map(<[u8]>::to_vec) else {
             return vec![Output::Dropped(
                 "CREATE_CHILD_SA response without nonce".into(),
             )];
@@ -167,17 +139,17 @@ impl IkeSa {
                 let Some(old) = self.children.iter().find(|c| c.spi_in == old_in).cloned() else {
                     return vec![Output::Dropped("rekeyed CHILD SA is gone".into())];
                 };
-                let Some((suite, spi_out)) = one_proposal(&payloads).and_then(|p| {
-                    let s = Suite::from_chosen(&p, false).filter(|s| self.conn.esp.contains(s))?;
+                let Some((suite, spi_out)) = payloads.chosen().and_then(|p| {
+                    let s = Suite::from_chosen(p, false).filter(|s| self.conn.esp.contains(s))?;
                     Some((s, u32::from_be_bytes(p.spi.as_slice().try_into().ok()?)))
                 }) else {
                     return vec![Output::Dropped(
                         "rekey: peer chose an ESP proposal we did not offer".into(),
                     )];
                 };
-                let pfs = match (&dh, suite.dh, ke(&payloads)) {
+                let pfs = match (&dh, suite.dh, payloads.ke()) {
                     (Some(d), Some(g), Some((kg, data))) if d.group == g && kg == g.id() => {
-                        match d.shared(&data) {
+                        match d.shared(data) {
                             Ok(s) => Some(s),
                             Err(e) => return vec![Output::Dropped(e.into())],
                         }
@@ -185,21 +157,11 @@ impl IkeSa {
                     (_, None, _) => None,
                     _ => return vec![Output::Dropped("rekey: PFS group mismatch".into())],
                 };
-                let s = self.suite.unwrap();
-                let keys = ChildKeys::derive(
-                    s.prf,
-                    &self.keys.as_ref().unwrap().d,
-                    suite.encr,
-                    suite.integ,
-                    pfs.as_ref(),
-                    &ni,
-                    &nr,
-                );
                 let new = ChildSa {
                     spi_in: new_in,
                     spi_out,
                     suite,
-                    keys,
+                    keys: self.child_keys(suite, pfs.as_ref(), &ni, &nr),
                     initiator: true,
                     local_ts: old.local_ts.clone(),
                     remote_ts: old.remote_ts.clone(),
@@ -212,10 +174,10 @@ impl IkeSa {
                 out
             }
             Rekey::Ike { new_spi, ni, dh } => {
-                let Some(p) = one_proposal(&payloads) else {
+                let Some(p) = payloads.chosen() else {
                     return vec![Output::Dropped("IKE rekey response without SA".into())];
                 };
-                let Some(suite) = Suite::from_chosen(&p, true)
+                let Some(suite) = Suite::from_chosen(p, true)
                     .filter(|s| self.conn.ike.contains(s) && s.dh == Some(dh.group))
                 else {
                     return vec![Output::Dropped(
@@ -228,9 +190,10 @@ impl IkeSa {
                         "IKE rekey: responder SPI not 8 octets".into(),
                     )];
                 };
-                let Some(shared) = ke(&payloads)
+                let Some(shared) = payloads
+                    .ke()
                     .filter(|(g, _)| *g == dh.group.id())
-                    .and_then(|(_, d)| dh.shared(&d).ok())
+                    .and_then(|(_, d)| dh.shared(d).ok())
                 else {
                     return vec![Output::Dropped("IKE rekey: bad KE".into())];
                 };
@@ -298,19 +261,27 @@ impl IkeSa {
                 Output::Dropped(format!("CREATE_CHILD_SA refused: {why}")),
             ]
         };
-        let Some(ni) = nonce(&payloads) else {
+        // The group we want instead of the one offered.
+        let invalid_ke = |sa: &mut IkeSa, g: crypto::DhGroup| {
+            vec![sa.respond_with(
+                CREATE_CHILD_SA,
+                id,
+                &[Payload::notify(
+                    N_INVALID_KE_PAYLOAD,
+                    g.id().to_be_bytes().to_vec(),
+                )],
+            )]
+        };
+        let Some(ni) = payloads.nonce().map(<[u8]>::to_vec) else {
             return refuse(self, N_INVALID_SYNTAX, "no nonce");
         };
-        let Some(offer) = first(&payloads, |p| match p {
-            Payload::Sa(v) => Some(v.clone()),
-            _ => None,
-        }) else {
+        let Some(offer) = payloads.sa() else {
             return refuse(self, N_INVALID_SYNTAX, "no SA");
         };
         let nr = crypto::random(32);
         if offer.iter().any(|p| p.protocol == PROTO_IKE) {
             // IKE SA rekey.
-            let Some((chosen, suite)) = proposal::choose(&offer, &self.conn.ike, true) else {
+            let Some((chosen, suite)) = proposal::choose(offer, &self.conn.ike, true) else {
                 return refuse(self, N_NO_PROPOSAL_CHOSEN, "no acceptable IKE proposal");
             };
             let Ok(spi_i) = <[u8; 8]>::try_from(chosen.spi.as_slice()).map(u64::from_be_bytes)
@@ -318,22 +289,14 @@ impl IkeSa {
                 return refuse(self, N_INVALID_SYNTAX, "IKE SPI not 8 octets");
             };
             let group = suite.dh.unwrap();
-            let Some((kg, kdata)) = ke(&payloads) else {
+            let Some((kg, kdata)) = payloads.ke() else {
                 return refuse(self, N_INVALID_SYNTAX, "no KE");
             };
             if kg != group.id() {
-                let out = self.respond_with(
-                    CREATE_CHILD_SA,
-                    id,
-                    &[Payload::notify(
-                        N_INVALID_KE_PAYLOAD,
-                        group.id().to_be_bytes().to_vec(),
-                    )],
-                );
-                return vec![out];
+                return invalid_ke(self, group);
             }
             let dh = Dh::new(group);
-            let Ok(shared) = dh.shared(&kdata) else {
+            let Ok(shared) = dh.shared(kdata) else {
                 return refuse(self, N_INVALID_SYNTAX, "bad KE");
             };
             let spi_r = nonzero_u64();
@@ -375,7 +338,7 @@ impl IkeSa {
                 "only rekeying of existing CHILD SAs is supported (NO_ADDITIONAL_SAS)",
             );
         };
-        let Some((chosen, suite)) = proposal::choose(&offer, &self.conn.esp, false) else {
+        let Some((chosen, suite)) = proposal::choose(offer, &self.conn.esp, false) else {
             return refuse(self, N_NO_PROPOSAL_CHOSEN, "no acceptable ESP proposal");
         };
         let Ok(spi_out) = <[u8; 4]>::try_from(chosen.spi.as_slice()).map(u32::from_be_bytes) else {
@@ -384,10 +347,10 @@ impl IkeSa {
         let mut resp = Vec::new();
         let pfs = match suite.dh {
             None => None,
-            Some(g) => match ke(&payloads) {
+            Some(g) => match payloads.ke() {
                 Some((kg, data)) if kg == g.id() => {
                     let dh = Dh::new(g);
-                    let Ok(s) = dh.shared(&data) else {
+                    let Ok(s) = dh.shared(data) else {
                         return refuse(self, N_INVALID_SYNTAX, "bad KE");
                     };
                     resp.push(Payload::Ke {
@@ -396,35 +359,15 @@ impl IkeSa {
                     });
                     Some(s)
                 }
-                _ => {
-                    let out = self.respond_with(
-                        CREATE_CHILD_SA,
-                        id,
-                        &[Payload::notify(
-                            N_INVALID_KE_PAYLOAD,
-                            g.id().to_be_bytes().to_vec(),
-                        )],
-                    );
-                    return vec![out];
-                }
+                _ => return invalid_ke(self, g),
             },
         };
         let new_in = new_esp_spi();
-        let s = self.suite.unwrap();
-        let keys = ChildKeys::derive(
-            s.prf,
-            &self.keys.as_ref().unwrap().d,
-            suite.encr,
-            suite.integ,
-            pfs.as_ref(),
-            &ni,
-            &nr,
-        );
         let new = ChildSa {
             spi_in: new_in,
             spi_out,
             suite,
-            keys,
+            keys: self.child_keys(suite, pfs.as_ref(), &ni, &nr),
             initiator: false,
             local_ts: old.local_ts.clone(),
             remote_ts: old.remote_ts.clone(),
@@ -439,18 +382,10 @@ impl IkeSa {
             Payload::Nonce(nr),
         ];
         payloads_out.extend(resp);
-        payloads_out.push(Payload::Ts {
-            initiator: true,
-            selectors: old.remote_ts.clone(),
-        });
-        payloads_out.push(Payload::Ts {
-            initiator: false,
-            selectors: old.local_ts.clone(),
-        });
+        payloads_out.extend(ts_pair(&old.remote_ts, &old.local_ts));
         let out = self.respond_with(CREATE_CHILD_SA, id, &payloads_out);
         self.children.push(new.clone());
         // The old SA stays until the peer deletes it.
-        let _ = notify_of;
         vec![out, Output::ChildUp(new)]
     }
 
