@@ -126,6 +126,20 @@ fn established(s: &Status) -> usize {
     s.bgp.iter().filter(|b| b.state == "Established").count()
 }
 
+/// Seconds the named session has been up.
+fn uptime(agent: &Agent, name: &str) -> u64 {
+    let s = agent.status();
+    s.bgp.iter().find(|b| b.name == name).unwrap().uptime_secs
+}
+
+/// Edits the agent's config file (`from` must be in it) and reloads it (SIGHUP).
+fn reconfigure(agent: &Agent, from: &str, to: &str) {
+    let cfg = std::fs::read_to_string(&agent.config).unwrap();
+    assert!(cfg.contains(from), "{from} not in the config");
+    std::fs::write(&agent.config, cfg.replace(from, to)).unwrap();
+    agent.signal(libc::SIGHUP);
+}
+
 fn in_data_plane(s: &Status, prefix: &str) -> bool {
     s.bgp_routes
         .iter()
@@ -278,23 +292,12 @@ fn bird_sessions_routes_withdrawals_and_exports() {
                 .any(|b| b.name == "onprem" && b.state == "Established" && b.uptime_secs >= 2)
         },
     );
-    let up_before = agent
-        .status()
-        .bgp
-        .iter()
-        .find(|b| b.name == "onprem")
-        .unwrap()
-        .uptime_secs;
-    let cfg = std::fs::read_to_string(&agent.config).unwrap();
-    std::fs::write(
-        &agent.config,
-        cfg.replace(
-            "prefixes = [\"fd01::/48\"]",
-            "prefixes = [\"fd01::/48\", \"fd03::/48\"]",
-        ),
-    )
-    .unwrap();
-    agent.signal(libc::SIGHUP);
+    let up_before = uptime(&agent, "onprem");
+    reconfigure(
+        &agent,
+        "prefixes = [\"fd01::/48\"]",
+        "prefixes = [\"fd01::/48\", \"fd03::/48\"]",
+    );
     wait_until(
         &agent,
         "the IPv6 session back with the new export",
@@ -321,23 +324,12 @@ fn bird_sessions_routes_withdrawals_and_exports() {
 
     // A new import policy keeps the session: ROUTE-REFRESH brings the routes again and
     // the new policy applies to them.
-    let up_before = agent
-        .status()
-        .bgp
-        .iter()
-        .find(|b| b.name == "onprem")
-        .unwrap()
-        .uptime_secs;
-    let cfg = std::fs::read_to_string(&agent.config).unwrap();
-    std::fs::write(
-        &agent.config,
-        cfg.replace(
-            "import = { local_pref = 200 }",
-            "import = { local_pref = 300 }",
-        ),
-    )
-    .unwrap();
-    agent.signal(libc::SIGHUP);
+    let up_before = uptime(&agent, "onprem");
+    reconfigure(
+        &agent,
+        "import = { local_pref = 200 }",
+        "import = { local_pref = 300 }",
+    );
     wait_until(
         &agent,
         "routes refreshed under the new import policy",
