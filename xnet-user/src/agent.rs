@@ -969,7 +969,7 @@ impl Agent {
 
     /// A probe result: moves the instance in or out of its service after `threshold`
     /// consecutive disagreeing probes (the first probe decides at once).
-    fn on_probe(&mut self, p: health::Probe) -> Result<()> {
+    async fn on_probe(&mut self, p: health::Probe) -> Result<()> {
         let svc = &self.config.services[p.service];
         let threshold = svc.health.threshold;
         let h = &mut self.health[p.service][p.instance];
@@ -996,6 +996,13 @@ impl Agent {
         if !changed {
             return Ok(());
         }
+        if p.ok {
+            // The probe that just answered made the kernel resolve the instance's MAC: read
+            // it now, so the instance joins the pool with a fast-path next hop instead of
+            // dropping (fail-closed) its first flows until the next neighbour poll.
+            self.sync_kernel_state().await?;
+        }
+        let svc = &self.config.services[p.service];
         let inst = &svc.instances[p.instance];
         if p.ok {
             info!(
@@ -1154,7 +1161,7 @@ impl Agent {
                     self.maybe_finish_restart().await;
                 }
                 Some(p) = recv(&mut self.probes) => {
-                    if let Err(e) = self.on_probe(p) {
+                    if let Err(e) = self.on_probe(p).await {
                         warn!("health: {e:#}");
                     }
                 }

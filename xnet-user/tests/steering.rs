@@ -169,5 +169,13 @@ fn steered_flows_cross_one_firewall_both_ways_and_fail_over() {
     wait_until(&agent, "instance back", Duration::from_secs(3), |s| {
         healthy(s) == 1
     });
-    assert_eq!(vnet1_to_onprem(&lab, 50), 50);
+    let got = vnet1_to_onprem(&lab, 50);
+    let s = agent.status();
+    assert_eq!(
+        got,
+        50,
+        "after recovery (drop_fail_closed {}, pass_no_neighbour {})",
+        s.reason("drop_fail_closed"),
+        s.reason("pass_no_neighbour")
+    );
 }
