@@ -70,6 +70,8 @@ struct Agent {
     ike: Option<crate::ike::daemon::IkeHandle>,
     /// Routes into IPsec tunnels that are up: connector index → (segment, prefix).
     tunnel_routes: HashMap<usize, Vec<(u32, IpNet)>>,
+    /// Route-based connectors: index → (xfrm interface, its ifindex).
+    xfrm_links: HashMap<usize, (String, u32)>,
 }
 
 enum FibOp {
@@ -124,6 +126,7 @@ pub async fn run(path: &Path) -> Result<()> {
         peer_restart_time: HashMap::new(),
         ike: None,
         tunnel_routes: HashMap::new(),
+        xfrm_links: HashMap::new(),
     };
     let result = match agent.start(routes).await {
         Ok(()) => agent.serve().await,
@@ -249,8 +252,15 @@ impl Agent {
         self.start_services().await?;
         self.apply_policy()?;
         self.start_bgp().await?;
+        self.create_xfrm_interfaces().await?;
+        let if_ids = self
+            .xfrm_links
+            .keys()
+            .map(|&i| (i, crate::ike::daemon::reqid(i)))
+            .collect();
         self.ike =
-            crate::ike::daemon::start(&self.config, &self.path.display().to_string()).await?;
+            crate::ike::daemon::start(&self.config, &self.path.display().to_string(), &if_ids)
+                .await?;
         self.sync_kernel_state().await?;
         // Maps are complete before the first packet meets the program.
         let generic = c.agent.xdp_mode == XdpMode::Generic;
@@ -672,6 +682,38 @@ impl Agent {
         }
     }
 
+    /// Route-based connectors get their xfrm interface, and with the kernel FIB, the
+    /// segment's `ip rule` for it (decrypted traffic is routed in its segment). A kernel
+    /// without xfrm interfaces leaves the connector policy-based, said in the log.
+    async fn create_xfrm_interfaces(&mut self) -> Result<()> {
+        for (i, c) in self.config.ipsec.clone().iter().enumerate() {
+            let Some(name) = &c.interface else { continue };
+            let if_id = crate::ike::daemon::reqid(i);
+            match self.kernel.create_xfrm_interface(name, if_id).await {
+                Ok(ifindex) => {
+                    if self.config.agent.kernel_fib {
+                        let seg = self.config.segment_id(&c.segment).expect("validated");
+                        let table = self.config.segments[seg as usize - 1].table;
+                        self.kernel
+                            .add_segment_rules(name, table, RULE_PRIORITY)
+                            .await?;
+                        self.rules.push(name.clone());
+                    }
+                    info!(
+                        "ipsec {}: route-based: xfrm interface {name} (if_id 0x{if_id:x}) in segment {}",
+                        c.name, c.segment
+                    );
+                    self.xfrm_links.insert(i, (name.clone(), ifindex));
+                }
+                Err(e) => warn!(
+                    "ipsec {}: {e:#}: the tunnel is policy-based instead (its traffic selectors decide what enters it)",
+                    c.name
+                ),
+            }
+        }
+        Ok(())
+    }
+
     /// An IPsec connector's tunnel came up or went down: its prefixes are routed into it
     /// (XDP passes them to the kernel, whose XFRM policies encrypt; the segment's kernel
     /// table sends them toward the tunnel endpoint) or taken out again.
@@ -709,10 +751,20 @@ impl Agent {
                         warn!("ipsec {}: route {net}: {e:#}", c.name);
                         continue;
                     }
-                    if let (true, Some((oif, gw))) = (self.config.agent.kernel_fib, underlay) {
-                        if let Err(e) = self.kernel.replace_route(table, net, &[(oif, gw)]).await {
-                            warn!("ipsec {}: {e:#}", c.name);
+                    let kernel = match (self.xfrm_links.get(&i), underlay) {
+                        _ if !self.config.agent.kernel_fib => Ok(()),
+                        // Route-based: into the xfrm interface, whose policies encrypt.
+                        (Some((_, xi)), _) => {
+                            self.kernel.replace_device_route(table, net, *xi).await
                         }
+                        // Policy-based: toward the tunnel endpoint; XFRM policies catch it.
+                        (None, Some((oif, gw))) => {
+                            self.kernel.replace_route(table, net, &[(oif, gw)]).await
+                        }
+                        (None, None) => Ok(()),
+                    };
+                    if let Err(e) = kernel {
+                        warn!("ipsec {}: {e:#}", c.name);
                     }
                     done.push((seg, net));
                 }
@@ -1451,6 +1503,11 @@ impl Agent {
         }
         for (ifindex, ip) in std::mem::take(&mut self.managed) {
             let _ = self.kernel.forget_neighbour(ifindex, ip).await;
+        }
+        for (_, (name, _)) in std::mem::take(&mut self.xfrm_links) {
+            if let Err(e) = self.kernel.delete_link(&name).await {
+                warn!("{e:#}");
+            }
         }
         info!("xnet agent stopped: XDP detached, kernel routes and rules removed");
     }

@@ -79,6 +79,11 @@ pub struct Ipsec {
     /// Default 3,600 and 14,400; with `profile = "azure"` 27,000 and 28,800.
     pub child_lifetime: Option<u64>,
     pub ike_lifetime: Option<u64>,
+    /// Route-based tunnel: the agent creates an xfrm interface of this name (if_id
+    /// 0x100 + the connector's index) and routes `routes` into it; the SAs and policies
+    /// are bound to it, so routes, not selectors, decide what is encrypted. Without it,
+    /// or on a kernel without xfrm interfaces, the tunnel is policy-based.
+    pub interface: Option<String>,
 }
 
 fn default_dpd() -> u64 {
@@ -629,6 +634,26 @@ impl Config {
                     "local_ts and remote_ts need at least one prefix each".into(),
                 ));
             }
+            if let Some(n) = &c.interface {
+                if n.is_empty()
+                    || n.len() > 15
+                    || n.contains(|ch: char| ch == '/' || ch.is_whitespace())
+                {
+                    return Err((
+                        f("interface"),
+                        format!(
+                            "{n:?} is not an interface name (1 to 15 characters, no '/' or spaces)"
+                        ),
+                    ));
+                }
+                let clash = self.interfaces.iter().any(|i| &i.name == n)
+                    || self.ipsec[..i]
+                        .iter()
+                        .any(|o| o.interface.as_ref() == Some(n));
+                if clash {
+                    return Err((f("interface"), format!("{n:?} is already in use")));
+                }
+            }
         }
         Ok(())
     }
@@ -953,5 +978,20 @@ mod tests {
             "{}",
             error(&other)
         );
+    }
+
+    #[test]
+    fn a_route_based_connector_needs_a_free_interface_name() {
+        let ipsec = |itf: &str| {
+            format!("{GOOD}\n[[ipsec]]\nname = \"azure\"\nsegment = \"prod\"\nlocal_address = \"192.0.2.1\"\nremote_address = \"198.51.100.1\"\npsk_env = \"PSK\"\nlocal_ts = [\"0.0.0.0/0\"]\nremote_ts = [\"0.0.0.0/0\"]\nroutes = [\"10.50.0.0/16\"]\ninterface = \"{itf}\"\n")
+        };
+        Config::parse(&ipsec("xi-azure"), "x.toml").unwrap();
+        assert_eq!(
+            error(&ipsec("eth1")),
+            "x.toml: ipsec[0].interface: \"eth1\" is already in use"
+        );
+        assert!(error(&ipsec("a-very-long-name-indeed")).starts_with(
+            "x.toml: ipsec[0].interface: \"a-very-long-name-indeed\" is not an interface name"
+        ),);
     }
 }

@@ -227,6 +227,77 @@ impl Kernel {
             .with_context(|| format!("deleting kernel route {net} table {table}"))
     }
 
+    /// `ip route replace NET dev IFINDEX table TABLE`: into a point-to-point device (an
+    /// xfrm interface), no gateway.
+    pub async fn replace_device_route(&self, table: u32, net: IpNet, ifindex: u32) -> Result<()> {
+        let msg = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(net.addr(), net.prefix_len())?
+            .table_id(table)
+            .protocol(RouteProtocol::Other(RTPROT_XNET))
+            .output_interface(ifindex)
+            .build();
+        self.handle
+            .route()
+            .add(msg)
+            .replace()
+            .execute()
+            .await
+            .with_context(|| format!("kernel route {net} table {table}"))
+    }
+
+    /// `ip link add NAME type xfrm if_id IF_ID` and up; a link of that name left behind
+    /// (an agent that did not stop cleanly) is replaced. Returns its ifindex.
+    pub async fn create_xfrm_interface(&self, name: &str, if_id: u32) -> Result<u32> {
+        self.delete_link(name).await?;
+        self.handle
+            .link()
+            .add(
+                rtnetlink::LinkMessageBuilder::<rtnetlink::LinkXfrm>::new(name)
+                    .if_id(if_id)
+                    .up()
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(|e| match e {
+                rtnetlink::Error::NetlinkError(m)
+                    if m.raw_code() == -libc::EOPNOTSUPP || m.raw_code() == -libc::EINVAL =>
+                {
+                    anyhow!("this kernel has no xfrm interfaces (xfrm_interface module)")
+                }
+                e => anyhow!("creating xfrm interface {name:?}: {e}"),
+            })?;
+        self.link_index(name).await
+    }
+
+    /// Deletes link `name` if it exists.
+    pub async fn delete_link(&self, name: &str) -> Result<()> {
+        match self.link_index(name).await {
+            Ok(i) => self
+                .handle
+                .link()
+                .del(i)
+                .execute()
+                .await
+                .with_context(|| format!("deleting interface {name:?}")),
+            Err(_) => Ok(()),
+        }
+    }
+
+    async fn link_index(&self, name: &str) -> Result<u32> {
+        let msg = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute()
+            .try_next()
+            .await
+            .map_err(|e| anyhow!("interface {name:?}: {e}"))?
+            .ok_or_else(|| anyhow!("interface {name:?} does not exist"))?;
+        Ok(msg.header.index)
+    }
+
     /// How the main table reaches `addr`: (output ifindex, gateway if any), by longest
     /// prefix. The underlay of a tunnel endpoint.
     pub async fn route_to(&self, addr: IpAddr) -> Result<(u32, Option<IpAddr>)> {

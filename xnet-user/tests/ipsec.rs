@@ -309,6 +309,89 @@ fn agent_initiates_to_strongswan_then_deletes_both_ways() {
     );
 }
 
+/// A route-based connector: on a kernel with xfrm interfaces (the VM's), the agent makes
+/// one, binds the SAs and policies to its if_id, routes the tunnel's prefixes into it and
+/// routes what comes out of it in the segment; with ESP too, traffic crosses the tunnel.
+/// This host's kernel has neither: the connector falls back to policy-based, said in the
+/// log, and is otherwise the same tunnel.
+#[test]
+fn route_based_connector_uses_an_xfrm_interface_where_the_kernel_has_them() {
+    if !require_root("route_based_connector_uses_an_xfrm_interface_where_the_kernel_has_them") {
+        return;
+    }
+    let (xfrmi, esp) = (kernel_has_xfrm_interfaces(), kernel_has_esp());
+    eprintln!("kernel: xfrm interfaces {xfrmi}, ESP {esp}");
+    let lab = lab("ike-rb");
+    let (cfg, _) = agent_config_with(
+        &lab,
+        true,
+        &["aes256gcm16-prfsha384-ecp384"],
+        &["aes256gcm16"],
+        "interface = \"xi-onprem\"",
+    );
+    let charon = charon_before_agent(&lab, &cfg);
+    let mut agent = Agent::start(&lab, &cfg);
+    wait_until(
+        &agent,
+        "IKE SA and CHILD SA up",
+        Duration::from_secs(20),
+        up,
+    );
+    let cxp = lab.ns("cxp");
+    let pol = sh(&format!("ip -n {cxp} xfrm policy"));
+    let t100 = sh(&format!("ip -n {cxp} route show table 100"));
+    if xfrmi {
+        let link = sh(&format!("ip -n {cxp} -d link show xi-onprem"));
+        assert!(link.contains("if_id 0x100"), "{link}");
+        assert!(pol.contains("if_id 0x100"), "{pol}");
+        assert!(
+            t100.contains("192.168.10.0/24 dev xi-onprem proto 250"),
+            "{t100}"
+        );
+        let rules = sh(&format!("ip -n {cxp} rule"));
+        assert!(rules.contains("iif xi-onprem lookup 100"), "{rules}");
+        if esp {
+            let st = sh(&format!("ip -n {cxp} xfrm state"));
+            assert!(st.contains("if_id 0x100"), "{st}");
+            // Through the tunnel: XDP passes it, the route picks the xfrm interface, ESP
+            // in UDP to charon, which decrypts into the on-prem host.
+            assert_eq!(
+                udp(
+                    &lab,
+                    "vnet1",
+                    "10.1.0.1:5310",
+                    "onprem",
+                    "192.168.10.1:9310",
+                    20
+                ),
+                20,
+                "{}",
+                charon.log()
+            );
+        }
+    } else {
+        assert!(
+            agent
+                .log()
+                .contains("ipsec onprem-vpn: this kernel has no xfrm interfaces"),
+            "{}",
+            agent.log()
+        );
+        assert!(agent.log().contains("policy-based instead"));
+        assert!(!pol.contains("if_id"), "{pol}");
+        assert!(pol.contains("src 10.1.0.0/16 dst 192.168.10.0/24"), "{pol}");
+        assert!(
+            t100.contains("192.168.10.0/24 via 10.0.3.2 dev onprem proto 250"),
+            "{t100}"
+        );
+    }
+    assert!(agent.stop().success());
+    let links = sh(&format!("ip -n {cxp} link"));
+    assert!(!links.contains("xi-onprem"), "removed at stop: {links}");
+    let rules = sh(&format!("ip -n {cxp} rule"));
+    assert!(!rules.contains("xi-onprem"), "{rules}");
+}
+
 #[test]
 fn strongswan_initiates_proposals_and_dpd_finds_it_dead() {
     if !require_root("strongswan_initiates_proposals_and_dpd_finds_it_dead") {

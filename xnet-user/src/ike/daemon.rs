@@ -159,6 +159,8 @@ struct Connector {
     segment: String,
     /// XFRM request id: ties the connector's policies to its SAs.
     reqid: u32,
+    /// Route-based: the if_id of its xfrm interface.
+    if_id: Option<u32>,
     /// Our SPI of its current IKE SA.
     sa: Option<u64>,
     /// When to try again after a failure (initiators).
@@ -195,8 +197,18 @@ struct Daemon {
     counters: HashMap<u32, (u64, u64)>,
 }
 
-/// Starts the daemon for the config's connectors (None without any).
-pub async fn start(config: &Config, file: &str) -> Result<Option<IkeHandle>> {
+/// XFRM request id of connector `i` (also the if_id of its xfrm interface, if any).
+pub fn reqid(i: usize) -> u32 {
+    0x100 + i as u32
+}
+
+/// Starts the daemon for the config's connectors (None without any). `if_ids`: the
+/// route-based connectors (by index) whose xfrm interface exists.
+pub async fn start(
+    config: &Config,
+    file: &str,
+    if_ids: &HashMap<usize, u32>,
+) -> Result<Option<IkeHandle>> {
     if config.ipsec.is_empty() {
         return Ok(None);
     }
@@ -278,7 +290,8 @@ pub async fn start(config: &Config, file: &str) -> Result<Option<IkeHandle>> {
             conn,
             initiate: c.initiate,
             segment: c.segment.clone(),
-            reqid: 0x100 + i as u32,
+            reqid: reqid(i),
+            if_id: if_ids.get(&i).copied(),
             sa: None,
             retry_at: now,
             backoff: Duration::from_secs(1),
@@ -672,6 +685,7 @@ impl Daemon {
                     tun_dst: r,
                     reqid: k.reqid,
                     priority: 1000,
+                    if_id: k.if_id,
                 });
                 for dir in [xfrm::DIR_IN, xfrm::DIR_FWD] {
                     v.push(xfrm::Policy {
@@ -682,6 +696,7 @@ impl Daemon {
                         tun_dst: l,
                         reqid: k.reqid,
                         priority: 1000,
+                        if_id: k.if_id,
                     });
                 }
             }
@@ -707,6 +722,7 @@ impl Daemon {
             lifetime: k.conn.child_lifetime.as_secs() + k.conn.child_lifetime.as_secs() / 10 + 60,
             replay_window: 32,
             encap,
+            if_id: k.if_id,
         };
         [sa(l, r, c.spi_out, oe, oa), sa(r, l, c.spi_in, ie, ia)]
     }

@@ -29,6 +29,7 @@ const UDP_ENCAP_ESPINUDP: u16 = 2;
 const XFRMA_TMPL: u16 = 5;
 const XFRMA_ALG_AEAD: u16 = 18;
 const XFRMA_ALG_AUTH_TRUNC: u16 = 20;
+const XFRMA_IF_ID: u16 = 31;
 
 const IPPROTO_ESP: u8 = 50;
 const XFRM_MODE_TUNNEL: u8 = 1;
@@ -53,6 +54,8 @@ pub struct Sa {
     pub replay_window: u8,
     /// ESP in UDP (NAT-T, RFC 3948): (our port, the peer's port).
     pub encap: Option<(u16, u16)>,
+    /// Route-based tunnels: the xfrm interface's if_id (its traffic only).
+    pub if_id: Option<u32>,
 }
 
 /// A tunnel-mode policy: traffic between the selectors goes through (or must come from)
@@ -67,6 +70,9 @@ pub struct Policy {
     pub tun_dst: IpAddr,
     pub reqid: u32,
     pub priority: u32,
+    /// Route-based tunnels: only packets routed into the xfrm interface with this if_id
+    /// meet the policy, so routes, not selectors, decide what enters the tunnel.
+    pub if_id: Option<u32>,
 }
 
 fn family(a: &IpAddr) -> u16 {
@@ -206,7 +212,14 @@ pub fn newsa_body(sa: &Sa) -> Vec<u8> {
         e.extend_from_slice(&[0; 16]);
         attr(&mut b, XFRMA_ENCAP, &e);
     }
+    if_id(&mut b, sa.if_id);
     b
+}
+
+fn if_id(b: &mut Vec<u8>, id: Option<u32>) {
+    if let Some(id) = id {
+        attr(b, XFRMA_IF_ID, &id.to_ne_bytes());
+    }
 }
 
 /// XFRM_MSG_DELSA body: xfrm_usersa_id.
@@ -249,6 +262,7 @@ pub fn newpolicy_body(p: &Policy) -> Vec<u8> {
     }
     debug_assert_eq!(t.len(), 64);
     attr(&mut b, XFRMA_TMPL, &t);
+    if_id(&mut b, p.if_id);
     b
 }
 
@@ -258,6 +272,8 @@ fn delpolicy_body(p: &Policy) -> Vec<u8> {
     b.extend_from_slice(&0u32.to_ne_bytes());
     b.push(p.dir);
     b.resize(64, 0);
+    // The kernel keys policies by if_id too.
+    if_id(&mut b, p.if_id);
     b
 }
 
@@ -417,6 +433,7 @@ mod tests {
             lifetime: 3600,
             replay_window: 32,
             encap: None,
+            if_id: None,
         };
         let b = newsa_body(&sa);
         // usersa_info, then crypt (4+64+4+16) and auth-trunc (4+64+4+4+32).
@@ -434,6 +451,7 @@ mod tests {
             tun_dst: sa.dst,
             reqid: 7,
             priority: 1000,
+            if_id: None,
         };
         let b = newpolicy_body(&p);
         assert_eq!(b.len(), 168 + 4 + 64);
@@ -441,6 +459,21 @@ mod tests {
         assert_eq!(b[160], DIR_OUT);
         assert_eq!(delpolicy_body(&p).len(), 64);
         assert_eq!(delsa_body(&sa.dst, 1).len(), 24);
+        // Route-based: one more attribute, XFRMA_IF_ID (31) with a u32.
+        let routed = Policy {
+            if_id: Some(0x101),
+            ..p.clone()
+        };
+        let b = newpolicy_body(&routed);
+        assert_eq!(b.len(), 168 + 4 + 64 + 8);
+        assert_eq!(&b[236..240], &[8, 0, 31, 0]);
+        assert_eq!(&b[240..244], &0x101u32.to_ne_bytes());
+        assert_eq!(delpolicy_body(&routed).len(), 64 + 8);
+        let sa = Sa {
+            if_id: Some(0x101),
+            ..sa
+        };
+        assert_eq!(newsa_body(&sa).len(), 224 + 88 + 108 + 8);
     }
 
     /// Needs root (a private network namespace); the kernel checks the structures.
@@ -462,8 +495,15 @@ mod tests {
                 tun_dst: "192.0.2.2".parse().unwrap(),
                 reqid: 7,
                 priority: 1000,
+                if_id: None,
             };
             x.add_policy(&p).unwrap();
+            // The same selectors bound to an xfrm interface are a policy of their own.
+            let routed = Policy {
+                if_id: Some(0x101),
+                ..p.clone()
+            };
+            x.add_policy(&routed).unwrap();
             let shown = std::process::Command::new("ip")
                 .args(["xfrm", "policy"])
                 .output()
@@ -478,8 +518,11 @@ mod tests {
                 "{shown}"
             );
             assert!(shown.contains("reqid 7 mode tunnel"), "{shown}");
+            assert!(shown.contains("if_id 0x101"), "{shown}");
             x.del_policy(&p).unwrap();
             assert!(x.del_policy(&p).is_err(), "gone");
+            x.del_policy(&routed).unwrap();
+            assert!(x.del_policy(&routed).is_err(), "gone");
             // SAs: a kernel without ESP refuses them after parsing the request (ENOENT /
             // EPROTONOSUPPORT / ENOSYS), a kernel with ESP takes them.
             let sa = Sa {
@@ -494,6 +537,7 @@ mod tests {
                 lifetime: 3600,
                 replay_window: 32,
                 encap: Some((4500, 4500)),
+                if_id: Some(0x101),
             };
             match x.add_sa(&sa) {
                 Ok(()) => x.del_sa(&sa.dst, sa.spi).unwrap(),

@@ -44,6 +44,26 @@ pub fn in_private_netns<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'stati
     .unwrap_or_else(|e| std::panic::resume_unwind(e))
 }
 
+/// Whether the kernel can do what `cmd` asks (tried in a private namespace).
+pub fn kernel_can(cmd: &'static str) -> bool {
+    in_private_netns(move || {
+        Command::new("sh")
+            .args(["-c", cmd])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    })
+}
+
+/// xfrm interfaces (route-based IPsec): not in this host's kernel, in the VM's.
+pub fn kernel_has_xfrm_interfaces() -> bool {
+    kernel_can("ip link add xnet-probe type xfrm if_id 9")
+}
+
+/// ESP with AES-GCM in XFRM: not in this host's kernel, in the VM's.
+pub fn kernel_has_esp() -> bool {
+    kernel_can("ip xfrm state add src 192.0.2.1 dst 192.0.2.2 proto esp spi 0x100 mode tunnel aead 'rfc4106(gcm(aes))' 0x0102030405060708091011121314151617181920 128")
+}
+
 /// Runs a shell command, panicking with its output on failure.
 pub fn sh(cmd: &str) -> String {
     let out = Command::new("sh").args(["-c", cmd]).output().expect("sh");
