@@ -182,6 +182,7 @@ impl Kernel {
             .protocol(RouteProtocol::Other(RTPROT_XNET));
         match next_hops {
             [] => {}
+            [(ifindex, via)] if via.is_unspecified() => b = b.output_interface(*ifindex),
             [(ifindex, via)] => b = b.gateway(*via)?.output_interface(*ifindex),
             many => {
                 let hops = many
@@ -230,19 +231,11 @@ impl Kernel {
     /// `ip route replace NET dev IFINDEX table TABLE`: into a point-to-point device (an
     /// xfrm interface), no gateway.
     pub async fn replace_device_route(&self, table: u32, net: IpNet, ifindex: u32) -> Result<()> {
-        let msg = RouteMessageBuilder::<IpAddr>::new()
-            .destination_prefix(net.addr(), net.prefix_len())?
-            .table_id(table)
-            .protocol(RouteProtocol::Other(RTPROT_XNET))
-            .output_interface(ifindex)
-            .build();
-        self.handle
-            .route()
-            .add(msg)
-            .replace()
-            .execute()
-            .await
-            .with_context(|| format!("kernel route {net} table {table}"))
+        let none = match net {
+            IpNet::V4(_) => IpAddr::from([0u8; 4]),
+            IpNet::V6(_) => IpAddr::from([0u8; 16]),
+        };
+        self.replace_route(table, net, &[(ifindex, none)]).await
     }
 
     /// `ip link add NAME type xfrm if_id IF_ID` and up; a link of that name left behind
