@@ -654,6 +654,7 @@ impl Daemon {
                         c.backoff = (c.backoff * 2).min(Duration::from_secs(60));
                     }
                 }
+                Output::Note(what) => info!("ipsec {name}: {what}"),
                 Output::Dropped(why) => {
                     self.dropped += 1;
                     log::debug!("ipsec {name}: dropped: {why}");

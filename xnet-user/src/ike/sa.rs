@@ -124,6 +124,8 @@ pub enum Output {
     Closed(String),
     /// A message was dropped (malformed, not authentic, unexpected); why.
     Dropped(String),
+    /// Worth a line in the log; nothing else to do.
+    Note(String),
 }
 
 struct Pending {
@@ -166,6 +168,9 @@ pub struct IkeSa {
     /// The NAT detection notifies showed a NAT (or forced encapsulation).
     pub nat_detected: bool,
     rekey: Option<Rekey>,
+    /// The peer rekeyed the CHILD SA we are rekeying (§2.8.1): the lower nonce of its
+    /// exchange, to find the redundant new SA when ours completes.
+    rekey_collision: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for IkeSa {
@@ -281,6 +286,7 @@ impl IkeSa {
             remote_port: 500,
             nat_detected: false,
             rekey: None,
+            rekey_collision: None,
         }
     }
 
@@ -1075,13 +1081,29 @@ impl IkeSa {
 
     /// Deletes one CHILD SA (by our inbound SPI), telling the peer.
     pub fn delete_child(&mut self, spi_in: u32, now: Instant) -> Vec<Output> {
+        self.delete_children(&[spi_in], now)
+    }
+
+    /// Deletes CHILD SAs (by inbound SPI) in one INFORMATIONAL exchange.
+    pub fn delete_children(&mut self, spis_in: &[u32], now: Instant) -> Vec<Output> {
         if self.state != State::Established || self.pending.is_some() {
             return Vec::new();
         }
-        let Some(pos) = self.children.iter().position(|c| c.spi_in == spi_in) else {
-            return Vec::new();
-        };
-        let c = self.children.remove(pos);
+        let mut out = Vec::new();
+        let mut spis = Vec::new();
+        for spi in spis_in {
+            if let Some(pos) = self.children.iter().position(|c| c.spi_in == *spi) {
+                let c = self.children.remove(pos);
+                spis.push(c.spi_in.to_be_bytes().to_vec());
+                out.push(Output::ChildDown {
+                    spi_in: c.spi_in,
+                    spi_out: c.spi_out,
+                });
+            }
+        }
+        if spis.is_empty() {
+            return out;
+        }
         let id = self.next_id;
         self.next_id += 1;
         let msg = self.encrypted(
@@ -1090,13 +1112,9 @@ impl IkeSa {
             id,
             &[Payload::Delete {
                 protocol: PROTO_ESP,
-                spis: vec![spi_in.to_be_bytes().to_vec()],
+                spis,
             }],
         );
-        let mut out = vec![Output::ChildDown {
-            spi_in: c.spi_in,
-            spi_out: c.spi_out,
-        }];
         out.extend(self.request(id, msg, now));
         out
     }
@@ -1502,6 +1520,57 @@ mod tests {
             let dpd = sent(&r2.on_tick(t + Duration::from_secs(11)));
             let ans = i2.on_message(&dpd, t);
             assert!(r2.on_message(&sent(&ans), t).is_empty());
+        }
+    }
+
+    /// Both ends rekey the same CHILD SA at once (RFC 7296 §2.8.1): each answers the
+    /// other's request, then the redundant pair (lowest nonce) and the old one go, and
+    /// both are left with the same single CHILD SA.
+    #[test]
+    fn simultaneous_child_rekeys_leave_one_child_sa() {
+        for _ in 0..8 {
+            let a = conn(
+                "192.0.2.1",
+                "192.0.2.2",
+                &["aes256gcm16-prfsha384-ecp384"],
+                &["aes256gcm16"],
+                "s",
+                "10.1.0.0/16",
+                "10.2.0.0/16",
+            );
+            let b = conn(
+                "192.0.2.2",
+                "192.0.2.1",
+                &["aes256gcm16-prfsha384-ecp384"],
+                &["aes256gcm16"],
+                "s",
+                "10.2.0.0/16",
+                "10.1.0.0/16",
+            );
+            let (mut i, mut r, i_out, _) = handshake(a, b);
+            let old = child(&i_out);
+            let t = Instant::now();
+            let req_i = sent(&i.rekey_child(old.spi_in, t));
+            let req_r = sent(&r.rekey_child(old.spi_out, t));
+            let resp_r = sent(&r.on_message(&req_i, t));
+            let resp_i = sent(&i.on_message(&req_r, t));
+            let del_i = sent(&i.on_message(&resp_r, t));
+            let del_r = sent(&r.on_message(&resp_i, t));
+            let ack_r = sent(&r.on_message(&del_i, t));
+            let ack_i = sent(&i.on_message(&del_r, t));
+            assert!(i.on_message(&ack_r, t).is_empty());
+            assert!(r.on_message(&ack_i, t).is_empty());
+            assert_eq!(
+                (i.children.len(), r.children.len()),
+                (1, 1),
+                "{:?} {:?}",
+                i.children,
+                r.children
+            );
+            let (ci, cr) = (&i.children[0], &r.children[0]);
+            assert_eq!((ci.spi_out, ci.spi_in), (cr.spi_in, cr.spi_out));
+            assert_eq!(ci.out_keys(), cr.in_keys());
+            assert_ne!(ci.spi_in, old.spi_in);
         }
     }
 

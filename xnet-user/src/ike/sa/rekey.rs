@@ -167,10 +167,25 @@ impl IkeSa {
                     remote_ts: old.remote_ts.clone(),
                     created: now,
                 };
+                let new_in = new.spi_in;
                 self.children.push(new.clone());
-                // Make before break: the new SA is up; now the old one goes.
+                // Make before break: the new SA is up; now the old one goes. If the peer
+                // rekeyed the same SA meanwhile (§2.8.1), the new SA made with the lowest
+                // of the four nonces is redundant and its initiator deletes it: if that
+                // is ours, it goes too (the peer deletes its own otherwise).
+                let ours_redundant = self
+                    .rekey_collision
+                    .take()
+                    .is_some_and(|theirs| ni.as_slice().min(nr.as_slice()) < theirs.as_slice());
                 let mut out = vec![Output::ChildUp(new)];
-                out.extend(self.delete_child(old_in, now));
+                if ours_redundant {
+                    out.push(Output::Note(
+                        "simultaneous CHILD SA rekey: ours has the lowest nonce, deleted as redundant".into(),
+                    ));
+                    out.extend(self.delete_children(&[old_in, new_in], now));
+                } else {
+                    out.extend(self.delete_child(old_in, now));
+                }
                 out
             }
             Rekey::Ike { new_spi, ni, dh } => {
@@ -373,6 +388,9 @@ impl IkeSa {
             remote_ts: old.remote_ts.clone(),
             created: now,
         };
+        if matches!(self.rekey, Some(Rekey::Child { old_in, .. }) if old_in == old.spi_in) {
+            self.rekey_collision = Some(ni.clone().min(nr.clone()));
+        }
         let mut payloads_out = vec![
             Payload::Sa(vec![suite.proposal(
                 chosen.num,
