@@ -1194,6 +1194,30 @@ mod tests {
         })
     }
 
+    /// 192.0.2.1 (10.1.0.0/16) and 192.0.2.2 (10.2.0.0/16) with the same proposals.
+    fn pair(ike: &[&str], esp: &[&str], psk_a: &str, psk_b: &str) -> (Arc<Conn>, Arc<Conn>) {
+        (
+            conn(
+                "192.0.2.1",
+                "192.0.2.2",
+                ike,
+                esp,
+                psk_a,
+                "10.1.0.0/16",
+                "10.2.0.0/16",
+            ),
+            conn(
+                "192.0.2.2",
+                "192.0.2.1",
+                ike,
+                esp,
+                psk_b,
+                "10.2.0.0/16",
+                "10.1.0.0/16",
+            ),
+        )
+    }
+
     fn sent(out: &[Output]) -> Vec<u8> {
         out.iter()
             .find_map(|o| match o {
@@ -1312,23 +1336,11 @@ mod tests {
 
     #[test]
     fn wrong_psk_fails_authentication_on_both_sides() {
-        let a = conn(
-            "192.0.2.1",
-            "192.0.2.2",
+        let (a, b) = pair(
             &["aes256gcm16-prfsha384-ecp384"],
             &["aes256gcm16"],
             "one",
-            "10.1.0.0/16",
-            "10.2.0.0/16",
-        );
-        let b = conn(
-            "192.0.2.2",
-            "192.0.2.1",
-            &["aes256gcm16-prfsha384-ecp384"],
-            &["aes256gcm16"],
             "two",
-            "10.2.0.0/16",
-            "10.1.0.0/16",
         );
         let (i, r, i_out, r_out) = handshake(a, b);
         assert_eq!(r.state, State::Closed);
@@ -1346,24 +1358,7 @@ mod tests {
 
     #[test]
     fn dpd_delete_retransmission_and_tampering() {
-        let a = conn(
-            "192.0.2.1",
-            "192.0.2.2",
-            &["aes128-sha256-modp2048"],
-            &["aes128-sha256"],
-            "s",
-            "10.1.0.0/16",
-            "10.2.0.0/16",
-        );
-        let b = conn(
-            "192.0.2.2",
-            "192.0.2.1",
-            &["aes128-sha256-modp2048"],
-            &["aes128-sha256"],
-            "s",
-            "10.2.0.0/16",
-            "10.1.0.0/16",
-        );
+        let (a, b) = pair(&["aes128-sha256-modp2048"], &["aes128-sha256"], "s", "s");
         let (mut i, mut r, i_out, _) = handshake(a, b);
         let spi_out = child(&i_out).spi_out;
         let t0 = Instant::now();
@@ -1395,26 +1390,8 @@ mod tests {
         assert!(closed.contains("not answering"), "{closed}");
         assert_eq!(sends, 4);
         // DELETE of a CHILD SA from the responder: both sides drop it.
-        let (mut i, mut r, i_out, _) = handshake(
-            conn(
-                "192.0.2.1",
-                "192.0.2.2",
-                &["aes128-sha256-modp2048"],
-                &["aes128-sha256"],
-                "s",
-                "10.1.0.0/16",
-                "10.2.0.0/16",
-            ),
-            conn(
-                "192.0.2.2",
-                "192.0.2.1",
-                &["aes128-sha256-modp2048"],
-                &["aes128-sha256"],
-                "s",
-                "10.2.0.0/16",
-                "10.1.0.0/16",
-            ),
-        );
+        let (a, b) = pair(&["aes128-sha256-modp2048"], &["aes128-sha256"], "s", "s");
+        let (mut i, mut r, i_out, _) = handshake(a, b);
         let c = child(&i_out);
         let _ = spi_out;
         let del = r.delete_child(c.spi_out, t0);
@@ -1444,24 +1421,7 @@ mod tests {
     #[test]
     fn rekeys_child_and_ike_sas_both_ways_make_before_break() {
         for esp in ["aes256gcm16", "aes128-sha256-ecp256"] {
-            let a = conn(
-                "192.0.2.1",
-                "192.0.2.2",
-                &["aes256gcm16-prfsha384-ecp384"],
-                &[esp],
-                "s",
-                "10.1.0.0/16",
-                "10.2.0.0/16",
-            );
-            let b = conn(
-                "192.0.2.2",
-                "192.0.2.1",
-                &["aes256gcm16-prfsha384-ecp384"],
-                &[esp],
-                "s",
-                "10.2.0.0/16",
-                "10.1.0.0/16",
-            );
+            let (a, b) = pair(&["aes256gcm16-prfsha384-ecp384"], &[esp], "s", "s");
             let (mut i, mut r, i_out, _) = handshake(a, b);
             let old = child(&i_out);
             let t = Instant::now();
@@ -1529,23 +1489,11 @@ mod tests {
     #[test]
     fn simultaneous_child_rekeys_leave_one_child_sa() {
         for _ in 0..8 {
-            let a = conn(
-                "192.0.2.1",
-                "192.0.2.2",
+            let (a, b) = pair(
                 &["aes256gcm16-prfsha384-ecp384"],
                 &["aes256gcm16"],
                 "s",
-                "10.1.0.0/16",
-                "10.2.0.0/16",
-            );
-            let b = conn(
-                "192.0.2.2",
-                "192.0.2.1",
-                &["aes256gcm16-prfsha384-ecp384"],
-                &["aes256gcm16"],
                 "s",
-                "10.2.0.0/16",
-                "10.1.0.0/16",
             );
             let (mut i, mut r, i_out, _) = handshake(a, b);
             let old = child(&i_out);
