@@ -27,7 +27,7 @@ use crate::bgp::Speaker;
 use crate::config::{Config, DefaultAction, FailureMode, Role, XdpMode};
 use crate::dataplane::{Dataplane, NhKey};
 use crate::health;
-use crate::kernel::{Kernel, RULE_PRIORITY};
+use crate::kernel::{Kernel, MAIN_TABLE, RULE_PRIORITY};
 use crate::status::{self, Status};
 
 /// A route as the agent applies it: segment id, prefix, next hops.
@@ -70,6 +70,8 @@ struct Agent {
     ike: Option<crate::ike::daemon::IkeHandle>,
     /// Routes into IPsec tunnels that are up: connector index → (segment, prefix).
     tunnel_routes: HashMap<usize, Vec<(u32, IpNet)>>,
+    /// Host routes in the main table to BGP peers inside a tunnel, by connector.
+    tunnel_peers: HashMap<usize, Vec<IpNet>>,
     /// Route-based connectors: index → (xfrm interface, its ifindex).
     xfrm_links: HashMap<usize, (String, u32)>,
 }
@@ -127,6 +129,7 @@ pub async fn run(path: &Path) -> Result<()> {
         ike: None,
         tunnel_routes: HashMap::new(),
         xfrm_links: HashMap::new(),
+        tunnel_peers: HashMap::new(),
     };
     let result = match agent.start(routes).await {
         Ok(()) => agent.serve().await,
@@ -751,23 +754,35 @@ impl Agent {
                         warn!("ipsec {}: route {net}: {e:#}", c.name);
                         continue;
                     }
-                    let kernel = match (self.xfrm_links.get(&i), underlay) {
-                        _ if !self.config.agent.kernel_fib => Ok(()),
-                        // Route-based: into the xfrm interface, whose policies encrypt.
-                        (Some((_, xi)), _) => {
-                            self.kernel.replace_device_route(table, net, *xi).await
-                        }
-                        // Policy-based: toward the tunnel endpoint; XFRM policies catch it.
-                        (None, Some((oif, gw))) => {
-                            self.kernel.replace_route(table, net, &[(oif, gw)]).await
-                        }
-                        (None, None) => Ok(()),
-                    };
-                    if let Err(e) = kernel {
-                        warn!("ipsec {}: {e:#}", c.name);
+                    if self.config.agent.kernel_fib {
+                        self.kernel_tunnel_route(i, table, net, underlay).await;
                     }
                     done.push((seg, net));
                 }
+                // BGP peers inside the tunnel (a VPN gateway's or a vWAN hub's BGP
+                // address): our own session packets follow the main table, so each gets a
+                // host route into the tunnel there.
+                let peers: Vec<IpNet> = self
+                    .config
+                    .bgp
+                    .iter()
+                    .flat_map(|b| &b.neighbors)
+                    .filter(|n| {
+                        n.segment == c.segment
+                            && done.iter().any(|(_, net)| net.contains(&n.address))
+                    })
+                    .map(|n| IpNet::from(n.address))
+                    .collect();
+                for host in &peers {
+                    self.kernel_tunnel_route(i, MAIN_TABLE, *host, underlay)
+                        .await;
+                    info!(
+                        "ipsec {}: BGP peer {} is reached through the tunnel",
+                        c.name,
+                        host.addr()
+                    );
+                }
+                self.tunnel_peers.insert(i, peers);
                 info!(
                     "ipsec {}: tunnel up: {} routed into it in segment {}",
                     c.name,
@@ -780,6 +795,9 @@ impl Agent {
                 self.tunnel_routes.insert(i, done);
             }
             TunnelEvent::Down(i) => {
+                for host in self.tunnel_peers.remove(&i).unwrap_or_default() {
+                    let _ = self.kernel.delete_route(MAIN_TABLE, host).await;
+                }
                 let Some(routes) = self.tunnel_routes.remove(&i) else {
                     return;
                 };
@@ -788,6 +806,26 @@ impl Agent {
                     info!("ipsec {}: tunnel down: its routes are gone", c.name);
                 }
             }
+        }
+    }
+
+    /// A kernel route for `net` in `table` into connector `i`'s tunnel: route-based, into
+    /// its xfrm interface (whose policies encrypt); policy-based, toward the tunnel
+    /// endpoint (`underlay`), where XFRM policies catch it.
+    async fn kernel_tunnel_route(
+        &self,
+        i: usize,
+        table: u32,
+        net: IpNet,
+        underlay: Option<(u32, IpAddr)>,
+    ) {
+        let r = match (self.xfrm_links.get(&i), underlay) {
+            (Some((_, xi)), _) => self.kernel.replace_device_route(table, net, *xi).await,
+            (None, Some((oif, gw))) => self.kernel.replace_route(table, net, &[(oif, gw)]).await,
+            (None, None) => Ok(()),
+        };
+        if let Err(e) = r {
+            warn!("ipsec {}: {e:#}", self.config.ipsec[i].name);
         }
     }
 
@@ -1482,6 +1520,14 @@ impl Agent {
         }
         if let Some(ike) = self.ike.take() {
             ike.shutdown().await;
+        }
+        for host in self
+            .tunnel_peers
+            .drain()
+            .flat_map(|(_, r)| r)
+            .collect::<Vec<_>>()
+        {
+            let _ = self.kernel.delete_route(MAIN_TABLE, host).await;
         }
         let tunnels: Vec<(u32, IpNet)> = self.tunnel_routes.drain().flat_map(|(_, r)| r).collect();
         self.remove_tunnel_routes(&tunnels).await;

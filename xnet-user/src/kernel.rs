@@ -23,6 +23,9 @@ pub const RTPROT_XNET: u8 = 250;
 /// unreachable` right after it, so a segment never falls through to the main table.
 pub const RULE_PRIORITY: u32 = 1000;
 
+/// The kernel's main routing table (RT_TABLE_MAIN): what the host's own sockets use.
+pub const MAIN_TABLE: u32 = 254;
+
 #[derive(Debug, Clone)]
 pub struct Link {
     pub ifindex: u32,
@@ -329,7 +332,8 @@ impl Kernel {
             let (Some(oif), Ok(net)) = (oif, IpNet::new(dst, len)) else {
                 continue;
             };
-            if table != 254 || !net.contains(&addr) || best.is_some_and(|(l, _, _)| l >= len) {
+            if table != MAIN_TABLE || !net.contains(&addr) || best.is_some_and(|(l, _, _)| l >= len)
+            {
                 continue;
             }
             best = Some((len, oif, gw));

@@ -1,7 +1,7 @@
 //! BGP against a real peer: BIRD 2 in the lab's on-prem namespace, the agent in cxp.
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -50,94 +50,10 @@ protocol bgp cxp6 {
 }
 "#;
 
-struct Bird {
-    child: Child,
-    socket: String,
-    ns: String,
-    conf: String,
-}
-
-impl Bird {
-    fn start(lab: &Lab) -> Bird {
-        Self::with_config(lab, BIRD_CONF, "172.16.0.1")
-    }
-
-    /// BIRD in the on-prem namespace with `conf`; the namespace owns `address`, so
-    /// traffic to it can be checked end to end.
-    fn with_config(lab: &Lab, conf: &str, address: &str) -> Bird {
-        let dir = std::env::temp_dir().join(format!("{}-bird", lab.prefix));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("bird.conf");
-        std::fs::write(&path, conf).unwrap();
-        let socket = dir.join("bird.ctl").display().to_string();
-        let ns = lab.ns("onprem");
-        sh(&format!("ip -n {ns} addr add {address}/32 dev lo"));
-        let conf = path.display().to_string();
-        let child = Self::spawn(&ns, &conf, &socket, false);
-        Bird {
-            child,
-            socket,
-            ns,
-            conf,
-        }
-    }
-
-    /// `recovery`: start in graceful-restart recovery mode (`bird -R`).
-    fn spawn(ns: &str, conf: &str, socket: &str, recovery: bool) -> Child {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", ns, "bird", "-f", "-c", conf, "-s", socket]);
-        if recovery {
-            c.arg("-R");
-        }
-        c.stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("bird (Debian bird2) is installed by cargo xtask setup")
-    }
-
-    /// `birdc graceful restart`: BIRD exits, closing its sessions without a NOTIFICATION
-    /// so its peers keep its routes. Returns once it is gone.
-    fn exit_for_graceful_restart(&mut self) {
-        self.cmd("graceful restart");
-        let _ = self.child.wait();
-    }
-
-    /// Starts BIRD again in recovery mode after `exit_for_graceful_restart`.
-    fn recover(&mut self) {
-        self.child = Self::spawn(&self.ns, &self.conf, &self.socket, true);
-    }
-
-    fn cmd(&self, args: &str) -> String {
-        sh(&format!(
-            "ip netns exec {} birdc -s {} {args}",
-            self.ns, self.socket
-        ))
-    }
-}
-
-impl Drop for Bird {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn established(s: &Status) -> usize {
-    s.bgp.iter().filter(|b| b.state == "Established").count()
-}
-
 /// Seconds the named session has been up.
 fn uptime(agent: &Agent, name: &str) -> u64 {
     let s = agent.status();
     s.bgp.iter().find(|b| b.name == name).unwrap().uptime_secs
-}
-
-/// Edits the agent's config file (`from` must be in it) and reloads it (SIGHUP).
-fn reconfigure(agent: &Agent, from: &str, to: &str) {
-    let cfg = std::fs::read_to_string(&agent.config).unwrap();
-    assert!(cfg.contains(from), "{from} not in the config");
-    std::fs::write(&agent.config, cfg.replace(from, to)).unwrap();
-    agent.signal(libc::SIGHUP);
 }
 
 fn in_data_plane(s: &Status, prefix: &str) -> bool {
@@ -163,7 +79,7 @@ fn bird_sessions_routes_withdrawals_and_exports() {
         return;
     }
     let lab = lab("bgp");
-    let bird = Bird::start(&lab);
+    let bird = Bird::with_config(&lab, BIRD_CONF, "172.16.0.1");
     let agent = Agent::start(
         &lab,
         &format!("{}\n{XNET_BGP}", xnet_user::lab::DEMO_CONFIG),
@@ -359,7 +275,7 @@ fn max_prefix_limit_tears_the_session_down() {
         return;
     }
     let lab = lab("bgpmax");
-    let _bird = Bird::start(&lab);
+    let _bird = Bird::with_config(&lab, BIRD_CONF, "172.16.0.1");
     let cfg = XNET_BGP.replace(
         "advertise = \"default\"",
         "advertise = \"default\"\nmax_prefixes = 1",

@@ -5,9 +5,12 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+
+mod vm;
 
 /// Stable toolchain for the agent and its tests (aya 0.16 needs rustc ≥ 1.98).
 const USER_TOOLCHAIN: &str = "1.99.0";
@@ -28,6 +31,12 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "libstrongswan-standard-plugins",
     "libstrongswan-extra-plugins",
     "libcharon-extra-plugins",
+    // vm-test: QEMU, and what its initramfs and kernel unpacking use.
+    "qemu-system-x86",
+    "busybox-static",
+    "kmod",
+    "cpio",
+    "xz-utils",
 ];
 
 #[derive(Parser)]
@@ -54,6 +63,18 @@ enum Cmd {
     Test {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
+    },
+    /// Run the scenarios that need a kernel with ESP and xfrm interfaces (vm-tests/) in a
+    /// QEMU VM with a stock Debian kernel: all of them, or those whose name contains
+    /// SCENARIO. The IPsec interop tests run there too, with real ESP.
+    VmTest {
+        scenario: Option<String>,
+        /// Run this shell command in the VM instead (debugging).
+        #[arg(long)]
+        exec: Option<String>,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 1200)]
+        timeout: u64,
     },
     /// Fuzz the BGP and IKEv2 message decoders (cargo-fuzz, libFuzzer), each for a while.
     Fuzz {
@@ -102,6 +123,11 @@ fn real_main() -> Result<()> {
             run_tests(&mut cmd)
         }
         Cmd::Fuzz { seconds } => fuzz(&root, seconds),
+        Cmd::VmTest {
+            scenario,
+            exec,
+            timeout,
+        } => vm_test(&root, scenario, exec, Duration::from_secs(timeout)),
         Cmd::Bench { args } => {
             let xnet = build(&root)?;
             let mut cmd = Command::new(xnet);
@@ -422,4 +448,86 @@ fn build(root: &Path) -> Result<PathBuf> {
         .env("XNET_EBPF_OBJ", ebpf_object(root));
     run(&mut cmd)?;
     Ok(root.join("target/release/xnet"))
+}
+
+/// Test binaries that run in the VM: the scenarios and the IPsec interop tests.
+const VM_TESTS: &[&str] = &["scenarios", "ipsec"];
+
+fn vm_test(
+    root: &Path,
+    filter: Option<String>,
+    exec: Option<String>,
+    timeout: Duration,
+) -> Result<()> {
+    build(root)?;
+    let assets = vm::assets(root)?;
+    let mut script = String::from("set -u\ncd \"$(dirname \"$0\")/../..\"\n");
+    match exec {
+        Some(cmd) => script.push_str(&format!("{cmd}\n")),
+        None => {
+            step("building the VM test binaries");
+            let mut cmd = cargo(USER_TOOLCHAIN);
+            cmd.current_dir(root)
+                .args([
+                    "test",
+                    "--release",
+                    "-p",
+                    "xnet-user",
+                    "--no-run",
+                    "--message-format=json",
+                ])
+                .env("XNET_EBPF_OBJ", ebpf_object(root));
+            for t in VM_TESTS {
+                cmd.args(["--test", t]);
+            }
+            let json = output(&mut cmd)?;
+            script.push_str(&format!(
+                "export CI={} XNET_VM=1 XNET_EBPF_OBJ={}\nstatus=0\n",
+                if std::env::var_os("CI").is_some() {
+                    "true"
+                } else {
+                    ""
+                },
+                ebpf_object(root).display()
+            ));
+            for t in VM_TESTS {
+                let exe = test_executable(&json, t)?;
+                let args = filter
+                    .as_deref()
+                    .map(|f| format!(" {f}"))
+                    .unwrap_or_default();
+                script.push_str(&format!(
+                    "echo \"== {t}\"\n{} --test-threads=1{args} || status=1\n",
+                    exe.display()
+                ));
+            }
+            script.push_str("exit $status\n");
+        }
+    }
+    let path = root.join("target/vm/run.sh");
+    std::fs::write(&path, script)?;
+    step("booting the VM (QEMU, software emulation)");
+    let t = std::time::Instant::now();
+    let status = vm::boot(root, &assets, &path, timeout)?;
+    step(&format!(
+        "VM finished in {:.0} s with status {status}",
+        t.elapsed().as_secs_f64()
+    ));
+    if status != 0 {
+        bail!("vm-test failed (status {status})");
+    }
+    Ok(())
+}
+
+/// The path of test binary `name` in `cargo test --no-run --message-format=json` output.
+fn test_executable(json: &str, name: &str) -> Result<PathBuf> {
+    json.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| {
+            v["reason"] == "compiler-artifact"
+                && v["target"]["name"] == name
+                && v["profile"]["test"] == true
+        })
+        .and_then(|v| v["executable"].as_str().map(PathBuf::from))
+        .with_context(|| format!("no test binary {name} in cargo's output"))
 }

@@ -445,3 +445,113 @@ pub fn wait_until(agent: &Agent, what: &str, limit: Duration, cond: impl Fn(&Sta
 pub fn lab(name: &str) -> Lab {
     Lab::create(&format!("xt{}-{name}", std::process::id())).expect("lab")
 }
+
+// ---- BIRD, and the agent's BGP sessions. ----
+
+/// BIRD 2 in one of the lab's namespaces.
+pub struct Bird {
+    child: Child,
+    socket: String,
+    ns: String,
+    conf: String,
+}
+
+impl Bird {
+    /// BIRD in the on-prem namespace with `conf`; the namespace owns `address`, so
+    /// traffic to it can be checked end to end.
+    pub fn with_config(lab: &Lab, conf: &str, address: &str) -> Bird {
+        Self::in_host(lab, "onprem", conf, address)
+    }
+
+    /// BIRD in lab host `host` with `conf`; the namespace gets `address` on lo.
+    pub fn in_host(lab: &Lab, host: &str, conf: &str, address: &str) -> Bird {
+        let dir = std::env::temp_dir().join(format!("{}-bird-{host}", lab.prefix));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bird.conf");
+        std::fs::write(&path, conf).unwrap();
+        let socket = dir.join("bird.ctl").display().to_string();
+        let ns = lab.ns(host);
+        sh(&format!("ip -n {ns} addr add {address}/32 dev lo"));
+        let conf = path.display().to_string();
+        let child = Self::spawn(&ns, &conf, &socket, false);
+        Bird {
+            child,
+            socket,
+            ns,
+            conf,
+        }
+    }
+
+    /// `recovery`: start in graceful-restart recovery mode (`bird -R`).
+    fn spawn(ns: &str, conf: &str, socket: &str, recovery: bool) -> Child {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns, "bird", "-f", "-c", conf, "-s", socket]);
+        if recovery {
+            c.arg("-R");
+        }
+        c.stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("bird (Debian bird2) is installed by cargo xtask setup")
+    }
+
+    /// `birdc graceful restart`: BIRD exits, closing its sessions without a NOTIFICATION
+    /// so its peers keep its routes. Returns once it is gone.
+    pub fn exit_for_graceful_restart(&mut self) {
+        self.cmd("graceful restart");
+        let _ = self.child.wait();
+    }
+
+    /// Starts BIRD again in recovery mode after `exit_for_graceful_restart`.
+    pub fn recover(&mut self) {
+        self.child = Self::spawn(&self.ns, &self.conf, &self.socket, true);
+    }
+
+    pub fn cmd(&self, args: &str) -> String {
+        sh(&format!(
+            "ip netns exec {} birdc -s {} {args}",
+            self.ns, self.socket
+        ))
+    }
+}
+
+impl Drop for Bird {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn established(s: &Status) -> usize {
+    s.bgp.iter().filter(|b| b.state == "Established").count()
+}
+
+/// Edits the agent's config file (`from` must be in it) and reloads it (SIGHUP).
+pub fn reconfigure(agent: &Agent, from: &str, to: &str) {
+    let cfg = std::fs::read_to_string(&agent.config).unwrap();
+    assert!(cfg.contains(from), "{from} not in the config");
+    std::fs::write(&agent.config, cfg.replace(from, to)).unwrap();
+    agent.signal(libc::SIGHUP);
+}
+
+/// `xnet peer-config CONNECTOR --format strongswan --include-psk` for the config at `path`.
+pub fn peer_config(connector: &str, path: &std::path::Path) -> String {
+    let out = Command::new(XNET)
+        .args([
+            "peer-config",
+            connector,
+            "--format",
+            "strongswan",
+            "--include-psk",
+            "--config",
+        ])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}

@@ -1,0 +1,223 @@
+//! The Azure integration scenarios, end to end: real IKE (strongSwan's charon standing in
+//! for the Azure VPN gateway), real ESP in the kernel on both sides, real BGP (BIRD), real
+//! packets through the agent's XDP program. They need a kernel with ESP and xfrm
+//! interfaces, so they run in the VM of `cargo xtask vm-test` (which sets XNET_VM=1) and
+//! skip elsewhere; in the VM a missing feature is a failure.
+//!
+//! The lab (`xnet_user::lab`): the CXP namespace `cxp` between hosts `vnet1` (10.1.0.0/16),
+//! `vnet2` and `onprem`; here `onprem` (10.0.3.2, its subnet 192.168.10.0/24) plays the
+//! remote VNet's VPN gateway.
+#[path = "../xnet-user/tests/common/mod.rs"]
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::*;
+use xnet_user::charon::Charon;
+use xnet_user::lab::Lab;
+
+/// Whether this kernel can run the scenarios; prints why not.
+fn vm_kernel(test: &str) -> bool {
+    if !require_root(test) {
+        return false;
+    }
+    let (esp, xfrmi) = (kernel_has_esp(), kernel_has_xfrm_interfaces());
+    if esp && xfrmi {
+        return true;
+    }
+    let why = format!("the kernel lacks ESP ({esp}) or xfrm interfaces ({xfrmi})");
+    if std::env::var_os("XNET_VM").is_some() {
+        panic!("{test}: {why}");
+    }
+    eprintln!("SKIP {test}: {why}; `cargo xtask vm-test` runs it in a VM");
+    false
+}
+
+const PSK: &str = "xnet-scenario-psk-0123456789abcdef";
+
+/// charon with the kernel's ESP (no userspace ESP: the VM's kernel has it).
+const CHARON: &str = "  port = 500\n  port_nat_t = 4500\n  install_routes = no\n  retransmit_timeout = 1\n  retransmit_tries = 3\n  load = random nonce aes sha1 sha2 hmac gcm curve25519 openssl kdf kernel-netlink socket-default vici";
+
+fn write_psk(lab: &Lab) -> PathBuf {
+    let dir = std::env::temp_dir().join(&lab.prefix);
+    std::fs::create_dir_all(&dir).unwrap();
+    let psk = dir.join("gw.psk");
+    std::fs::write(&psk, format!("{PSK}\n")).unwrap();
+    psk
+}
+
+/// `xnet peer-config NAME --format strongswan` for config text `cfg`.
+fn peer_config_of(lab: &Lab, name: &str, cfg: &str) -> String {
+    let path = std::env::temp_dir().join(&lab.prefix).join("peer.toml");
+    std::fs::write(&path, cfg).unwrap();
+    peer_config(name, &path)
+}
+
+/// The VPN gateway: charon in `host`, configured from the agent's config as is.
+fn gateway(lab: &Lab, host: &str, name: &str, cfg: &str) -> Charon {
+    let dir = std::env::temp_dir().join(format!("{}-charon-{host}", lab.prefix));
+    let c = Charon::start(
+        &lab.ns(host),
+        dir,
+        CHARON,
+        "      default = 1",
+        &peer_config_of(lab, name, cfg),
+    )
+    .unwrap();
+    c.load("--load-all").unwrap();
+    c
+}
+
+/// Counts, on `dev` in `ns` (ingress), ESP packets and plaintext packets from `src`.
+/// Packets XFRM decrypted in tunnel mode come through ingress again, with a secpath: those
+/// are not plaintext on the wire.
+fn count_underlay(ns: &str, dev: &str, src: &str) {
+    sh(&format!(
+        "ip netns exec {ns} nft -f - <<'EOF'\ntable netdev underlay {{\n  chain in {{\n    type filter hook ingress device {dev} priority 0;\n    ip protocol esp counter\n    ip saddr {src} meta ipsec missing counter\n  }}\n}}\nEOF"
+    ));
+}
+
+/// (ESP packets, plaintext packets) counted by `count_underlay`.
+fn underlay_counts(ns: &str) -> (u64, u64) {
+    let out = sh(&format!(
+        "ip netns exec {ns} nft list table netdev underlay"
+    ));
+    let n: Vec<u64> = out
+        .lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            let i = w.iter().position(|x| *x == "packets")?;
+            w.get(i + 1)?.parse().ok()
+        })
+        .collect();
+    (n[0], n[1])
+}
+
+fn slow_path_on(lab: &Lab) {
+    // Tunnel traffic is forwarded by the kernel (XDP passes it): forwarding on, as on any
+    // CXP host (the lab leaves it off to prove that XDP forwards the rest).
+    sh(&format!(
+        "ip netns exec {} sysctl -qw net.ipv4.ip_forward=1",
+        lab.ns("cxp")
+    ));
+}
+
+/// Scenario 1: site-to-site IPsec to a VNet's VPN gateway (Azure default proposals,
+/// route-based on the CXP), BGP over the tunnel. The CXP advertises a default route
+/// (greenfield), then custom prefixes (brownfield); the gateway's BGP table shows each.
+/// VNet-to-CXP traffic crosses the underlay as ESP only.
+#[test]
+fn s1_site_to_site_ipsec_to_a_vnet_gateway() {
+    if !vm_kernel("s1_site_to_site_ipsec_to_a_vnet_gateway") {
+        return;
+    }
+    let lab = lab("s1");
+    let (cxp, gw) = (lab.ns("cxp"), lab.ns("onprem"));
+    sh(&format!("ip -n {cxp} addr add 10.255.0.1/32 dev lo"));
+    slow_path_on(&lab);
+    let psk = write_psk(&lab);
+    let cfg = format!(
+        r#"{}
+[bgp]
+asn = 65001
+router_id = "10.255.0.1"
+
+[[bgp.neighbors]]
+name = "vnet-gw"
+segment = "prod"
+address = "192.168.10.254"
+local_address = "10.255.0.1"
+remote_asn = 65515
+advertise = "default"
+
+[[ipsec]]
+name = "vnet-gw"
+segment = "prod"
+local_address = "10.0.3.1"
+remote_address = "10.0.3.2"
+psk_file = "{}"
+profile = "azure"
+local_ts = ["10.1.0.0/16", "10.255.0.1/32"]
+remote_ts = ["192.168.10.0/24"]
+interface = "xi-vnet-gw"
+dpd_seconds = 5
+"#,
+        xnet_user::lab::DEMO_CONFIG,
+        psk.display()
+    );
+    let charon = gateway(&lab, "onprem", "vnet-gw", &cfg);
+    let bird = Bird::in_host(
+        &lab,
+        "onprem",
+        "router id 192.168.10.254;\nprotocol device {}\nprotocol bgp cxp {\n  local 192.168.10.254 as 65515;\n  neighbor 10.255.0.1 as 65001;\n  multihop;\n  ipv4 { import all; export none; };\n}\n",
+        "192.168.10.254",
+    );
+    count_underlay(&gw, "eth0", "10.1.0.0/16");
+    let agent = Agent::start(&lab, &cfg);
+    wait_until(
+        &agent,
+        "the tunnel and BGP over it",
+        Duration::from_secs(90),
+        |s| {
+            s.ipsec
+                .first()
+                .is_some_and(|t| t.state == "established" && !t.children.is_empty())
+                && established(s) == 1
+        },
+    );
+    // Greenfield: the gateway learns a default route from the CXP.
+    let wait_bird = |what: &str, f: &dyn Fn(&str) -> bool| {
+        let t = std::time::Instant::now();
+        loop {
+            let r = bird.cmd("show route");
+            if f(&r) {
+                return r;
+            }
+            assert!(t.elapsed() < Duration::from_secs(30), "{what}: {r}");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    };
+    wait_bird("default route at the gateway", &|r| r.contains("0.0.0.0/0"));
+    // VNet ⇄ CXP traffic, both ways through the tunnel.
+    assert_eq!(
+        udp(
+            &lab,
+            "vnet1",
+            "10.1.0.1:5400",
+            "onprem",
+            "192.168.10.1:9400",
+            50
+        ),
+        50,
+        "vnet1 → gateway subnet: {}",
+        charon.log()
+    );
+    assert_eq!(
+        udp(
+            &lab,
+            "onprem",
+            "192.168.10.1:9401",
+            "vnet1",
+            "10.1.0.1:5401",
+            50
+        ),
+        50,
+        "gateway subnet → vnet1"
+    );
+    let (esp, plain) = underlay_counts(&gw);
+    assert!(esp >= 50, "ESP on the underlay: {esp}");
+    assert_eq!(plain, 0, "no plaintext from 10.1.0.0/16 on the underlay");
+    let sas = sh(&format!("ip -n {cxp} xfrm state"));
+    assert!(sas.contains("if_id 0x100"), "{sas}");
+    // Brownfield: custom prefixes instead of a default route.
+    reconfigure(
+        &agent,
+        "advertise = \"default\"",
+        "advertise = \"custom\"\nprefixes = [\"10.1.0.0/16\"]",
+    );
+    let r = wait_bird("custom prefix at the gateway", &|r| {
+        r.contains("10.1.0.0/16") && !r.contains("0.0.0.0/0")
+    });
+    eprintln!("gateway routes after the change:\n{r}");
+}
