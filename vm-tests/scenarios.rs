@@ -94,6 +94,28 @@ fn underlay_counts(ns: &str) -> (u64, u64) {
     (n[0], n[1])
 }
 
+/// The demo config without its static route to on-prem: what lies behind the gateway is
+/// learned over the tunnel.
+fn without_onprem_route() -> String {
+    let cfg = xnet_user::lab::DEMO_CONFIG;
+    let block = "[[routes]]\nsegment = \"prod\"\nprefix = \"192.168.0.0/16\"\nnext_hops = [{ via = \"10.0.3.2\", interface = \"onprem\" }]\n";
+    assert!(cfg.contains(block), "the demo config changed");
+    cfg.replace(block, "")
+}
+
+/// The VNet gateway's BGP speaker (Azure's ASN 65515): it announces the VNet's two
+/// subnets and takes what the CXP advertises.
+const GATEWAY_BIRD: &str = "router id 192.168.10.254;
+protocol device {}
+protocol static vnet { ipv4; route 192.168.10.0/24 blackhole; route 192.168.20.0/24 blackhole; }
+protocol bgp cxp {
+  local 192.168.10.254 as 65515;
+  neighbor 10.255.0.1 as 65001;
+  multihop;
+  ipv4 { import all; export where proto = \"vnet\"; };
+}
+";
+
 fn slow_path_on(lab: &Lab) {
     // Tunnel traffic is forwarded by the kernel (XDP passes it): forwarding on, as on any
     // CXP host (the lab leaves it off to prove that XDP forwards the rest).
@@ -139,20 +161,16 @@ remote_address = "10.0.3.2"
 psk_file = "{}"
 profile = "azure"
 local_ts = ["10.1.0.0/16", "10.255.0.1/32"]
-remote_ts = ["192.168.10.0/24"]
+remote_ts = ["192.168.10.0/24", "192.168.20.0/24"]
+routes = ["192.168.10.254/32"]
 interface = "xi-vnet-gw"
 dpd_seconds = 5
 "#,
-        xnet_user::lab::DEMO_CONFIG,
+        without_onprem_route(),
         psk.display()
     );
     let charon = gateway(&lab, "onprem", "vnet-gw", &cfg);
-    let bird = Bird::in_host(
-        &lab,
-        "onprem",
-        "router id 192.168.10.254;\nprotocol device {}\nprotocol bgp cxp {\n  local 192.168.10.254 as 65515;\n  neighbor 10.255.0.1 as 65001;\n  multihop;\n  ipv4 { import all; export none; };\n}\n",
-        "192.168.10.254",
-    );
+    let bird = Bird::in_host(&lab, "onprem", GATEWAY_BIRD, "192.168.10.254");
     count_underlay(&gw, "eth0", "10.1.0.0/16");
     let agent = Agent::start(&lab, &cfg);
     wait_until(
@@ -179,6 +197,32 @@ dpd_seconds = 5
         }
     };
     wait_bird("default route at the gateway", &|r| r.contains("0.0.0.0/0"));
+    // The VNet's subnets are learned over the tunnel and go into it.
+    wait_until(
+        &agent,
+        "VNet subnets learned over BGP",
+        Duration::from_secs(30),
+        |s| {
+            ["192.168.10.0/24", "192.168.20.0/24"].iter().all(|p| {
+                s.bgp_routes
+                    .iter()
+                    .any(|r| r.prefix == *p && r.in_data_plane)
+            })
+        },
+    );
+    sh(&format!("ip -n {gw} addr add 192.168.20.1/32 dev lo"));
+    assert_eq!(
+        udp(
+            &lab,
+            "vnet1",
+            "10.1.0.1:5402",
+            "onprem",
+            "192.168.20.1:9402",
+            20
+        ),
+        20,
+        "vnet1 → second VNet subnet"
+    );
     // VNet ⇄ CXP traffic, both ways through the tunnel.
     assert_eq!(
         udp(

@@ -27,7 +27,7 @@ use crate::bgp::Speaker;
 use crate::config::{Config, DefaultAction, FailureMode, Role, XdpMode};
 use crate::dataplane::{Dataplane, NhKey};
 use crate::health;
-use crate::kernel::{Kernel, MAIN_TABLE, RULE_PRIORITY};
+use crate::kernel::{unspecified, Kernel, MAIN_TABLE, RULE_PRIORITY};
 use crate::status::{self, Status};
 
 /// A route as the agent applies it: segment id, prefix, next hops.
@@ -72,6 +72,9 @@ struct Agent {
     tunnel_routes: HashMap<usize, Vec<(u32, IpNet)>>,
     /// Host routes in the main table to BGP peers inside a tunnel, by connector.
     tunnel_peers: HashMap<usize, Vec<IpNet>>,
+    /// How the kernel FIB reaches each tunnel that is up: (ifindex, gateway; unspecified
+    /// for a device route into an xfrm interface), by tunnel endpoint.
+    tunnel_kernel_hops: HashMap<IpAddr, (u32, IpAddr)>,
     /// Route-based connectors: index → (xfrm interface, its ifindex).
     xfrm_links: HashMap<usize, (String, u32)>,
 }
@@ -130,6 +133,7 @@ pub async fn run(path: &Path) -> Result<()> {
         tunnel_routes: HashMap::new(),
         xfrm_links: HashMap::new(),
         tunnel_peers: HashMap::new(),
+        tunnel_kernel_hops: HashMap::new(),
     };
     let result = match agent.start(routes).await {
         Ok(()) => agent.serve().await,
@@ -783,6 +787,13 @@ impl Agent {
                     );
                 }
                 self.tunnel_peers.insert(i, peers);
+                let kernel_hop = match (self.xfrm_links.get(&i), underlay) {
+                    (Some((_, xi)), _) => Some((*xi, unspecified(c.remote_address))),
+                    (None, hop) => hop,
+                };
+                if let Some(h) = kernel_hop {
+                    self.tunnel_kernel_hops.insert(c.remote_address, h);
+                }
                 info!(
                     "ipsec {}: tunnel up: {} routed into it in segment {}",
                     c.name,
@@ -802,6 +813,23 @@ impl Agent {
                     return;
                 };
                 self.remove_tunnel_routes(&routes).await;
+                // BGP routes learned over the tunnel lose their next hop.
+                if let Some(c) = self.config.ipsec.get(i) {
+                    self.tunnel_kernel_hops.remove(&c.remote_address);
+                    let through: Vec<(u32, IpNet)> = self
+                        .bgp_routes
+                        .iter()
+                        .filter(|(_, hops)| {
+                            hops.iter().any(|h| {
+                                h.ifindex == crate::dataplane::TUNNEL && h.via == c.remote_address
+                            })
+                        })
+                        .map(|(k, _)| *k)
+                        .collect();
+                    if let Err(e) = self.apply_bgp(through).await {
+                        warn!("bgp: {e:#}");
+                    }
+                }
                 if let Some(c) = self.config.ipsec.get(i) {
                     info!("ipsec {}: tunnel down: its routes are gone", c.name);
                 }
@@ -963,11 +991,27 @@ impl Agent {
         if let Some(k) = self.resolve(segment, next_hop) {
             return vec![k];
         }
-        self.routes
+        let static_route = self
+            .routes
             .iter()
             .filter(|((s, net), _)| *s == segment && net.contains(&next_hop))
             .max_by_key(|((_, net), _)| net.prefix_len())
-            .map(|(_, hops)| hops.clone())
+            .map(|(_, hops)| hops.clone());
+        if let Some(hops) = static_route {
+            return hops;
+        }
+        // A peer inside an IPsec tunnel (BGP over the tunnel): its routes go into it.
+        self.tunnel_routes
+            .iter()
+            .flat_map(|(i, r)| r.iter().map(move |(s, net)| (*i, *s, *net)))
+            .filter(|(_, s, net)| *s == segment && net.contains(&next_hop))
+            .max_by_key(|(_, _, net)| net.prefix_len())
+            .map(|(i, _, _)| {
+                vec![NhKey {
+                    ifindex: crate::dataplane::TUNNEL,
+                    via: self.config.ipsec[i].remote_address,
+                }]
+            })
             .unwrap_or_default()
     }
 
@@ -1001,7 +1045,10 @@ impl Agent {
                 continue;
             }
             self.dp.set_route(seg, net, &hops)?;
-            for h in &hops {
+            for h in hops
+                .iter()
+                .filter(|h| h.ifindex != crate::dataplane::TUNNEL)
+            {
                 if self.managed.insert((h.ifindex, h.via)) {
                     if let Err(e) = self.kernel.manage_neighbour(h.ifindex, h.via).await {
                         warn!("{e:#}");
@@ -1009,11 +1056,17 @@ impl Agent {
                 }
             }
             if let Some(f) = &self.fib {
-                let _ = f.send(FibOp::Replace(
-                    table,
-                    net,
-                    hops.iter().map(|h| (h.ifindex, h.via)).collect(),
-                ));
+                let kernel_hops = hops
+                    .iter()
+                    .filter_map(|h| {
+                        if h.ifindex == crate::dataplane::TUNNEL {
+                            self.tunnel_kernel_hops.get(&h.via).copied()
+                        } else {
+                            Some((h.ifindex, h.via))
+                        }
+                    })
+                    .collect();
+                let _ = f.send(FibOp::Replace(table, net, kernel_hops));
             }
             self.bgp_routes.insert((seg, net), hops);
         }

@@ -23,6 +23,14 @@ pub const RTPROT_XNET: u8 = 250;
 /// unreachable` right after it, so a segment never falls through to the main table.
 pub const RULE_PRIORITY: u32 = 1000;
 
+/// The unspecified address of `a`'s family: a kernel next hop without gateway.
+pub fn unspecified(a: IpAddr) -> IpAddr {
+    match a {
+        IpAddr::V4(_) => IpAddr::from([0u8; 4]),
+        IpAddr::V6(_) => IpAddr::from([0u8; 16]),
+    }
+}
+
 /// The kernel's main routing table (RT_TABLE_MAIN): what the host's own sockets use.
 pub const MAIN_TABLE: u32 = 254;
 
@@ -234,11 +242,8 @@ impl Kernel {
     /// `ip route replace NET dev IFINDEX table TABLE`: into a point-to-point device (an
     /// xfrm interface), no gateway.
     pub async fn replace_device_route(&self, table: u32, net: IpNet, ifindex: u32) -> Result<()> {
-        let none = match net {
-            IpNet::V4(_) => IpAddr::from([0u8; 4]),
-            IpNet::V6(_) => IpAddr::from([0u8; 16]),
-        };
-        self.replace_route(table, net, &[(ifindex, none)]).await
+        self.replace_route(table, net, &[(ifindex, unspecified(net.addr()))])
+            .await
     }
 
     /// `ip link add NAME type xfrm if_id IF_ID` and up; a link of that name left behind
