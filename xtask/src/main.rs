@@ -58,8 +58,8 @@ enum Cmd {
         args: Vec<OsString>,
     },
     /// Run every test: unit, BPF_PROG_TEST_RUN packet tests and network-namespace tests
-    /// (the last two need root; they skip with a message elsewhere). Extra arguments go to
-    /// `cargo test`.
+    /// (the last two need root; they skip with a message elsewhere), then the VM
+    /// scenarios (`vm-test`, as root). Extra arguments go to `cargo test`, and skip the VM.
     Test {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
@@ -118,9 +118,18 @@ fn real_main() -> Result<()> {
             let mut cmd = cargo(USER_TOOLCHAIN);
             cmd.current_dir(&root)
                 .args(["test", "--release", "--workspace"])
-                .args(args)
+                .args(&args)
                 .env("XNET_EBPF_OBJ", ebpf_object(&root));
-            run_tests(&mut cmd)
+            run_tests(&mut cmd)?;
+            if !args.is_empty() {
+                return Ok(());
+            }
+            // SAFETY: geteuid has no preconditions.
+            if unsafe { geteuid() } != 0 {
+                step("SKIP the VM scenarios (vm-tests/): they need root; run `sudo cargo xtask vm-test`");
+                return Ok(());
+            }
+            vm_test(&root, None, None, Duration::from_secs(1200))
         }
         Cmd::Fuzz { seconds } => fuzz(&root, seconds),
         Cmd::VmTest {
@@ -450,8 +459,10 @@ fn build(root: &Path) -> Result<PathBuf> {
     Ok(root.join("target/release/xnet"))
 }
 
-/// Test binaries that run in the VM: the scenarios and the IPsec interop tests.
-const VM_TESTS: &[&str] = &["scenarios", "ipsec"];
+/// Test binaries that run in the VM, each with the tests it runs there unless a filter
+/// is given: the scenarios, and the IPsec test that needs ESP and xfrm interfaces (the
+/// other IPsec tests run on the host).
+const VM_TESTS: &[(&str, &str)] = &[("scenarios", ""), ("ipsec", "route_based")];
 
 fn vm_test(
     root: &Path,
@@ -477,7 +488,7 @@ fn vm_test(
                     "--message-format=json",
                 ])
                 .env("XNET_EBPF_OBJ", ebpf_object(root));
-            for t in VM_TESTS {
+            for (t, _) in VM_TESTS {
                 cmd.args(["--test", t]);
             }
             let json = output(&mut cmd)?;
@@ -490,12 +501,9 @@ fn vm_test(
                 },
                 ebpf_object(root).display()
             ));
-            for t in VM_TESTS {
+            for (t, default) in VM_TESTS {
                 let exe = test_executable(&json, t)?;
-                let args = filter
-                    .as_deref()
-                    .map(|f| format!(" {f}"))
-                    .unwrap_or_default();
+                let args = format!(" {}", filter.as_deref().unwrap_or(default));
                 script.push_str(&format!(
                     "echo \"== {t}\"\n{} --test-threads=1{args} || status=1\n",
                     exe.display()
