@@ -1,8 +1,8 @@
 //! The Azure integration scenarios, end to end: real IKE (strongSwan's charon standing in
 //! for the Azure VPN gateway), real ESP in the kernel on both sides, real BGP (BIRD), real
-//! packets through the agent's XDP program. They need a kernel with ESP and xfrm
-//! interfaces, so they run in the VM of `cargo xtask vm-test` (which sets XNET_VM=1) and
-//! skip elsewhere; in the VM a missing feature is a failure.
+//! packets through the agent's XDP program. All run in the VM of `cargo xtask vm-test`
+//! (which sets XNET_VM=1); those that need ESP and xfrm interfaces skip on a host kernel
+//! without them (in the VM a missing feature is a failure), the others run there too.
 //!
 //! The lab (`xnet_user::lab`): the CXP namespace `cxp` between hosts `vnet1` (10.1.0.0/16),
 //! `vnet2` and `onprem`; here `onprem` (10.0.3.2, its subnet 192.168.10.0/24) plays the
@@ -264,4 +264,206 @@ dpd_seconds = 5
         r.contains("10.1.0.0/16") && !r.contains("0.0.0.0/0")
     });
     eprintln!("gateway routes after the change:\n{r}");
+}
+
+/// Scenario 4: a transit VNet reached over a plain L3 link. The transit VNet (host
+/// `vnet2`, segment "dev") announces its peered spokes over BGP; another cloud (vnet1,
+/// segment "prod") gets to them the moment a policy joins the two segments — one SIGHUP,
+/// no session or program restart.
+#[test]
+fn s4_transit_vnet_over_a_plain_link() {
+    // No ESP here: it runs on the host too.
+    if !require_root("s4_transit_vnet_over_a_plain_link") {
+        return;
+    }
+    let lab = lab("s4");
+    let cfg = format!(
+        r#"{}
+[bgp]
+asn = 65001
+router_id = "10.0.2.1"
+
+[[bgp.neighbors]]
+name = "transit"
+segment = "dev"
+address = "10.0.2.2"
+local_address = "10.0.2.1"
+remote_asn = 65030
+advertise = "none"
+"#,
+        xnet_user::lab::DEMO_CONFIG
+    );
+    let _bird = Bird::in_host(
+        &lab,
+        "vnet2",
+        "router id 10.0.2.2;\nprotocol device {}\nprotocol static spokes { ipv4; route 10.30.0.0/16 blackhole; route 10.31.0.0/16 blackhole; }\nprotocol bgp cxp {\n  local 10.0.2.2 as 65030;\n  neighbor 10.0.2.1 as 65001;\n  ipv4 { import all; export where proto = \"spokes\"; };\n}\n",
+        "10.30.0.1",
+    );
+    let agent = Agent::start(&lab, &cfg);
+    wait_until(
+        &agent,
+        "the transit's spokes learned",
+        Duration::from_secs(60),
+        |s| {
+            established(s) == 1
+                && s.bgp_routes
+                    .iter()
+                    .filter(|r| r.prefix.starts_with("10.3") && r.in_data_plane)
+                    .count()
+                    == 2
+        },
+    );
+    let to_spoke = || {
+        udp(
+            &lab,
+            "vnet1",
+            "10.1.0.1:5500",
+            "vnet2",
+            "10.30.0.1:9500",
+            20,
+        )
+    };
+    assert_eq!(
+        to_spoke(),
+        0,
+        "segments are apart until a policy joins them"
+    );
+    let prog = xdp_prog_id(&lab, "vnet1");
+    let join = r#"
+[[policies]]
+name = "prod-to-transit"
+segment = "prod"
+destination = "10.30.0.0/15"
+action = "allow"
+to_segment = "dev"
+
+[[policies]]
+name = "transit-to-prod"
+segment = "dev"
+source = "10.30.0.0/15"
+destination = "10.1.0.0/16"
+action = "allow"
+to_segment = "prod"
+"#;
+    // The agent's file (the harness set its socket and pin directory), plus the policies.
+    let running = std::fs::read_to_string(&agent.config).unwrap();
+    std::fs::write(&agent.config, format!("{running}{join}")).unwrap();
+    let t = std::time::Instant::now();
+    agent.signal(libc::SIGHUP);
+    wait_until(
+        &agent,
+        "the policies in force",
+        Duration::from_secs(10),
+        |s| s.policies.len() == 2,
+    );
+    eprintln!("policies in force {:?} after SIGHUP", t.elapsed());
+    assert_eq!(to_spoke(), 20, "prod → transit spoke");
+    assert_eq!(
+        udp(
+            &lab,
+            "vnet2",
+            "10.30.0.1:9501",
+            "vnet1",
+            "10.1.0.1:5501",
+            20
+        ),
+        20,
+        "transit spoke → prod"
+    );
+    assert_eq!(xdp_prog_id(&lab, "vnet1"), prog, "the same XDP program");
+    assert_eq!(established(&agent.status()), 1, "the BGP session stayed up");
+}
+
+/// Scenario 6: ExpressRoute-style private peering: eBGP over the link with the on-prem
+/// router, BIRD configured by `xnet peer-config … --format bird` as is. Routes both ways,
+/// traffic forwarded by XDP.
+#[test]
+fn s6_private_peering_with_a_generated_router_config() {
+    if !require_root("s6_private_peering_with_a_generated_router_config") {
+        return;
+    }
+    let lab = lab("s6");
+    let cfg = format!(
+        r#"{}
+[bgp]
+asn = 65001
+router_id = "10.0.3.1"
+
+[[bgp.neighbors]]
+name = "er-onprem"
+segment = "prod"
+address = "10.0.3.2"
+local_address = "10.0.3.1"
+remote_asn = 12076
+advertise = "custom"
+prefixes = ["10.1.0.0/16"]
+import = {{ prefixes = [{{ prefix = "192.168.30.0/24" }}] }}
+"#,
+        without_onprem_route()
+    );
+    let path = std::env::temp_dir().join(format!("{}-er.toml", lab.prefix));
+    std::fs::write(&path, &cfg).unwrap();
+    let out = std::process::Command::new(XNET)
+        .args(["peer-config", "er-onprem", "--format", "bird", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bird = Bird::in_host(
+        &lab,
+        "onprem",
+        &String::from_utf8(out.stdout).unwrap(),
+        "192.168.30.1",
+    );
+    let agent = Agent::start(&lab, &cfg);
+    wait_until(
+        &agent,
+        "on-prem prefix learned",
+        Duration::from_secs(60),
+        |s| {
+            s.bgp_routes
+                .iter()
+                .any(|r| r.prefix == "192.168.30.0/24" && r.in_data_plane)
+        },
+    );
+    let t = std::time::Instant::now();
+    loop {
+        let r = bird.cmd("show route");
+        if r.contains("10.1.0.0/16") {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "{r}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let before = agent.status().reason("forwarded");
+    assert_eq!(
+        udp(
+            &lab,
+            "vnet1",
+            "10.1.0.1:5600",
+            "onprem",
+            "192.168.30.1:9600",
+            50
+        ),
+        50
+    );
+    assert_eq!(
+        udp(
+            &lab,
+            "onprem",
+            "192.168.30.1:9601",
+            "vnet1",
+            "10.1.0.1:5601",
+            50
+        ),
+        50
+    );
+    assert!(
+        agent.status().reason("forwarded") >= before + 100,
+        "XDP forwarded both ways"
+    );
 }

@@ -84,7 +84,8 @@ enum Command {
     /// Print what the other side of an IPsec connector needs (addresses, identities,
     /// proposals, traffic selectors, the PSK by reference, BGP settings), in its syntax.
     PeerConfig {
-        /// The connector's name (`[[ipsec]] name`).
+        /// The IPsec connector's name (`[[ipsec]] name`), or with `--format bird`, the BGP
+        /// neighbour's (`[[bgp.neighbors]] name`).
         connector: String,
         #[arg(short, long)]
         config: PathBuf,
@@ -196,7 +197,7 @@ async fn real_main() -> Result<()> {
             include_psk,
         } => {
             let c = Config::load(&config)?;
-            let psk = if include_psk {
+            let psk = if include_psk && format != xnet_user::ike::peer_config::Format::Bird {
                 let conns = xnet_user::ike::daemon::conns(&c, &config.display().to_string())?;
                 let i = c.ipsec.iter().position(|x| x.name == connector);
                 i.map(|i| String::from_utf8_lossy(conns[i].psk.bytes()).into_owned())

@@ -6,7 +6,6 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use xnet_user::lab::Lab;
 use xnet_user::status::Status;
 
 #[test]
@@ -113,14 +112,6 @@ fn segments_are_isolated() {
         ),
         50
     );
-}
-
-fn xdp_prog_id(lab: &Lab, dev: &str) -> Option<String> {
-    let out = sh(&format!("ip -n {} -d link show dev {dev}", lab.ns("cxp")));
-    out.split_whitespace()
-        .skip_while(|w| *w != "prog/xdp")
-        .nth(2)
-        .map(str::to_string)
 }
 
 #[test]

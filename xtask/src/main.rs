@@ -462,7 +462,12 @@ fn build(root: &Path) -> Result<PathBuf> {
 /// Test binaries that run in the VM, each with the tests it runs there unless a filter
 /// is given: the scenarios, and the IPsec test that needs ESP and xfrm interfaces (the
 /// other IPsec tests run on the host).
-const VM_TESTS: &[(&str, &str)] = &[("scenarios", ""), ("ipsec", "route_based")];
+/// Scenario 5 (firewall steering) is tests/steering.rs, run on the host and in the VM.
+const VM_TESTS: &[(&str, &str)] = &[
+    ("scenarios", ""),
+    ("steering", ""),
+    ("ipsec", "route_based"),
+];
 
 fn vm_test(
     root: &Path,

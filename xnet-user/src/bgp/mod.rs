@@ -3,6 +3,7 @@
 pub mod fsm;
 pub mod graceful;
 pub mod packet;
+pub mod peer_config;
 pub mod rib;
 
 use std::collections::HashMap;

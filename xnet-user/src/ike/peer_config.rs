@@ -12,10 +12,16 @@ use crate::config::{Config, Ipsec};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
+    /// strongSwan swanctl.conf (IPsec connectors).
     Strongswan,
+    /// Azure local network gateway and connection settings (IPsec connectors).
     Azure,
+    /// Cisco IOS crypto configuration (IPsec connectors).
     CiscoIos,
+    /// Junos (SRX) configuration (IPsec connectors).
     Junos,
+    /// BIRD 2 (BGP neighbours: an on-prem router on private peering, say).
+    Bird,
 }
 
 fn psk_line(c: &Ipsec, psk: Option<&str>) -> String {
@@ -30,6 +36,9 @@ fn psk_line(c: &Ipsec, psk: Option<&str>) -> String {
 /// Renders the peer's configuration for connector `name`. `psk`: the key itself, when
 /// the operator asked for it (`--include-psk`).
 pub fn render(config: &Config, name: &str, format: Format, psk: Option<&str>) -> Result<String> {
+    if format == Format::Bird {
+        return crate::bgp::peer_config::bird(config, name);
+    }
     let Some(c) = config.ipsec.iter().find(|c| c.name == name) else {
         bail!(
             "no ipsec connector {name:?} (known: {})",
@@ -238,6 +247,7 @@ pub fn render(config: &Config, name: &str, format: Format, psk: Option<&str>) ->
                 let _ = writeln!(s, "router bgp {peer_asn}\n neighbor {cxp} remote-as {asn}");
             }
         }
+        Format::Bird => unreachable!("rendered above"),
         Format::Junos => {
             let i = ike[0];
             let e = esp[0];

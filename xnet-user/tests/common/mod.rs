@@ -290,19 +290,39 @@ impl Drop for Agent {
     }
 }
 
+/// How long a receiver waits for the next datagram before it stops counting: longer in
+/// the VM, whose emulated CPUs stall now and then.
+fn quiet_period() -> Duration {
+    if std::env::var_os("XNET_VM").is_some() {
+        Duration::from_secs(3)
+    } else {
+        Duration::from_millis(700)
+    }
+}
+
 /// Counts, in the background, the datagrams starting with `tag` that arrive at `dst` in
-/// namespace `ns`, until none came for 700 ms. Reading while the client sends, so the
-/// socket buffer never decides the result.
+/// namespace `ns`, until none came for `quiet_period()`. Reading while the client sends,
+/// so the socket buffer never decides the result.
 pub fn udp_counter(
     lab: &Lab,
     ns: &str,
     dst: SocketAddr,
     tag: &'static [u8],
 ) -> std::thread::JoinHandle<usize> {
+    udp_counter_warmed(lab, ns, dst, tag, Default::default())
+}
+
+/// `udp_counter` that also sets `warmed` when a "warm-up" datagram arrives.
+fn udp_counter_warmed(
+    lab: &Lab,
+    ns: &str,
+    dst: SocketAddr,
+    tag: &'static [u8],
+    warmed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<usize> {
     let server = in_netns(&lab.ns(ns), move || {
         let s = UdpSocket::bind(dst).unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(700)))
-            .unwrap();
+        s.set_read_timeout(Some(quiet_period())).unwrap();
         s
     });
     std::thread::spawn(move || {
@@ -311,6 +331,8 @@ pub fn udp_counter(
         while let Ok((k, _)) = server.recv_from(&mut buf) {
             if buf[..k].starts_with(tag) {
                 got += 1;
+            } else if buf[..k].starts_with(b"warm-up") {
+                warmed.store(true, std::sync::atomic::Ordering::Relaxed);
             }
         }
         got
@@ -321,13 +343,20 @@ pub fn udp_counter(
 /// returns how many arrived.
 pub fn udp(lab: &Lab, from: &str, src: &str, to: &str, dst: &str, n: usize) -> usize {
     let dst: SocketAddr = dst.parse().unwrap();
-    let server = udp_counter(lab, to, dst, b"datagram");
+    let warmed: std::sync::Arc<std::sync::atomic::AtomicBool> = Default::default();
+    let server = udp_counter_warmed(lab, to, dst, b"datagram", warmed.clone());
     let src: SocketAddr = src.parse().unwrap();
     in_netns(&lab.ns(from), move || {
         let c = UdpSocket::bind(src).unwrap();
-        // Let the host resolve its gateway first: what is measured is the CXP, not ARP/ND.
-        let _ = c.send_to(b"warm-up", dst);
-        std::thread::sleep(Duration::from_millis(100));
+        // Warm up until one datagram gets through (up to 2 s: a path that is down stays
+        // down): what is measured is the path, not ARP/ND on its first packet.
+        let t = Instant::now();
+        while !warmed.load(std::sync::atomic::Ordering::Relaxed)
+            && t.elapsed() < Duration::from_secs(2)
+        {
+            let _ = c.send_to(b"warm-up", dst);
+            std::thread::sleep(Duration::from_millis(50));
+        }
         for i in 0..n {
             let _ = c.send_to(format!("datagram {i}").as_bytes(), dst);
             if i % 50 == 49 {
@@ -554,4 +583,13 @@ pub fn peer_config(connector: &str, path: &std::path::Path) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
+}
+
+/// The id of the XDP program attached to `dev` in the lab's CXP.
+pub fn xdp_prog_id(lab: &Lab, dev: &str) -> Option<String> {
+    let out = sh(&format!("ip -n {} -d link show dev {dev}", lab.ns("cxp")));
+    out.split_whitespace()
+        .skip_while(|w| *w != "prog/xdp")
+        .nth(2)
+        .map(str::to_string)
 }
