@@ -264,6 +264,11 @@ dpd_seconds = 5
         r.contains("10.1.0.0/16") && !r.contains("0.0.0.0/0")
     });
     eprintln!("gateway routes after the change:\n{r}");
+    hold(
+        &lab,
+        &agent,
+        &format!("try: ip netns exec {gw} swanctl --list-sas --uri unix://{}/charon.vici\n     ip -n {cxp} xfrm state; ip -n {cxp} route show table 100\n     ip netns exec {gw} birdc -s {} show route\n     ip netns exec {p}-vnet1 ping -I 10.1.0.1 192.168.20.1", charon.dir.display(), bird.socket, p = lab.prefix),
+    );
 }
 
 /// Scenario 4: a transit VNet reached over a plain L3 link. The transit VNet (host
@@ -372,6 +377,11 @@ to_segment = "prod"
     );
     assert_eq!(xdp_prog_id(&lab, "vnet1"), prog, "the same XDP program");
     assert_eq!(established(&agent.status()), 1, "the BGP session stayed up");
+    hold(
+        &lab,
+        &agent,
+        &format!("try: ip netns exec {p}-vnet1 ping -I 10.1.0.1 10.30.0.1\n     {XNET} policy --socket {}", agent.socket.display(), p = lab.prefix),
+    );
 }
 
 /// Scenario 6: ExpressRoute-style private peering: eBGP over the link with the on-prem
@@ -465,5 +475,10 @@ import = {{ prefixes = [{{ prefix = "192.168.30.0/24" }}] }}
     assert!(
         agent.status().reason("forwarded") >= before + 100,
         "XDP forwarded both ways"
+    );
+    hold(
+        &lab,
+        &agent,
+        &format!("try: ip netns exec {p}-onprem birdc -s {} show route\n     ip netns exec {p}-vnet1 ping -I 10.1.0.1 192.168.30.1", bird.socket, p = lab.prefix),
     );
 }

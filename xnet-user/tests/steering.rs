@@ -178,4 +178,12 @@ fn steered_flows_cross_one_firewall_both_ways_and_fail_over() {
         s.reason("drop_fail_closed"),
         s.reason("pass_no_neighbour")
     );
+    hold(
+        &lab,
+        &agent,
+        &format!(
+            "try: ip netns exec {p}-fw1 nft list ruleset (the firewall's counters)\n     ip netns exec {p}-vnet1 ping -I 10.1.0.1 192.168.10.1\n     ip -n {p}-fw{k} link set eth0 down (fail over)",
+            p = lab.prefix
+        ),
+    );
 }

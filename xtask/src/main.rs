@@ -76,6 +76,10 @@ enum Cmd {
         #[arg(long, default_value_t = 1200)]
         timeout: u64,
     },
+    /// Bring one scenario up in the VM for a person to poke at: s1 (site-to-site IPsec),
+    /// s4 (transit VNet), s5 (firewall steering), s6 (private peering). A shell opens on
+    /// the VM's console once it is up, with what to try; `exit` tears it down.
+    Lab { scenario: String },
     /// Fuzz the BGP and IKEv2 message decoders (cargo-fuzz, libFuzzer), each for a while.
     Fuzz {
         /// How long to run each target.
@@ -132,6 +136,7 @@ fn real_main() -> Result<()> {
             vm_test(&root, None, None, Duration::from_secs(1200))
         }
         Cmd::Fuzz { seconds } => fuzz(&root, seconds),
+        Cmd::Lab { scenario } => lab(&root, &scenario),
         Cmd::VmTest {
             scenario,
             exec,
@@ -477,46 +482,16 @@ fn vm_test(
 ) -> Result<()> {
     build(root)?;
     let assets = vm::assets(root)?;
-    let mut script = String::from("set -u\ncd \"$(dirname \"$0\")/../..\"\n");
-    match exec {
-        Some(cmd) => script.push_str(&format!("{cmd}\n")),
+    let script = match exec {
+        Some(cmd) => format!("{VM_PRELUDE}{cmd}\n"),
         None => {
-            step("building the VM test binaries");
-            let mut cmd = cargo(USER_TOOLCHAIN);
-            cmd.current_dir(root)
-                .args([
-                    "test",
-                    "--release",
-                    "-p",
-                    "xnet-user",
-                    "--no-run",
-                    "--message-format=json",
-                ])
-                .env("XNET_EBPF_OBJ", ebpf_object(root));
-            for (t, _) in VM_TESTS {
-                cmd.args(["--test", t]);
-            }
-            let json = output(&mut cmd)?;
-            script.push_str(&format!(
-                "export CI={} XNET_VM=1 XNET_EBPF_OBJ={}\nstatus=0\n",
-                if std::env::var_os("CI").is_some() {
-                    "true"
-                } else {
-                    ""
-                },
-                ebpf_object(root).display()
-            ));
-            for (t, default) in VM_TESTS {
-                let exe = test_executable(&json, t)?;
-                let args = format!(" {}", filter.as_deref().unwrap_or(default));
-                script.push_str(&format!(
-                    "echo \"== {t}\"\n{} --test-threads=1{args} || status=1\n",
-                    exe.display()
-                ));
-            }
-            script.push_str("exit $status\n");
+            let runs: Vec<(&str, &str)> = VM_TESTS
+                .iter()
+                .map(|(t, default)| (*t, filter.as_deref().unwrap_or(default)))
+                .collect();
+            vm_test_script(root, &runs, "")?
         }
-    }
+    };
     let path = root.join("target/vm/run.sh");
     std::fs::write(&path, script)?;
     step("booting the VM (QEMU, software emulation)");
@@ -530,6 +505,78 @@ fn vm_test(
         bail!("vm-test failed (status {status})");
     }
     Ok(())
+}
+
+/// The start of every script the VM runs: from the work tree's root.
+const VM_PRELUDE: &str = "set -u\ncd \"$(dirname \"$0\")/../..\"\n";
+
+/// Builds the VM's test binaries and returns a script that runs each (binary, filter)
+/// one test at a time and fails if any failed. `env`: more `NAME=value` to export.
+fn vm_test_script(root: &Path, runs: &[(&str, &str)], env: &str) -> Result<String> {
+    step("building the VM test binaries");
+    let mut cmd = cargo(USER_TOOLCHAIN);
+    cmd.current_dir(root)
+        .args([
+            "test",
+            "--release",
+            "-p",
+            "xnet-user",
+            "--no-run",
+            "--message-format=json",
+        ])
+        .env("XNET_EBPF_OBJ", ebpf_object(root));
+    for (t, _) in runs {
+        cmd.args(["--test", t]);
+    }
+    let json = output(&mut cmd)?;
+    let ci = if std::env::var_os("CI").is_some() {
+        "true"
+    } else {
+        ""
+    };
+    let mut script = format!(
+        "{VM_PRELUDE}export CI={ci} XNET_VM=1 XNET_EBPF_OBJ={} {env}\nstatus=0\n",
+        ebpf_object(root).display()
+    );
+    for (t, filter) in runs {
+        let exe = test_executable(&json, t)?;
+        script.push_str(&format!(
+            "echo \"== {t}\"\n{} --test-threads=1 {filter} || status=1\n",
+            exe.display()
+        ));
+    }
+    script.push_str("exit $status\n");
+    Ok(script)
+}
+
+/// `cargo xtask lab SCENARIO`: (test binary, test name filter) of each scenario.
+const LABS: &[(&str, &str, &str)] = &[
+    ("s1", "scenarios", "s1_"),
+    ("s4", "scenarios", "s4_"),
+    ("s5", "steering", "steered_flows"),
+    ("s6", "scenarios", "s6_"),
+];
+
+/// Brings a scenario up in the VM and hands its console to the user (XNET_LAB=1 makes
+/// the scenario open a shell once it is up; leaving the shell tears it down).
+fn lab(root: &Path, scenario: &str) -> Result<()> {
+    let Some((_, test, filter)) = LABS.iter().find(|(s, _, _)| *s == scenario) else {
+        bail!(
+            "no lab {scenario:?} (there are: {})",
+            LABS.iter().map(|l| l.0).collect::<Vec<_>>().join(", ")
+        );
+    };
+    build(root)?;
+    let assets = vm::assets(root)?;
+    let script = vm_test_script(
+        root,
+        &[(test, &format!("{filter} --nocapture"))],
+        "XNET_LAB=1",
+    )?;
+    let path = root.join("target/vm/lab.sh");
+    std::fs::write(&path, script)?;
+    step(&format!("booting the VM for lab {scenario}: when it is up you get a shell; `exit` tears it down (QEMU: Ctrl-A X quits at once)"));
+    vm::boot_interactive(root, &assets, &path)
 }
 
 /// The path of test binary `name` in `cargo test --no-run --message-format=json` output.

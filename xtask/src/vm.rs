@@ -167,47 +167,64 @@ fn add_with_deps(deps: &str, name: &str, order: &mut Vec<String>) -> Result<()> 
     Ok(())
 }
 
-/// Boots the VM to run `script` (a bash script inside the work tree) and returns its exit
-/// status. The serial console goes to stdout, each line prefixed with `vm| `.
+/// The QEMU command that boots the VM to run `script` (a bash script in the work tree).
+fn qemu(root: &Path, a: &Assets, script: &Path) -> Command {
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu.args([
+        "-accel",
+        "tcg,tb-size=256",
+        "-cpu",
+        "max",
+        "-smp",
+        "2",
+        "-m",
+        "3072",
+    ])
+    .args([
+        "-nographic",
+        "-no-reboot",
+        "-nodefaults",
+        "-serial",
+        "stdio",
+    ])
+    .arg("-kernel")
+    .arg(&a.vmlinux)
+    .arg("-initrd")
+    .arg(&a.initrd)
+    .args([
+        "-virtfs",
+        "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+        "-virtfs",
+    ])
+    .arg(format!(
+        "local,path={},mount_tag=work,security_model=none,multidevs=remap",
+        root.display()
+    ))
+    .arg("-append")
+    .arg(format!(
+        "console=ttyS0 quiet panic=-1 xnet.work={} xnet.run={} xnet.modules={}",
+        root.display(),
+        script.display(),
+        a.modules.display()
+    ));
+    qemu
+}
+
+/// Boots the VM with the console on this terminal, for a person (`cargo xtask lab`).
+pub fn boot_interactive(root: &Path, a: &Assets, script: &Path) -> Result<()> {
+    let status = qemu(root, a, script)
+        .status()
+        .context("starting qemu-system-x86_64 (Debian qemu-system-x86)")?;
+    if !status.success() {
+        bail!("qemu: {status}");
+    }
+    Ok(())
+}
+
+/// Boots the VM to run `script` and returns its exit status. The serial console goes to
+/// stdout, each line prefixed with `vm| `.
 pub fn boot(root: &Path, a: &Assets, script: &Path, timeout: Duration) -> Result<i32> {
-    let mut child = Command::new("qemu-system-x86_64")
-        .args([
-            "-accel",
-            "tcg,tb-size=256",
-            "-cpu",
-            "max",
-            "-smp",
-            "2",
-            "-m",
-            "3072",
-        ])
-        .args([
-            "-nographic",
-            "-no-reboot",
-            "-nodefaults",
-            "-serial",
-            "stdio",
-        ])
-        .arg("-kernel")
-        .arg(&a.vmlinux)
-        .arg("-initrd")
-        .arg(&a.initrd)
-        .args([
-            "-virtfs",
-            "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
-            "-virtfs",
-        ])
-        .arg(format!(
-            "local,path={},mount_tag=work,security_model=none,multidevs=remap",
-            root.display()
-        ))
-        .arg("-append")
-        .arg(format!(
-            "console=ttyS0 quiet panic=-1 xnet.work={} xnet.run={} xnet.modules={}",
-            root.display(),
-            script.display(),
-            a.modules.display()
-        ))
+    let mut child = qemu(root, a, script)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()

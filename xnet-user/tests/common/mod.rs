@@ -480,7 +480,7 @@ pub fn lab(name: &str) -> Lab {
 /// BIRD 2 in one of the lab's namespaces.
 pub struct Bird {
     child: Child,
-    socket: String,
+    pub socket: String,
     ns: String,
     conf: String,
 }
@@ -592,4 +592,20 @@ pub fn xdp_prog_id(lab: &Lab, dev: &str) -> Option<String> {
         .skip_while(|w| *w != "prog/xdp")
         .nth(2)
         .map(str::to_string)
+}
+
+/// `cargo xtask lab`: with XNET_LAB set, stops here with the scenario up and opens a
+/// shell on the console, after printing `what_to_try`; leaving it tears the scenario down.
+pub fn hold(lab: &Lab, agent: &Agent, what_to_try: &str) {
+    if std::env::var_os("XNET_LAB").is_none() {
+        return;
+    }
+    let p = &lab.prefix;
+    println!(
+        "\n=== the scenario is up ===\nnamespaces: {p}-cxp (the agent), {p}-vnet1, {p}-vnet2, {p}-onprem{}\nagent: ip netns exec {p}-cxp {XNET} status --socket {}\n       (also: bgp, ipsec, policy); its log: {}\n{what_to_try}\n`exit` tears it down.\n",
+        if lab.firewalls > 0 { ", {p}-fw1, {p}-fw2" } else { "" },
+        agent.socket.display(),
+        agent.stderr.display()
+    );
+    let _ = Command::new("bash").arg("-i").env("PS1", "lab# ").status();
 }
