@@ -61,7 +61,7 @@ fn gateway(lab: &Lab, host: &str, name: &str, cfg: &str) -> Charon {
         &lab.ns(host),
         dir,
         CHARON,
-        "      default = 1",
+        "      default = 1\n      ike = 2\n      net = 2",
         &peer_config_of(lab, name, cfg),
     )
     .unwrap();
@@ -116,6 +116,21 @@ protocol bgp cxp {
 }
 ";
 
+/// The CXP's BGP speaker in the tunnel scenarios: its session address (10.255.0.1, on lo)
+/// is inside the tunnels' traffic selectors.
+const CXP_BGP: &str = "[bgp]\nasn = 65001\nrouter_id = \"10.255.0.1\"\n";
+
+/// Sets up the CXP for tunnels with BGP over them: the session address, the slow path;
+/// returns the PSK file.
+fn cxp_with_tunnels(lab: &Lab) -> PathBuf {
+    sh(&format!(
+        "ip -n {} addr add 10.255.0.1/32 dev lo",
+        lab.ns("cxp")
+    ));
+    slow_path_on(lab);
+    write_psk(lab)
+}
+
 fn slow_path_on(lab: &Lab) {
     // Tunnel traffic is forwarded by the kernel (XDP passes it): forwarding on, as on any
     // CXP host (the lab leaves it off to prove that XDP forwards the rest).
@@ -136,15 +151,10 @@ fn s1_site_to_site_ipsec_to_a_vnet_gateway() {
     }
     let lab = lab("s1");
     let (cxp, gw) = (lab.ns("cxp"), lab.ns("onprem"));
-    sh(&format!("ip -n {cxp} addr add 10.255.0.1/32 dev lo"));
-    slow_path_on(&lab);
-    let psk = write_psk(&lab);
+    let psk = cxp_with_tunnels(&lab);
     let cfg = format!(
         r#"{}
-[bgp]
-asn = 65001
-router_id = "10.255.0.1"
-
+{CXP_BGP}
 [[bgp.neighbors]]
 name = "vnet-gw"
 segment = "prod"
@@ -480,5 +490,187 @@ import = {{ prefixes = [{{ prefix = "192.168.30.0/24" }}] }}
         &lab,
         &agent,
         &format!("try: ip netns exec {p}-onprem birdc -s {} show route\n     ip netns exec {p}-vnet1 ping -I 10.1.0.1 192.168.30.1", bird.socket, p = lab.prefix),
+    );
+}
+
+/// Scenario 3: a vWAN hub over IPsec + BGP, then migration. The hub (charon and BIRD in
+/// `onprem`) announces two spokes; the CXP learns them over the tunnel and advertises
+/// the on-prem prefix (10.1.0.0/16) back. Then spoke 10.41/16 moves to its own gateway
+/// (charon in `vnet2`) on a direct connector the CXP already has: its tunnel comes up,
+/// the hub withdraws the spoke, and steady traffic to the other spoke loses nothing.
+#[test]
+fn s3_vwan_hub_and_migration_of_a_spoke() {
+    if !vm_kernel("s3_vwan_hub_and_migration_of_a_spoke") {
+        return;
+    }
+    let lab = lab("s3");
+    let (cxp, hub, spoke) = (lab.ns("cxp"), lab.ns("onprem"), lab.ns("vnet2"));
+    let psk = cxp_with_tunnels(&lab);
+    let cfg = format!(
+        r#"{}
+{CXP_BGP}
+[[bgp.neighbors]]
+name = "hub"
+segment = "prod"
+address = "192.168.10.254"
+local_address = "10.255.0.1"
+remote_asn = 65515
+advertise = "custom"
+prefixes = ["10.1.0.0/16"]
+
+[[ipsec]]
+name = "hub"
+segment = "prod"
+local_address = "10.0.3.1"
+remote_address = "10.0.3.2"
+psk_file = "{psk}"
+profile = "azure"
+local_ts = ["10.1.0.0/16", "10.255.0.1/32"]
+remote_ts = ["192.168.10.0/24", "10.40.0.0/15"]
+routes = ["192.168.10.254/32"]
+interface = "xi-hub"
+
+[[ipsec]]
+name = "spoke41"
+segment = "prod"
+local_address = "10.0.2.1"
+remote_address = "10.0.2.2"
+psk_file = "{psk}"
+initiate = false
+profile = "azure"
+local_ts = ["10.1.0.0/16"]
+remote_ts = ["10.41.0.0/16"]
+interface = "xi-spoke41"
+"#,
+        without_onprem_route(),
+        psk = psk.display()
+    );
+    let _hub_gw = gateway(&lab, "onprem", "hub", &cfg);
+    sh(&format!("ip -n {hub} addr add 192.168.10.254/32 dev lo"));
+    let bird = Bird::in_host(
+        &lab,
+        "onprem",
+        "router id 192.168.10.254;
+protocol device {}
+protocol static spoke40 { ipv4; route 10.40.0.0/16 blackhole; }
+protocol static spoke41 { ipv4; route 10.41.0.0/16 blackhole; }
+protocol bgp cxp {
+  local 192.168.10.254 as 65515;
+  neighbor 10.255.0.1 as 65001;
+  multihop;
+  ipv4 { import all; export where proto ~ \"spoke*\"; };
+}
+",
+        "10.40.0.1",
+    );
+    sh(&format!("ip -n {hub} addr add 10.41.0.1/32 dev lo"));
+    let agent = Agent::start(&lab, &cfg);
+    let learned = |s: &xnet_user::status::Status, p: &str| {
+        s.bgp_routes
+            .iter()
+            .any(|r| r.prefix == p && r.in_data_plane)
+    };
+    wait_until(
+        &agent,
+        "both spokes learned from the hub",
+        Duration::from_secs(90),
+        |s| learned(s, "10.40.0.0/16") && learned(s, "10.41.0.0/16"),
+    );
+    let t = std::time::Instant::now();
+    while !bird.cmd("show route").contains("10.1.0.0/16") {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the hub never got 10.1.0.0/16"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(
+        udp(
+            &lab,
+            "vnet1",
+            "10.1.0.1:5700",
+            "onprem",
+            "10.41.0.1:9700",
+            20
+        ),
+        20,
+        "spoke 41 through the hub"
+    );
+
+    // Migration of spoke 41 under steady traffic to spoke 40.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let steady = steady_udp(
+        &lab,
+        ("vnet1", "10.1.0.1:5701"),
+        ("onprem", "10.40.0.1:9701"),
+        stop.clone(),
+    );
+    count_underlay(&spoke, "eth0", "10.1.0.0/16");
+    let spoke_gw = gateway(&lab, "vnet2", "spoke41", &cfg);
+    wait_until(
+        &agent,
+        "the direct tunnel of spoke 41",
+        Duration::from_secs(60),
+        |s| {
+            s.ipsec
+                .iter()
+                .any(|t| t.name == "spoke41" && t.state == "established" && !t.children.is_empty())
+        },
+    );
+    bird.cmd("disable spoke41");
+    sh(&format!("ip -n {hub} addr del 10.41.0.1/32 dev lo"));
+    sh(&format!("ip -n {spoke} addr add 10.41.0.1/32 dev lo"));
+    wait_until(
+        &agent,
+        "the hub's withdrawal of spoke 41",
+        Duration::from_secs(30),
+        |s| !s.bgp_routes.iter().any(|r| r.prefix == "10.41.0.0/16"),
+    );
+    let got = udp(
+        &lab,
+        "vnet1",
+        "10.1.0.1:5702",
+        "vnet2",
+        "10.41.0.1:9702",
+        20,
+    );
+    assert_eq!(
+        got,
+        20,
+        "spoke 41 over its own tunnel:\n{}\n{}\n{}\n{:?}",
+        sh(&format!("ip -n {cxp} route show table 100")),
+        sh(&format!("ip -n {cxp} -s link show xi-spoke41")),
+        sh(&format!("ip netns exec {spoke} nft list ruleset; ip -n {spoke} -s xfrm state | grep -v 'limit\\|lifetime\\|expire\\|sel \\|anti-replay\\|aead'; ip -n {spoke} xfrm policy | grep -A1 '10.41'; grep -i 'nat\\|float\\|4500' {}/charon.log | head -20", spoke_gw.dir.display())),
+        agent.status().reasons
+    );
+    assert_eq!(
+        udp(
+            &lab,
+            "vnet2",
+            "10.41.0.1:9703",
+            "vnet1",
+            "10.1.0.1:5703",
+            20
+        ),
+        20,
+        "and back"
+    );
+    let (esp, plain) = underlay_counts(&spoke);
+    assert!(
+        esp >= 20 && plain == 0,
+        "ESP only to the spoke: {esp} ESP, {plain} plain"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (sent, received) = steady.join().unwrap();
+    eprintln!("steady traffic to spoke 40 during the migration: {received} of {sent}");
+    assert_eq!(received, sent, "no loss for the spoke that stayed");
+    hold(
+        &lab,
+        &agent,
+        &format!(
+            "try: {XNET} ipsec --socket {}\n     ip netns exec {hub} birdc -s {} show route",
+            agent.socket.display(),
+            bird.socket
+        ),
     );
 }

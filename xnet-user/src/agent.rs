@@ -1015,7 +1015,9 @@ impl Agent {
             .unwrap_or_default()
     }
 
-    /// Puts the RIB's selection for `changed` into the data plane (static routes win).
+    /// Puts the RIB's selection for `changed` into the data plane. Static routes and the
+    /// routes of IPsec tunnels that are up win over BGP for the same prefix (a tunnel's
+    /// route hands BGP's back when it goes down, so BGP's stays up to date under it).
     async fn apply_bgp(&mut self, changed: Vec<(u32, IpNet)>) -> Result<()> {
         let mut segments = std::collections::BTreeSet::new();
         for (seg, net) in changed {
@@ -1023,6 +1025,11 @@ impl Agent {
             if self.routes.contains_key(&(seg, net)) {
                 continue;
             }
+            let under_tunnel = self
+                .tunnel_routes
+                .values()
+                .flatten()
+                .any(|r| *r == (seg, net));
             let mut hops: Vec<NhKey> = self
                 .rib
                 .selected(seg, &net)
@@ -1033,7 +1040,7 @@ impl Agent {
             hops.dedup();
             let table = self.config.segments[seg as usize - 1].table;
             if hops.is_empty() {
-                if self.bgp_routes.remove(&(seg, net)).is_some() {
+                if self.bgp_routes.remove(&(seg, net)).is_some() && !under_tunnel {
                     self.dp.remove_route(seg, net)?;
                     if let Some(f) = &self.fib {
                         let _ = f.send(FibOp::Delete(table, net));
@@ -1042,6 +1049,10 @@ impl Agent {
                 continue;
             }
             if self.bgp_routes.get(&(seg, net)) == Some(&hops) {
+                continue;
+            }
+            if under_tunnel {
+                self.bgp_routes.insert((seg, net), hops);
                 continue;
             }
             self.dp.set_route(seg, net, &hops)?;
@@ -1230,8 +1241,9 @@ impl Agent {
             || new.agent != self.config.agent
             || new.services != self.config.services
             || bgp_globals(&new) != bgp_globals(&self.config)
+            || new.ipsec != self.config.ipsec
         {
-            error!("reload rejected, nothing changed: {}: interfaces, segments, services, [agent] and the [bgp] settings other than neighbors only change with a restart", self.path.display());
+            error!("reload rejected, nothing changed: {}: interfaces, segments, services, [[ipsec]] connectors, [agent] and the [bgp] settings other than neighbors only change with a restart", self.path.display());
             return;
         }
         let want = route_set(&new, &self.links);

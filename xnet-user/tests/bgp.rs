@@ -401,31 +401,6 @@ impl Drop for BpfFs {
     }
 }
 
-/// UDP from vnet1 to 172.16.0.1 every 2 ms until `stop`, in the background; the handle
-/// gives (sent, received).
-fn steady_traffic(
-    lab: &Lab,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> std::thread::JoinHandle<(usize, usize)> {
-    use std::net::UdpSocket;
-    use std::sync::atomic::Ordering;
-
-    let rx = udp_counter(lab, "onprem", "172.16.0.1:9100".parse().unwrap(), b"steady");
-    let client = in_netns(&lab.ns("vnet1"), || {
-        UdpSocket::bind("10.1.0.1:5100").unwrap()
-    });
-    std::thread::spawn(move || {
-        let mut sent = 0;
-        while !stop.load(Ordering::Relaxed) {
-            if client.send_to(b"steady", "172.16.0.1:9100").is_ok() {
-                sent += 1;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        (sent, rx.join().unwrap())
-    })
-}
-
 fn stale(s: &Status, prefix: &str) -> bool {
     s.bgp_routes
         .iter()
@@ -466,7 +441,12 @@ fn graceful_restart_of_the_agent_and_of_bird() {
 
     // 1. The agent restarts (SIGUSR1, then a new agent) under steady traffic.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let traffic = steady_traffic(&lab, stop.clone());
+    let traffic = steady_udp(
+        &lab,
+        ("vnet1", "10.1.0.1:5100"),
+        ("onprem", "172.16.0.1:9100"),
+        stop.clone(),
+    );
     std::thread::sleep(Duration::from_millis(300));
     agent.signal(libc::SIGUSR1);
     let code = agent.child.take().unwrap().wait().unwrap();

@@ -76,7 +76,7 @@ enum Cmd {
         #[arg(long, default_value_t = 1200)]
         timeout: u64,
     },
-    /// Bring one scenario up in the VM for a person to poke at: s1 (site-to-site IPsec),
+    /// Bring one scenario up in the VM for a person to poke at: s1 (site-to-site IPsec), s3 (vWAN hub and migration),
     /// s4 (transit VNet), s5 (firewall steering), s6 (private peering). A shell opens on
     /// the VM's console once it is up, with what to try; `exit` tears it down.
     Lab { scenario: String },
@@ -541,7 +541,7 @@ fn vm_test_script(root: &Path, runs: &[(&str, &str)], env: &str) -> Result<Strin
     for (t, filter) in runs {
         let exe = test_executable(&json, t)?;
         script.push_str(&format!(
-            "echo \"== {t}\"\n{} --test-threads=1 {filter} || status=1\n",
+            "echo \"== {t}\"\n{} --test-threads=1 --nocapture {filter} || status=1\n",
             exe.display()
         ));
     }
@@ -552,6 +552,7 @@ fn vm_test_script(root: &Path, runs: &[(&str, &str)], env: &str) -> Result<Strin
 /// `cargo xtask lab SCENARIO`: (test binary, test name filter) of each scenario.
 const LABS: &[(&str, &str, &str)] = &[
     ("s1", "scenarios", "s1_"),
+    ("s3", "scenarios", "s3_"),
     ("s4", "scenarios", "s4_"),
     ("s5", "steering", "steered_flows"),
     ("s6", "scenarios", "s6_"),
@@ -568,11 +569,7 @@ fn lab(root: &Path, scenario: &str) -> Result<()> {
     };
     build(root)?;
     let assets = vm::assets(root)?;
-    let script = vm_test_script(
-        root,
-        &[(test, &format!("{filter} --nocapture"))],
-        "XNET_LAB=1",
-    )?;
+    let script = vm_test_script(root, &[(test, filter)], "XNET_LAB=1")?;
     let path = root.join("target/vm/lab.sh");
     std::fs::write(&path, script)?;
     step(&format!("booting the VM for lab {scenario}: when it is up you get a shell; `exit` tears it down (QEMU: Ctrl-A X quits at once)"));

@@ -605,7 +605,9 @@ impl Daemon {
                         ts_list(&c.remote_ts)
                     );
                     if let Some(ci) = ci {
-                        let encap = self.sas.get(&spi).filter(|s| s.natt).map(|s| {
+                        // ESP goes in UDP only across a NAT (or forced): a peer on 4500
+                        // without one (strongSwan moves there for MOBIKE) sends plain ESP.
+                        let encap = self.sas.get(&spi).filter(|s| s.nat_detected).map(|s| {
                             (
                                 NATT_PORT,
                                 if s.remote_port == IKE_PORT {

@@ -609,3 +609,28 @@ pub fn hold(lab: &Lab, agent: &Agent, what_to_try: &str) {
     );
     let _ = Command::new("bash").arg("-i").env("PS1", "lab# ").status();
 }
+
+/// UDP every 2 ms from (namespace, address) `from` to `to` until `stop`, in the
+/// background; the handle gives (sent, received).
+pub fn steady_udp(
+    lab: &Lab,
+    from: (&str, &str),
+    to: (&str, &str),
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(usize, usize)> {
+    use std::sync::atomic::Ordering;
+    let dst: SocketAddr = to.1.parse().unwrap();
+    let src: SocketAddr = from.1.parse().unwrap();
+    let rx = udp_counter(lab, to.0, dst, b"steady");
+    let client = in_netns(&lab.ns(from.0), move || UdpSocket::bind(src).unwrap());
+    std::thread::spawn(move || {
+        let mut sent = 0;
+        while !stop.load(Ordering::Relaxed) {
+            if client.send_to(b"steady", dst).is_ok() {
+                sent += 1;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        (sent, rx.join().unwrap())
+    })
+}
