@@ -27,8 +27,10 @@ done
 R=/newroot
 mkdir -p $R
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144 hostroot $R || fail "mounting the host root"
-mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 work "$R$WORK" || fail "mounting $WORK"
 for d in tmp run; do mount -t tmpfs tmpfs "$R/$d"; done
+# After the tmpfs mounts: a work tree under /tmp (a CI clone, say) stays visible.
+mkdir -p "$R$WORK" 2>/dev/null
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 work "$R$WORK" || fail "mounting $WORK"
 mount -t proc proc $R/proc
 mount -t sysfs sys $R/sys
 mount -t devtmpfs dev $R/dev
