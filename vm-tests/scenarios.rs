@@ -423,22 +423,8 @@ import = {{ prefixes = [{{ prefix = "192.168.30.0/24" }}] }}
     );
     let path = std::env::temp_dir().join(format!("{}-er.toml", lab.prefix));
     std::fs::write(&path, &cfg).unwrap();
-    let out = std::process::Command::new(XNET)
-        .args(["peer-config", "er-onprem", "--format", "bird", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let bird = Bird::in_host(
-        &lab,
-        "onprem",
-        &String::from_utf8(out.stdout).unwrap(),
-        "192.168.30.1",
-    );
+    let router = xnet_peer_config(&path, &["er-onprem", "--format", "bird"]);
+    let bird = Bird::in_host(&lab, "onprem", &router, "192.168.30.1");
     let agent = Agent::start(&lab, &cfg);
     wait_until(
         &agent,

@@ -743,6 +743,16 @@ impl Agent {
                         None
                     }
                 };
+                // How the kernel reaches the tunnel: into its xfrm interface (route-based:
+                // a device route, its policies encrypt), or toward the endpoint
+                // (policy-based: XFRM policies catch it there).
+                let kernel_hop = match (self.xfrm_links.get(&i), underlay) {
+                    (Some((_, xi)), _) => Some((*xi, unspecified(c.remote_address))),
+                    (None, hop) => hop,
+                };
+                if let Some(h) = kernel_hop {
+                    self.tunnel_kernel_hops.insert(c.remote_address, h);
+                }
                 let prefixes = if c.routes.is_empty() {
                     c.remote_ts.clone()
                 } else {
@@ -759,7 +769,8 @@ impl Agent {
                         continue;
                     }
                     if self.config.agent.kernel_fib {
-                        self.kernel_tunnel_route(i, table, net, underlay).await;
+                        self.kernel_tunnel_route(&c.name, table, net, kernel_hop)
+                            .await;
                     }
                     done.push((seg, net));
                 }
@@ -778,7 +789,7 @@ impl Agent {
                     .map(|n| IpNet::from(n.address))
                     .collect();
                 for host in &peers {
-                    self.kernel_tunnel_route(i, MAIN_TABLE, *host, underlay)
+                    self.kernel_tunnel_route(&c.name, MAIN_TABLE, *host, kernel_hop)
                         .await;
                     info!(
                         "ipsec {}: BGP peer {} is reached through the tunnel",
@@ -787,13 +798,6 @@ impl Agent {
                     );
                 }
                 self.tunnel_peers.insert(i, peers);
-                let kernel_hop = match (self.xfrm_links.get(&i), underlay) {
-                    (Some((_, xi)), _) => Some((*xi, unspecified(c.remote_address))),
-                    (None, hop) => hop,
-                };
-                if let Some(h) = kernel_hop {
-                    self.tunnel_kernel_hops.insert(c.remote_address, h);
-                }
                 info!(
                     "ipsec {}: tunnel up: {} routed into it in segment {}",
                     c.name,
@@ -814,7 +818,7 @@ impl Agent {
                 };
                 self.remove_tunnel_routes(&routes).await;
                 // BGP routes learned over the tunnel lose their next hop.
-                if let Some(c) = self.config.ipsec.get(i) {
+                if let Some(c) = self.config.ipsec.get(i).cloned() {
                     self.tunnel_kernel_hops.remove(&c.remote_address);
                     let through: Vec<(u32, IpNet)> = self
                         .bgp_routes
@@ -829,32 +833,39 @@ impl Agent {
                     if let Err(e) = self.apply_bgp(through).await {
                         warn!("bgp: {e:#}");
                     }
-                }
-                if let Some(c) = self.config.ipsec.get(i) {
                     info!("ipsec {}: tunnel down: its routes are gone", c.name);
                 }
             }
         }
     }
 
-    /// A kernel route for `net` in `table` into connector `i`'s tunnel: route-based, into
-    /// its xfrm interface (whose policies encrypt); policy-based, toward the tunnel
-    /// endpoint (`underlay`), where XFRM policies catch it.
+    /// A kernel route for `net` in `table` into connector `name`'s tunnel by `hop`.
     async fn kernel_tunnel_route(
         &self,
-        i: usize,
+        name: &str,
         table: u32,
         net: IpNet,
-        underlay: Option<(u32, IpAddr)>,
+        hop: Option<(u32, IpAddr)>,
     ) {
-        let r = match (self.xfrm_links.get(&i), underlay) {
-            (Some((_, xi)), _) => self.kernel.replace_device_route(table, net, *xi).await,
-            (None, Some((oif, gw))) => self.kernel.replace_route(table, net, &[(oif, gw)]).await,
-            (None, None) => Ok(()),
-        };
-        if let Err(e) = r {
-            warn!("ipsec {}: {e:#}", self.config.ipsec[i].name);
+        if let Some(h) = hop {
+            if let Err(e) = self.kernel.replace_route(table, net, &[h]).await {
+                warn!("ipsec {name}: {e:#}");
+            }
         }
+    }
+
+    /// The kernel FIB's next hops for data-plane next hops: a tunnel next hop becomes the
+    /// way the kernel reaches that tunnel (one that is down has none).
+    fn kernel_hops(&self, hops: &[NhKey]) -> Vec<(u32, IpAddr)> {
+        hops.iter()
+            .filter_map(|h| {
+                if h.ifindex == crate::dataplane::TUNNEL {
+                    self.tunnel_kernel_hops.get(&h.via).copied()
+                } else {
+                    Some((h.ifindex, h.via))
+                }
+            })
+            .collect()
     }
 
     /// Takes tunnel routes out; a static or learned route for the same prefix comes back.
@@ -869,7 +880,7 @@ impl Agent {
             match back {
                 Some(hops) => {
                     let _ = self.dp.set_route(*seg, *net, &hops);
-                    let kh: Vec<(u32, IpAddr)> = hops.iter().map(|h| (h.ifindex, h.via)).collect();
+                    let kh = self.kernel_hops(&hops);
                     let _ = self.kernel.replace_route(table, *net, &kh).await;
                 }
                 None => {
@@ -1067,17 +1078,7 @@ impl Agent {
                 }
             }
             if let Some(f) = &self.fib {
-                let kernel_hops = hops
-                    .iter()
-                    .filter_map(|h| {
-                        if h.ifindex == crate::dataplane::TUNNEL {
-                            self.tunnel_kernel_hops.get(&h.via).copied()
-                        } else {
-                            Some((h.ifindex, h.via))
-                        }
-                    })
-                    .collect();
-                let _ = f.send(FibOp::Replace(table, net, kernel_hops));
+                let _ = f.send(FibOp::Replace(table, net, self.kernel_hops(&hops)));
             }
             self.bgp_routes.insert((seg, net), hops);
         }

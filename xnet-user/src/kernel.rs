@@ -213,6 +213,8 @@ impl Kernel {
         Ok(b.build())
     }
 
+    /// `ip route replace`: a next hop with an unspecified gateway is a device route (into
+    /// an xfrm interface).
     pub async fn replace_route(
         &self,
         table: u32,
@@ -237,13 +239,6 @@ impl Kernel {
             .execute()
             .await
             .with_context(|| format!("deleting kernel route {net} table {table}"))
-    }
-
-    /// `ip route replace NET dev IFINDEX table TABLE`: into a point-to-point device (an
-    /// xfrm interface), no gateway.
-    pub async fn replace_device_route(&self, table: u32, net: IpNet, ifindex: u32) -> Result<()> {
-        self.replace_route(table, net, &[(ifindex, unspecified(net.addr()))])
-            .await
     }
 
     /// `ip link add NAME type xfrm if_id IF_ID` and up; a link of that name left behind

@@ -565,15 +565,18 @@ pub fn reconfigure(agent: &Agent, from: &str, to: &str) {
 
 /// `xnet peer-config CONNECTOR --format strongswan --include-psk` for the config at `path`.
 pub fn peer_config(connector: &str, path: &std::path::Path) -> String {
+    xnet_peer_config(
+        path,
+        &[connector, "--format", "strongswan", "--include-psk"],
+    )
+}
+
+/// `xnet peer-config ARGS --config PATH`: its output, which must succeed.
+pub fn xnet_peer_config(path: &std::path::Path, args: &[&str]) -> String {
     let out = Command::new(XNET)
-        .args([
-            "peer-config",
-            connector,
-            "--format",
-            "strongswan",
-            "--include-psk",
-            "--config",
-        ])
+        .arg("peer-config")
+        .args(args)
+        .arg("--config")
         .arg(path)
         .output()
         .unwrap();
