@@ -74,14 +74,14 @@ fn gateway(lab: &Lab, host: &str, name: &str, cfg: &str) -> Charon {
 /// are not plaintext on the wire.
 fn count_underlay(ns: &str, dev: &str, src: &str) {
     sh(&format!(
-        "ip netns exec {ns} nft -f - <<'EOF'\ntable netdev underlay {{\n  chain in {{\n    type filter hook ingress device {dev} priority 0;\n    ip protocol esp counter\n    ip saddr {src} meta ipsec missing counter\n  }}\n}}\nEOF"
+        "ip netns exec {ns} nft -f - <<'EOF'\ntable netdev underlay_{dev} {{\n  chain in {{\n    type filter hook ingress device {dev} priority 0;\n    ip protocol esp counter\n    ip saddr {src} meta ipsec missing counter\n  }}\n}}\nEOF"
     ));
 }
 
 /// (ESP packets, plaintext packets) counted by `count_underlay`.
-fn underlay_counts(ns: &str) -> (u64, u64) {
+fn underlay_counts(ns: &str, dev: &str) -> (u64, u64) {
     let out = sh(&format!(
-        "ip netns exec {ns} nft list table netdev underlay"
+        "ip netns exec {ns} nft list table netdev underlay_{dev}"
     ));
     let n: Vec<u64> = out
         .lines()
@@ -259,7 +259,7 @@ dpd_seconds = 5
         50,
         "gateway subnet → vnet1"
     );
-    let (esp, plain) = underlay_counts(&gw);
+    let (esp, plain) = underlay_counts(&gw, "eth0");
     assert!(esp >= 50, "ESP on the underlay: {esp}");
     assert_eq!(plain, 0, "no plaintext from 10.1.0.0/16 on the underlay");
     let sas = sh(&format!("ip -n {cxp} xfrm state"));
@@ -641,7 +641,7 @@ protocol bgp cxp {
         20,
         "and back"
     );
-    let (esp, plain) = underlay_counts(&spoke);
+    let (esp, plain) = underlay_counts(&spoke, "eth0");
     assert!(
         esp >= 20 && plain == 0,
         "ESP only to the spoke: {esp} ESP, {plain} plain"
@@ -657,6 +657,474 @@ protocol bgp cxp {
             "try: {XNET} ipsec --socket {}\n     ip netns exec {hub} birdc -s {} show route",
             agent.socket.display(),
             bird.socket
+        ),
+    );
+}
+
+/// Adds a veth link `cxp_dev` (in CXP namespace `cxp`, `a`/30) ↔ `host_dev` (in `host`,
+/// `b`/30): a second underlay, or the links of a second CXP.
+fn link(cxp: &str, cxp_dev: &str, a: &str, host: &str, host_dev: &str, b: &str) {
+    sh(&format!(
+        "ip link add {cxp_dev} netns {cxp} type veth peer name {host_dev} netns {host}"
+    ));
+    sh(&format!("ip -n {cxp} addr add {a}/30 dev {cxp_dev}"));
+    sh(&format!("ip -n {host} addr add {b}/30 dev {host_dev}"));
+    sh(&format!("ip -n {cxp} link set {cxp_dev} up"));
+    sh(&format!("ip -n {host} link set {host_dev} up"));
+    // As in the lab: XDP_REDIRECT into a veth needs GRO on the receiving end.
+    sh(&format!(
+        "ip netns exec {host} ethtool -K {host_dev} gro on tx off"
+    ));
+}
+
+/// What one ECMP path of the zone-redundant gateway is: its connector, the gateway's
+/// underlay address and link, its BGP address, its xfrm interface (if_id) there.
+const ZONES: [(&str, &str, &str, &str, u32); 2] = [
+    ("gw0", "10.0.3.2", "eth0", "192.168.10.254", 1),
+    ("gw1", "10.0.4.2", "eth1", "192.168.10.253", 2),
+];
+
+/// Scenario 2, first half: a zone-redundant VPN gateway. Two gateway instances (two
+/// underlay addresses, two BGP addresses) each have a tunnel to the CXP with BGP over
+/// it; both announce the VNet, so the CXP spreads flows over the two tunnels (ECMP, the
+/// kernel's multipath route into two xfrm interfaces). Then instance 0's underlay goes
+/// dark: the flows on its tunnel move to the other one when BGP (hold time 6 s) or DPD
+/// notices, and the flows already on the other tunnel lose nothing.
+#[test]
+fn s2_zone_redundant_tunnels_share_flows_and_fail_over() {
+    if !vm_kernel("s2_zone_redundant_tunnels_share_flows_and_fail_over") {
+        return;
+    }
+    let lab = lab("s2z");
+    let (cxp, gw) = (lab.ns("cxp"), lab.ns("onprem"));
+    let psk = cxp_with_tunnels(&lab);
+    link(&cxp, "gw1", "10.0.4.1", &gw, "eth1", "10.0.4.2");
+    // Flows, not just addresses, pick the path (the kernel forwards tunnel traffic).
+    sh(&format!(
+        "ip netns exec {cxp} sysctl -qw net.ipv4.fib_multipath_hash_policy=1"
+    ));
+    let mut cfg = format!(
+        "{}\n{CXP_BGP}multipath = 2\ngraceful_restart = false\n",
+        without_onprem_route()
+    );
+    for (i, (name, remote, _, bgp, _)) in ZONES.iter().enumerate() {
+        let local = ["10.0.3.1", "10.0.4.1"][i];
+        cfg += &format!(
+            r#"
+[[bgp.neighbors]]
+name = "{name}"
+segment = "prod"
+address = "{bgp}"
+local_address = "10.255.0.1"
+remote_asn = 65515
+hold_time = 6
+advertise = "custom"
+prefixes = ["10.1.0.0/16"]
+
+[[ipsec]]
+name = "{name}"
+segment = "prod"
+local_address = "{local}"
+remote_address = "{remote}"
+psk_file = "{}"
+profile = "azure"
+local_ts = ["10.1.0.0/16", "10.255.0.1/32"]
+remote_ts = ["192.168.10.0/24"]
+routes = ["{bgp}/32"]
+interface = "xi-{name}"
+dpd_seconds = 2
+"#,
+            psk.display()
+        );
+    }
+    // The gateway: route-based too (one xfrm interface per instance, so the two tunnels'
+    // equal traffic selectors do not clash), each instance's BGP session into its own.
+    let mut swanctl = String::new();
+    for (name, _, _, bgp, if_id) in ZONES {
+        sh(&format!(
+            "ip -n {gw} link add xi{if_id} type xfrm if_id {if_id}"
+        ));
+        sh(&format!("ip -n {gw} link set xi{if_id} up"));
+        sh(&format!(
+            "ip -n {gw} route add 10.255.0.1/32 dev xi{if_id} table {if_id}"
+        ));
+        sh(&format!("ip -n {gw} rule add from {bgp} lookup {if_id}"));
+        swanctl += &peer_config_of(&lab, name, &cfg).replace(
+            "start_action = none",
+            &format!(
+                "start_action = none\n        if_id_in = {if_id}\n        if_id_out = {if_id}"
+            ),
+        );
+    }
+    let dir = std::env::temp_dir().join(format!("{}-charon-gw", lab.prefix));
+    let charon = Charon::start(
+        &gw,
+        dir,
+        CHARON,
+        "      default = 1\n      ike = 2",
+        &swanctl,
+    )
+    .unwrap();
+    charon.load("--load-all").unwrap();
+    // Two gateway instances, two BGP speakers (each bound to its own address).
+    let _birds: Vec<Bird> = ZONES
+        .iter()
+        .enumerate()
+        .map(|(i, (_, _, _, bgp, _))| {
+            let conf = format!(
+                "router id {bgp};
+protocol device {{}}
+protocol static vnet {{ ipv4; route 192.168.10.0/24 blackhole; }}
+protocol bgp zone{i} {{
+  local {bgp} as 65515; neighbor 10.255.0.1 as 65001; multihop; hold time 6; strict bind;
+  ipv4 {{ import all; export where proto = \"vnet\"; }};
+}}
+"
+            );
+            Bird::instance(&lab, "onprem", &format!("bird{i}"), &conf, bgp)
+        })
+        .collect();
+    for (_, _, dev, _, _) in ZONES {
+        count_underlay(&gw, dev, "10.1.0.0/16");
+    }
+    let agent = Agent::start(&lab, &cfg);
+    let both = |s: &xnet_user::status::Status| {
+        s.bgp_routes.iter().any(|r| {
+            r.prefix == "192.168.10.0/24"
+                && r.in_data_plane
+                && r.paths.iter().filter(|p| p.selected).count() == 2
+        })
+    };
+    wait_until(
+        &agent,
+        "both tunnels, BGP over each, the VNet over both",
+        Duration::from_secs(120),
+        |s| {
+            s.ipsec
+                .iter()
+                .filter(|t| t.state == "established" && !t.children.is_empty())
+                .count()
+                == 2
+                && established(s) == 2
+                && both(s)
+        },
+    );
+    let route = sh(&format!("ip -n {cxp} route show table 100 192.168.10.0/24"));
+    assert!(
+        route.contains("xi-gw0") && route.contains("xi-gw1"),
+        "the kernel's route into both tunnels: {route}"
+    );
+
+    let flows = Flows::start(
+        &lab,
+        ("vnet1", "10.1.0.1"),
+        ("onprem", "192.168.10.1:9700"),
+        8,
+        7000,
+    );
+    std::thread::sleep(Duration::from_secs(4));
+    let esp: Vec<u64> = ZONES
+        .iter()
+        .map(|(_, _, dev, _, _)| underlay_counts(&gw, dev).0)
+        .collect();
+    assert!(
+        esp.iter().all(|n| *n > 0),
+        "ESP on both gateway instances (ECMP): {esp:?}"
+    );
+    // Instance 0 goes dark: its underlay link loses everything, silently (no DELETE, no
+    // NOTIFICATION: only timers can tell).
+    sh(&format!(
+        "ip netns exec {gw} nft add table inet dark \\; add chain inet dark in {{ type filter hook input priority -10 \\; }} \\; add rule inet dark in iifname eth0 drop \\; add chain inet dark out {{ type filter hook output priority -10 \\; }} \\; add rule inet dark out oifname eth0 drop"
+    ));
+    let failed = std::time::Instant::now();
+    wait_until(
+        &agent,
+        "the VNet through the other tunnel only",
+        Duration::from_secs(30),
+        |s| {
+            s.bgp_routes.iter().any(|r| {
+                r.prefix == "192.168.10.0/24"
+                    && r.in_data_plane
+                    && r.paths.iter().filter(|p| p.selected).count() == 1
+            })
+        },
+    );
+    let noticed = failed.elapsed();
+    std::thread::sleep(Duration::from_secs(4));
+    let resumed = std::time::Instant::now() - Duration::from_secs(2);
+    let flows = flows.stop();
+    let log = agent.log();
+    for (k, f) in flows.iter().enumerate() {
+        assert!(
+            f.received_since(resumed) > 0,
+            "flow {k} resumed after the failover: {} sent, {} lost\n{log}",
+            f.sent,
+            f.lost()
+        );
+    }
+    // A flow on the dark tunnel loses datagrams; one on the other loses none (a stall of
+    // the emulated CPUs delays datagrams but drops none, so loss is what tells them apart).
+    let hit: Vec<&Flow> = flows.iter().filter(|f| f.lost() > 0).collect();
+    let gap = hit
+        .iter()
+        .map(|f| f.longest_gap())
+        .max()
+        .unwrap_or_default();
+    println!(
+        "s2 zone failover: {} of {} flows were on the dark tunnel, their longest gap {} ms; the agent moved the route after {} ms; the other {} flows lost nothing",
+        hit.len(),
+        flows.len(),
+        gap.as_millis(),
+        noticed.as_millis(),
+        flows.len() - hit.len()
+    );
+    assert!(
+        !hit.is_empty() && hit.len() < flows.len(),
+        "some flows, not all, were on the dark tunnel: lost {:?}",
+        flows.iter().map(|f| f.lost()).collect::<Vec<_>>()
+    );
+    assert!(gap < Duration::from_secs(15), "failover gap {gap:?}\n{log}");
+    assert!(
+        underlay_counts(&gw, "eth1").0 > esp[1],
+        "the surviving instance carries ESP"
+    );
+    hold(
+        &lab,
+        &agent,
+        &format!("try: ip -n {cxp} route show table 100\n     ip netns exec {cxp} {XNET} bgp --socket {}", agent.socket.display()),
+    );
+}
+
+/// A namespace the lab does not know of (scenario 2's backup CXP), deleted when dropped.
+struct Netns(String);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .output();
+    }
+}
+
+/// A CXP of scenario 2's pair: eBGP with the VNet's route server and the on-prem router,
+/// everything learned advertised on; the backup prepends its AS `prepend` times, so
+/// both peers prefer the primary while it lives.
+fn pair_config(router_id: &str, vnet_peer: &str, onprem_peer: &str, prepend: u8) -> String {
+    format!(
+        r#"[agent]
+socket = "/run/xnet/demo.sock"
+route_table_groups = 4096
+
+[[segments]]
+name = "prod"
+table = 100
+
+[[interfaces]]
+name = "vnet1"
+segment = "prod"
+
+[[interfaces]]
+name = "onprem"
+segment = "prod"
+
+[bgp]
+asn = 65001
+router_id = "{router_id}"
+# With a backup CXP, peers must drop a dead CXP's routes at once, not keep them for
+# its graceful restart.
+graceful_restart = false
+
+[[bgp.neighbors]]
+name = "vnet-rs"
+segment = "prod"
+address = "{vnet_peer}"
+remote_asn = 65515
+advertise = "all"
+export = {{ prepend = {prepend} }}
+
+[[bgp.neighbors]]
+name = "onprem"
+segment = "prod"
+address = "{onprem_peer}"
+remote_asn = 65010
+advertise = "all"
+export = {{ prepend = {prepend} }}
+"#
+    )
+}
+
+/// BIRD for one side of scenario 2's pair: AS `asn` announcing `net`, a session to the
+/// primary CXP and one to the backup (hold time 6 s), the best path into the kernel.
+fn pair_peer(asn: u32, net: &str, primary: (&str, &str), backup: (&str, &str)) -> String {
+    format!(
+        "router id {};
+protocol device {{}}
+protocol static own {{ ipv4; route {net} blackhole; }}
+protocol kernel {{ ipv4 {{ export where source = RTS_BGP; }}; }}
+protocol bgp cxp_primary {{
+  local {} as {asn}; neighbor {} as 65001; hold time 6;
+  ipv4 {{ import all; export where proto = \"own\"; }};
+}}
+protocol bgp cxp_backup {{
+  local {} as {asn}; neighbor {} as 65001; hold time 6;
+  ipv4 {{ import all; export where proto = \"own\"; }};
+}}
+",
+        primary.0, primary.0, primary.1, backup.0, backup.1
+    )
+}
+
+/// Scenario 2, second half: a failover CXP. A second CXP (`cxp2`, another region) has
+/// its own links to the VNet and to on-prem and the same BGP peers, but prepends its
+/// AS, so both sides route through the primary. Then the primary dies silently (its
+/// agent killed, its links dark: only BGP's hold timer can tell): both sides move to
+/// the backup, whose XDP forwards the traffic on. The gap each way is measured.
+#[test]
+fn s2_failover_cxp_takes_over_when_the_primary_dies() {
+    if !require_root("s2_failover_cxp_takes_over_when_the_primary_dies") {
+        return;
+    }
+    let lab = lab("s2f");
+    let (vnet, onprem) = (lab.ns("vnet1"), lab.ns("onprem"));
+    let cxp2 = Netns(lab.ns("cxp2"));
+    sh(&format!("ip netns add {}", cxp2.0));
+    sh(&format!("ip -n {} link set lo up", cxp2.0));
+    sh(&format!(
+        "ip netns exec {} sysctl -qw net.ipv4.ip_forward=0",
+        cxp2.0
+    ));
+    link(&cxp2.0, "vnet1", "10.0.6.1", &vnet, "eth1", "10.0.6.2");
+    link(&cxp2.0, "onprem", "10.0.5.1", &onprem, "eth1", "10.0.5.2");
+    let _rs = Bird::in_host(
+        &lab,
+        "vnet1",
+        &pair_peer(
+            65515,
+            "10.1.0.0/16",
+            ("10.0.1.2", "10.0.1.1"),
+            ("10.0.6.2", "10.0.6.1"),
+        ),
+        "10.1.0.254",
+    );
+    let _router = Bird::in_host(
+        &lab,
+        "onprem",
+        &pair_peer(
+            65010,
+            "192.168.10.0/24",
+            ("10.0.3.2", "10.0.3.1"),
+            ("10.0.5.2", "10.0.5.1"),
+        ),
+        "192.168.10.254",
+    );
+    let mut primary = Agent::start(&lab, &pair_config("10.0.1.1", "10.0.1.2", "10.0.3.2", 0));
+    let backup = Agent::start_in(
+        &lab,
+        "cxp2",
+        &pair_config("10.0.6.1", "10.0.6.2", "10.0.5.2", 3),
+        &[],
+    );
+    let route_via = |ns: &str, net: &str, via: &str| {
+        sh(&format!("ip -n {ns} route show {net}")).contains(&format!("via {via} "))
+    };
+    let wait = |what: &str, limit: Duration, f: &dyn Fn() -> bool| {
+        let t = std::time::Instant::now();
+        while !f() {
+            assert!(t.elapsed() < limit, "{what} in {limit:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        t.elapsed()
+    };
+    for agent in [&primary, &backup] {
+        wait_until(agent, "both sessions", Duration::from_secs(60), |s| {
+            established(s) == 2 && s.bgp_routes.iter().filter(|r| r.in_data_plane).count() == 2
+        });
+    }
+    wait(
+        "both sides routed through the primary",
+        Duration::from_secs(30),
+        &|| {
+            route_via(&vnet, "192.168.10.0/24", "10.0.1.1")
+                && route_via(&onprem, "10.1.0.0/16", "10.0.3.1")
+        },
+    );
+    let to_onprem = Flows::start(
+        &lab,
+        ("vnet1", "10.1.0.1"),
+        ("onprem", "192.168.10.1:9800"),
+        1,
+        7100,
+    );
+    let to_vnet = Flows::start(
+        &lab,
+        ("onprem", "192.168.10.1"),
+        ("vnet1", "10.1.0.1:9801"),
+        1,
+        7200,
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let (p, b) = (
+        primary.status().reason("forwarded"),
+        backup.status().reason("forwarded"),
+    );
+    assert!(
+        p >= 1000 && b < 10,
+        "the primary forwards ({p}), the backup not ({b})"
+    );
+    // The primary dies: its links go dark first (nothing more gets out, not even the
+    // FIN of its sessions), then its agent is killed.
+    for ns in [&vnet, &onprem] {
+        sh(&format!(
+            "ip netns exec {ns} nft add table inet dark \\; add chain inet dark in {{ type filter hook input priority -10 \\; }} \\; add rule inet dark in iifname eth0 drop \\; add chain inet dark out {{ type filter hook output priority -10 \\; }} \\; add rule inet dark out oifname eth0 drop"
+        ));
+    }
+    primary.signal(libc::SIGKILL);
+    let _ = primary.child.take().unwrap().wait();
+    let moved = wait(
+        "both sides routed through the backup",
+        Duration::from_secs(30),
+        &|| {
+            route_via(&vnet, "192.168.10.0/24", "10.0.6.1")
+                && route_via(&onprem, "10.1.0.0/16", "10.0.5.1")
+        },
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let since = std::time::Instant::now() - Duration::from_secs(2);
+    let flows = [
+        ("VNet to on-prem", to_onprem.stop()),
+        ("on-prem to VNet", to_vnet.stop()),
+    ];
+    let forwarded = backup.status().reason("forwarded");
+    let mut report = Vec::new();
+    for (way, f) in &flows {
+        let f = &f[0];
+        assert!(
+            f.received_since(since) > 0,
+            "{way}: traffic resumed through the backup ({} sent, {} lost)\n{}",
+            f.sent,
+            f.lost(),
+            backup.log()
+        );
+        let gap = f.longest_gap();
+        assert!(gap < Duration::from_secs(20), "{way}: gap {gap:?}");
+        report.push(format!("{way} {} ms ({} lost)", gap.as_millis(), f.lost()));
+    }
+    assert!(
+        forwarded >= b + 1000,
+        "the backup's XDP forwards: {forwarded}"
+    );
+    println!(
+        "s2 failover CXP: peers moved to the backup {} ms after the primary died (BGP hold time 6 s); gap {}",
+        moved.as_millis(),
+        report.join(", ")
+    );
+    hold(
+        &lab,
+        &backup,
+        &format!(
+            "the primary is dead; the backup ({0}) forwards.\ntry: ip -n {vnet} route; ip -n {onprem} route\n     ip netns exec {0} {XNET} bgp --socket {1}",
+            cxp2.0,
+            backup.socket.display()
         ),
     );
 }

@@ -588,7 +588,7 @@ impl Agent {
             .map(|(_, n)| (*n, None))
             .collect();
         for (seg, net) in self.bgp_routes.keys().filter(|(s, _)| *s == segment) {
-            if let Some(best) = self.rib.selected(*seg, net).first() {
+            if let Some(best) = self.selected(*seg, net).first() {
                 routes.push((*net, Some((best.peer, best.attrs.clone()))));
             }
         }
@@ -798,6 +798,19 @@ impl Agent {
                     );
                 }
                 self.tunnel_peers.insert(i, peers);
+                // Paths learned earlier whose next hop lies in the tunnel are usable again
+                // (a second tunnel's session outlived this one's outage, say).
+                let reachable: Vec<(u32, IpNet)> = self
+                    .rib
+                    .all()
+                    .filter(|((s, _), paths)| {
+                        *s == seg
+                            && paths
+                                .iter()
+                                .any(|p| done.iter().any(|(_, n)| n.contains(&p.next_hop)))
+                    })
+                    .map(|(k, _)| *k)
+                    .collect();
                 info!(
                     "ipsec {}: tunnel up: {} routed into it in segment {}",
                     c.name,
@@ -808,6 +821,11 @@ impl Agent {
                     c.segment
                 );
                 self.tunnel_routes.insert(i, done);
+                if !reachable.is_empty() {
+                    if let Err(e) = self.apply_bgp(reachable).await {
+                        warn!("bgp: {e:#}");
+                    }
+                }
             }
             TunnelEvent::Down(i) => {
                 for host in self.tunnel_peers.remove(&i).unwrap_or_default() {
@@ -1026,6 +1044,13 @@ impl Agent {
             .unwrap_or_default()
     }
 
+    /// The RIB's selection among the paths whose next hop can be reached now.
+    fn selected(&self, segment: u32, net: &IpNet) -> Vec<rib::Path> {
+        self.rib.selected_by(segment, net, |p| {
+            !self.resolve_recursive(segment, p.next_hop).is_empty()
+        })
+    }
+
     /// Puts the RIB's selection for `changed` into the data plane. Static routes and the
     /// routes of IPsec tunnels that are up win over BGP for the same prefix (a tunnel's
     /// route hands BGP's back when it goes down, so BGP's stays up to date under it).
@@ -1042,7 +1067,6 @@ impl Agent {
                 .flatten()
                 .any(|r| *r == (seg, net));
             let mut hops: Vec<NhKey> = self
-                .rib
                 .selected(seg, &net)
                 .iter()
                 .flat_map(|p| self.resolve_recursive(seg, p.next_hop))
@@ -1487,7 +1511,7 @@ impl Agent {
             all.truncate(shown);
             all.sort_by_key(|(k, _)| **k);
             for ((seg, net), paths) in all {
-                let selected = self.rib.selected(*seg, net);
+                let selected = self.selected(*seg, net);
                 s.bgp_routes.push(status::BgpRouteStatus {
                     segment: self.segment_name(*seg).to_string(),
                     prefix: net.to_string(),

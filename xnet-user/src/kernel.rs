@@ -204,7 +204,13 @@ impl Kernel {
                         } else {
                             RouteNextHopBuilder::new_ipv6()
                         };
-                        Ok(nb.interface(*i).via(*via)?.build())
+                        // Unspecified: a device next hop (into an xfrm interface).
+                        let nb = nb.interface(*i);
+                        Ok(if via.is_unspecified() {
+                            nb.build()
+                        } else {
+                            nb.via(*via)?.build()
+                        })
                     })
                     .collect::<Result<Vec<_>>>()?;
                 b = b.multipath(hops);

@@ -552,6 +552,8 @@ fn vm_test_script(root: &Path, runs: &[(&str, &str)], env: &str) -> Result<Strin
 /// `cargo xtask lab SCENARIO`: (test binary, test name filter) of each scenario.
 const LABS: &[(&str, &str, &str)] = &[
     ("s1", "scenarios", "s1_"),
+    ("s2", "scenarios", "s2_zone"),
+    ("s2f", "scenarios", "s2_failover"),
     ("s3", "scenarios", "s3_"),
     ("s4", "scenarios", "s4_"),
     ("s5", "steering", "steered_flows"),

@@ -191,6 +191,8 @@ pub async fn run(
             peer_id: Ipv4Addr::UNSPECIFIED,
             gr: false,
             established: false,
+            rbuf: Vec::new(),
+            rpos: 0,
         };
         first = false;
         let result = s
@@ -268,6 +270,9 @@ struct Session<'a> {
     /// Both sides announced graceful restart.
     gr: bool,
     established: bool,
+    /// Bytes read and not yet taken as messages, from `rpos` on.
+    rbuf: Vec<u8>,
+    rpos: usize,
 }
 
 impl Session<'_> {
@@ -295,43 +300,58 @@ impl Session<'_> {
         }
     }
 
+    /// The next message. Cancel-safe, as it must be inside `select!` beside timers: what
+    /// was read stays in `rbuf` until a whole message is there.
     async fn read(&mut self) -> Result<Message, Ended> {
-        let mut hdr = [0u8; HEADER_LEN];
-        if let Err(e) = self.stream.read_exact(&mut hdr).await {
-            return Err(self.lost(format!("read: {e}")));
-        }
-        let len = match frame_len(&hdr, self.max_len) {
-            Ok(l) => l,
-            Err(e) => return Err(self.notify(&e).await),
-        };
-        let mut buf = hdr.to_vec();
-        buf.resize(len, 0);
-        if let Err(e) = self.stream.read_exact(&mut buf[HEADER_LEN..]).await {
-            return Err(self.lost(format!("read: {e}")));
-        }
-        match decode(&buf, self.four_octet, self.max_len) {
-            Ok(Message::Notification { code, subcode, .. }) => {
-                Err(format!("received NOTIFICATION {code}/{subcode}").into())
+        loop {
+            let avail = &self.rbuf[self.rpos..];
+            if avail.len() >= HEADER_LEN {
+                let len = match frame_len(avail, self.max_len) {
+                    Ok(l) => l,
+                    Err(e) => return Err(self.notify(&e).await),
+                };
+                if avail.len() >= len {
+                    let decoded = decode(&avail[..len], self.four_octet, self.max_len);
+                    self.rpos += len;
+                    return match decoded {
+                        Ok(Message::Notification { code, subcode, .. }) => {
+                            Err(format!("received NOTIFICATION {code}/{subcode}").into())
+                        }
+                        Ok(m) => Ok(m),
+                        Err(e) => Err(self.notify(&e).await),
+                    };
+                }
             }
-            Ok(m) => Ok(m),
-            Err(e) => Err(self.notify(&e).await),
+            // Only the start of the next message is left: move it to the front.
+            self.rbuf.drain(..self.rpos);
+            self.rpos = 0;
+            self.rbuf.reserve(64 * 1024);
+            match self.stream.read_buf(&mut self.rbuf).await {
+                Ok(0) => return Err(self.lost("read: early eof".into())),
+                Ok(_) => {}
+                Err(e) => return Err(self.lost(format!("read: {e}"))),
+            }
         }
     }
 
+    /// `read`, or the hold timer's expiry (zero: no hold timer).
     async fn read_within(&mut self, hold: Duration) -> Result<Message, Ended> {
         if hold.is_zero() {
             return self.read().await;
         }
         match tokio::time::timeout(hold, self.read()).await {
             Ok(r) => r,
-            Err(_) => Err(self
-                .notify(&BgpError {
-                    code: ERR_HOLD_TIMER,
-                    subcode: 0,
-                    reason: "hold timer expired".into(),
-                })
-                .await),
+            Err(_) => Err(self.hold_expired().await),
         }
+    }
+
+    async fn hold_expired(&mut self) -> Ended {
+        self.notify(&BgpError {
+            code: ERR_HOLD_TIMER,
+            subcode: 0,
+            reason: "hold timer expired".into(),
+        })
+        .await
     }
 
     fn family(&self) -> (u16, u8) {
@@ -424,9 +444,12 @@ impl Session<'_> {
         let hold = Duration::from_secs(self.cfg.hold_time.min(peer_open.hold_time) as u64);
         self.send(&encode_keepalive()).await?;
         set(state, "OpenConfirm");
+        // The hold timer runs from the last message, whatever else happens meanwhile.
+        let confirm_by = tokio::time::Instant::now() + hold.max(Duration::from_secs(3));
         loop {
             tokio::select! {
-                m = self.read_within(hold.max(Duration::from_secs(3))) => {
+                _ = tokio::time::sleep_until(confirm_by) => return Err(self.hold_expired().await),
+                m = self.read() => {
                     match m? {
                         Message::Keepalive => break,
                         other => return Err(self.notify(&BgpError { code: ERR_FSM, subcode: 2, reason: format!("expected KEEPALIVE, got {other:?}") }).await),
@@ -501,9 +524,15 @@ impl Session<'_> {
             hold / 3
         };
         let mut ka = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
+        let mut hold_until = tokio::time::Instant::now() + hold;
         loop {
             tokio::select! {
-                m = self.read_within(hold) => match m? {
+                _ = tokio::time::sleep_until(hold_until), if !hold.is_zero() => {
+                    return Err(self.hold_expired().await);
+                }
+                m = self.read() => {
+                    hold_until = tokio::time::Instant::now() + hold;
+                    match m? {
                     Message::Update(u) if u.end_of_rib.is_some() => {
                         info!("bgp {} ({}): End-of-RIB received", self.cfg.name, self.cfg.peer);
                         events.send((self.cfg.id, Event::EndOfRib { peer: self.cfg.peer })).await.map_err(|_| "agent gone")?;
@@ -534,7 +563,7 @@ impl Session<'_> {
                     }
                     Message::Open(_) => return Err(self.notify(&BgpError { code: ERR_FSM, subcode: 3, reason: "OPEN while established".into() }).await),
                     Message::Notification { .. } => unreachable!("read() returns NOTIFICATIONs as errors"),
-                },
+                }},
                 _ = ka.tick() => self.send(&encode_keepalive()).await?,
                 changed = adverts.changed() => {
                     if changed.is_err() {
@@ -726,9 +755,13 @@ mod tests {
     }
 
     fn open(id: &str) -> Vec<u8> {
+        open_with_hold(id, 90)
+    }
+
+    fn open_with_hold(id: &str, hold_time: u16) -> Vec<u8> {
         encode_open(&Open {
             asn: 65010,
-            hold_time: 90,
+            hold_time,
             router_id: id.parse().unwrap(),
             families: vec![(AFI_IPV4, SAFI_UNICAST)],
             four_octet: true,
@@ -736,6 +769,105 @@ mod tests {
             extended_message: false,
             graceful_restart: None,
         })
+    }
+
+    /// A session to a scripted peer on loopback `port`.
+    fn test_config(port: u16, hold_time: u16) -> SessionConfig {
+        SessionConfig {
+            id: 1,
+            name: "t".into(),
+            segment: 1,
+            local_asn: 65000,
+            router_id: "10.0.0.5".parse().unwrap(),
+            peer: "127.0.0.1".parse().unwrap(),
+            port,
+            remote_asn: 65010,
+            hold_time,
+            passive: false,
+            max_prefixes: None,
+            local_address: None,
+            graceful_restart: None,
+            restarting: Default::default(),
+        }
+    }
+
+    /// A session established with a scripted peer (hold time 3 s: keepalives every
+    /// second). Returns the peer's end, the events, the session.
+    async fn established() -> (
+        TcpStream,
+        mpsc::Receiver<(u64, Event)>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cfg = test_config(port, 3);
+        let (ev_tx, mut ev_rx) = mpsc::channel(16);
+        let (_in_tx, in_rx) = mpsc::channel(4);
+        let (_adv_tx, adv_rx) = watch::channel(Some(Arc::new(Vec::new())));
+        let (_ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            let _keep = (_adv_tx, _ctl_tx, _in_tx);
+            run(cfg, ev_tx, in_rx, adv_rx, ctl_rx, Default::default()).await
+        });
+        let (mut peer, _) = listener.accept().await.unwrap();
+        assert!(matches!(read_msg(&mut peer).await, Message::Open(_)));
+        peer.write_all(&open_with_hold("10.0.0.9", 3))
+            .await
+            .unwrap();
+        assert_eq!(read_msg(&mut peer).await, Message::Keepalive);
+        peer.write_all(&encode_keepalive()).await.unwrap();
+        let (_, ev) = ev_rx.recv().await.unwrap();
+        assert!(matches!(ev, Event::Established { .. }), "{ev:?}");
+        (peer, ev_rx, task)
+    }
+
+    /// Our keepalives go out every second; a peer that sends nothing is dropped after
+    /// the hold time all the same (sending must not restart the hold timer).
+    #[tokio::test]
+    async fn a_silent_peer_is_dropped_at_the_hold_time() {
+        let (mut peer, mut events, task) = established().await;
+        let t = Instant::now();
+        let mut keepalives = 0;
+        let until_notification = async {
+            loop {
+                match read_msg(&mut peer).await {
+                    Message::Keepalive => keepalives += 1,
+                    Message::Notification { code, .. } => return code,
+                    other => panic!("{other:?}"),
+                }
+            }
+        };
+        let code = tokio::time::timeout(Duration::from_secs(10), until_notification)
+            .await
+            .expect("no NOTIFICATION in 10 s: the hold timer never expired");
+        assert_eq!(code, ERR_HOLD_TIMER);
+        let waited = t.elapsed();
+        assert!(keepalives >= 2, "keepalives sent meanwhile: {keepalives}");
+        assert!(
+            waited >= Duration::from_millis(2900) && waited < Duration::from_secs(5),
+            "dropped after {waited:?}"
+        );
+        let (_, ev) = events.recv().await.unwrap();
+        assert!(matches!(ev, Event::Down { .. }), "{ev:?}");
+        task.abort();
+    }
+
+    /// A message that arrives in two parts with a keepalive sent in between is read
+    /// whole (reading is cancel-safe: the keepalive timer does not lose the first part).
+    #[tokio::test]
+    async fn a_message_split_across_a_keepalive_is_read_whole() {
+        let (mut peer, mut events, task) = established().await;
+        let net: IpNet = "10.9.0.0/16".parse().unwrap();
+        let update = encode_update(&[net], None, &[], None, true);
+        peer.write_all(&update[..HEADER_LEN + 2]).await.unwrap();
+        assert_eq!(read_msg(&mut peer).await, Message::Keepalive);
+        peer.write_all(&update[HEADER_LEN + 2..]).await.unwrap();
+        let (_, ev) = events.recv().await.unwrap();
+        match ev {
+            Event::Update { update, .. } => assert_eq!(update.withdrawn, vec![net]),
+            other => panic!("{other:?}"),
+        }
+        task.abort();
     }
 
     /// Our session connects to the peer and reaches OpenConfirm; then the peer's own
@@ -750,22 +882,7 @@ mod tests {
     ) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let cfg = SessionConfig {
-            id: 1,
-            name: "t".into(),
-            segment: 1,
-            local_asn: 65000,
-            router_id: "10.0.0.5".parse().unwrap(),
-            peer: "127.0.0.1".parse().unwrap(),
-            port,
-            remote_asn: 65010,
-            hold_time: 90,
-            passive: false,
-            max_prefixes: None,
-            local_address: None,
-            graceful_restart: None,
-            restarting: Default::default(),
-        };
+        let cfg = test_config(port, 90);
         let (ev_tx, ev_rx) = mpsc::channel(16);
         let (in_tx, in_rx) = mpsc::channel(4);
         let (_adv_tx, adv_rx) = watch::channel(Some(Arc::new(Vec::new())));

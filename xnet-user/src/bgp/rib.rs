@@ -68,31 +68,35 @@ impl Rib {
         }
     }
 
-    /// Adds or replaces `path` for `net` from its peer. Returns whether the selected set
-    /// changed.
+    /// Adds or replaces `path` for `net` from its peer. Returns whether the paths changed
+    /// (a path that is not the best may still be the one in use, when the better ones'
+    /// next hops cannot be reached: see `selected_by`).
     pub fn update(&mut self, segment: u32, net: IpNet, path: Path) -> bool {
-        let before = self.selected(segment, &net);
         let v = self.paths.entry((segment, net)).or_default();
+        if v.contains(&path) {
+            return false;
+        }
         v.retain(|p| p.peer != path.peer);
         v.push(path);
         v.sort_by(|a, b| a.compare(b));
-        before != self.selected(segment, &net)
+        true
     }
 
-    /// Removes `peer`'s path for `net`. Returns whether the selected set changed.
+    /// Removes `peer`'s path for `net`. Returns whether there was one.
     pub fn withdraw(&mut self, segment: u32, net: IpNet, peer: IpAddr) -> bool {
         let Some(v) = self.paths.get_mut(&(segment, net)) else {
             return false;
         };
-        let was_selected = v.iter().take(self.multipath).any(|p| p.peer == peer);
+        let before = v.len();
         v.retain(|p| p.peer != peer);
+        let removed = v.len() != before;
         if v.is_empty() {
             self.paths.remove(&(segment, net));
         }
-        was_selected
+        removed
     }
 
-    /// Drops every path from `peer`; returns the prefixes whose selection changed.
+    /// Drops every path from `peer`; returns the prefixes it had a path for.
     pub fn peer_down(&mut self, peer: IpAddr) -> Vec<(u32, IpNet)> {
         self.prefixes_of(peer)
             .into_iter()
@@ -111,14 +115,27 @@ impl Rib {
 
     /// The best path and those equal to it (up to `multipath`), best first.
     pub fn selected(&self, segment: u32, net: &IpNet) -> Vec<Path> {
+        self.selected_by(segment, net, |_| true)
+    }
+
+    /// `selected` among the paths `usable` accepts. The agent passes "its next hop can be
+    /// reached": a path that cannot be used is no candidate (RFC 4271 §9.1.2.1), so when
+    /// the tunnel behind the best path goes down, the standby takes over at once.
+    pub fn selected_by(
+        &self,
+        segment: u32,
+        net: &IpNet,
+        usable: impl Fn(&Path) -> bool,
+    ) -> Vec<Path> {
         let Some(v) = self.paths.get(&(segment, *net)) else {
             return Vec::new();
         };
-        let Some(best) = v.first() else {
+        let mut candidates = v.iter().filter(|p| usable(p));
+        let Some(best) = candidates.next() else {
             return Vec::new();
         };
-        v.iter()
-            .take_while(|p| p.rank(best) == Ordering::Equal)
+        std::iter::once(best)
+            .chain(candidates.take_while(|p| p.rank(best) == Ordering::Equal))
             .take(self.multipath)
             .cloned()
             .collect()
@@ -236,5 +253,38 @@ mod tests {
         assert_eq!(r.selected(1, &n).len(), 1);
         assert!(r.peer_down("10.0.0.9".parse().unwrap()).is_empty());
         assert!(r.selected(2, &n).is_empty(), "segments are separate");
+    }
+
+    #[test]
+    fn a_path_whose_next_hop_is_unreachable_is_no_candidate() {
+        let n: IpNet = "10.0.0.0/8".parse().unwrap();
+        let mut r = Rib::new(4);
+        // Active/standby: the standby prepends.
+        r.update(1, n, path("10.0.0.1", "1.1.1.1", None, &[7], None, true));
+        r.update(
+            1,
+            n,
+            path("10.0.0.2", "2.2.2.2", None, &[7, 7, 7], None, true),
+        );
+        let up = |down: &'static str| move |p: &Path| p.next_hop.to_string() != down;
+        let peers = |v: Vec<Path>| v.iter().map(|p| p.peer.to_string()).collect::<Vec<_>>();
+        assert_eq!(peers(r.selected_by(1, &n, up("none"))), ["10.0.0.1"]);
+        assert_eq!(peers(r.selected_by(1, &n, up("10.0.0.1"))), ["10.0.0.2"]);
+        // ECMP: an equal path behind a dead next hop leaves the set.
+        r.update(1, n, path("10.0.0.3", "3.3.3.3", None, &[8], None, true));
+        assert_eq!(
+            peers(r.selected_by(1, &n, up("none"))),
+            ["10.0.0.1", "10.0.0.3"]
+        );
+        assert_eq!(peers(r.selected_by(1, &n, up("10.0.0.3"))), ["10.0.0.1"]);
+        assert!(r.selected_by(1, &n, |_| false).is_empty());
+        // The same path again changes nothing; the standby's withdrawal is a change.
+        assert!(!r.update(
+            1,
+            n,
+            path("10.0.0.2", "2.2.2.2", None, &[7, 7, 7], None, true)
+        ));
+        assert!(r.withdraw(1, n, "10.0.0.2".parse().unwrap()));
+        assert!(!r.withdraw(1, n, "10.0.0.2".parse().unwrap()));
     }
 }

@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -179,11 +179,16 @@ pub fn in_netns<R: Send + 'static>(ns: &str, f: impl FnOnce() -> R + Send + 'sta
 
 /// `xnet run --config PATH` inside the lab's cxp namespace.
 pub fn agent_command(lab: &Lab, path: &std::path::Path) -> Command {
+    agent_command_in(&lab.ns("cxp"), path)
+}
+
+/// `xnet run --config PATH` in namespace `ns`.
+pub fn agent_command_in(ns: &str, path: &std::path::Path) -> Command {
     let mut c = Command::new("ip");
     c.args([
         "netns",
         "exec",
-        &lab.ns("cxp"),
+        ns,
         XNET,
         "run",
         "--config",
@@ -208,7 +213,15 @@ impl Agent {
 
     /// `start` with extra environment variables for the agent.
     pub fn start_with_env(lab: &Lab, config: &str, env: &[(&str, &str)]) -> Agent {
-        let dir = std::env::temp_dir().join(&lab.prefix);
+        Self::start_in(lab, "cxp", config, env)
+    }
+
+    /// `start` in lab namespace `host` (a second CXP, say), with its own files.
+    pub fn start_in(lab: &Lab, host: &str, config: &str, env: &[(&str, &str)]) -> Agent {
+        let dir = match host {
+            "cxp" => std::env::temp_dir().join(&lab.prefix),
+            _ => std::env::temp_dir().join(format!("{}-{host}", lab.prefix)),
+        };
         std::fs::create_dir_all(&dir).unwrap();
         let socket = dir.join("xnet.sock");
         let path = dir.join("xnet.toml");
@@ -218,7 +231,7 @@ impl Agent {
             config.replace("/run/xnet/demo.sock", socket.to_str().unwrap()),
         )
         .unwrap();
-        let child = agent_command(lab, &path)
+        let child = agent_command_in(&lab.ns(host), &path)
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr).unwrap())
@@ -494,7 +507,13 @@ impl Bird {
 
     /// BIRD in lab host `host` with `conf`; the namespace gets `address` on lo.
     pub fn in_host(lab: &Lab, host: &str, conf: &str, address: &str) -> Bird {
-        let dir = std::env::temp_dir().join(format!("{}-bird-{host}", lab.prefix));
+        Self::instance(lab, host, "bird", conf, address)
+    }
+
+    /// `in_host` for one of several BIRDs in one namespace (two routers sharing a host,
+    /// each with `strict bind`), told apart by `name`.
+    pub fn instance(lab: &Lab, host: &str, name: &str, conf: &str, address: &str) -> Bird {
+        let dir = std::env::temp_dir().join(format!("{}-{name}-{host}", lab.prefix));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("bird.conf");
         std::fs::write(&path, conf).unwrap();
@@ -636,4 +655,117 @@ pub fn steady_udp(
         }
         (sent, rx.join().unwrap())
     })
+}
+
+/// Steady UDP flows for failover tests: `n` flows (source ports `port`, `port + 1`, …)
+/// from one address to one destination, one datagram every millisecond in turn, each
+/// carrying its flow and sequence number. The receiver notes when each arrives, so a
+/// test sees which flows a failure hit and how long each was cut off.
+pub struct Flows {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    sender: std::thread::JoinHandle<Vec<u64>>,
+    receiver: std::thread::JoinHandle<Vec<Vec<Instant>>>,
+}
+
+/// What one flow of [`Flows`] saw.
+#[derive(Debug)]
+pub struct Flow {
+    pub sent: u64,
+    pub arrivals: Vec<Instant>,
+}
+
+impl Flow {
+    pub fn lost(&self) -> u64 {
+        self.sent.saturating_sub(self.arrivals.len() as u64)
+    }
+
+    /// The longest time without an arrival, between the first and the last.
+    pub fn longest_gap(&self) -> Duration {
+        self.arrivals
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .max()
+            .unwrap_or_default()
+    }
+
+    pub fn received_since(&self, t: Instant) -> usize {
+        self.arrivals.iter().filter(|a| **a > t).count()
+    }
+}
+
+impl Flows {
+    pub fn start(lab: &Lab, from: (&str, &str), to: (&str, &str), n: u16, port: u16) -> Flows {
+        use std::sync::atomic::Ordering;
+        let stop: std::sync::Arc<std::sync::atomic::AtomicBool> = Default::default();
+        let dst: SocketAddr = to.1.parse().unwrap();
+        let server = in_netns(&lab.ns(to.0), move || {
+            let s = UdpSocket::bind(dst).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            s
+        });
+        let src: IpAddr = from.1.parse().unwrap();
+        let clients = in_netns(&lab.ns(from.0), move || {
+            (0..n)
+                .map(|k| UdpSocket::bind(SocketAddr::new(src, port + k)).unwrap())
+                .collect::<Vec<_>>()
+        });
+        let done = stop.clone();
+        let receiver = std::thread::spawn(move || {
+            let mut seen = vec![Vec::new(); n as usize];
+            let mut buf = [0u8; 64];
+            let mut stopped: Option<Instant> = None;
+            loop {
+                if let Ok((k, _)) = server.recv_from(&mut buf) {
+                    if k == 14 && buf.starts_with(b"flow") {
+                        let f = u16::from_be_bytes([buf[4], buf[5]]) as usize;
+                        if let Some(v) = seen.get_mut(f) {
+                            v.push(Instant::now());
+                        }
+                    }
+                }
+                if done.load(Ordering::Relaxed) {
+                    let t = *stopped.get_or_insert_with(Instant::now);
+                    if t.elapsed() > quiet_period() {
+                        return seen;
+                    }
+                }
+            }
+        });
+        let done = stop.clone();
+        let sender = std::thread::spawn(move || {
+            let mut sent = vec![0u64; clients.len()];
+            'out: loop {
+                for (k, c) in clients.iter().enumerate() {
+                    if done.load(Ordering::Relaxed) {
+                        break 'out;
+                    }
+                    let mut msg = *b"flow\0\0\0\0\0\0\0\0\0\0";
+                    msg[4..6].copy_from_slice(&(k as u16).to_be_bytes());
+                    msg[6..].copy_from_slice(&sent[k].to_be_bytes());
+                    // A datagram the stack refuses (a route that is gone) is lost too.
+                    let _ = c.send_to(&msg, dst);
+                    sent[k] += 1;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            sent
+        });
+        Flows {
+            stop,
+            sender,
+            receiver,
+        }
+    }
+
+    /// Stops sending; once the last datagrams had time to arrive, what each flow saw.
+    pub fn stop(self) -> Vec<Flow> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let sent = self.sender.join().unwrap();
+        let seen = self.receiver.join().unwrap();
+        sent.into_iter()
+            .zip(seen)
+            .map(|(sent, arrivals)| Flow { sent, arrivals })
+            .collect()
+    }
 }
