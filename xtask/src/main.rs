@@ -540,9 +540,10 @@ fn vm_test_script(root: &Path, runs: &[(&str, &str)], env: &str) -> Result<Strin
     );
     for (t, filter) in runs {
         let exe = test_executable(&json, t)?;
+        // One test at a time, each timed: the runtimes go into closing notes.
         script.push_str(&format!(
-            "echo \"== {t}\"\n{} --test-threads=1 --nocapture {filter} || status=1\n",
-            exe.display()
+            "echo \"== {t}\"\nfor name in $({exe} --list --format terse {filter} | sed -n 's/: test$//p'); do\n  start=$(date +%s)\n  {exe} --exact --test-threads=1 --nocapture \"$name\" || status=1\n  echo \"== $name: $(( $(date +%s) - start )) s\"\ndone\n",
+            exe = exe.display()
         ));
     }
     script.push_str("exit $status\n");
