@@ -1122,7 +1122,7 @@ fn s2_failover_cxp_takes_over_when_the_primary_dies() {
         &lab,
         &backup,
         &format!(
-            "the primary is dead; the backup ({0}) forwards.\ntry: ip -n {vnet} route; ip -n {onprem} route\n     ip netns exec {0} {XNET} bgp --socket {1}",
+            "the primary is dead; the backup ({0}) forwards.\ntry: ip -n {vnet} route; ip -n {onprem} route\n     ip netns exec {vnet} ping -c3 -I 10.1.0.1 192.168.10.1\n     ip netns exec {0} {XNET} bgp --socket {1}",
             cxp2.0,
             backup.socket.display()
         ),

@@ -199,6 +199,8 @@ pub fn agent_command_in(ns: &str, path: &std::path::Path) -> Command {
 
 pub struct Agent {
     pub child: Option<Child>,
+    /// The namespace it runs in.
+    pub ns: String,
     pub socket: PathBuf,
     pub config: PathBuf,
     pub stderr: PathBuf,
@@ -239,6 +241,7 @@ impl Agent {
             .unwrap();
         let mut agent = Agent {
             child: Some(child),
+            ns: lab.ns(host),
             socket,
             config: path,
             stderr,
@@ -624,8 +627,11 @@ pub fn hold(lab: &Lab, agent: &Agent, what_to_try: &str) {
     }
     let p = &lab.prefix;
     println!(
-        "\n=== the scenario is up ===\nnamespaces: {p}-cxp (the agent), {p}-vnet1, {p}-vnet2, {p}-onprem{}\nagent: ip netns exec {p}-cxp {XNET} status --socket {}\n       (also: bgp, ipsec, policy); its log: {}\n{what_to_try}\n`exit` tears it down.\n",
-        if lab.firewalls > 0 { ", {p}-fw1, {p}-fw2" } else { "" },
+        "\n=== the scenario is up ===\nnamespaces: {p}-cxp (the CXP), {p}-vnet1, {p}-vnet2, {p}-onprem{}\nagent: ip netns exec {} {XNET} status --socket {}\n       (also: bgp, ipsec, policy); its log: {}\n{what_to_try}\n`exit` tears it down.\n",
+        (1..=lab.firewalls)
+            .map(|k| format!(", {p}-fw{k}"))
+            .collect::<String>(),
+        agent.ns,
         agent.socket.display(),
         agent.stderr.display()
     );
