@@ -833,9 +833,7 @@ protocol bgp zone{i} {{
     );
     // Instance 0 goes dark: its underlay link loses everything, silently (no DELETE, no
     // NOTIFICATION: only timers can tell).
-    sh(&format!(
-        "ip netns exec {gw} nft add table inet dark \\; add chain inet dark in {{ type filter hook input priority -10 \\; }} \\; add rule inet dark in iifname eth0 drop \\; add chain inet dark out {{ type filter hook output priority -10 \\; }} \\; add rule inet dark out oifname eth0 drop"
-    ));
+    go_dark(&gw);
     let failed = std::time::Instant::now();
     wait_until(
         &agent,
@@ -906,12 +904,95 @@ impl Drop for Netns {
     }
 }
 
-/// A CXP of scenario 2's pair: eBGP with the VNet's route server and the on-prem router,
-/// everything learned advertised on; the backup prepends its AS `prepend` times, so
-/// both peers prefer the primary while it lives.
-fn pair_config(router_id: &str, vnet_peer: &str, onprem_peer: &str, prepend: u8) -> String {
-    format!(
-        r#"[agent]
+/// Whether `ip route show NET` in `ns` has `what` ("via 10.0.6.1 ", "dev xi2 ").
+fn route_via(ns: &str, net: &str, what: &str) -> bool {
+    sh(&format!("ip -n {ns} route show {net}")).contains(what)
+}
+
+/// Waits until `f` holds, at most `limit`; returns how long that took.
+fn wait_for(what: &str, limit: Duration, f: impl Fn() -> bool) -> Duration {
+    let t = std::time::Instant::now();
+    while !f() {
+        assert!(t.elapsed() < limit, "{what} in {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    t.elapsed()
+}
+
+/// Cuts namespace `ns` off from what is at the other end of its `eth0`, silently:
+/// nftables drops everything it receives there or would send there (no FIN, no DELETE,
+/// no NOTIFICATION gets through: only timers can tell).
+fn go_dark(ns: &str) {
+    sh(&format!(
+        "ip netns exec {ns} nft add table inet dark \\; add chain inet dark in {{ type filter hook input priority -10 \\; }} \\; add rule inet dark in iifname eth0 drop \\; add chain inet dark out {{ type filter hook output priority -10 \\; }} \\; add rule inet dark out oifname eth0 drop"
+    ));
+}
+
+/// Steady UDP both ways between `vnet1` (10.1.0.1) and `onprem` (192.168.10.1) on ports
+/// `port` and `port + 1`; `names`: what each way is in the scenario.
+fn both_ways(lab: &Lab, port: u16, names: [&'static str; 2]) -> [(&'static str, Flows); 2] {
+    let (a, b) = (
+        format!("192.168.10.1:{port}"),
+        format!("10.1.0.1:{}", port + 1),
+    );
+    [
+        (
+            names[0],
+            Flows::start(lab, ("vnet1", "10.1.0.1"), ("onprem", &a), 1, port + 100),
+        ),
+        (
+            names[1],
+            Flows::start(
+                lab,
+                ("onprem", "192.168.10.1"),
+                ("vnet1", &b),
+                1,
+                port + 200,
+            ),
+        ),
+    ]
+}
+
+/// The primary CXP dies silently: its peers' links to it (their `eth0`) go dark first,
+/// so not even the FIN of its sessions gets out, then its agent is killed. Returns how
+/// long until `moved` holds (the peers route through the backup).
+fn primary_dies(primary: &mut Agent, peers: [&str; 2], moved: impl Fn() -> bool) -> Duration {
+    for ns in peers {
+        go_dark(ns);
+    }
+    primary.signal(libc::SIGKILL);
+    let _ = primary.child.take().unwrap().wait();
+    wait_for(
+        "both sides routed through the backup",
+        Duration::from_secs(30),
+        moved,
+    )
+}
+
+/// After a failover to `backup`: stops `flows` (3 s on), checks that each resumed and
+/// that its gap stayed under 20 s; the gaps, for the report.
+fn failover_gaps(flows: [(&str, Flows); 2], backup: &Agent) -> String {
+    std::thread::sleep(Duration::from_secs(3));
+    let since = std::time::Instant::now() - Duration::from_secs(2);
+    let mut report = Vec::new();
+    for (way, f) in flows {
+        let f = &f.stop()[0];
+        assert!(
+            f.received_since(since) > 0,
+            "{way}: traffic resumed through the backup ({} sent, {} lost)\n{}",
+            f.sent,
+            f.lost(),
+            backup.log()
+        );
+        let gap = f.longest_gap();
+        assert!(gap < Duration::from_secs(20), "{way}: gap {gap:?}");
+        report.push(format!("{way} {} ms ({} lost)", gap.as_millis(), f.lost()));
+    }
+    report.join(", ")
+}
+
+/// What both CXPs of scenario 2 have: one segment, the links to each side.
+const PAIR_BASE: &str = r#"[agent]
 socket = "/run/xnet/demo.sock"
 route_table_groups = 4096
 
@@ -926,7 +1007,14 @@ segment = "prod"
 [[interfaces]]
 name = "onprem"
 segment = "prod"
+"#;
 
+/// A CXP of scenario 2's pair: eBGP with the VNet's route server and the on-prem router,
+/// everything learned advertised on; the backup prepends its AS `prepend` times, so
+/// both peers prefer the primary while it lives.
+fn pair_config(router_id: &str, vnet_peer: &str, onprem_peer: &str, prepend: u8) -> String {
+    format!(
+        r#"{PAIR_BASE}
 [bgp]
 asn = 65001
 router_id = "{router_id}"
@@ -1024,44 +1112,20 @@ fn s2_failover_cxp_takes_over_when_the_primary_dies() {
         &pair_config("10.0.6.1", "10.0.6.2", "10.0.5.2", 3),
         &[],
     );
-    let route_via = |ns: &str, net: &str, via: &str| {
-        sh(&format!("ip -n {ns} route show {net}")).contains(&format!("via {via} "))
-    };
-    let wait = |what: &str, limit: Duration, f: &dyn Fn() -> bool| {
-        let t = std::time::Instant::now();
-        while !f() {
-            assert!(t.elapsed() < limit, "{what} in {limit:?}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        t.elapsed()
-    };
     for agent in [&primary, &backup] {
         wait_until(agent, "both sessions", Duration::from_secs(60), |s| {
             established(s) == 2 && s.bgp_routes.iter().filter(|r| r.in_data_plane).count() == 2
         });
     }
-    wait(
+    wait_for(
         "both sides routed through the primary",
         Duration::from_secs(30),
-        &|| {
-            route_via(&vnet, "192.168.10.0/24", "10.0.1.1")
-                && route_via(&onprem, "10.1.0.0/16", "10.0.3.1")
+        || {
+            route_via(&vnet, "192.168.10.0/24", "via 10.0.1.1 ")
+                && route_via(&onprem, "10.1.0.0/16", "via 10.0.3.1 ")
         },
     );
-    let to_onprem = Flows::start(
-        &lab,
-        ("vnet1", "10.1.0.1"),
-        ("onprem", "192.168.10.1:9800"),
-        1,
-        7100,
-    );
-    let to_vnet = Flows::start(
-        &lab,
-        ("onprem", "192.168.10.1"),
-        ("vnet1", "10.1.0.1:9801"),
-        1,
-        7200,
-    );
+    let flows = both_ways(&lab, 9800, ["VNet to on-prem", "on-prem to VNet"]);
     std::thread::sleep(Duration::from_secs(3));
     let (p, b) = (
         primary.status().reason("forwarded"),
@@ -1071,44 +1135,12 @@ fn s2_failover_cxp_takes_over_when_the_primary_dies() {
         p >= 1000 && b < 10,
         "the primary forwards ({p}), the backup not ({b})"
     );
-    // The primary dies: its links go dark first (nothing more gets out, not even the
-    // FIN of its sessions), then its agent is killed.
-    for ns in [&vnet, &onprem] {
-        sh(&format!(
-            "ip netns exec {ns} nft add table inet dark \\; add chain inet dark in {{ type filter hook input priority -10 \\; }} \\; add rule inet dark in iifname eth0 drop \\; add chain inet dark out {{ type filter hook output priority -10 \\; }} \\; add rule inet dark out oifname eth0 drop"
-        ));
-    }
-    primary.signal(libc::SIGKILL);
-    let _ = primary.child.take().unwrap().wait();
-    let moved = wait(
-        "both sides routed through the backup",
-        Duration::from_secs(30),
-        &|| {
-            route_via(&vnet, "192.168.10.0/24", "10.0.6.1")
-                && route_via(&onprem, "10.1.0.0/16", "10.0.5.1")
-        },
-    );
-    std::thread::sleep(Duration::from_secs(3));
-    let since = std::time::Instant::now() - Duration::from_secs(2);
-    let flows = [
-        ("VNet to on-prem", to_onprem.stop()),
-        ("on-prem to VNet", to_vnet.stop()),
-    ];
+    let moved = primary_dies(&mut primary, [&vnet, &onprem], || {
+        route_via(&vnet, "192.168.10.0/24", "via 10.0.6.1 ")
+            && route_via(&onprem, "10.1.0.0/16", "via 10.0.5.1 ")
+    });
+    let report = failover_gaps(flows, &backup);
     let forwarded = backup.status().reason("forwarded");
-    let mut report = Vec::new();
-    for (way, f) in &flows {
-        let f = &f[0];
-        assert!(
-            f.received_since(since) > 0,
-            "{way}: traffic resumed through the backup ({} sent, {} lost)\n{}",
-            f.sent,
-            f.lost(),
-            backup.log()
-        );
-        let gap = f.longest_gap();
-        assert!(gap < Duration::from_secs(20), "{way}: gap {gap:?}");
-        report.push(format!("{way} {} ms ({} lost)", gap.as_millis(), f.lost()));
-    }
     assert!(
         forwarded >= b + 1000,
         "the backup's XDP forwards: {forwarded}"
@@ -1116,7 +1148,7 @@ fn s2_failover_cxp_takes_over_when_the_primary_dies() {
     println!(
         "s2 failover CXP: peers moved to the backup {} ms after the primary died (BGP hold time 6 s); gap {}",
         moved.as_millis(),
-        report.join(", ")
+        report
     );
     hold(
         &lab,
@@ -1127,4 +1159,206 @@ fn s2_failover_cxp_takes_over_when_the_primary_dies() {
             backup.socket.display()
         ),
     );
+}
+
+/// Scenario 2, the failover CXP toward a VNet's VPN gateway: each CXP has its own tunnel
+/// to the gateway with BGP over it, and eBGP over a plain link with the on-prem route
+/// server. The backup prepends its AS on both, so the gateway (BIRD, each CXP's routes
+/// into that CXP's xfrm interface) and on-prem route through the primary. The primary
+/// dies silently; both sides move to the backup and the traffic goes on through its
+/// tunnel. The gap each way is measured.
+#[test]
+fn s2_failover_cxp_over_ipsec_to_the_vnet_gateway() {
+    if !vm_kernel("s2_failover_cxp_over_ipsec_to_the_vnet_gateway") {
+        return;
+    }
+    let lab = lab("s2i");
+    let (vnet, gw) = (lab.ns("vnet1"), lab.ns("onprem"));
+    let cxp2 = Netns(lab.ns("cxp2"));
+    sh(&format!("ip netns add {}", cxp2.0));
+    sh(&format!("ip -n {} link set lo up", cxp2.0));
+    link(&cxp2.0, "vnet1", "10.0.6.1", &vnet, "eth1", "10.0.6.2");
+    link(&cxp2.0, "onprem", "10.0.5.1", &gw, "eth1", "10.0.5.2");
+    let psk = write_psk(&lab);
+    // (namespace, session address, link to on-prem, on-prem's address, underlay, gateway's
+    // underlay address, prepend)
+    let cxps = [
+        (
+            lab.ns("cxp"),
+            "10.255.0.1",
+            "10.0.1.2",
+            "10.0.3.1",
+            "10.0.3.2",
+            0,
+        ),
+        (
+            cxp2.0.clone(),
+            "10.255.0.2",
+            "10.0.6.2",
+            "10.0.5.1",
+            "10.0.5.2",
+            3,
+        ),
+    ];
+    let mut cfgs = Vec::new();
+    let mut swanctl = String::new();
+    for (k, (ns, me, rs, local, remote, prepend)) in cxps.iter().enumerate() {
+        sh(&format!("ip -n {ns} addr add {me}/32 dev lo"));
+        // Tunnel traffic is forwarded by the kernel.
+        sh(&format!(
+            "ip netns exec {ns} sysctl -qw net.ipv4.ip_forward=1"
+        ));
+        let cfg = format!(
+            r#"{}
+[bgp]
+asn = 65001
+router_id = "{me}"
+graceful_restart = false
+
+[[bgp.neighbors]]
+name = "onprem-rs"
+segment = "prod"
+address = "{rs}"
+remote_asn = 65010
+hold_time = 6
+advertise = "all"
+export = {{ prepend = {prepend} }}
+
+[[bgp.neighbors]]
+name = "vnet-gw"
+segment = "prod"
+address = "192.168.10.254"
+local_address = "{me}"
+remote_asn = 65515
+hold_time = 6
+advertise = "all"
+export = {{ prepend = {prepend} }}
+
+[[ipsec]]
+name = "vnet-gw"
+segment = "prod"
+local_address = "{local}"
+remote_address = "{remote}"
+psk_file = "{}"
+profile = "azure"
+local_ts = ["10.1.0.0/16", "{me}/32"]
+remote_ts = ["192.168.10.0/24"]
+routes = ["192.168.10.254/32"]
+interface = "xi-gw"
+dpd_seconds = 2
+"#,
+            PAIR_BASE,
+            psk.display()
+        );
+        // The gateway's side of this CXP's tunnel, into its own xfrm interface.
+        let if_id = k + 1;
+        sh(&format!(
+            "ip -n {gw} link add xi{if_id} type xfrm if_id {if_id}"
+        ));
+        sh(&format!("ip -n {gw} link set xi{if_id} up"));
+        swanctl += &peer_config_of(&lab, "vnet-gw", &cfg)
+            .replace("xnet-vnet-gw", &format!("xnet-vnet-gw-{if_id}"))
+            .replace(
+                "start_action = none",
+                &format!(
+                    "start_action = none\n        if_id_in = {if_id}\n        if_id_out = {if_id}"
+                ),
+            );
+        cfgs.push(cfg);
+    }
+    let dir = std::env::temp_dir().join(format!("{}-charon-gw", lab.prefix));
+    let charon = Charon::start(
+        &gw,
+        dir,
+        CHARON,
+        "      default = 1\n      ike = 2",
+        &swanctl,
+    )
+    .unwrap();
+    charon.load("--load-all").unwrap();
+    // The gateway's BGP speaker: each CXP's session and routes go into that CXP's tunnel
+    // (BIRD sets the kernel route's device from the session it came from).
+    let _gw_bird = Bird::in_host(
+        &lab,
+        "onprem",
+        "router id 192.168.10.254;
+protocol device {}
+protocol static vnet { ipv4; route 192.168.10.0/24 blackhole; }
+protocol static tunnels { ipv4; route 10.255.0.1/32 via \"xi1\"; route 10.255.0.2/32 via \"xi2\"; }
+protocol kernel {
+  ipv4 { export filter {
+    if proto = \"cxp1\" then ifname = \"xi1\";
+    if proto = \"cxp2\" then ifname = \"xi2\";
+    if proto = \"cxp1\" || proto = \"cxp2\" || proto = \"tunnels\" then accept;
+    reject;
+  }; };
+}
+protocol bgp cxp1 {
+  local 192.168.10.254 as 65515; neighbor 10.255.0.1 as 65001; multihop; hold time 6;
+  ipv4 { import all; export where proto = \"vnet\"; };
+}
+protocol bgp cxp2 {
+  local 192.168.10.254 as 65515; neighbor 10.255.0.2 as 65001; multihop; hold time 6;
+  ipv4 { import all; export where proto = \"vnet\"; };
+}
+",
+        "192.168.10.254",
+    );
+    let _rs = Bird::in_host(
+        &lab,
+        "vnet1",
+        &pair_peer(
+            65010,
+            "10.1.0.0/16",
+            ("10.0.1.2", "10.0.1.1"),
+            ("10.0.6.2", "10.0.6.1"),
+        ),
+        "10.1.0.254",
+    );
+    let mut primary = Agent::start(&lab, &cfgs[0]);
+    let backup = Agent::start_in(&lab, "cxp2", &cfgs[1], &[]);
+    for agent in [&primary, &backup] {
+        wait_until(
+            agent,
+            "the tunnel, both sessions",
+            Duration::from_secs(120),
+            |s| {
+                s.ipsec
+                    .first()
+                    .is_some_and(|t| t.state == "established" && !t.children.is_empty())
+                    && established(s) == 2
+            },
+        );
+    }
+    wait_for(
+        "both sides routed through the primary",
+        Duration::from_secs(60),
+        || {
+            route_via(&vnet, "192.168.10.0/24", "via 10.0.1.1 ")
+                && route_via(&gw, "10.1.0.0/16", "dev xi1 ")
+        },
+    );
+    // Here `onprem` is the VNet's gateway and `vnet1` on-prem.
+    let flows = both_ways(&lab, 9900, ["on-prem to VNet", "VNet to on-prem"]);
+    std::thread::sleep(Duration::from_secs(3));
+    // The gateway's underlay toward the primary and the on-prem link go dark.
+    let moved = primary_dies(&mut primary, [&vnet, &gw], || {
+        route_via(&vnet, "192.168.10.0/24", "via 10.0.6.1 ")
+            && route_via(&gw, "10.1.0.0/16", "dev xi2 ")
+    });
+    let report = failover_gaps(flows, &backup);
+    println!(
+        "s2 failover CXP over IPsec: peers moved to the backup {} ms after the primary died (BGP hold time 6 s); gap {}",
+        moved.as_millis(),
+        report
+    );
+    hold(
+        &lab,
+        &backup,
+        &format!(
+            "the primary is dead; the backup ({0}) carries the VNet's traffic in its tunnel.\ntry: ip -n {gw} route; ip -n {vnet} route\n     ip netns exec {vnet} ping -c3 -I 10.1.0.1 192.168.10.1",
+            cxp2.0
+        ),
+    );
+    drop(charon);
 }

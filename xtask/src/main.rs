@@ -554,7 +554,8 @@ fn vm_test_script(root: &Path, runs: &[(&str, &str)], env: &str) -> Result<Strin
 const LABS: &[(&str, &str, &str)] = &[
     ("s1", "scenarios", "s1_"),
     ("s2", "scenarios", "s2_zone"),
-    ("s2f", "scenarios", "s2_failover"),
+    ("s2f", "scenarios", "s2_failover_cxp_takes"),
+    ("s2i", "scenarios", "s2_failover_cxp_over_ipsec"),
     ("s3", "scenarios", "s3_"),
     ("s4", "scenarios", "s4_"),
     ("s5", "steering", "steered_flows"),
