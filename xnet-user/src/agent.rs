@@ -588,7 +588,7 @@ impl Agent {
             .map(|(_, n)| (*n, None))
             .collect();
         for (seg, net) in self.bgp_routes.keys().filter(|(s, _)| *s == segment) {
-            if let Some(best) = self.selected(*seg, net).first() {
+            if let Some((best, _)) = self.selected(*seg, net).first() {
                 routes.push((*net, Some((best.peer, best.attrs.clone()))));
             }
         }
@@ -1044,10 +1044,12 @@ impl Agent {
             .unwrap_or_default()
     }
 
-    /// The RIB's selection among the paths whose next hop can be reached now.
-    fn selected(&self, segment: u32, net: &IpNet) -> Vec<rib::Path> {
+    /// The RIB's selection among the paths whose next hop can be reached now, each with
+    /// the next hops it resolves to.
+    fn selected(&self, segment: u32, net: &IpNet) -> Vec<(rib::Path, Vec<NhKey>)> {
         self.rib.selected_by(segment, net, |p| {
-            !self.resolve_recursive(segment, p.next_hop).is_empty()
+            let hops = self.resolve_recursive(segment, p.next_hop);
+            (!hops.is_empty()).then_some(hops)
         })
     }
 
@@ -1068,8 +1070,8 @@ impl Agent {
                 .any(|r| *r == (seg, net));
             let mut hops: Vec<NhKey> = self
                 .selected(seg, &net)
-                .iter()
-                .flat_map(|p| self.resolve_recursive(seg, p.next_hop))
+                .into_iter()
+                .flat_map(|(_, hops)| hops)
                 .collect();
             hops.sort();
             hops.dedup();
@@ -1532,7 +1534,7 @@ impl Agent {
                                 .iter()
                                 .map(|c| format!("{}:{}", c >> 16, c & 0xffff))
                                 .collect(),
-                            selected: selected.iter().any(|x| x.peer == p.peer),
+                            selected: selected.iter().any(|(x, _)| x.peer == p.peer),
                             stale: self.stale.is_stale(p.peer, &(*seg, *net)),
                         })
                         .collect(),

@@ -115,29 +115,34 @@ impl Rib {
 
     /// The best path and those equal to it (up to `multipath`), best first.
     pub fn selected(&self, segment: u32, net: &IpNet) -> Vec<Path> {
-        self.selected_by(segment, net, |_| true)
+        self.selected_by(segment, net, |_| Some(()))
+            .into_iter()
+            .map(|(p, ())| p)
+            .collect()
     }
 
-    /// `selected` among the paths `usable` accepts. The agent passes "its next hop can be
-    /// reached": a path that cannot be used is no candidate (RFC 4271 §9.1.2.1), so when
-    /// the tunnel behind the best path goes down, the standby takes over at once.
-    pub fn selected_by(
+    /// `selected` among the paths `usable` accepts, each with what `usable` made of it.
+    /// The agent passes "the next hops it resolves to": a path that cannot be used is no
+    /// candidate (RFC 4271 §9.1.2.1), so when the tunnel behind the best path goes down,
+    /// the standby takes over at once.
+    pub fn selected_by<T>(
         &self,
         segment: u32,
         net: &IpNet,
-        usable: impl Fn(&Path) -> bool,
-    ) -> Vec<Path> {
+        usable: impl Fn(&Path) -> Option<T>,
+    ) -> Vec<(Path, T)> {
         let Some(v) = self.paths.get(&(segment, *net)) else {
             return Vec::new();
         };
-        let mut candidates = v.iter().filter(|p| usable(p));
+        let mut candidates = v.iter().filter_map(|p| Some((p, usable(p)?)));
         let Some(best) = candidates.next() else {
             return Vec::new();
         };
+        let top = best.0;
         std::iter::once(best)
-            .chain(candidates.take_while(|p| p.rank(best) == Ordering::Equal))
+            .chain(candidates.take_while(|(p, _)| p.rank(top) == Ordering::Equal))
             .take(self.multipath)
-            .cloned()
+            .map(|(p, t)| (p.clone(), t))
             .collect()
     }
 
@@ -266,8 +271,13 @@ mod tests {
             n,
             path("10.0.0.2", "2.2.2.2", None, &[7, 7, 7], None, true),
         );
-        let up = |down: &'static str| move |p: &Path| p.next_hop.to_string() != down;
-        let peers = |v: Vec<Path>| v.iter().map(|p| p.peer.to_string()).collect::<Vec<_>>();
+        let up =
+            |down: &'static str| move |p: &Path| (p.next_hop.to_string() != down).then_some(());
+        let peers = |v: Vec<(Path, ())>| {
+            v.iter()
+                .map(|(p, _)| p.peer.to_string())
+                .collect::<Vec<_>>()
+        };
         assert_eq!(peers(r.selected_by(1, &n, up("none"))), ["10.0.0.1"]);
         assert_eq!(peers(r.selected_by(1, &n, up("10.0.0.1"))), ["10.0.0.2"]);
         // ECMP: an equal path behind a dead next hop leaves the set.
@@ -277,7 +287,7 @@ mod tests {
             ["10.0.0.1", "10.0.0.3"]
         );
         assert_eq!(peers(r.selected_by(1, &n, up("10.0.0.3"))), ["10.0.0.1"]);
-        assert!(r.selected_by(1, &n, |_| false).is_empty());
+        assert!(r.selected_by(1, &n, |_| None::<()>).is_empty());
         // The same path again changes nothing; the standby's withdrawal is a change.
         assert!(!r.update(
             1,
