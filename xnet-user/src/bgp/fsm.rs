@@ -791,6 +791,48 @@ mod tests {
         }
     }
 
+    /// A session to a scripted peer on loopback, brought to OpenConfirm: it connected,
+    /// the peer (BGP identifier `peer_id`, hold time `hold`) answered its OPEN, and it
+    /// sent its KEEPALIVE.
+    struct Scripted {
+        listener: TcpListener,
+        port: u16,
+        /// The peer's end of the session's connection.
+        peer: TcpStream,
+        /// Hands the session further connections, as its listener would.
+        incoming: mpsc::Sender<TcpStream>,
+        events: mpsc::Receiver<(u64, Event)>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    async fn open_confirm(peer_id: &str, hold: u16) -> Scripted {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cfg = test_config(port, hold);
+        let (ev_tx, events) = mpsc::channel(16);
+        let (incoming, in_rx) = mpsc::channel(4);
+        let (_adv_tx, adv_rx) = watch::channel(Some(Arc::new(Vec::new())));
+        let (_ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            let _keep = (_adv_tx, _ctl_tx);
+            run(cfg, ev_tx, in_rx, adv_rx, ctl_rx, Default::default()).await
+        });
+        let (mut peer, _) = listener.accept().await.unwrap();
+        assert!(matches!(read_msg(&mut peer).await, Message::Open(_)));
+        peer.write_all(&open_with_hold(peer_id, hold))
+            .await
+            .unwrap();
+        assert_eq!(read_msg(&mut peer).await, Message::Keepalive);
+        Scripted {
+            listener,
+            port,
+            peer,
+            incoming,
+            events,
+            task,
+        }
+    }
+
     /// A session established with a scripted peer (hold time 3 s: keepalives every
     /// second). Returns the peer's end, the events, the session.
     async fn established() -> (
@@ -798,27 +840,13 @@ mod tests {
         mpsc::Receiver<(u64, Event)>,
         tokio::task::JoinHandle<()>,
     ) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let cfg = test_config(port, 3);
-        let (ev_tx, mut ev_rx) = mpsc::channel(16);
-        let (_in_tx, in_rx) = mpsc::channel(4);
-        let (_adv_tx, adv_rx) = watch::channel(Some(Arc::new(Vec::new())));
-        let (_ctl_tx, ctl_rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(async move {
-            let _keep = (_adv_tx, _ctl_tx, _in_tx);
-            run(cfg, ev_tx, in_rx, adv_rx, ctl_rx, Default::default()).await
-        });
-        let (mut peer, _) = listener.accept().await.unwrap();
-        assert!(matches!(read_msg(&mut peer).await, Message::Open(_)));
-        peer.write_all(&open_with_hold("10.0.0.9", 3))
-            .await
-            .unwrap();
-        assert_eq!(read_msg(&mut peer).await, Message::Keepalive);
-        peer.write_all(&encode_keepalive()).await.unwrap();
-        let (_, ev) = ev_rx.recv().await.unwrap();
+        let mut s = open_confirm("10.0.0.9", 3).await;
+        // Kept open for the session's whole life (no further connections come).
+        std::mem::forget(s.incoming);
+        s.peer.write_all(&encode_keepalive()).await.unwrap();
+        let (_, ev) = s.events.recv().await.unwrap();
         assert!(matches!(ev, Event::Established { .. }), "{ev:?}");
-        (peer, ev_rx, task)
+        (s.peer, s.events, s.task)
     }
 
     /// Our keepalives go out every second; a peer that sends nothing is dropped after
@@ -880,21 +908,14 @@ mod tests {
         mpsc::Receiver<(u64, Event)>,
         tokio::task::JoinHandle<()>,
     ) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let cfg = test_config(port, 90);
-        let (ev_tx, ev_rx) = mpsc::channel(16);
-        let (in_tx, in_rx) = mpsc::channel(4);
-        let (_adv_tx, adv_rx) = watch::channel(Some(Arc::new(Vec::new())));
-        let (_ctl_tx, ctl_rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(async move {
-            let _keep = (_adv_tx, _ctl_tx);
-            run(cfg, ev_tx, in_rx, adv_rx, ctl_rx, Default::default()).await
-        });
-        let (mut ours, _) = listener.accept().await.unwrap();
-        assert!(matches!(read_msg(&mut ours).await, Message::Open(_)));
-        ours.write_all(&open(peer_id)).await.unwrap();
-        assert_eq!(read_msg(&mut ours).await, Message::Keepalive);
+        let Scripted {
+            listener,
+            port,
+            peer: ours,
+            incoming: in_tx,
+            events: ev_rx,
+            task,
+        } = open_confirm(peer_id, 90).await;
         // OpenConfirm now. The peer's connection: one end is handed to the session as
         // the listener would, the other is the peer's.
         let (theirs, session_end) = tokio::join!(TcpStream::connect(("127.0.0.1", port)), async {
