@@ -56,17 +56,42 @@ fn peer_config_of(lab: &Lab, name: &str, cfg: &str) -> String {
 
 /// The VPN gateway: charon in `host`, configured from the agent's config as is.
 fn gateway(lab: &Lab, host: &str, name: &str, cfg: &str) -> Charon {
+    charon_in(lab, host, &peer_config_of(lab, name, cfg))
+}
+
+/// charon in lab host `host` with `swanctl` loaded.
+fn charon_in(lab: &Lab, host: &str, swanctl: &str) -> Charon {
     let dir = std::env::temp_dir().join(format!("{}-charon-{host}", lab.prefix));
     let c = Charon::start(
         &lab.ns(host),
         dir,
         CHARON,
         "      default = 1\n      ike = 2\n      net = 2",
-        &peer_config_of(lab, name, cfg),
+        swanctl,
     )
     .unwrap();
     c.load("--load-all").unwrap();
     c
+}
+
+/// The gateway's side of connector `name` (in `cfg`) when the gateway has several
+/// tunnels with the same traffic selectors: route-based, into its own xfrm interface
+/// `xi{if_id}` in `host`. Returns the peer config with that if_id, its names suffixed
+/// with it so several such configs can go into one charon.
+fn route_based_peer(lab: &Lab, host: &str, name: &str, cfg: &str, if_id: usize) -> String {
+    let ns = lab.ns(host);
+    sh(&format!(
+        "ip -n {ns} link add xi{if_id} type xfrm if_id {if_id}"
+    ));
+    sh(&format!("ip -n {ns} link set xi{if_id} up"));
+    peer_config_of(lab, name, cfg)
+        .replace(&format!("xnet-{name}"), &format!("xnet-{name}-{if_id}"))
+        .replace(
+            "start_action = none",
+            &format!(
+                "start_action = none\n        if_id_in = {if_id}\n        if_id_out = {if_id}"
+            ),
+        )
 }
 
 /// Counts, on `dev` in `ns` (ingress), ESP packets and plaintext packets from `src`.
@@ -679,7 +704,7 @@ fn link(cxp: &str, cxp_dev: &str, a: &str, host: &str, host_dev: &str, b: &str) 
 
 /// What one ECMP path of the zone-redundant gateway is: its connector, the gateway's
 /// underlay address and link, its BGP address, its xfrm interface (if_id) there.
-const ZONES: [(&str, &str, &str, &str, u32); 2] = [
+const ZONES: [(&str, &str, &str, &str, usize); 2] = [
     ("gw0", "10.0.3.2", "eth0", "192.168.10.254", 1),
     ("gw1", "10.0.4.2", "eth1", "192.168.10.253", 2),
 ];
@@ -741,31 +766,13 @@ dpd_seconds = 2
     // equal traffic selectors do not clash), each instance's BGP session into its own.
     let mut swanctl = String::new();
     for (name, _, _, bgp, if_id) in ZONES {
-        sh(&format!(
-            "ip -n {gw} link add xi{if_id} type xfrm if_id {if_id}"
-        ));
-        sh(&format!("ip -n {gw} link set xi{if_id} up"));
+        swanctl += &route_based_peer(&lab, "onprem", name, &cfg, if_id);
         sh(&format!(
             "ip -n {gw} route add 10.255.0.1/32 dev xi{if_id} table {if_id}"
         ));
         sh(&format!("ip -n {gw} rule add from {bgp} lookup {if_id}"));
-        swanctl += &peer_config_of(&lab, name, &cfg).replace(
-            "start_action = none",
-            &format!(
-                "start_action = none\n        if_id_in = {if_id}\n        if_id_out = {if_id}"
-            ),
-        );
     }
-    let dir = std::env::temp_dir().join(format!("{}-charon-gw", lab.prefix));
-    let charon = Charon::start(
-        &gw,
-        dir,
-        CHARON,
-        "      default = 1\n      ike = 2",
-        &swanctl,
-    )
-    .unwrap();
-    charon.load("--load-all").unwrap();
+    let _charon = charon_in(&lab, "onprem", &swanctl);
     // Two gateway instances, two BGP speakers (each bound to its own address).
     let _birds: Vec<Bird> = ZONES
         .iter()
@@ -1251,31 +1258,10 @@ dpd_seconds = 2
             psk.display()
         );
         // The gateway's side of this CXP's tunnel, into its own xfrm interface.
-        let if_id = k + 1;
-        sh(&format!(
-            "ip -n {gw} link add xi{if_id} type xfrm if_id {if_id}"
-        ));
-        sh(&format!("ip -n {gw} link set xi{if_id} up"));
-        swanctl += &peer_config_of(&lab, "vnet-gw", &cfg)
-            .replace("xnet-vnet-gw", &format!("xnet-vnet-gw-{if_id}"))
-            .replace(
-                "start_action = none",
-                &format!(
-                    "start_action = none\n        if_id_in = {if_id}\n        if_id_out = {if_id}"
-                ),
-            );
+        swanctl += &route_based_peer(&lab, "onprem", "vnet-gw", &cfg, k + 1);
         cfgs.push(cfg);
     }
-    let dir = std::env::temp_dir().join(format!("{}-charon-gw", lab.prefix));
-    let charon = Charon::start(
-        &gw,
-        dir,
-        CHARON,
-        "      default = 1\n      ike = 2",
-        &swanctl,
-    )
-    .unwrap();
-    charon.load("--load-all").unwrap();
+    let charon = charon_in(&lab, "onprem", &swanctl);
     // The gateway's BGP speaker: each CXP's session and routes go into that CXP's tunnel
     // (BIRD sets the kernel route's device from the session it came from).
     let _gw_bird = Bird::in_host(
