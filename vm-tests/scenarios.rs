@@ -609,12 +609,12 @@ protocol bgp cxp {
     );
 
     // Migration of spoke 41 under steady traffic to spoke 40.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let steady = steady_udp(
+    let steady = Flows::start(
         &lab,
-        ("vnet1", "10.1.0.1:5701"),
+        ("vnet1", "10.1.0.1"),
         ("onprem", "10.40.0.1:9701"),
-        stop.clone(),
+        1,
+        5701,
     );
     count_underlay(&spoke, "eth0", "10.1.0.0/16");
     let spoke_gw = gateway(&lab, "vnet2", "spoke41", &cfg);
@@ -671,8 +671,8 @@ protocol bgp cxp {
         esp >= 20 && plain == 0,
         "ESP only to the spoke: {esp} ESP, {plain} plain"
     );
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (sent, received) = steady.join().unwrap();
+    let flow = &steady.stop()[0];
+    let (sent, received) = (flow.sent, flow.arrivals.len() as u64);
     eprintln!("steady traffic to spoke 40 during the migration: {received} of {sent}");
     assert_eq!(received, sent, "no loss for the spoke that stayed");
     hold(

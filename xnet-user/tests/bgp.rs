@@ -440,12 +440,12 @@ fn graceful_restart_of_the_agent_and_of_bird() {
     assert!(bird.cmd("show route protocol cxp").contains("0.0.0.0/0"));
 
     // 1. The agent restarts (SIGUSR1, then a new agent) under steady traffic.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let traffic = steady_udp(
+    let traffic = Flows::start(
         &lab,
-        ("vnet1", "10.1.0.1:5100"),
+        ("vnet1", "10.1.0.1"),
         ("onprem", "172.16.0.1:9100"),
-        stop.clone(),
+        1,
+        5100,
     );
     std::thread::sleep(Duration::from_millis(300));
     agent.signal(libc::SIGUSR1);
@@ -470,8 +470,8 @@ fn graceful_restart_of_the_agent_and_of_bird() {
             && in_data_plane(s, "172.16.0.0/16")
     });
     std::thread::sleep(Duration::from_millis(500));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (sent, received) = traffic.join().unwrap();
+    let flow = &traffic.stop()[0];
+    let (sent, received) = (flow.sent, flow.arrivals.len() as u64);
     assert!(sent > 500, "{sent} sent");
     assert_eq!(received, sent, "no datagram lost across the restart");
     let log = agent2.log();

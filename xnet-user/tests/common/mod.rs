@@ -317,18 +317,9 @@ fn quiet_period() -> Duration {
 }
 
 /// Counts, in the background, the datagrams starting with `tag` that arrive at `dst` in
-/// namespace `ns`, until none came for `quiet_period()`. Reading while the client sends,
-/// so the socket buffer never decides the result.
-pub fn udp_counter(
-    lab: &Lab,
-    ns: &str,
-    dst: SocketAddr,
-    tag: &'static [u8],
-) -> std::thread::JoinHandle<usize> {
-    udp_counter_warmed(lab, ns, dst, tag, Default::default())
-}
-
-/// `udp_counter` that also sets `warmed` when a "warm-up" datagram arrives.
+/// namespace `ns`, until none came for `quiet_period()`, and sets `warmed` when a
+/// "warm-up" datagram arrives. Reading while the client sends, so the socket buffer
+/// never decides the result.
 fn udp_counter_warmed(
     lab: &Lab,
     ns: &str,
@@ -638,32 +629,7 @@ pub fn hold(lab: &Lab, agent: &Agent, what_to_try: &str) {
     let _ = Command::new("bash").arg("-i").env("PS1", "lab# ").status();
 }
 
-/// UDP every 2 ms from (namespace, address) `from` to `to` until `stop`, in the
-/// background; the handle gives (sent, received).
-pub fn steady_udp(
-    lab: &Lab,
-    from: (&str, &str),
-    to: (&str, &str),
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> std::thread::JoinHandle<(usize, usize)> {
-    use std::sync::atomic::Ordering;
-    let dst: SocketAddr = to.1.parse().unwrap();
-    let src: SocketAddr = from.1.parse().unwrap();
-    let rx = udp_counter(lab, to.0, dst, b"steady");
-    let client = in_netns(&lab.ns(from.0), move || UdpSocket::bind(src).unwrap());
-    std::thread::spawn(move || {
-        let mut sent = 0;
-        while !stop.load(Ordering::Relaxed) {
-            if client.send_to(b"steady", dst).is_ok() {
-                sent += 1;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        (sent, rx.join().unwrap())
-    })
-}
-
-/// Steady UDP flows for failover tests: `n` flows (source ports `port`, `port + 1`, …)
+/// Steady UDP flows (for failovers, restarts, migrations): `n` flows (source ports `port`, `port + 1`, …)
 /// from one address to one destination, one datagram every millisecond in turn, each
 /// carrying its flow and sequence number. The receiver notes when each arrives, so a
 /// test sees which flows a failure hit and how long each was cut off.
