@@ -563,7 +563,14 @@ impl Agent {
             });
             self.fib = Some(tx);
         }
-        self.bgp = Speaker::start(&self.config, !self.handover.is_empty()).await?;
+        let own = self.connected.iter().map(|(_, n)| n.addr()).collect();
+        self.bgp = Speaker::start(
+            &self.config,
+            &self.path.display().to_string(),
+            !self.handover.is_empty(),
+            own,
+        )
+        .await?;
         for seg in 1..=self.config.segments.len() as u32 {
             self.readvertise(seg);
         }
@@ -1273,6 +1280,15 @@ impl Agent {
             error!("reload rejected, nothing changed: {}: interfaces, segments, services, [[ipsec]] connectors, [agent] and the [bgp] settings other than neighbors only change with a restart", self.path.display());
             return;
         }
+        // Neighbours' passwords are read now, so a missing one changes nothing.
+        if let Some(b) = &new.bgp {
+            for (i, n) in b.neighbors.iter().enumerate() {
+                if let Err(e) = crate::bgp::md5::load(n, i, &self.path.display().to_string()) {
+                    error!("reload rejected, nothing changed: {e:#}");
+                    return;
+                }
+            }
+        }
         let want = route_set(&new, &self.links);
         // Static routes that go away uncover what BGP learned for the same prefix.
         let uncovered: Vec<(u32, IpNet)> = self
@@ -1297,7 +1313,10 @@ impl Agent {
         }
         // Neighbours: only the removed or changed ones restart.
         let stopped = match self.bgp.as_mut() {
-            Some(b) => b.reconcile(&self.config),
+            Some(b) => b.reconcile(&self.config).unwrap_or_else(|e| {
+                error!("bgp: {e:#}");
+                Vec::new()
+            }),
             None => Vec::new(),
         };
         let mut changed = Vec::new();

@@ -214,6 +214,16 @@ pub struct Neighbor {
     pub prefixes: Vec<IpNet>,
     /// Tear the session down (NOTIFICATION Cease 1) when the peer announces more.
     pub max_prefixes: Option<usize>,
+    /// Log a warning when the peer announces more (the session stays).
+    pub warn_prefixes: Option<usize>,
+    /// Ignore routes from this external peer whose AS_PATH does not start with its AS
+    /// (RFC 4271 §6.3). Off only for a route server that does not prepend its own AS.
+    #[serde(default = "default_true")]
+    pub enforce_first_as: bool,
+    /// TCP-MD5 (RFC 2385) password: a file whose first line it is, or an environment
+    /// variable. The config never holds the password itself.
+    pub password_file: Option<PathBuf>,
+    pub password_env: Option<String>,
     /// Our address for the session (eBGP multihop from a loopback, say).
     pub local_address: Option<IpAddr>,
     /// What is accepted from the peer, and how it is changed.
@@ -696,6 +706,22 @@ impl Config {
                     f("local_address"),
                     "must be of the peer address's family".into(),
                 );
+            }
+            crate::bgp::policy::validate(&n.import, &n.export)
+                .map_err(|(field, reason)| (f(&field), reason))?;
+            if n.password_file.is_some() && n.password_env.is_some() {
+                return err(
+                    f("password_file"),
+                    "give at most one of password_file and password_env".into(),
+                );
+            }
+            if let (Some(w), Some(m)) = (n.warn_prefixes, n.max_prefixes) {
+                if w >= m {
+                    return err(
+                        f("warn_prefixes"),
+                        format!("must be below max_prefixes ({m})"),
+                    );
+                }
             }
             if n.hold_time == 1 || n.hold_time == 2 {
                 return err(

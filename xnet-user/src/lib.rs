@@ -16,3 +16,5 @@ pub mod lpm;
 pub mod policy;
 pub mod restart;
 pub mod status;
+#[cfg(test)]
+mod testutil;

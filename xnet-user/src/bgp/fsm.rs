@@ -34,6 +34,14 @@ pub struct SessionConfig {
     pub hold_time: u16,
     pub passive: bool,
     pub max_prefixes: Option<usize>,
+    /// Warn (once per crossing) when the peer announces more than this.
+    pub warn_prefixes: Option<usize>,
+    /// Check that an external path starts with the peer's AS (RFC 4271 §6.3).
+    pub enforce_first_as: bool,
+    /// The agent's own addresses: a NEXT_HOP among them is ignored.
+    pub local_addrs: Arc<Vec<IpAddr>>,
+    /// TCP-MD5 key for the session's segments (RFC 2385).
+    pub password: Option<super::md5::Key>,
     /// Source address of the session (else the kernel picks).
     pub local_address: Option<IpAddr>,
     /// Announce graceful restart (RFC 4724), as helper and as restarting speaker.
@@ -56,21 +64,29 @@ pub struct GrLocal {
 /// What the agent asks of a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Control {
-    /// Close with NOTIFICATION Cease/Administrative Shutdown, so the peer drops our routes
-    /// at once instead of keeping them for a graceful restart.
-    Shutdown,
+    /// Close with a NOTIFICATION Cease of this subcode (RFC 4486: 2 Administrative
+    /// Shutdown, 3 Peer De-configured, 6 Other Configuration Change), so the peer drops our
+    /// routes at once instead of keeping them for a graceful restart.
+    Shutdown(u8),
     /// Ask the peer to send its routes again (ROUTE-REFRESH, RFC 2918): the import policy
     /// changed. A peer without the capability gets its session reset instead.
     Refresh,
 }
 
-/// Connects to `target`, from `local` when given.
-async fn connect(target: SocketAddr, local: Option<IpAddr>) -> std::io::Result<TcpStream> {
+/// Connects to `target`, from `local` when given, signing with `key` (TCP-MD5).
+async fn connect(
+    target: SocketAddr,
+    local: Option<IpAddr>,
+    key: Option<&super::md5::Key>,
+) -> std::io::Result<TcpStream> {
     let sock = if target.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
         tokio::net::TcpSocket::new_v6()?
     };
+    if let Some(k) = key {
+        super::md5::set(&sock, target.ip(), Some(k))?;
+    }
     if let Some(l) = local {
         sock.bind(SocketAddr::new(l, 0))?;
     }
@@ -140,6 +156,11 @@ pub struct State {
     pub since: Option<Instant>,
     pub sent: usize,
     pub last_error: Option<String>,
+    /// Prefixes received in families that were not negotiated (ignored).
+    pub not_negotiated: u64,
+    /// UPDATEs whose announcements were turned into withdrawals (RFC 7606, own next hop,
+    /// first AS).
+    pub treated_as_withdraw: u64,
 }
 
 pub type SharedState = Arc<std::sync::Mutex<State>>;
@@ -172,11 +193,25 @@ pub async fn run(
             None => tokio::select! {
                 s = incoming.recv() => match s { Some(s) => (s, false), None => return },
                 c = control.recv() => match c { Some(Control::Refresh) => continue, _ => return },
-                r = async { tokio::time::timeout(Duration::from_secs(5), connect(target, cfg.local_address)).await }, if !cfg.passive => {
+                r = async {
+                    let before = super::md5::Counters::read();
+                    let r = tokio::time::timeout(Duration::from_secs(5), connect(target, cfg.local_address, cfg.password.as_ref())).await;
+                    (r, before)
+                }, if !cfg.passive => {
                     match r {
-                        Ok(Ok(s)) => (s, true),
-                        Ok(Err(e)) => { retry(&state, &mut backoff, format!("connect to {target}: {e}")).await; continue; }
-                        Err(_) => { retry(&state, &mut backoff, format!("connect to {target}: timed out")).await; continue; }
+                        (Ok(Ok(s)), _) => (s, true),
+                        (Ok(Err(e)), _) => { retry(&state, &mut backoff, format!("connect to {target}: {e}")).await; continue; }
+                        (Err(_), before) => {
+                            // The kernel drops segments whose signature does not match
+                            // without a word: its counters tell this from an absent peer.
+                            let md5 = super::md5::Counters::read().explain_since(&before);
+                            let why = match md5 {
+                                Some(m) => format!("connect to {target}: timed out: {m}"),
+                                None => format!("connect to {target}: timed out"),
+                            };
+                            retry(&state, &mut backoff, why).await;
+                            continue;
+                        }
                     }
                 }
             },
@@ -285,7 +320,7 @@ impl Session<'_> {
 
     async fn notify(&mut self, e: &BgpError) -> Ended {
         let _ = self
-            .send(&encode_notification(e.code, e.subcode, &[]))
+            .send(&encode_notification(e.code, e.subcode, &e.data))
             .await;
         format!("sent NOTIFICATION: {e}").into()
     }
@@ -346,12 +381,8 @@ impl Session<'_> {
     }
 
     async fn hold_expired(&mut self) -> Ended {
-        self.notify(&BgpError {
-            code: ERR_HOLD_TIMER,
-            subcode: 0,
-            reason: "hold timer expired".into(),
-        })
-        .await
+        self.notify(&err(ERR_HOLD_TIMER, 0, "hold timer expired"))
+            .await
     }
 
     fn family(&self) -> (u16, u8) {
@@ -396,33 +427,23 @@ impl Session<'_> {
             Message::Open(o) => o,
             other => {
                 return Err(self
-                    .notify(&BgpError {
-                        code: ERR_FSM,
-                        subcode: 1,
-                        reason: format!("expected OPEN, got {other:?}"),
-                    })
+                    .notify(&err(ERR_FSM, 1, format!("expected OPEN, got {other:?}")))
                     .await)
             }
         };
         if peer_open.asn != self.cfg.remote_asn {
-            let e = BgpError {
-                code: ERR_OPEN,
-                subcode: 2,
-                reason: format!(
+            let e = err(
+                ERR_OPEN,
+                2,
+                format!(
                     "peer AS {} (configured {})",
                     peer_open.asn, self.cfg.remote_asn
                 ),
-            };
+            );
             return Err(self.notify(&e).await);
         }
         if peer_open.router_id == self.cfg.router_id && self.cfg.remote_asn == self.cfg.local_asn {
-            return Err(self
-                .notify(&BgpError {
-                    code: ERR_OPEN,
-                    subcode: 3,
-                    reason: "same BGP identifier".into(),
-                })
-                .await);
+            return Err(self.notify(&err(ERR_OPEN, 3, "same BGP identifier")).await);
         }
         if !peer_open.families.contains(&family) {
             warn!(
@@ -452,7 +473,7 @@ impl Session<'_> {
                 m = self.read() => {
                     match m? {
                         Message::Keepalive => break,
-                        other => return Err(self.notify(&BgpError { code: ERR_FSM, subcode: 2, reason: format!("expected KEEPALIVE, got {other:?}") }).await),
+                        other => return Err(self.notify(&err(ERR_FSM, 2, format!("expected KEEPALIVE, got {other:?}"))).await),
                     }
                 }
                 Some(other) = incoming.recv() => {
@@ -461,7 +482,7 @@ impl Session<'_> {
                     }
                 }
                 c = control.recv() => if c != Some(Control::Refresh) {
-                    return self.shutdown().await;
+                    return self.shutdown(c).await;
                 }
             }
         }
@@ -505,6 +526,18 @@ impl Session<'_> {
             .map_err(|e| e.to_string())?
             .ip()
             .to_canonical();
+        let mut families: Vec<(u16, u8)> = peer_open.families.clone();
+        families.retain(|f| *f == family);
+        let mut own = self.cfg.local_addrs.to_vec();
+        own.push(local);
+        let screen = super::inbound::Screen {
+            ebgp,
+            peer_asn: self.cfg.remote_asn,
+            enforce_first_as: self.cfg.enforce_first_as,
+            families,
+            local: own,
+        };
+        let mut warned = false;
         let mut sent: HashMap<IpNet, Attrs> = HashMap::new();
         // What the peer currently announces, for the max-prefix limit.
         let mut received: std::collections::HashSet<IpNet> = std::collections::HashSet::new();
@@ -533,25 +566,41 @@ impl Session<'_> {
                 m = self.read() => {
                     hold_until = tokio::time::Instant::now() + hold;
                     match m? {
-                    Message::Update(u) if u.end_of_rib.is_some() => {
-                        info!("bgp {} ({}): End-of-RIB received", self.cfg.name, self.cfg.peer);
-                        events.send((self.cfg.id, Event::EndOfRib { peer: self.cfg.peer })).await.map_err(|_| "agent gone")?;
-                    }
-                    Message::Update(u) => {
+                    Message::Update(mut u) => {
                         if let Some(why) = &u.treat_as_withdraw {
                             warn!("bgp {} ({}): malformed UPDATE treated as withdraw (RFC 7606): {why}", self.cfg.name, self.cfg.peer);
+                            state.lock().unwrap().treated_as_withdraw += 1;
                         }
-                        if let Some(max) = self.cfg.max_prefixes {
+                        let sc = screen.apply(&mut u);
+                        self.log_screened(&sc, state);
+                        if u.end_of_rib.is_some() {
+                            info!("bgp {} ({}): End-of-RIB received", self.cfg.name, self.cfg.peer);
+                            events.send((self.cfg.id, Event::EndOfRib { peer: self.cfg.peer })).await.map_err(|_| "agent gone")?;
+                        } else if u.is_empty() {
+                            // Nothing of a negotiated family was in it.
+                        } else {
+                        if self.cfg.max_prefixes.is_some() || self.cfg.warn_prefixes.is_some() {
                             for n in u.withdrawn.iter().chain(u.mp_unreach.iter().flat_map(|m| m.withdrawn.iter())) {
                                 received.remove(n);
                             }
                             received.extend(u.nlri.iter().chain(u.mp_reach.iter().flat_map(|m| m.nlri.iter())).copied());
-                            if received.len() > max {
-                                let e = BgpError { code: ERR_CEASE, subcode: 1, reason: format!("maximum number of prefixes reached ({} > {max})", received.len()) };
+                            let over_warn = self.cfg.warn_prefixes.is_some_and(|w| received.len() > w);
+                            if over_warn && !warned {
+                                warn!("bgp {} ({}): {} prefixes received, above the warning threshold {}", self.cfg.name, self.cfg.peer, received.len(), self.cfg.warn_prefixes.unwrap_or(0));
+                            }
+                            warned = over_warn;
+                            if let Some(max) = self.cfg.max_prefixes.filter(|m| received.len() > *m) {
+                                // RFC 4486 §4: AFI, SAFI and the upper bound in the Data field.
+                                let (afi, safi) = self.family();
+                                let mut data = afi.to_be_bytes().to_vec();
+                                data.push(safi);
+                                data.extend_from_slice(&(max as u32).to_be_bytes());
+                                let e = err(ERR_CEASE, 1, format!("maximum number of prefixes reached ({} > {max})", received.len())).with_data(&data);
                                 return Err(self.notify(&e).await);
                             }
                         }
                         events.send((self.cfg.id, Event::Update { peer: self.cfg.peer, peer_id: self.peer_id, ebgp, update: Box::new(u) })).await.map_err(|_| "agent gone")?;
+                        }
                     }
                     Message::Keepalive => {}
                     Message::RouteRefresh { .. } => {
@@ -561,13 +610,13 @@ impl Session<'_> {
                             self.advertise(&all, &mut sent, local, ebgp).await?;
                         }
                     }
-                    Message::Open(_) => return Err(self.notify(&BgpError { code: ERR_FSM, subcode: 3, reason: "OPEN while established".into() }).await),
+                    Message::Open(_) => return Err(self.notify(&err(ERR_FSM, 3, "OPEN while established")).await),
                     Message::Notification { .. } => unreachable!("read() returns NOTIFICATIONs as errors"),
                 }},
                 _ = ka.tick() => self.send(&encode_keepalive()).await?,
                 changed = adverts.changed() => {
                     if changed.is_err() {
-                        return self.shutdown().await;
+                        return self.shutdown(None).await;
                     }
                     let all = adverts.borrow_and_update().clone();
                     if let Some(all) = all {
@@ -586,9 +635,9 @@ impl Session<'_> {
                     }
                     Some(Control::Refresh) => {
                         // Without route refresh the only way to see the routes again.
-                        return Err(self.notify(&BgpError { code: ERR_CEASE, subcode: 6, reason: "import policy changed and the peer has no route refresh: session reset".into() }).await);
+                        return Err(self.notify(&err(ERR_CEASE, 6, "import policy changed and the peer has no route refresh: session reset")).await);
                     }
-                    _ => return self.shutdown().await,
+                    c => return self.shutdown(c).await,
                 },
                 Some(other) = incoming.recv() => {
                     if self.gr {
@@ -609,10 +658,45 @@ impl Session<'_> {
         }
     }
 
-    /// Cease/Administrative Shutdown: the peer drops our routes now.
-    async fn shutdown(&mut self) -> Result<(), Ended> {
-        let _ = self.send(&encode_notification(ERR_CEASE, 2, &[])).await;
-        info!("bgp {} ({}): shut down", self.cfg.name, self.cfg.peer);
+    /// Logs and counts what the inbound rules took out of an UPDATE.
+    fn log_screened(&self, sc: &super::inbound::Screened, state: &SharedState) {
+        let (name, peer) = (&self.cfg.name, self.cfg.peer);
+        if sc.not_negotiated > 0 || sc.foreign_end_of_rib {
+            log::debug!(
+                "bgp {name} ({peer}): {} prefixes of families not negotiated ignored{}",
+                sc.not_negotiated,
+                if sc.foreign_end_of_rib {
+                    " (and their End-of-RIB)"
+                } else {
+                    ""
+                }
+            );
+        }
+        if sc.local_pref_discarded {
+            log::debug!("bgp {name} ({peer}): LOCAL_PREF from an external peer discarded");
+        }
+        if let Some(why) = &sc.withdrawn {
+            warn!("bgp {name} ({peer}): routes ignored: {why}");
+        }
+        let mut st = state.lock().unwrap();
+        st.not_negotiated += sc.not_negotiated as u64;
+        st.treated_as_withdraw += sc.withdrawn.is_some() as u64;
+    }
+
+    /// Cease (Administrative Shutdown unless the agent said otherwise): the peer drops
+    /// our routes now.
+    async fn shutdown(&mut self, why: Option<Control>) -> Result<(), Ended> {
+        let subcode = match why {
+            Some(Control::Shutdown(s)) => s,
+            _ => CEASE_ADMIN_SHUTDOWN,
+        };
+        let _ = self
+            .send(&encode_notification(ERR_CEASE, subcode, &[]))
+            .await;
+        info!(
+            "bgp {} ({}): shut down (Cease {subcode})",
+            self.cfg.name, self.cfg.peer
+        );
         Ok(())
     }
 
@@ -785,6 +869,10 @@ mod tests {
             hold_time,
             passive: false,
             max_prefixes: None,
+            warn_prefixes: None,
+            enforce_first_as: true,
+            local_addrs: Default::default(),
+            password: None,
             local_address: None,
             graceful_restart: None,
             restarting: Default::default(),

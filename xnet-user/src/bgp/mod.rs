@@ -1,7 +1,10 @@
 //! BGP: the wire codec (`packet`), the per-neighbour session state machine (`fsm`), the
 //! RIB with best-path selection (`rib`) and what is advertised to whom (`policy`).
+pub mod advertise;
 pub mod fsm;
 pub mod graceful;
+pub mod inbound;
+pub mod md5;
 pub mod packet;
 pub mod peer_config;
 pub mod rib;
@@ -38,12 +41,34 @@ pub struct Peer {
     /// The session task's id: events of older tasks for this address are stale.
     pub session: u64,
     neighbor: Neighbor,
-    task: tokio::task::JoinHandle<()>,
+    /// Its TCP-MD5 key as read (a new key in the same file is a change).
+    password: Option<md5::Key>,
+    task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for Peer {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(t) = &self.task {
+            t.abort();
+        }
+    }
+}
+
+impl Peer {
+    /// Ends the session with NOTIFICATION Cease `subcode`, in the background: the task
+    /// gets a second to send it, then goes.
+    fn stop(mut self, subcode: u8) {
+        let _ = self.control.send(Control::Shutdown(subcode));
+        if let Some(mut task) = self.task.take() {
+            tokio::spawn(async move {
+                if tokio::time::timeout(Duration::from_secs(1), &mut task)
+                    .await
+                    .is_err()
+                {
+                    task.abort();
+                }
+            });
+        }
     }
 }
 
@@ -61,6 +86,12 @@ pub struct Speaker {
     pub events: mpsc::Receiver<(u64, Event)>,
     tx: mpsc::Sender<(u64, Event)>,
     inboxes: Inboxes,
+    /// Kept to set and remove the neighbours' TCP-MD5 keys as they come and go.
+    listener: Arc<TcpListener>,
+    /// The agent's own addresses (a NEXT_HOP among them is ignored).
+    local_addrs: Arc<Vec<IpAddr>>,
+    /// The config file, for errors.
+    file: String,
     next_session: u64,
     /// The agent restarted and has not selected its routes yet: the R bit in OPENs, and
     /// no advertisements.
@@ -73,7 +104,12 @@ impl Speaker {
     /// Starts a session per neighbour and a listener that hands incoming connections to
     /// them (connections from unknown addresses are closed). `restarted`: the agent took
     /// over a forwarding data plane and is restarting gracefully.
-    pub async fn start(config: &Config, restarted: bool) -> Result<Option<Speaker>> {
+    pub async fn start(
+        config: &Config,
+        file: &str,
+        restarted: bool,
+        local_addrs: Vec<IpAddr>,
+    ) -> Result<Option<Speaker>> {
         let Some(b) = &config.bgp else {
             return Ok(None);
         };
@@ -82,6 +118,7 @@ impl Speaker {
         let listener = TcpListener::bind(SocketAddr::new("::".parse().unwrap(), b.port))
             .await
             .with_context(|| format!("bgp: listening on port {}", b.port))?;
+        let listener = Arc::new(listener);
         let mut speaker = Speaker {
             asn: b.asn,
             bgp: b.clone(),
@@ -89,12 +126,15 @@ impl Speaker {
             events,
             tx,
             inboxes: inboxes.clone(),
+            listener: listener.clone(),
+            local_addrs: Arc::new(local_addrs),
+            file: file.to_string(),
             next_session: 1,
             restarting: Arc::new(AtomicBool::new(restarted && b.graceful_restart)),
             forwarding: restarted,
         };
         for n in &b.neighbors {
-            speaker.spawn(config, n);
+            speaker.spawn(config, n)?;
         }
         info!(
             "bgp: AS {}, router id {}, listening on port {}, {} neighbours",
@@ -121,7 +161,22 @@ impl Speaker {
         Ok(Some(speaker))
     }
 
-    fn spawn(&mut self, config: &Config, n: &Neighbor) {
+    fn spawn(&mut self, config: &Config, n: &Neighbor) -> Result<()> {
+        let i = config
+            .bgp
+            .iter()
+            .flat_map(|b| b.neighbors.iter())
+            .position(|x| x == n)
+            .unwrap_or(0);
+        let password = md5::load(n, i, &self.file)?;
+        if let Some(k) = &password {
+            md5::set(&*self.listener, n.address, Some(k)).with_context(|| {
+                format!(
+                    "bgp {} ({}): TCP-MD5 key on the listener",
+                    n.name, n.address
+                )
+            })?;
+        }
         let b = &self.bgp;
         let (in_tx, in_rx) = mpsc::channel(4);
         self.inboxes.lock().unwrap().insert(n.address, in_tx);
@@ -143,6 +198,10 @@ impl Speaker {
             hold_time: n.hold_time,
             passive: n.passive,
             max_prefixes: n.max_prefixes,
+            warn_prefixes: n.warn_prefixes,
+            enforce_first_as: n.enforce_first_as,
+            local_addrs: self.local_addrs.clone(),
+            password: password.clone(),
             local_address: n.local_address,
             graceful_restart: b.graceful_restart.then_some(GrLocal {
                 restart_time: b.restart_time,
@@ -172,18 +231,28 @@ impl Speaker {
             export: n.export.clone(),
             session,
             neighbor: n.clone(),
-            task,
+            password,
+            task: Some(task),
         });
+        Ok(())
     }
 
     /// Applies a new neighbour list: sessions of removed or changed neighbours stop (a
     /// changed one starts again with its new settings); the others are not touched.
     /// Returns the addresses whose sessions stopped. Settings of `[bgp]` itself (AS,
     /// router id, port) need a restart: the caller rejects such changes.
-    pub fn reconcile(&mut self, config: &Config) -> Vec<IpAddr> {
+    pub fn reconcile(&mut self, config: &Config) -> Result<Vec<IpAddr>> {
         let Some(b) = &config.bgp else {
-            return Vec::new();
+            return Ok(Vec::new());
         };
+        // Passwords first: a neighbour whose key cannot be read fails the reload before
+        // anything changed.
+        let keys = b
+            .neighbors
+            .iter()
+            .enumerate()
+            .map(|(i, n)| Ok((n.address, md5::load(n, i, &self.file)?)))
+            .collect::<Result<HashMap<_, _>>>()?;
         let mut stopped = Vec::new();
         for p in &mut self.peers {
             // Only the import policy changed: keep the session, ask for the routes again.
@@ -201,17 +270,30 @@ impl Speaker {
                 let _ = p.control.send(Control::Refresh);
             }
         }
-        self.peers.retain(|p| {
-            let keep = b.neighbors.contains(&p.neighbor);
-            if !keep {
-                info!(
-                    "bgp {} ({}): removed or changed: session stopped",
-                    p.name, p.address
-                );
-                stopped.push(p.address);
+        let (keep, gone): (Vec<Peer>, Vec<Peer>) =
+            std::mem::take(&mut self.peers).into_iter().partition(|p| {
+                b.neighbors.contains(&p.neighbor) && keys.get(&p.address) == Some(&p.password)
+            });
+        self.peers = keep;
+        for p in gone {
+            // RFC 4486: tell the peer why, so it drops our routes now instead of keeping
+            // them for a graceful restart.
+            let changed = b.neighbors.iter().any(|n| n.address == p.address);
+            let (what, subcode) = if changed {
+                ("changed", packet::CEASE_OTHER_CONFIG_CHANGE)
+            } else {
+                ("removed", packet::CEASE_PEER_DECONFIGURED)
+            };
+            info!(
+                "bgp {} ({}): {what}: session stopped (Cease {subcode})",
+                p.name, p.address
+            );
+            stopped.push(p.address);
+            if p.neighbor.password_file.is_some() || p.neighbor.password_env.is_some() {
+                let _ = md5::set(&*self.listener, p.address, None);
             }
-            keep
-        });
+            p.stop(subcode);
+        }
         {
             let mut inboxes = self.inboxes.lock().unwrap();
             for a in &stopped {
@@ -226,10 +308,10 @@ impl Speaker {
             .collect();
         for n in &new {
             info!("bgp {} ({}): starting", n.name, n.address);
-            self.spawn(config, n);
+            self.spawn(config, n)?;
         }
         self.bgp.neighbors = b.neighbors.clone();
-        stopped
+        Ok(stopped)
     }
 
     /// Recomputes what each neighbour of `segment` is sent, from `routes` (the segment's
@@ -239,48 +321,13 @@ impl Speaker {
         if self.restarting() {
             return;
         }
+        let internal = |peer: &IpAddr| {
+            self.peers
+                .iter()
+                .any(|q| q.address == *peer && q.remote_asn == self.asn)
+        };
         for p in self.peers.iter().filter(|p| p.segment == segment) {
-            let own = |net| Advert {
-                net,
-                attrs: Attrs {
-                    origin: 0,
-                    ..Default::default()
-                },
-            };
-            let list: Vec<Advert> = match p.advertise {
-                Advertise::None => Vec::new(),
-                Advertise::Default => {
-                    vec![own(if p.address.is_ipv4() {
-                        "0.0.0.0/0".parse().unwrap()
-                    } else {
-                        "::/0".parse().unwrap()
-                    })]
-                }
-                Advertise::Custom => p.prefixes.iter().map(|n| own(*n)).collect(),
-                Advertise::All => routes
-                    .iter()
-                    // Split horizon: nothing goes back to the peer it came from.
-                    .filter(|(_, from)| from.as_ref().is_none_or(|(peer, _)| *peer != p.address))
-                    .map(|(net, from)| match from {
-                        Some((_, a)) => Advert {
-                            net: *net,
-                            attrs: Attrs {
-                                local_pref: None,
-                                med: None,
-                                ..(**a).clone()
-                            },
-                        },
-                        None => own(*net),
-                    })
-                    .collect(),
-            };
-            let list: Vec<Advert> = list
-                .into_iter()
-                .map(|mut a| {
-                    p.export.apply(self.asn, &mut a.attrs);
-                    a
-                })
-                .collect();
+            let list = advertise::adverts(self.asn, &p.neighbor, routes, internal);
             p.adverts.send_if_modified(|cur| {
                 if cur.as_deref() == Some(&list) {
                     false
@@ -307,11 +354,15 @@ impl Speaker {
     /// now; waits up to a second for the NOTIFICATIONs to go out.
     pub async fn shutdown(&mut self) {
         for p in &self.peers {
-            let _ = p.control.send(Control::Shutdown);
+            let _ = p
+                .control
+                .send(Control::Shutdown(packet::CEASE_ADMIN_SHUTDOWN));
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), async {
             for p in &mut self.peers {
-                let _ = (&mut p.task).await;
+                if let Some(t) = &mut p.task {
+                    let _ = t.await;
+                }
             }
         })
         .await;

@@ -61,6 +61,15 @@ impl Attrs {
             .sum()
     }
 
+    /// The origin AS: the last of the last AS_SEQUENCE (none when the path ends in an
+    /// AS_SET, whose origin is not one AS).
+    pub fn origin_as(&self) -> Option<u32> {
+        self.as_path
+            .last()
+            .filter(|s| s.kind == 2)
+            .and_then(|s| s.asns.last().copied())
+    }
+
     /// The neighbouring AS (first of the first AS_SEQUENCE).
     pub fn first_as(&self) -> Option<u32> {
         self.as_path
@@ -136,27 +145,62 @@ pub struct DecodedAttrs {
     pub present: Vec<u8>,
 }
 
+/// The Optional and Transitive bits a known attribute must carry (RFC 4271 §5; RFC 4760
+/// §3-4 for the MP attributes, RFC 1997, RFC 8092), or None for one we do not know.
+fn expected_flags(code: u8) -> Option<u8> {
+    match code {
+        ATTR_ORIGIN | ATTR_AS_PATH | ATTR_NEXT_HOP | ATTR_LOCAL_PREF | ATTR_ATOMIC_AGGREGATE => {
+            Some(F_TRANSITIVE)
+        }
+        ATTR_MED | ATTR_MP_REACH | ATTR_MP_UNREACH => Some(F_OPTIONAL),
+        ATTR_AGGREGATOR | ATTR_COMMUNITIES | ATTR_LARGE_COMMUNITIES => {
+            Some(F_OPTIONAL | F_TRANSITIVE)
+        }
+        _ => None,
+    }
+}
+
 /// Decodes a path-attribute block. `four_octet`: AS numbers in AS_PATH/AGGREGATOR are 4
-/// bytes (both sides announced RFC 6793).
+/// bytes (both sides announced RFC 6793). Errors that reset the session carry the
+/// NOTIFICATION's data (the offending attribute where RFC 4271 §6.3 asks for it).
 pub fn decode_attrs(buf: &[u8], four_octet: bool) -> Result<DecodedAttrs, BgpError> {
-    let mut r = Reader::new(buf, ERR_UPDATE, 1);
     let mut d = DecodedAttrs::default();
     let mut seen = [false; 256];
-    while r.left() > 0 {
-        let flags = r.u8()?;
-        let code = r.u8()?;
-        let len = if flags & F_EXTENDED != 0 {
-            r.u16()? as usize
+    let mut pos = 0;
+    while pos < buf.len() {
+        let start = pos;
+        let rest = &buf[pos..];
+        let extended = rest[0] & F_EXTENDED != 0;
+        let hdr = if extended { 4 } else { 3 };
+        if rest.len() < hdr {
+            // RFC 7606 §4: too few octets left for an attribute header. The Total Path
+            // Attribute Length still locates the NLRI: treat-as-withdraw.
+            d.treat_as_withdraw.get_or_insert(format!(
+                "{} octets left after the last attribute",
+                rest.len()
+            ));
+            break;
+        }
+        let (flags, code) = (rest[0], rest[1]);
+        let len = if extended {
+            u16::from_be_bytes([rest[2], rest[3]]) as usize
         } else {
-            r.u8()? as usize
+            rest[2] as usize
         };
-        let value = r.bytes(len).map_err(|_| {
-            err(
-                ERR_UPDATE,
-                5,
-                format!("attribute {code}: length {len} runs past the block"),
-            )
-        })?;
+        if rest.len() < hdr + len {
+            let reason =
+                format!("attribute {code}: length {len} runs past the Total Path Attribute Length");
+            // An MP attribute we cannot read hides NLRI we cannot withdraw (RFC 7606 §5.3,
+            // §7.11): only a reset is safe. Otherwise §4: treat-as-withdraw.
+            if code == ATTR_MP_REACH || code == ATTR_MP_UNREACH {
+                return Err(err(ERR_UPDATE, 5, reason).with_data(rest));
+            }
+            d.treat_as_withdraw.get_or_insert(reason);
+            break;
+        }
+        let whole = &rest[..hdr + len];
+        let value = &whole[hdr..];
+        pos = start + hdr + len;
         if seen[code as usize] {
             // RFC 7606 §3(g): a repeated MP attribute resets the session; any other
             // repeat is discarded.
@@ -171,7 +215,17 @@ pub fn decode_attrs(buf: &[u8], four_octet: bool) -> Result<DecodedAttrs, BgpErr
         }
         seen[code as usize] = true;
         d.present.push(code);
-        match parse_one(&mut d, flags, code, value, four_octet) {
+        let parsed = match expected_flags(code) {
+            // RFC 7606 §3(c): Optional/Transitive bits in conflict with the attribute's
+            // definition make it malformed (RFC 4271 §6.3: Attribute Flags Error).
+            Some(want) if flags & (F_OPTIONAL | F_TRANSITIVE) != want => Err(err(
+                ERR_UPDATE,
+                4,
+                format!("attribute {code}: flags {flags:#04x}"),
+            )),
+            _ => parse_one(&mut d, flags, code, value, four_octet),
+        };
+        match parsed {
             Ok(()) => {}
             // Malformed path attributes that do not affect framing: treat-as-withdraw
             // (RFC 7606 §7.1-7.8), or discard the attribute (§7.6, §7.7).
@@ -183,9 +237,21 @@ pub fn decode_attrs(buf: &[u8], four_octet: bool) -> Result<DecodedAttrs, BgpErr
                 | ATTR_LOCAL_PREF
                 | ATTR_COMMUNITIES
                 | ATTR_LARGE_COMMUNITIES => {
+                    d.present.retain(|c| *c != code);
                     d.treat_as_withdraw.get_or_insert(e.reason);
                 }
-                ATTR_ATOMIC_AGGREGATE | ATTR_AGGREGATOR => {}
+                ATTR_ATOMIC_AGGREGATE => {
+                    d.attrs.atomic_aggregate = false;
+                    d.present.retain(|c| *c != code);
+                }
+                ATTR_AGGREGATOR => {
+                    d.attrs.aggregator = None;
+                    d.present.retain(|c| *c != code);
+                }
+                // RFC 4271 §6.3: these subcodes show the peer the attribute itself.
+                _ if matches!(e.subcode, 2 | 4 | 5 | 6 | 8 | 9) && e.data.is_empty() => {
+                    return Err(e.with_data(whole))
+                }
                 _ => return Err(e),
             },
         }
@@ -223,6 +289,10 @@ fn parse_one(
                     let n = v.u8()? as usize;
                     if !(1..=2).contains(&kind) {
                         return Err(err(ERR_UPDATE, 11, format!("AS_PATH segment type {kind}")));
+                    }
+                    // RFC 7606 §7.2: a segment of length 0 is malformed.
+                    if n == 0 {
+                        return Err(err(ERR_UPDATE, 11, "AS_PATH segment of length 0"));
                     }
                     let raw = v
                         .bytes(n * w)
@@ -370,6 +440,29 @@ pub fn encode_attrs(a: &Attrs, mp: Option<&MpReach>, four_octet: bool) -> Vec<u8
         }
     };
     let mut out = Vec::new();
+    // RFC 7606 §5.1: MP_REACH_NLRI SHALL be the very first attribute, so that a receiver
+    // can find the NLRI to withdraw whatever else is wrong.
+    if let Some(mp) = mp {
+        let mut v = Vec::new();
+        v.extend_from_slice(&mp.afi.to_be_bytes());
+        v.push(mp.safi);
+        match mp.next_hop {
+            Some(IpAddr::V6(nh)) => {
+                v.push(16);
+                v.extend_from_slice(&nh.octets());
+            }
+            Some(IpAddr::V4(nh)) => {
+                v.push(4);
+                v.extend_from_slice(&nh.octets());
+            }
+            None => v.push(0),
+        }
+        v.push(0);
+        for n in &mp.nlri {
+            encode_prefix(&mut v, n);
+        }
+        push_attr(&mut out, F_OPTIONAL, ATTR_MP_REACH, &v);
+    }
     push_attr(&mut out, F_TRANSITIVE, ATTR_ORIGIN, &[a.origin]);
     let mut path = Vec::new();
     for s in &a.as_path {
@@ -417,27 +510,6 @@ pub fn encode_attrs(a: &Attrs, mp: Option<&MpReach>, four_octet: bool) -> Vec<u8
     }
     for (flags, code, value) in &a.unknown {
         push_attr(&mut out, *flags, *code, value);
-    }
-    if let Some(mp) = mp {
-        let mut v = Vec::new();
-        v.extend_from_slice(&mp.afi.to_be_bytes());
-        v.push(mp.safi);
-        match mp.next_hop {
-            Some(IpAddr::V6(nh)) => {
-                v.push(16);
-                v.extend_from_slice(&nh.octets());
-            }
-            Some(IpAddr::V4(nh)) => {
-                v.push(4);
-                v.extend_from_slice(&nh.octets());
-            }
-            None => v.push(0),
-        }
-        v.push(0);
-        for n in &mp.nlri {
-            encode_prefix(&mut v, n);
-        }
-        push_attr(&mut out, F_OPTIONAL, ATTR_MP_REACH, &v);
     }
     out
 }

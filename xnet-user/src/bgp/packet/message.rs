@@ -121,7 +121,8 @@ pub fn frame_len(buf: &[u8], max: usize) -> Result<usize, BgpError> {
     }
     let len = u16::from_be_bytes([buf[16], buf[17]]) as usize;
     if !(HEADER_LEN..=max).contains(&len) {
-        return Err(err(ERR_HEADER, 2, format!("message length {len}")));
+        // RFC 4271 §6.1: the Data field holds the erroneous Length field.
+        return Err(err(ERR_HEADER, 2, format!("message length {len}")).with_data(&buf[16..18]));
     }
     Ok(len)
 }
@@ -138,7 +139,8 @@ pub fn decode(buf: &[u8], four_octet: bool, max: usize) -> Result<Message, BgpEr
             ERR_HEADER,
             2,
             format!("length {len} but {} bytes", buf.len()),
-        ));
+        )
+        .with_data(&buf[16..18]));
     }
     let body = &buf[HEADER_LEN..];
     let kind = buf[18];
@@ -156,14 +158,15 @@ pub fn decode(buf: &[u8], four_octet: bool, max: usize) -> Result<Message, BgpEr
             })
         }
         4 if body.is_empty() => Ok(Message::Keepalive),
-        4 => Err(err(ERR_HEADER, 2, "KEEPALIVE with a body")),
+        4 => Err(err(ERR_HEADER, 2, "KEEPALIVE with a body").with_data(&buf[16..18])),
         5 => {
             let afi = r.u16()?;
             r.u8()?;
             let safi = r.u8()?;
             Ok(Message::RouteRefresh { afi, safi })
         }
-        t => Err(err(ERR_HEADER, 3, format!("message type {t}"))),
+        // §6.1: the Data field holds the erroneous Type field.
+        t => Err(err(ERR_HEADER, 3, format!("message type {t}")).with_data(&[t])),
     }
 }
 
@@ -171,7 +174,8 @@ fn decode_open(body: &[u8]) -> Result<Open, BgpError> {
     let mut r = Reader::new(body, ERR_OPEN, 0);
     let version = r.u8()?;
     if version != 4 {
-        return Err(err(ERR_OPEN, 1, format!("version {version}")));
+        // §6.2: the Data field holds the largest version we support.
+        return Err(err(ERR_OPEN, 1, format!("version {version}")).with_data(&4u16.to_be_bytes()));
     }
     let my_as = r.u16()?;
     let hold_time = r.u16()?;
@@ -269,21 +273,9 @@ fn decode_update(body: &[u8], four_octet: bool) -> Result<Update, BgpError> {
         }
         u.mp_reach = d.mp_reach;
         u.mp_unreach = d.mp_unreach;
-        match d.treat_as_withdraw.or(missing) {
-            // RFC 7606: keep the session, withdraw what the UPDATE announced.
-            Some(reason) => {
-                u.withdrawn.append(&mut u.nlri);
-                if let Some(mp) = u.mp_reach.take() {
-                    let un = u.mp_unreach.get_or_insert(MpUnreach {
-                        afi: mp.afi,
-                        safi: mp.safi,
-                        withdrawn: Vec::new(),
-                    });
-                    un.withdrawn.extend(mp.nlri);
-                }
-                u.treat_as_withdraw = Some(reason);
-            }
-            None => u.attrs = Some(d.attrs),
+        u.attrs = Some(d.attrs);
+        if let Some(reason) = d.treat_as_withdraw.or(missing) {
+            u.withdraw_all(reason);
         }
     } else if !u.nlri.is_empty() {
         u.withdrawn.append(&mut u.nlri);
@@ -292,6 +284,42 @@ fn decode_update(body: &[u8], four_octet: bool) -> Result<Update, BgpError> {
         u.end_of_rib = Some((AFI_IPV4, SAFI_UNICAST));
     }
     Ok(u)
+}
+
+impl Update {
+    /// Nothing announced, withdrawn or marked.
+    pub fn is_empty(&self) -> bool {
+        self.nlri.is_empty()
+            && self.withdrawn.is_empty()
+            && self.mp_reach.as_ref().is_none_or(|m| m.nlri.is_empty())
+            && self
+                .mp_unreach
+                .as_ref()
+                .is_none_or(|m| m.withdrawn.is_empty())
+            && self.end_of_rib.is_none()
+    }
+
+    /// RFC 7606 treat-as-withdraw: keep the session, withdraw what the UPDATE announced.
+    pub fn withdraw_all(&mut self, reason: String) {
+        self.attrs = None;
+        self.withdrawn.append(&mut self.nlri);
+        self.withdraw_mp_reach();
+        self.treat_as_withdraw = Some(reason);
+    }
+
+    /// Turns the MP_REACH announcements into withdrawals of the same family.
+    pub fn withdraw_mp_reach(&mut self) {
+        if let Some(mp) = self.mp_reach.take() {
+            let un = self.mp_unreach.get_or_insert(MpUnreach {
+                afi: mp.afi,
+                safi: mp.safi,
+                withdrawn: Vec::new(),
+            });
+            if (un.afi, un.safi) == (mp.afi, mp.safi) {
+                un.withdrawn.extend(mp.nlri);
+            }
+        }
+    }
 }
 
 fn frame(kind: u8, body: &[u8]) -> Vec<u8> {
@@ -382,20 +410,20 @@ pub fn encode_update(
     for n in withdrawn {
         encode_prefix(&mut w, n);
     }
-    let mut a = match attrs {
-        Some((attrs, mp)) => encode_attrs(attrs, mp, four_octet),
-        None => Vec::new(),
-    };
+    // RFC 7606 §5.1: an MP attribute comes first (MP_REACH leads `encode_attrs`).
+    let mut a = Vec::new();
     if let Some(un) = mp_unreach {
         let mut v = un.afi.to_be_bytes().to_vec();
         v.push(un.safi);
         for n in &un.withdrawn {
             encode_prefix(&mut v, n);
         }
-        let mut hdr = vec![0x80 | 0x10, ATTR_MP_UNREACH];
-        hdr.extend_from_slice(&(v.len() as u16).to_be_bytes());
-        a.extend(hdr);
+        a.extend_from_slice(&[0x80 | 0x10, ATTR_MP_UNREACH]);
+        a.extend_from_slice(&(v.len() as u16).to_be_bytes());
         a.extend(v);
+    }
+    if let Some((attrs, mp)) = attrs {
+        a.extend(encode_attrs(attrs, mp, four_octet));
     }
     let mut b = (w.len() as u16).to_be_bytes().to_vec();
     b.extend(w);
@@ -411,13 +439,7 @@ pub fn encode_update(
 mod tests {
     use super::*;
 
-    fn hex(s: &str) -> Vec<u8> {
-        let s: String = s.split_whitespace().collect();
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
-    }
+    use crate::testutil::hex;
 
     const MARKER: &str = "ffffffffffffffffffffffffffffffff";
 
@@ -634,7 +656,7 @@ mod tests {
         // UPDATE errors that reset the session: attribute length past the block, prefix
         // longer than 32, a repeated MP_REACH.
         for (body, sub) in [
-            ("0000 0004 40010501", 5),
+            ("0000 0004 800e0501", 5),
             ("0000 0000 21 0a000000", 10),
             (
                 "0000 0018 800e09000101040a00000100 800e09000101040a00000100",
@@ -687,6 +709,122 @@ mod tests {
         assert_eq!(u.nlri, vec![net]);
         let a = u.attrs.unwrap();
         assert_eq!((a.aggregator, a.origin), (None, 0));
+    }
+
+    #[test]
+    fn rfc7606_framing_flags_and_empty_segments() {
+        let net: IpNet = "10.1.0.0/16".parse().unwrap();
+        // §4: LOCAL_PREF's length (5) runs past the Total Path Attribute Length: the
+        // NLRI is still found, and withdrawn; the session stays.
+        let u = update("0000 0011 40010100 40020602010000fde9 40050500 100a01");
+        assert!(u.treat_as_withdraw.unwrap().contains("runs past"));
+        assert_eq!(u.withdrawn, vec![net]);
+        // §4: two octets left where an attribute header should be.
+        let u = update("0000 000f 40010100 40020602010000fde9 4001 100a01");
+        assert_eq!(u.withdrawn, vec![net]);
+        // §3(c): ORIGIN sent as optional (0xc0) is malformed: treat-as-withdraw.
+        let u = update("0000 0014 c0010100 40020602010000fde9 4003040a000001 100a01");
+        assert!(u.treat_as_withdraw.unwrap().contains("flags"));
+        assert_eq!(u.withdrawn, vec![net]);
+        // MED sent as well-known: the same.
+        let u =
+            update("0000 001b 40010100 40020602010000fde9 4003040a000001 40040400000001 100a01");
+        assert_eq!(u.withdrawn, vec![net]);
+        // An AGGREGATOR without the optional bit is discarded, the route stands.
+        let u = update(
+            "0000 001f 40010100 40020602010000fde9 4003040a000001 40070800 00fde90a000001 100a01",
+        );
+        assert_eq!((u.nlri, u.attrs.unwrap().aggregator), (vec![net], None));
+        // §7.2: an AS_PATH segment of length 0.
+        let u = update("0000 0010 40010100 4002020200 4003040a000001 100a01");
+        assert!(u.treat_as_withdraw.unwrap().contains("length 0"));
+        assert_eq!(u.withdrawn, vec![net]);
+    }
+
+    #[test]
+    fn notifications_carry_the_data_rfc4271_asks_for() {
+        let e = |wire: &[u8]| decode(wire, true, MAX_LEN).unwrap_err();
+        // Bad message length: the Length field.
+        let mut w = encode_keepalive();
+        w[17] = 18;
+        assert_eq!(e(&w).data, hex("0012"));
+        // Bad type: the Type field.
+        let mut w = encode_keepalive();
+        w[18] = 9;
+        assert_eq!(e(&w).data, vec![9]);
+        // Unsupported version: the version we support.
+        let mut w = encode_open(&Open {
+            asn: 65000,
+            hold_time: 90,
+            router_id: "10.0.0.1".parse().unwrap(),
+            families: vec![],
+            four_octet: true,
+            route_refresh: false,
+            extended_message: false,
+            graceful_restart: None,
+        });
+        w[19] = 3;
+        assert_eq!((e(&w).subcode, e(&w).data), (1, hex("0004")));
+        // An MP_REACH whose length runs past the block: the attribute as far as it goes.
+        let b = hex("0000 0004 800e0501");
+        let mut wire = hex(MARKER);
+        wire.extend_from_slice(&((19 + b.len()) as u16).to_be_bytes());
+        wire.push(2);
+        wire.extend(b);
+        assert_eq!(e(&wire).data, hex("800e0501"));
+        // An unrecognized well-known attribute (type 99, transitive): the attribute.
+        let b = hex("0000 0008 40630201ff 40010100");
+        let mut wire = hex(MARKER);
+        wire.extend_from_slice(&((19 + b.len()) as u16).to_be_bytes());
+        wire.push(2);
+        wire.extend(b);
+        let x = e(&wire);
+        assert_eq!((x.code, x.subcode, &x.data), (3, 2, &hex("40630201ff")));
+        assert_eq!(
+            encode_notification(x.code, x.subcode, &x.data),
+            hex(&format!("{MARKER} 001a 03 03 02 40630201ff"))
+        );
+    }
+
+    #[test]
+    fn mp_attributes_are_encoded_first() {
+        let a = Attrs {
+            as_path: vec![AsSegment {
+                kind: 2,
+                asns: vec![65000],
+            }],
+            ..Default::default()
+        };
+        let mp = MpReach {
+            afi: AFI_IPV6,
+            safi: 1,
+            next_hop: Some("fd00::1".parse().unwrap()),
+            nlri: vec!["fd01::/16".parse().unwrap()],
+        };
+        let wire = encode_update(&[], Some((&a, Some(&mp))), &[], None, true);
+        // Header, withdrawn length 0, attribute length, then flags 0x80 type 14.
+        assert_eq!(
+            &wire[HEADER_LEN + 4..HEADER_LEN + 6],
+            &[0x80, ATTR_MP_REACH]
+        );
+        assert_eq!(
+            wire,
+            hex(&format!(
+                "{MARKER} 003f 02 0000 0028 \
+                 800e 18 0002 01 10 fd000000000000000000000000000001 00 10 fd01 \
+                 400101 00 400206 0201 0000fde8"
+            ))
+        );
+        let un = MpUnreach {
+            afi: AFI_IPV6,
+            safi: 1,
+            withdrawn: vec!["fd02::/16".parse().unwrap()],
+        };
+        let wire = encode_update(&[], Some((&a, None)), &[], Some(&un), true);
+        assert_eq!(
+            &wire[HEADER_LEN + 4..HEADER_LEN + 6],
+            &[0x90, ATTR_MP_UNREACH]
+        );
     }
 
     #[test]

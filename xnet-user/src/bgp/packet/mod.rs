@@ -15,6 +15,16 @@ pub struct BgpError {
     pub code: u8,
     pub subcode: u8,
     pub reason: String,
+    /// The NOTIFICATION's Data field: what RFC 4271 §6 says the peer is shown (the bad
+    /// Length field, the offending attribute, the version we support...).
+    pub data: Vec<u8>,
+}
+
+impl BgpError {
+    pub fn with_data(mut self, data: &[u8]) -> Self {
+        self.data = data.to_vec();
+        self
+    }
 }
 
 pub const ERR_HEADER: u8 = 1;
@@ -23,12 +33,19 @@ pub const ERR_UPDATE: u8 = 3;
 pub const ERR_HOLD_TIMER: u8 = 4;
 pub const ERR_FSM: u8 = 5;
 pub const ERR_CEASE: u8 = 6;
+/// Cease subcodes (RFC 4486).
+pub const CEASE_MAX_PREFIXES: u8 = 1;
+pub const CEASE_ADMIN_SHUTDOWN: u8 = 2;
+pub const CEASE_PEER_DECONFIGURED: u8 = 3;
+pub const CEASE_OTHER_CONFIG_CHANGE: u8 = 6;
+pub const CEASE_COLLISION: u8 = 7;
 
-pub(crate) fn err(code: u8, subcode: u8, reason: impl Into<String>) -> BgpError {
+pub fn err(code: u8, subcode: u8, reason: impl Into<String>) -> BgpError {
     BgpError {
         code,
         subcode,
         reason: reason.into(),
+        data: Vec::new(),
     }
 }
 
