@@ -1521,6 +1521,8 @@ impl Agent {
                     received: received.get(&p.address).copied().unwrap_or(0),
                     sent: st.sent,
                     last_error: st.last_error.clone(),
+                    not_negotiated: st.not_negotiated,
+                    treated_as_withdraw: st.treated_as_withdraw,
                 });
             }
             s.bgp_routes_total = all.len();
@@ -1552,6 +1554,12 @@ impl Agent {
                                 .communities
                                 .iter()
                                 .map(|c| format!("{}:{}", c >> 16, c & 0xffff))
+                                .collect(),
+                            large_communities: p
+                                .attrs
+                                .large_communities
+                                .iter()
+                                .map(|[g, a, b]| format!("{g}:{a}:{b}"))
                                 .collect(),
                             selected: selected.iter().any(|(x, _)| x.peer == p.peer),
                             stale: self.stale.is_stale(p.peer, &(*seg, *net)),

@@ -139,6 +139,12 @@ pub struct BgpSessionStatus {
     /// Prefixes advertised to it.
     pub sent: usize,
     pub last_error: Option<String>,
+    /// Prefixes of address families that were not negotiated, ignored (RFC 4760).
+    #[serde(default)]
+    pub not_negotiated: u64,
+    /// UPDATEs whose routes were withdrawn instead (RFC 7606, our own next hop, first AS).
+    #[serde(default)]
+    pub treated_as_withdraw: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -158,6 +164,9 @@ pub struct BgpPathStatus {
     pub local_pref: Option<u32>,
     pub med: Option<u32>,
     pub communities: Vec<String>,
+    /// Large communities (RFC 8092) as "GLOBAL:LOCAL1:LOCAL2".
+    #[serde(default)]
+    pub large_communities: Vec<String>,
     /// Chosen (best, or equal to it under multipath).
     pub selected: bool,
     /// Kept from a peer that is restarting (graceful restart), until its End-of-RIB.

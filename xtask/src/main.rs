@@ -18,7 +18,7 @@ const USER_TOOLCHAIN: &str = "1.99.0";
 const BPF_TOOLCHAIN: &str = "nightly-2026-10-30";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the lab, the tests and the demo use.
-/// bird2: BGP interop; strongSwan (charon with swanctl, the plugins for GCM, Curve25519
+/// bird2 and frr: BGP interop with two implementations; strongSwan (charon with swanctl, the plugins for GCM, Curve25519
 /// and userspace ESP): IKEv2 interop.
 const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
@@ -26,6 +26,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iputils-ping",
     "nftables",
     "bird2",
+    "frr",
     "strongswan-charon",
     "strongswan-swanctl",
     "libstrongswan-standard-plugins",
@@ -373,10 +374,26 @@ fn debian_packages() -> Result<()> {
     run(Command::new("apt-get")
         .arg("update")
         .env("DEBIAN_FRONTEND", "noninteractive"))?;
-    run(Command::new("apt-get")
+    // Peers (FRR, BIRD, strongSwan) run per test in namespaces: their system services
+    // must not start on install (policy-rc.d exit 101 = "not allowed"). An existing
+    // policy is left as it is.
+    let policy = std::path::Path::new("/usr/sbin/policy-rc.d");
+    let ours = !policy.exists();
+    if ours {
+        std::fs::write(
+            policy,
+            "#!/bin/sh\n# xtask: no services start while packages install\nexit 101\n",
+        )?;
+        run(Command::new("chmod").args(["755", "/usr/sbin/policy-rc.d"]))?;
+    }
+    let r = run(Command::new("apt-get")
         .args(["install", "-y", "--no-install-recommends"])
         .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+        .env("DEBIAN_FRONTEND", "noninteractive"));
+    if ours {
+        let _ = std::fs::remove_file(policy);
+    }
+    r
 }
 
 extern "C" {

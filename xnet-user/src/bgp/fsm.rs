@@ -192,6 +192,9 @@ pub async fn run(
             Some(s) => (s, false),
             None => tokio::select! {
                 s = incoming.recv() => match s { Some(s) => (s, false), None => return },
+                // The kernel drops connections whose TCP-MD5 signature does not match
+                // without a word to us: its counters are the only sign.
+                _ = md5_watch(&state, cfg.password.is_some()), if cfg.passive => continue,
                 c = control.recv() => match c { Some(Control::Refresh) => continue, _ => return },
                 r = async {
                     let before = super::md5::Counters::read();
@@ -279,6 +282,25 @@ pub async fn run(
             continue;
         }
         retry(&state, &mut backoff, String::new()).await;
+    }
+}
+
+/// For a passive session: returns once the netns's TCP-MD5 drop counters grow, with the
+/// session's error saying so (the counters do not say which peer).
+async fn md5_watch(state: &SharedState, signed: bool) {
+    let before = super::md5::Counters::read();
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let now = super::md5::Counters::read();
+        if let Some(m) = now.explain_since(&before) {
+            let whose = if signed {
+                "this or another signed session"
+            } else {
+                "some session"
+            };
+            state.lock().unwrap().last_error = Some(format!("{m} ({whose})"));
+            return;
+        }
     }
 }
 

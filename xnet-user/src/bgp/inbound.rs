@@ -56,7 +56,9 @@ impl Screen {
                 s.foreign_end_of_rib = true;
             }
         }
-        let Some(attrs) = u.attrs.as_mut() else {
+        let announces =
+            !u.nlri.is_empty() || u.mp_reach.as_ref().is_some_and(|m| !m.nlri.is_empty());
+        let Some(attrs) = u.attrs.as_mut().filter(|_| announces) else {
             return s;
         };
         if self.ebgp && attrs.local_pref.take().is_some() {
@@ -125,6 +127,13 @@ mod tests {
             enforce_first_as: true,
             families: vec![(AFI_IPV4, SAFI_UNICAST)],
             local: vec!["192.0.2.1".parse().unwrap()],
+        }
+    }
+
+    fn ebgp_v6() -> Screen {
+        Screen {
+            families: vec![(AFI_IPV6, SAFI_UNICAST)],
+            ..ebgp_v4()
         }
     }
 
@@ -199,6 +208,10 @@ mod tests {
         assert!(s.withdrawn.unwrap().contains("65003"));
         assert!(u.attrs.is_none() && u.nlri.is_empty());
         assert_eq!(u.withdrawn, vec![n("10.1.0.0/16")]);
+        // A withdrawal carries no AS_PATH to check.
+        let mut u = update("800f 06 0002 01 10 fd16", "");
+        assert_eq!(ebgp_v6().apply(&mut u), Screened::default());
+        assert_eq!(u.mp_unreach.unwrap().withdrawn, vec![n("fd16::/16")]);
         // Switched off (a route server that does not prepend its AS): accepted.
         let mut u = update(body, NLRI);
         let rs = Screen {

@@ -61,6 +61,9 @@ impl Peer {
         let _ = self.control.send(Control::Shutdown(subcode));
         if let Some(mut task) = self.task.take() {
             tokio::spawn(async move {
+                // Its channels live until it is done: a closed advertisement channel
+                // would end the session with another Cease.
+                let _channels = self;
                 if tokio::time::timeout(Duration::from_secs(1), &mut task)
                     .await
                     .is_err()

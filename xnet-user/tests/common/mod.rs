@@ -741,3 +741,135 @@ impl Flows {
             .collect()
     }
 }
+
+// ---- FRR: a second BGP implementation beside BIRD. ----
+
+/// FRR's zebra and bgpd (Debian `frr`) in one of the lab's namespaces, with their own
+/// pid files, zserv and vty sockets, so several run side by side and none touches the
+/// host's services.
+pub struct Frr {
+    zebra: Child,
+    bgpd: Child,
+    dir: PathBuf,
+    ns: String,
+}
+
+impl Frr {
+    /// FRR in lab host `host` with `bgpd.conf` text `conf`; the namespace gets `address`
+    /// on lo.
+    pub fn in_host(lab: &Lab, host: &str, conf: &str, address: &str) -> Frr {
+        let dir = std::env::temp_dir().join(format!("{}-frr-{host}", lab.prefix));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let ns = lab.ns(host);
+        sh(&format!("ip -n {ns} addr add {address}/32 dev lo"));
+        std::fs::write(dir.join("zebra.conf"), "hostname zebra\n").unwrap();
+        std::fs::write(dir.join("bgpd.conf"), conf).unwrap();
+        // FRR drops to its own user: it must reach its files.
+        sh(&format!(
+            "chown -R frr:frr {0} && chmod 755 {0}",
+            dir.display()
+        ));
+        let zserv = dir.join("zserv.api").display().to_string();
+        let d = dir.display().to_string();
+        let daemon = |name: &str| {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &ns, &format!("/usr/lib/frr/{name}")])
+                .args(["-f", &format!("{d}/{name}.conf")])
+                .args(["-i", &format!("{d}/{name}.pid")])
+                .args(["-z", &zserv, "--vty_socket", &d, "-P", "0"])
+                .args(["--log", &format!("file:{d}/{name}.log")])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            c.spawn()
+                .expect("FRR (Debian frr) is installed by cargo xtask setup")
+        };
+        let zebra = daemon("zebra");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !std::path::Path::new(&zserv).exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let bgpd = daemon("bgpd");
+        let frr = Frr {
+            zebra,
+            bgpd,
+            dir,
+            ns,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !frr.dir.join("bgpd.vty").exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        frr
+    }
+
+    /// `vtysh -c CMD` against this FRR.
+    pub fn cmd(&self, cmd: &str) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns, "vtysh", "--vty_socket"])
+            .arg(&self.dir)
+            .args(["-c", cmd])
+            .output()
+            .expect("vtysh");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A `show … json` command, parsed.
+    pub fn json(&self, cmd: &str) -> serde_json::Value {
+        serde_json::from_str(&self.cmd(cmd)).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Configuration commands, in order, in `configure terminal`.
+    pub fn configure(&self, lines: &[&str]) {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns, "vtysh", "--vty_socket"])
+            .arg(&self.dir)
+            .args(["-c", "configure terminal"]);
+        for l in lines {
+            c.args(["-c", l]);
+        }
+        let out = c.output().expect("vtysh");
+        assert!(
+            out.status.success(),
+            "vtysh {lines:?}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+
+    /// The BGP state of neighbour `peer` as FRR sees it ("Established", …).
+    pub fn state(&self, peer: &str) -> String {
+        self.json(&format!("show bgp neighbors {peer} json"))[peer]["bgpState"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    }
+
+    /// The prefixes in FRR's BGP table for `afi` ("ipv4"/"ipv6") with their paths.
+    pub fn routes(&self, afi: &str) -> serde_json::Value {
+        self.json(&format!("show bgp {afi} unicast json"))["routes"].clone()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("bgpd.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Frr {
+    fn drop(&mut self) {
+        for c in [&mut self.bgpd, &mut self.zebra] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Polls `cond` until it holds or `limit` passes; panics with `what` and `detail()`.
+pub fn wait_for(what: &str, limit: Duration, cond: impl Fn() -> bool, detail: impl Fn() -> String) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        if Instant::now() > deadline {
+            panic!("{what}: not within {limit:?}\n{}", detail());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
