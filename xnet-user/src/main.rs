@@ -91,7 +91,8 @@ enum Command {
         config: PathBuf,
         #[arg(long, value_enum, default_value = "strongswan")]
         format: xnet_user::ike::peer_config::Format,
-        /// Print the pre-shared key itself instead of where it is kept.
+        /// Print the pre-shared key (or with `--format bird`, the TCP-MD5 password) itself
+        /// instead of where it is kept.
         #[arg(long)]
         include_psk: bool,
     },
@@ -197,12 +198,21 @@ async fn real_main() -> Result<()> {
             include_psk,
         } => {
             let c = Config::load(&config)?;
-            let psk = if include_psk && format != xnet_user::ike::peer_config::Format::Bird {
-                let conns = xnet_user::ike::daemon::conns(&c, &config.display().to_string())?;
+            let file = config.display().to_string();
+            let psk = if !include_psk {
+                None
+            } else if format == xnet_user::ike::peer_config::Format::Bird {
+                // The BGP neighbour's TCP-MD5 password.
+                let neighbors = c.bgp.iter().flat_map(|b| b.neighbors.iter());
+                match neighbors.enumerate().find(|(_, n)| n.name == connector) {
+                    Some((i, n)) => xnet_user::bgp::md5::load(n, i, &file)?
+                        .map(|k| String::from_utf8_lossy(k.bytes()).into_owned()),
+                    None => None,
+                }
+            } else {
+                let conns = xnet_user::ike::daemon::conns(&c, &file)?;
                 let i = c.ipsec.iter().position(|x| x.name == connector);
                 i.map(|i| String::from_utf8_lossy(conns[i].psk.bytes()).into_owned())
-            } else {
-                None
             };
             print!(
                 "{}",

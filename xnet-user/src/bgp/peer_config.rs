@@ -9,8 +9,10 @@ use anyhow::{bail, Context, Result};
 
 use crate::config::Config;
 
-/// Renders BIRD's configuration for BGP neighbour `name`.
-pub fn bird(config: &Config, name: &str) -> Result<String> {
+/// Renders BIRD's configuration for BGP neighbour `name`. `password`: the TCP-MD5 key
+/// itself, when the operator asked for it (`--include-psk`); otherwise a neighbour with
+/// one gets a line saying where it is kept.
+pub fn bird(config: &Config, name: &str, password: Option<&str>) -> Result<String> {
     let bgp = config
         .bgp
         .as_ref()
@@ -86,6 +88,15 @@ pub fn bird(config: &Config, name: &str) -> Result<String> {
     if n.hold_time != 0 {
         let _ = writeln!(s, "  hold time {};", n.hold_time);
     }
+    // TCP-MD5 (RFC 2385): BIRD signs with the same password.
+    let stored = match (&n.password_file, &n.password_env) {
+        (Some(f), _) => Some(format!("<the password in {} on the CXP>", f.display())),
+        (_, Some(v)) => Some(format!("<the password in ${v} of the CXP agent>")),
+        _ => None,
+    };
+    if let Some(where_) = stored {
+        let _ = writeln!(s, "  password \"{}\";", password.unwrap_or(&where_));
+    }
     if bgp.graceful_restart {
         let _ = writeln!(s, "  graceful restart on;");
     }
@@ -119,16 +130,32 @@ address = "10.0.3.2"
 local_address = "10.0.3.1"
 remote_asn = 65020
 import = { prefixes = [{ prefix = "192.168.30.0/24" }] }
+
+[[bgp.neighbors]]
+name = "dx"
+segment = "prod"
+address = "10.0.4.2"
+local_address = "10.0.4.1"
+remote_asn = 65030
+password_file = "/etc/xnet/dx.password"
 "#,
             "x.toml",
         )
         .unwrap();
-        let b = bird(&c, "er-onprem").unwrap();
+        let b = bird(&c, "er-onprem", None).unwrap();
+        assert!(!b.contains("password"), "{b}");
         assert!(b.contains("local 10.0.3.2 as 65020;"), "{b}");
         assert!(b.contains("neighbor 10.0.3.1 as 65001;"), "{b}");
         assert!(b.contains("route 192.168.30.0/24 blackhole;"), "{b}");
         assert!(b.contains("ipv4 { import all; export where proto = \"announce\"; };"));
-        let e = bird(&c, "nope").unwrap_err().to_string();
+        let e = bird(&c, "nope", None).unwrap_err().to_string();
         assert!(e.contains("known: er-onprem"), "{e}");
+        let b = bird(&c, "dx", None).unwrap();
+        assert!(
+            b.contains("  password \"<the password in /etc/xnet/dx.password on the CXP>\";"),
+            "{b}"
+        );
+        let b = bird(&c, "dx", Some("k3y")).unwrap();
+        assert!(b.contains("  password \"k3y\";"), "{b}");
     }
 }

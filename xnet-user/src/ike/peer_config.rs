@@ -37,7 +37,7 @@ fn psk_line(c: &Ipsec, psk: Option<&str>) -> String {
 /// the operator asked for it (`--include-psk`).
 pub fn render(config: &Config, name: &str, format: Format, psk: Option<&str>) -> Result<String> {
     if format == Format::Bird {
-        return crate::bgp::peer_config::bird(config, name);
+        return crate::bgp::peer_config::bird(config, name, psk);
     }
     let Some(c) = config.ipsec.iter().find(|c| c.name == name) else {
         bail!(
