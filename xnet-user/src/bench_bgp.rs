@@ -64,6 +64,17 @@ fn wait(
     Ok(Instant::now())
 }
 
+/// A process's peak resident set (VmHWM), in MiB.
+fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0.0);
+    kib / 1024.0
+}
+
 const FAST: Duration = Duration::from_millis(50);
 /// `show route count` walks BIRD's whole table: poll it gently.
 const GENTLE: Duration = Duration::from_millis(500);
@@ -163,6 +174,8 @@ pub fn run(v4: &[IpNet], v6: &[IpNet]) -> Result<()> {
         || bird_routes(&cxp, &rcv_sock) >= total,
     )?;
     let bird_secs = (t1 - t0).as_secs_f64();
+    // `ip netns exec` execs BIRD: the child is BIRD itself.
+    let bird_rss = peak_rss_mib(receiver.0.id());
     drop(receiver);
     birdc(&onprem, &src_sock, "restart cxp cxp6");
 
@@ -179,10 +192,9 @@ pub fn run(v4: &[IpNet], v6: &[IpNet]) -> Result<()> {
     let exe = std::env::current_exe()?;
     let agent = Proc(
         Command::new("ip")
+            .args(["netns", "exec", &cxp])
+            .args(std::env::var("XNET_PROFILE_WRAP").ok().iter().flat_map(|w| w.split_whitespace()))
             .args([
-                "netns",
-                "exec",
-                &cxp,
                 exe.to_str().unwrap(),
                 "run",
                 "--config",
@@ -210,16 +222,9 @@ pub fn run(v4: &[IpNet], v6: &[IpNet]) -> Result<()> {
         || fetch().is_some_and(|s| s.bgp_in_data_plane >= total),
     )?;
     let secs = (t1 - t0).as_secs_f64();
-    let status =
-        std::fs::read_to_string(format!("/proc/{}/status", agent.0.id())).unwrap_or_default();
-    let rss_kib: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0.0);
+    let rss = peak_rss_mib(agent.0.id());
     println!(
-        "bench bgp_ingest prefixes={total} secs={secs:.2} rss_mib={:.0} ratio_vs_bird={:.2} bird_secs={bird_secs:.2}",
-        rss_kib / 1024.0,
+        "bench bgp_ingest prefixes={total} secs={secs:.2} rss_mib={rss:.0} ratio_vs_bird={:.2} bird_secs={bird_secs:.2} bird_rss_mib={bird_rss:.0}",
         secs / bird_secs
     );
     Ok(())
