@@ -31,7 +31,7 @@ use crate::kernel::{unspecified, Kernel, MAIN_TABLE, RULE_PRIORITY};
 use crate::status::{self, Status};
 
 /// A route as the agent applies it: segment id, prefix, next hops.
-type RouteSet = HashMap<(u32, IpNet), Vec<NhKey>>;
+type RouteSet = crate::fastmap::Map<(u32, IpNet), Vec<NhKey>>;
 
 struct Agent {
     path: PathBuf,
@@ -41,7 +41,7 @@ struct Agent {
     /// Interface name → (ifindex, MAC).
     links: HashMap<String, (u32, [u8; 6])>,
     routes: RouteSet,
-    managed: HashSet<(u32, IpAddr)>,
+    managed: crate::fastmap::Set<(u32, IpAddr)>,
     rules: Vec<String>,
     /// Per service, per instance: health as the data plane uses it.
     health: Vec<Vec<InstanceHealth>>,
@@ -113,15 +113,15 @@ pub async fn run(path: &Path) -> Result<()> {
         kernel,
         dp,
         links,
-        routes: RouteSet::new(),
-        managed: HashSet::new(),
+        routes: RouteSet::default(),
+        managed: Default::default(),
         rules: Vec::new(),
         health: Vec::new(),
         probes: None,
         logged_hits: HashMap::new(),
         bgp: None,
         rib: Rib::new(1),
-        bgp_routes: RouteSet::new(),
+        bgp_routes: RouteSet::default(),
         connected: Vec::new(),
         fib: None,
         handover: Vec::new(),
@@ -1054,9 +1054,22 @@ impl Agent {
     /// The RIB's selection among the paths whose next hop can be reached now, each with
     /// the next hops it resolves to.
     fn selected(&self, segment: u32, net: &IpNet) -> Vec<(rib::Path, Vec<NhKey>)> {
+        self.selected_memo(segment, net, &mut Default::default())
+    }
+
+    /// `selected`, resolving each next hop once per `memo`: the prefixes of one UPDATE
+    /// share their next hop, and nothing changes resolution while a batch is applied.
+    fn selected_memo(
+        &self,
+        segment: u32,
+        net: &IpNet,
+        memo: &mut crate::fastmap::Map<(u32, IpAddr), Vec<NhKey>>,
+    ) -> Vec<(rib::Path, Vec<NhKey>)> {
         self.rib.selected_by(segment, net, |p| {
-            let hops = self.resolve_recursive(segment, p.next_hop);
-            (!hops.is_empty()).then_some(hops)
+            let hops = memo
+                .entry((segment, p.next_hop))
+                .or_insert_with(|| self.resolve_recursive(segment, p.next_hop));
+            (!hops.is_empty()).then(|| hops.clone())
         })
     }
 
@@ -1065,6 +1078,7 @@ impl Agent {
     /// route hands BGP's back when it goes down, so BGP's stays up to date under it).
     async fn apply_bgp(&mut self, changed: Vec<(u32, IpNet)>) -> Result<()> {
         let mut segments = std::collections::BTreeSet::new();
+        let mut memo = Default::default();
         for (seg, net) in changed {
             segments.insert(seg);
             if self.routes.contains_key(&(seg, net)) {
@@ -1076,7 +1090,7 @@ impl Agent {
                 .flatten()
                 .any(|r| *r == (seg, net));
             let mut hops: Vec<NhKey> = self
-                .selected(seg, &net)
+                .selected_memo(seg, &net, &mut memo)
                 .into_iter()
                 .flat_map(|(_, hops)| hops)
                 .collect();
@@ -1391,7 +1405,7 @@ impl Agent {
         Ok(exit)
     }
 
-    fn status(&self) -> Result<Status> {
+    fn status(&mut self) -> Result<Status> {
         let counters = self.dp.counters()?;
         let attached = self.dp.attached();
         let mut s = Status {
@@ -1496,15 +1510,8 @@ impl Agent {
             });
         }
         if let Some(bgp) = &self.bgp {
-            // One pass over the RIB: per-peer counts and the first prefixes in order.
-            let mut received: HashMap<IpAddr, usize> = HashMap::new();
-            let mut all: Vec<(&(u32, IpNet), &Vec<rib::Path>)> = Vec::with_capacity(self.rib.len());
-            for (k, paths) in self.rib.all() {
-                for p in paths {
-                    *received.entry(p.peer).or_default() += 1;
-                }
-                all.push((k, paths));
-            }
+            // The first prefixes in order: the RIB keeps them, a full table is not walked.
+            let first = self.rib.first();
             for p in &bgp.peers {
                 let st = p.state.lock().unwrap().clone();
                 s.bgp.push(status::BgpSessionStatus {
@@ -1518,22 +1525,20 @@ impl Agent {
                     } else {
                         0
                     },
-                    received: received.get(&p.address).copied().unwrap_or(0),
+                    received: self.rib.count_of(p.address),
                     sent: st.sent,
                     last_error: st.last_error.clone(),
                     not_negotiated: st.not_negotiated,
                     treated_as_withdraw: st.treated_as_withdraw,
                 });
             }
-            s.bgp_routes_total = all.len();
+            s.bgp_routes_total = self.rib.len();
             s.bgp_in_data_plane = self.bgp_routes.len();
-            let shown = status::BGP_ROUTES_SHOWN.min(all.len());
-            if shown > 0 && shown < all.len() {
-                all.select_nth_unstable_by_key(shown - 1, |(k, _)| **k);
-            }
-            all.truncate(shown);
-            all.sort_by_key(|(k, _)| **k);
-            for ((seg, net), paths) in all {
+            for (seg, net) in first {
+                let Some(paths) = self.rib.paths(seg, &net) else {
+                    continue;
+                };
+                let (seg, net) = (&seg, &net);
                 let selected = self.selected(*seg, net);
                 s.bgp_routes.push(status::BgpRouteStatus {
                     segment: self.segment_name(*seg).to_string(),

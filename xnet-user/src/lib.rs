@@ -8,6 +8,7 @@ pub mod charon;
 pub mod config;
 pub mod dataplane;
 pub mod demo;
+pub mod fastmap;
 pub mod health;
 pub mod ike;
 pub mod kernel;

@@ -6,7 +6,6 @@
 //! is no longer referenced is reused only after a grace period, so a lookup that already
 //! read the old pointer still finds the old, complete group.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -37,7 +36,7 @@ struct Table {
     /// 32 or 128.
     bits: u8,
     /// The prefixes, left-aligned in a u128, and their leaf (next-hop group id).
-    prefixes: HashMap<(u128, u8), u32>,
+    prefixes: crate::fastmap::Map<(u128, u8), u32>,
 }
 
 /// What a child group inherited from the slot it replaced: the covering prefix's leaf and
@@ -156,7 +155,7 @@ impl<M: NodeMemory> RouteTables<M> {
         self.tables.push(Table {
             root,
             bits,
-            prefixes: HashMap::new(),
+            prefixes: Default::default(),
         });
         Ok((TableId(self.tables.len() - 1), root))
     }

@@ -118,7 +118,10 @@ enum Command {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    // Milliseconds: failovers and convergence are read off these timestamps.
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
     if let Err(e) = real_main().await {
         eprintln!("xnet: error: {e:#}");
         std::process::exit(1);

@@ -593,6 +593,7 @@ impl Session<'_> {
                             warn!("bgp {} ({}): malformed UPDATE treated as withdraw (RFC 7606): {why}", self.cfg.name, self.cfg.peer);
                             state.lock().unwrap().treated_as_withdraw += 1;
                         }
+                        log::trace!("bgp {}: UPDATE +{} -{}", self.cfg.name, u.nlri.len() + u.mp_reach.as_ref().map_or(0, |m| m.nlri.len()), u.withdrawn.len());
                         let sc = screen.apply(&mut u);
                         self.log_screened(&sc, state);
                         if u.end_of_rib.is_some() {

@@ -2,7 +2,6 @@
 //! path selection per RFC 4271 §9.1 and the equal-cost set for multipath.
 
 use std::cmp::Ordering;
-use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
@@ -57,14 +56,26 @@ impl Path {
 #[derive(Default)]
 pub struct Rib {
     multipath: usize,
-    paths: HashMap<(u32, IpNet), Vec<Path>>,
+    paths: crate::fastmap::Map<(u32, IpNet), Vec<Path>>,
+    /// Paths per peer, kept as paths come and go (status reads it on a full table).
+    per_peer: crate::fastmap::Map<IpAddr, usize>,
+    /// The smallest `FIRST` keys, for status to list without a pass over a full table;
+    /// `first_stale` when a removal took one and the next reader must refill it.
+    first: std::collections::BTreeSet<(u32, IpNet)>,
+    first_stale: bool,
 }
+
+/// How many of the first prefixes `Rib::first` keeps.
+pub const FIRST: usize = 100;
 
 impl Rib {
     pub fn new(multipath: usize) -> Self {
         Self {
             multipath: multipath.max(1),
-            paths: HashMap::new(),
+            paths: Default::default(),
+            per_peer: Default::default(),
+            first: Default::default(),
+            first_stale: false,
         }
     }
 
@@ -72,11 +83,24 @@ impl Rib {
     /// (a path that is not the best may still be the one in use, when the better ones'
     /// next hops cannot be reached: see `selected_by`).
     pub fn update(&mut self, segment: u32, net: IpNet, path: Path) -> bool {
-        let v = self.paths.entry((segment, net)).or_default();
+        let key = (segment, net);
+        let v = self.paths.entry(key).or_default();
+        if v.is_empty() && !self.first_stale {
+            if self.first.len() < FIRST {
+                self.first.insert(key);
+            } else if self.first.last().is_some_and(|last| key < *last) {
+                self.first.insert(key);
+                self.first.pop_last();
+            }
+        }
         if v.contains(&path) {
             return false;
         }
+        let before = v.len();
         v.retain(|p| p.peer != path.peer);
+        if v.len() == before {
+            *self.per_peer.entry(path.peer).or_default() += 1;
+        }
         v.push(path);
         v.sort_by(|a, b| a.compare(b));
         true
@@ -90,8 +114,16 @@ impl Rib {
         let before = v.len();
         v.retain(|p| p.peer != peer);
         let removed = v.len() != before;
+        if removed {
+            if let Some(n) = self.per_peer.get_mut(&peer) {
+                *n -= 1;
+            }
+        }
         if v.is_empty() {
             self.paths.remove(&(segment, net));
+            if self.first.remove(&(segment, net)) && self.paths.len() >= FIRST {
+                self.first_stale = true;
+            }
         }
         removed
     }
@@ -129,7 +161,7 @@ impl Rib {
         &self,
         segment: u32,
         net: &IpNet,
-        usable: impl Fn(&Path) -> Option<T>,
+        mut usable: impl FnMut(&Path) -> Option<T>,
     ) -> Vec<(Path, T)> {
         let Some(v) = self.paths.get(&(segment, *net)) else {
             return Vec::new();
@@ -144,6 +176,34 @@ impl Rib {
             .take(self.multipath)
             .map(|(p, t)| (p.clone(), t))
             .collect()
+    }
+
+    /// The first `FIRST` (segment, prefix) keys in order.
+    pub fn first(&mut self) -> Vec<(u32, IpNet)> {
+        if self.first_stale {
+            let mut heap = std::collections::BinaryHeap::with_capacity(FIRST + 1);
+            for k in self.paths.keys() {
+                if heap.len() < FIRST {
+                    heap.push(*k);
+                } else if heap.peek().is_some_and(|top| k < top) {
+                    heap.pop();
+                    heap.push(*k);
+                }
+            }
+            self.first = heap.into_iter().collect();
+            self.first_stale = false;
+        }
+        self.first.iter().copied().collect()
+    }
+
+    /// The paths for `net`, best first.
+    pub fn paths(&self, segment: u32, net: &IpNet) -> Option<&Vec<Path>> {
+        self.paths.get(&(segment, *net))
+    }
+
+    /// How many prefixes `peer` has a path for.
+    pub fn count_of(&self, peer: IpAddr) -> usize {
+        self.per_peer.get(&peer).copied().unwrap_or(0)
     }
 
     /// Every (segment, prefix) with its paths, for status.
@@ -254,7 +314,10 @@ mod tests {
             2,
             "equal AS-path length share, longer does not"
         );
+        assert_eq!(r.count_of("10.0.0.1".parse().unwrap()), 1);
         assert_eq!(r.peer_down("10.0.0.1".parse().unwrap()), vec![(1, n)]);
+        assert_eq!(r.count_of("10.0.0.1".parse().unwrap()), 0);
+        assert_eq!(r.count_of("10.0.0.2".parse().unwrap()), 1);
         assert_eq!(r.selected(1, &n).len(), 1);
         assert!(r.peer_down("10.0.0.9".parse().unwrap()).is_empty());
         assert!(r.selected(2, &n).is_empty(), "segments are separate");
@@ -296,5 +359,29 @@ mod tests {
         ));
         assert!(r.withdraw(1, n, "10.0.0.2".parse().unwrap()));
         assert!(!r.withdraw(1, n, "10.0.0.2".parse().unwrap()));
+    }
+
+    #[test]
+    fn the_first_prefixes_stay_known_through_updates_and_withdrawals() {
+        let mut r = Rib::new(1);
+        let net = |i: u32| {
+            IpNet::from(ipnet::Ipv4Net::new(std::net::Ipv4Addr::from(i << 8), 24).unwrap())
+        };
+        let p = || path("10.0.0.1", "1.1.1.1", None, &[1], None, true);
+        for i in (0..300).rev() {
+            r.update(1, net(i), p());
+        }
+        let want: Vec<_> = (0..FIRST as u32).map(|i| (1, net(i))).collect();
+        assert_eq!(r.first(), want);
+        // Withdrawing one of them pulls the next in; others change nothing.
+        r.withdraw(1, net(3), "10.0.0.1".parse().unwrap());
+        r.withdraw(1, net(250), "10.0.0.1".parse().unwrap());
+        let want: Vec<_> = (0..=FIRST as u32)
+            .filter(|i| *i != 3)
+            .map(|i| (1, net(i)))
+            .collect();
+        assert_eq!(r.first(), want);
+        r.peer_down("10.0.0.1".parse().unwrap());
+        assert!(r.first().is_empty());
     }
 }
