@@ -186,9 +186,13 @@ pub struct Dataplane {
     ports: HashMap<u32, Port>,
     nexthops: crate::fastmap::Map<NhKey, NhState>,
     nh_ids: Ids,
+    /// Next hops by id, for releasing a group's members.
+    nh_by_id: crate::fastmap::Map<u32, NhKey>,
     groups: crate::fastmap::Map<Vec<u32>, GroupState>,
+    /// Each group's (sorted) members by group id. A route's group is the leaf the trie
+    /// holds for its prefix: the trie's prefix index is the one record of the routes.
+    group_members: crate::fastmap::Map<u32, Vec<u32>>,
     group_ids: Ids,
-    routes: crate::fastmap::Map<(u32, IpNet), Vec<u32>>,
     neighbours: HashMap<(u32, IpAddr), [u8; 6]>,
     locals: Vec<IpAddr>,
     attached: Vec<(u32, aya::programs::xdp::XdpLinkId)>,
@@ -238,9 +242,10 @@ impl Dataplane {
             ports: HashMap::new(),
             nexthops: Default::default(),
             nh_ids: Ids::new(xnet_common::limits::NEXTHOPS),
+            nh_by_id: Default::default(),
             groups: Default::default(),
+            group_members: Default::default(),
             group_ids: Ids::new(xnet_common::limits::NH_GROUPS),
-            routes: Default::default(),
             neighbours: HashMap::new(),
             locals: Vec::new(),
             attached: Vec::new(),
@@ -461,29 +466,60 @@ impl Dataplane {
             .get(&segment)
             .with_context(|| format!("unknown segment id {segment}"))?;
         let table = if net.addr().is_ipv4() { seg.v4 } else { seg.v6 };
-        let mut ids = Vec::with_capacity(next_hops.len());
-        for nh in next_hops {
-            if nh.via.is_ipv4() != net.addr().is_ipv4() {
-                bail!("{net}: next hop {} is of the other address family", nh.via);
-            }
-            ids.push(self.acquire_nexthop(*nh)?);
+        if let Some(nh) = next_hops
+            .iter()
+            .find(|nh| nh.via.is_ipv4() != net.addr().is_ipv4())
+        {
+            bail!("{net}: next hop {} is of the other address family", nh.via);
         }
-        ids.sort_unstable();
-        let group = match self.acquire_group(&ids) {
-            Ok(g) => g,
-            Err(e) => {
-                ids.iter().for_each(|&id| self.release_nexthop(id));
-                return Err(e);
+        let old = self.tables.get(table, &net);
+        let group = match self.existing_group(next_hops) {
+            // A full table mostly shares a few groups: one reference more, nothing to write.
+            Some(g) if old == Some(g) => return Ok(()),
+            Some(g) => {
+                self.groups.get_mut(&self.group_members[&g]).unwrap().refs += 1;
+                g
+            }
+            None => {
+                let mut ids = Vec::with_capacity(next_hops.len());
+                for nh in next_hops {
+                    match self.acquire_nexthop(*nh) {
+                        Ok(id) => ids.push(id),
+                        Err(e) => {
+                            ids.iter().for_each(|&id| self.release_nexthop(id));
+                            return Err(e);
+                        }
+                    }
+                }
+                ids.sort_unstable();
+                match self.acquire_group(&ids) {
+                    Ok(g) => g,
+                    Err(e) => {
+                        ids.iter().for_each(|&id| self.release_nexthop(id));
+                        return Err(e);
+                    }
+                }
             }
         };
         if let Err(e) = self.tables.insert(table, &net, group) {
-            self.release_group(&ids);
+            self.release_group(group);
             return Err(e.into());
         }
-        if let Some(old) = self.routes.insert((segment, net), ids) {
-            self.release_group(&old);
+        if let Some(old) = old {
+            self.release_group(old);
         }
         Ok(())
+    }
+
+    /// The group whose members are exactly `next_hops`, if there is one.
+    fn existing_group(&self, next_hops: &[NhKey]) -> Option<u32> {
+        let mut ids = [0u32; MAX_ECMP];
+        for (i, nh) in next_hops.iter().enumerate() {
+            ids[i] = self.nexthops.get(nh)?.id;
+        }
+        let ids = &mut ids[..next_hops.len()];
+        ids.sort_unstable();
+        self.groups.get(&ids[..]).map(|g| g.id)
     }
 
     /// Removes the route for `net` in `segment`; returns whether there was one.
@@ -492,10 +528,9 @@ impl Dataplane {
             return Ok(false);
         };
         let table = if net.addr().is_ipv4() { seg.v4 } else { seg.v6 };
-        self.tables.remove(table, &net);
-        match self.routes.remove(&(segment, net)) {
-            Some(old) => {
-                self.release_group(&old);
+        match self.tables.remove(table, &net) {
+            Some(group) => {
+                self.release_group(group);
                 Ok(true)
             }
             None => Ok(false),
@@ -511,17 +546,6 @@ impl Dataplane {
                     .lookup(if addr.is_ipv4() { s.v4 } else { s.v6 }, addr)
             })
             .unwrap_or(0)
-    }
-
-    pub fn routes(&self) -> impl Iterator<Item = (u32, IpNet, Vec<NhKey>)> + '_ {
-        let by_id: HashMap<u32, NhKey> = self.nexthops.iter().map(|(k, s)| (s.id, *k)).collect();
-        self.routes.iter().map(move |((seg, net), ids)| {
-            (
-                *seg,
-                *net,
-                ids.iter().filter_map(|i| by_id.get(i).copied()).collect(),
-            )
-        })
     }
 
     pub fn usage(&self) -> LpmUsage {
@@ -820,8 +844,10 @@ impl Dataplane {
         }
         let id = self.nh_ids.alloc("next-hop")?;
         self.nexthops.insert(k, NhState { id, refs: 1 });
+        self.nh_by_id.insert(id, k);
         if let Err(e) = self.write_nexthop(k) {
             self.nexthops.remove(&k);
+            self.nh_by_id.remove(&id);
             self.nh_ids.release(id);
             return Err(e);
         }
@@ -829,12 +855,14 @@ impl Dataplane {
     }
 
     fn release_nexthop(&mut self, id: u32) {
-        let Some((&k, s)) = self.nexthops.iter_mut().find(|(_, s)| s.id == id) else {
+        let Some(k) = self.nh_by_id.get(&id).copied() else {
             return;
         };
+        let s = self.nexthops.get_mut(&k).unwrap();
         s.refs -= 1;
         if s.refs == 0 {
             self.nexthops.remove(&k);
+            self.nh_by_id.remove(&id);
             self.nh_ids.release(id);
         }
     }
@@ -864,19 +892,21 @@ impl Dataplane {
         }
         self.groups
             .insert(members.to_vec(), GroupState { id, refs: 1 });
+        self.group_members.insert(id, members.to_vec());
         Ok(id)
     }
 
-    fn release_group(&mut self, members: &[u32]) {
-        let Some(g) = self.groups.get_mut(members) else {
+    fn release_group(&mut self, id: u32) {
+        let Some(members) = self.group_members.get(&id) else {
             return;
         };
+        let g = self.groups.get_mut(members).unwrap();
         g.refs -= 1;
         if g.refs == 0 {
-            let id = g.id;
-            self.groups.remove(members);
+            let members = self.group_members.remove(&id).unwrap();
+            self.groups.remove(&members);
             self.group_ids.release(id);
-            for &m in members {
+            for m in members {
                 self.release_nexthop(m);
             }
         }
