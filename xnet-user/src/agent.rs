@@ -31,7 +31,8 @@ use crate::kernel::{unspecified, Kernel, MAIN_TABLE, RULE_PRIORITY};
 use crate::status::{self, Status};
 
 /// A route as the agent applies it: segment id, prefix, next hops.
-type RouteSet = crate::fastmap::Map<(u32, IpNet), Vec<NhKey>>;
+/// Routes with their next hops; the next-hop lists are shared (a full table has few).
+type RouteSet = crate::fastmap::Map<(u32, IpNet), Arc<[NhKey]>>;
 
 struct Agent {
     path: PathBuf,
@@ -424,7 +425,7 @@ impl Agent {
             self.dp
                 .set_route(*seg, *net, hops)
                 .with_context(|| format!("route {net} in segment {}", self.segment_name(*seg)))?;
-            for h in hops {
+            for h in hops.iter() {
                 if self.managed.insert((h.ifindex, h.via)) {
                     if let Err(e) = self.kernel.manage_neighbour(h.ifindex, h.via).await {
                         warn!(
@@ -596,7 +597,7 @@ impl Agent {
             .collect();
         for (seg, net) in self.bgp_routes.keys().filter(|(s, _)| *s == segment) {
             if let Some((best, _)) = self.selected(*seg, net).first() {
-                routes.push((*net, Some((best.peer, best.attrs.clone()))));
+                routes.push((*net, Some((best.peer(), best.route.clone()))));
             }
         }
         bgp.readvertise(segment, &routes);
@@ -814,7 +815,7 @@ impl Agent {
                         *s == seg
                             && paths
                                 .iter()
-                                .any(|p| done.iter().any(|(_, n)| n.contains(&p.next_hop)))
+                                .any(|p| done.iter().any(|(_, n)| n.contains(&p.next_hop())))
                     })
                     .map(|(k, _)| *k)
                     .collect();
@@ -974,29 +975,37 @@ impl Agent {
         }
         let Some(attrs) = u.attrs else { return changed };
         let looped = attrs.as_path.iter().any(|s| s.asns.contains(&local_asn));
-        let attrs = Arc::new(attrs);
+        let src = Arc::new(rib::Source {
+            peer,
+            peer_id,
+            ebgp,
+        });
         let v4 = attrs.next_hop.map(|nh| (IpAddr::V4(nh), u.nlri));
         let mp = u.mp_reach.and_then(|m| m.next_hop.map(|nh| (nh, m.nlri)));
         for (next_hop, nlri) in v4.into_iter().chain(mp) {
+            // Shared by every prefix of the UPDATE that import policy leaves as it is.
+            let learned = Arc::new(rib::Learned {
+                next_hop,
+                attrs: attrs.clone(),
+            });
             for net in nlri {
                 self.stale.refreshed(peer, &(seg, net));
                 // Our own AS in the path: a loop (RFC 4271 §9.1.2); treat as withdrawn.
                 // Import policy: rejected prefixes are withdrawn (a route accepted before
                 // may be refused now).
                 let accepted = match &import {
-                    None => Some(attrs.clone()),
-                    Some(imp) => imp.apply(&net, &attrs).map(Arc::new),
+                    None => Some(learned.clone()),
+                    Some(imp) => imp
+                        .apply(&net, &attrs)
+                        .map(|attrs| Arc::new(rib::Learned { next_hop, attrs })),
                 };
                 let hit = match accepted {
-                    Some(a) if !looped => self.rib.update(
+                    Some(route) if !looped => self.rib.update(
                         seg,
                         net,
                         rib::Path {
-                            peer,
-                            peer_id,
-                            ebgp,
-                            next_hop,
-                            attrs: a,
+                            src: src.clone(),
+                            route,
                         },
                     ),
                     _ => self.rib.withdraw(seg, net, peer),
@@ -1034,7 +1043,7 @@ impl Agent {
             .max_by_key(|((_, net), _)| net.prefix_len())
             .map(|(_, hops)| hops.clone());
         if let Some(hops) = static_route {
-            return hops;
+            return hops.to_vec();
         }
         // A peer inside an IPsec tunnel (BGP over the tunnel): its routes go into it.
         self.tunnel_routes
@@ -1067,8 +1076,8 @@ impl Agent {
     ) -> Vec<(rib::Path, Vec<NhKey>)> {
         self.rib.selected_by(segment, net, |p| {
             let hops = memo
-                .entry((segment, p.next_hop))
-                .or_insert_with(|| self.resolve_recursive(segment, p.next_hop));
+                .entry((segment, p.next_hop()))
+                .or_insert_with(|| self.resolve_recursive(segment, p.next_hop()));
             (!hops.is_empty()).then(|| hops.clone())
         })
     }
@@ -1079,6 +1088,7 @@ impl Agent {
     async fn apply_bgp(&mut self, changed: Vec<(u32, IpNet)>) -> Result<()> {
         let mut segments = std::collections::BTreeSet::new();
         let mut memo = Default::default();
+        let mut interned: crate::fastmap::Map<Vec<NhKey>, Arc<[NhKey]>> = Default::default();
         for (seg, net) in changed {
             segments.insert(seg);
             if self.routes.contains_key(&(seg, net)) {
@@ -1106,9 +1116,14 @@ impl Agent {
                 }
                 continue;
             }
-            if self.bgp_routes.get(&(seg, net)) == Some(&hops) {
+            if self.bgp_routes.get(&(seg, net)).is_some_and(|h| **h == *hops) {
                 continue;
             }
+            // One shared list per distinct set of next hops in the batch.
+            let hops = interned
+                .entry(hops)
+                .or_insert_with_key(|h| Arc::from(&h[..]))
+                .clone();
             if under_tunnel {
                 self.bgp_routes.insert((seg, net), hops);
                 continue;
@@ -1547,27 +1562,27 @@ impl Agent {
                     paths: paths
                         .iter()
                         .map(|p| status::BgpPathStatus {
-                            peer: p.peer.to_string(),
-                            next_hop: p.next_hop.to_string(),
-                            as_path: crate::bgp::as_path_string(&p.attrs.as_path),
-                            origin: ["igp", "egp", "incomplete"][p.attrs.origin as usize % 3]
+                            peer: p.peer().to_string(),
+                            next_hop: p.next_hop().to_string(),
+                            as_path: crate::bgp::as_path_string(&p.attrs().as_path),
+                            origin: ["igp", "egp", "incomplete"][p.attrs().origin as usize % 3]
                                 .to_string(),
-                            local_pref: p.attrs.local_pref,
-                            med: p.attrs.med,
+                            local_pref: p.attrs().local_pref,
+                            med: p.attrs().med,
                             communities: p
-                                .attrs
+                                .attrs()
                                 .communities
                                 .iter()
                                 .map(|c| format!("{}:{}", c >> 16, c & 0xffff))
                                 .collect(),
                             large_communities: p
-                                .attrs
+                                .attrs()
                                 .large_communities
                                 .iter()
                                 .map(|[g, a, b]| format!("{g}:{a}:{b}"))
                                 .collect(),
-                            selected: selected.iter().any(|(x, _)| x.peer == p.peer),
-                            stale: self.stale.is_stale(p.peer, &(*seg, *net)),
+                            selected: selected.iter().any(|(x, _)| x.peer() == p.peer()),
+                            stale: self.stale.is_stale(p.peer(), &(*seg, *net)),
                         })
                         .collect(),
                 });

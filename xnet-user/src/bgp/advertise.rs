@@ -49,7 +49,7 @@ pub fn adverts(
                     attrs: Attrs {
                         local_pref: None,
                         med: None,
-                        ..(**a).clone()
+                        ..a.attrs.clone()
                     },
                 },
                 None => own(*net),
@@ -79,12 +79,15 @@ mod tests {
         let learned = |peer: &str, asn: u32| {
             Some((
                 peer.parse::<IpAddr>().unwrap(),
-                Arc::new(Attrs {
-                    as_path: vec![AsSegment {
-                        kind: 2,
-                        asns: vec![asn],
-                    }],
-                    ..Default::default()
+                Arc::new(crate::bgp::rib::Learned {
+                    next_hop: peer.parse().unwrap(),
+                    attrs: Attrs {
+                        as_path: vec![AsSegment {
+                            kind: 2,
+                            asns: vec![asn],
+                        }],
+                        ..Default::default()
+                    },
                 }),
             ))
         };

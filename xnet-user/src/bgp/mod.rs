@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::{Advertise, Bgp, Config, Neighbor};
 use fsm::{Advert, Control, Event, GrLocal, SessionConfig, SharedState};
-use packet::{AsSegment, Attrs};
+use packet::AsSegment;
 
 /// One configured neighbour and the handles to its session task.
 pub struct Peer {
@@ -77,7 +77,7 @@ impl Peer {
 
 /// A route of a segment as advertisement sees it: prefix, and for a learned route the
 /// peer it came from and its attributes (`None`: static).
-pub type SegmentRoute = (ipnet::IpNet, Option<(IpAddr, Arc<Attrs>)>);
+pub type SegmentRoute = (ipnet::IpNet, Option<(IpAddr, Arc<rib::Learned>)>);
 
 type Inboxes = Arc<std::sync::Mutex<HashMap<IpAddr, mpsc::Sender<TcpStream>>>>;
 

@@ -9,18 +9,57 @@ use ipnet::IpNet;
 
 use super::packet::Attrs;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Path {
+/// Where paths came from: one per session, shared by all its paths.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Source {
     pub peer: IpAddr,
     pub peer_id: Ipv4Addr,
     pub ebgp: bool,
-    pub next_hop: IpAddr,
-    pub attrs: Arc<Attrs>,
 }
 
+/// What an UPDATE said of its prefixes (after import): shared by the prefixes it covers.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Learned {
+    pub next_hop: IpAddr,
+    pub attrs: Attrs,
+}
+
+/// One path: two shared pointers, so a full table's paths cost 16 bytes each.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Path {
+    pub src: Arc<Source>,
+    pub route: Arc<Learned>,
+}
+
+/// The paths of one prefix, best first; the usual single one is held inline.
+pub type Paths = smallvec::SmallVec<[Path; 1]>;
+
 impl Path {
+    pub fn new(peer: IpAddr, peer_id: Ipv4Addr, ebgp: bool, next_hop: IpAddr, attrs: Attrs) -> Path {
+        Path {
+            src: Arc::new(Source {
+                peer,
+                peer_id,
+                ebgp,
+            }),
+            route: Arc::new(Learned { next_hop, attrs }),
+        }
+    }
+
+    pub fn peer(&self) -> IpAddr {
+        self.src.peer
+    }
+
+    pub fn next_hop(&self) -> IpAddr {
+        self.route.next_hop
+    }
+
+    pub fn attrs(&self) -> &Attrs {
+        &self.route.attrs
+    }
+
     fn local_pref(&self) -> u32 {
-        self.attrs.local_pref.unwrap_or(100)
+        self.attrs().local_pref.unwrap_or(100)
     }
 
     /// The steps of §9.1.2.2 up to (not including) the router-id tie-break: paths equal
@@ -29,34 +68,34 @@ impl Path {
         other
             .local_pref()
             .cmp(&self.local_pref())
-            .then(self.attrs.as_path_len().cmp(&other.attrs.as_path_len()))
-            .then(self.attrs.origin.cmp(&other.attrs.origin))
+            .then(self.attrs().as_path_len().cmp(&other.attrs().as_path_len()))
+            .then(self.attrs().origin.cmp(&other.attrs().origin))
             .then_with(|| {
                 // MED only between paths from the same neighbouring AS.
-                if self.attrs.first_as() == other.attrs.first_as() {
-                    self.attrs
+                if self.attrs().first_as() == other.attrs().first_as() {
+                    self.attrs()
                         .med
                         .unwrap_or(0)
-                        .cmp(&other.attrs.med.unwrap_or(0))
+                        .cmp(&other.attrs().med.unwrap_or(0))
                 } else {
                     Ordering::Equal
                 }
             })
-            .then(other.ebgp.cmp(&self.ebgp))
+            .then(other.src.ebgp.cmp(&self.src.ebgp))
     }
 
     /// Full order: better first.
     fn compare(&self, other: &Path) -> Ordering {
         self.rank(other)
-            .then(self.peer_id.cmp(&other.peer_id))
-            .then(self.peer.cmp(&other.peer))
+            .then(self.src.peer_id.cmp(&other.src.peer_id))
+            .then(self.src.peer.cmp(&other.src.peer))
     }
 }
 
 #[derive(Default)]
 pub struct Rib {
     multipath: usize,
-    paths: crate::fastmap::Map<(u32, IpNet), Vec<Path>>,
+    paths: crate::fastmap::Map<(u32, IpNet), Paths>,
     /// Paths per peer, kept as paths come and go (status reads it on a full table).
     per_peer: crate::fastmap::Map<IpAddr, usize>,
     /// The smallest `FIRST` keys, for status to list without a pass over a full table;
@@ -97,9 +136,9 @@ impl Rib {
             return false;
         }
         let before = v.len();
-        v.retain(|p| p.peer != path.peer);
+        v.retain(|p| p.src.peer != path.src.peer);
         if v.len() == before {
-            *self.per_peer.entry(path.peer).or_default() += 1;
+            *self.per_peer.entry(path.src.peer).or_default() += 1;
         }
         v.push(path);
         v.sort_by(|a, b| a.compare(b));
@@ -112,7 +151,7 @@ impl Rib {
             return false;
         };
         let before = v.len();
-        v.retain(|p| p.peer != peer);
+        v.retain(|p| p.src.peer != peer);
         let removed = v.len() != before;
         if removed {
             if let Some(n) = self.per_peer.get_mut(&peer) {
@@ -140,7 +179,7 @@ impl Rib {
     pub fn prefixes_of(&self, peer: IpAddr) -> Vec<(u32, IpNet)> {
         self.paths
             .iter()
-            .filter(|(_, v)| v.iter().any(|p| p.peer == peer))
+            .filter(|(_, v)| v.iter().any(|p| p.src.peer == peer))
             .map(|(k, _)| *k)
             .collect()
     }
@@ -197,7 +236,7 @@ impl Rib {
     }
 
     /// The paths for `net`, best first.
-    pub fn paths(&self, segment: u32, net: &IpNet) -> Option<&Vec<Path>> {
+    pub fn paths(&self, segment: u32, net: &IpNet) -> Option<&Paths> {
         self.paths.get(&(segment, *net))
     }
 
@@ -207,7 +246,7 @@ impl Rib {
     }
 
     /// Every (segment, prefix) with its paths, for status.
-    pub fn all(&self) -> impl Iterator<Item = (&(u32, IpNet), &Vec<Path>)> {
+    pub fn all(&self) -> impl Iterator<Item = (&(u32, IpNet), &Paths)> {
         self.paths.iter()
     }
 
@@ -233,12 +272,12 @@ mod tests {
         med: Option<u32>,
         ebgp: bool,
     ) -> Path {
-        Path {
-            peer: peer.parse().unwrap(),
-            peer_id: id.parse().unwrap(),
+        Path::new(
+            peer.parse().unwrap(),
+            id.parse().unwrap(),
             ebgp,
-            next_hop: peer.parse().unwrap(),
-            attrs: Arc::new(Attrs {
+            peer.parse().unwrap(),
+            Attrs {
                 local_pref: lp,
                 med,
                 as_path: vec![AsSegment {
@@ -246,8 +285,8 @@ mod tests {
                     asns: aspath.to_vec(),
                 }],
                 ..Default::default()
-            }),
-        }
+            },
+        )
     }
 
     #[test]
@@ -261,17 +300,17 @@ mod tests {
         ));
         // Shorter AS path wins.
         assert!(r.update(1, n, path("10.0.0.2", "2.2.2.2", None, &[1, 2], None, true)));
-        assert_eq!(r.selected(1, &n)[0].peer.to_string(), "10.0.0.2");
+        assert_eq!(r.selected(1, &n)[0].peer().to_string(), "10.0.0.2");
         // Higher LOCAL_PREF beats a shorter path.
         assert!(r.update(
             1,
             n,
             path("10.0.0.3", "3.3.3.3", Some(200), &[1, 2, 3, 4], None, false)
         ));
-        assert_eq!(r.selected(1, &n)[0].peer.to_string(), "10.0.0.3");
+        assert_eq!(r.selected(1, &n)[0].peer().to_string(), "10.0.0.3");
         // Withdrawing the best falls back to the next.
         assert!(r.withdraw(1, n, "10.0.0.3".parse().unwrap()));
-        assert_eq!(r.selected(1, &n)[0].peer.to_string(), "10.0.0.2");
+        assert_eq!(r.selected(1, &n)[0].peer().to_string(), "10.0.0.2");
         // Lower MED from the same neighbouring AS; router id breaks the last tie.
         let mut r = Rib::new(1);
         r.update(
@@ -284,18 +323,18 @@ mod tests {
             n,
             path("10.0.0.2", "8.8.8.8", None, &[7], Some(10), true),
         );
-        assert_eq!(r.selected(1, &n)[0].peer.to_string(), "10.0.0.2");
+        assert_eq!(r.selected(1, &n)[0].peer().to_string(), "10.0.0.2");
         r.update(
             1,
             n,
             path("10.0.0.3", "1.1.1.1", None, &[7], Some(10), true),
         );
-        assert_eq!(r.selected(1, &n)[0].peer.to_string(), "10.0.0.3");
+        assert_eq!(r.selected(1, &n)[0].peer().to_string(), "10.0.0.3");
         // eBGP over iBGP.
         let mut r = Rib::new(1);
         r.update(1, n, path("10.0.0.1", "1.1.1.1", None, &[7], None, false));
         r.update(1, n, path("10.0.0.2", "2.2.2.2", None, &[7], None, true));
-        assert_eq!(r.selected(1, &n)[0].peer.to_string(), "10.0.0.2");
+        assert_eq!(r.selected(1, &n)[0].peer().to_string(), "10.0.0.2");
     }
 
     #[test]
@@ -335,10 +374,10 @@ mod tests {
             path("10.0.0.2", "2.2.2.2", None, &[7, 7, 7], None, true),
         );
         let up =
-            |down: &'static str| move |p: &Path| (p.next_hop.to_string() != down).then_some(());
+            |down: &'static str| move |p: &Path| (p.next_hop().to_string() != down).then_some(());
         let peers = |v: Vec<(Path, ())>| {
             v.iter()
-                .map(|(p, _)| p.peer.to_string())
+                .map(|(p, _)| p.peer().to_string())
                 .collect::<Vec<_>>()
         };
         assert_eq!(peers(r.selected_by(1, &n, up("none"))), ["10.0.0.1"]);
