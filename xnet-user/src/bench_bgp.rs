@@ -39,16 +39,28 @@ fn birdc(ns: &str, sock: &Path, cmd: &str) -> String {
     netns_exec(ns, &format!("birdc -s {} {cmd}", sock.display())).unwrap_or_default()
 }
 
-/// Routes BIRD's BGP protocols imported, from `show protocols all` ("Routes: N
-/// imported, …"): per-protocol counters, so polling it does not walk the table.
-fn bird_imported(ns: &str, sock: &Path) -> usize {
-    birdc(ns, sock, "show protocols all")
-        .lines()
-        .filter_map(|l| {
-            let rest = l.trim().strip_prefix("Routes:")?;
-            rest.split_whitespace().next()?.parse::<usize>().ok()
-        })
-        .sum()
+/// Routes imported and exported over all of BIRD's protocols, from `show protocols all`
+/// ("Routes: N imported, M exported, …"): per-protocol counters, so polling does not walk
+/// the table. BGP protocols import the table; kernel protocols export it to the FIB.
+fn bird_counts(ns: &str, sock: &Path) -> (usize, usize) {
+    let mut sums = (0, 0);
+    for l in birdc(ns, sock, "show protocols all").lines() {
+        let Some(rest) = l.trim().strip_prefix("Routes:") else {
+            continue;
+        };
+        for part in rest.split(',') {
+            let mut w = part.split_whitespace();
+            let (Some(n), Some(what)) = (w.next().and_then(|n| n.parse::<usize>().ok()), w.next()) else {
+                continue;
+            };
+            match what {
+                "imported" => sums.0 += n,
+                "exported" => sums.1 += n,
+                _ => {}
+            }
+        }
+    }
+    sums
 }
 
 /// Routes in BIRD's table, from `show route count` ("N of M routes for K networks…").
@@ -92,15 +104,92 @@ fn cpu_secs(pid: u32) -> f64 {
     f.iter().sum::<f64>() / hz
 }
 
-/// A process's peak resident set (VmHWM), in MiB.
-fn peak_rss_mib(pid: u32) -> f64 {
+/// A BIRD in `cxp` receives the table from the announcer; with `fib`, its kernel protocols
+/// also install it (into table 250). Returns (seconds from Established until all of it is
+/// in, its CPU seconds meanwhile, its peak RSS in MiB).
+fn bird_receives(
+    dir: &Path,
+    cxp: &str,
+    onprem: &str,
+    src_sock: &Path,
+    total: usize,
+    fib: bool,
+) -> Result<(f64, f64, f64)> {
+    let rcv_conf = dir.join("receiver.conf");
+    let rcv_sock = dir.join("receiver.ctl");
+    let kernel = if fib {
+        "protocol kernel k4 { kernel table 250; ipv4 { export all; }; }\n\
+         protocol kernel k6 { kernel table 250; ipv6 { export all; }; }\n"
+    } else {
+        ""
+    };
+    std::fs::write(
+        &rcv_conf,
+        format!(
+            "router id 10.0.3.1;\nprotocol device {{}}\n{kernel}\
+             protocol bgp onprem {{ local 10.0.3.1 as 65000; neighbor 10.0.3.2 as 65010; {BIRD_TIMERS} ipv4 {{ import all; export none; }}; }}\n\
+             protocol bgp onprem6 {{ local fd00:3::1 as 65000; neighbor fd00:3::2 as 65010; {BIRD_TIMERS} ipv6 {{ import all; export none; }}; }}\n"
+        ),
+    )?;
+    let receiver = spawn(
+        cxp,
+        &[
+            "bird",
+            "-f",
+            "-c",
+            rcv_conf.to_str().unwrap(),
+            "-s",
+            rcv_sock.to_str().unwrap(),
+        ],
+    )?;
+    let t0 = wait(
+        "BIRD→BIRD sessions established",
+        Duration::from_secs(60),
+        FAST,
+        || {
+            birdc(cxp, &rcv_sock, "show protocols")
+                .matches("Established")
+                .count()
+                == 2
+        },
+    )?;
+    let r0 = cpu_secs(receiver.0.id());
+    let t1 = wait(
+        "BIRD→BIRD table received",
+        Duration::from_secs(600),
+        FAST,
+        || {
+            poke(onprem, src_sock);
+            let (imported, exported) = bird_counts(cxp, &rcv_sock);
+            imported >= total && (!fib || exported >= total)
+        },
+    )?;
+    let secs = (t1 - t0).as_secs_f64();
+    let cpu = cpu_secs(receiver.0.id()) - r0;
+    // `ip netns exec` execs BIRD: the child is BIRD itself.
+    let rss = peak_rss_mib(receiver.0.id());
+    drop(receiver);
+    if fib {
+        let _ = netns_exec(cxp, "ip -4 route flush table 250");
+        let _ = netns_exec(cxp, "ip -6 route flush table 250");
+    }
+    Ok((secs, cpu, rss))
+}
+
+/// A field of /proc/PID/status in kB, as MiB.
+fn status_mib(pid: u32, field: &str) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let kib: f64 = status
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))
+        .find(|l| l.starts_with(field))
         .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         .unwrap_or(0.0);
     kib / 1024.0
+}
+
+/// A process's peak resident set (VmHWM), in MiB.
+fn peak_rss_mib(pid: u32) -> f64 {
+    status_mib(pid, "VmHWM:")
 }
 
 /// Wakes the announcing BIRD. Its event loop can sleep up to 3 s in poll() with the
@@ -169,54 +258,11 @@ pub fn run(v4: &[IpNet], v6: &[IpNet]) -> Result<()> {
         || bird_routes(&onprem, &src_sock) >= total,
     )?;
 
-    // Baseline: a second BIRD in cxp receives the table.
-    let rcv_conf = dir.join("receiver.conf");
-    let rcv_sock = dir.join("receiver.ctl");
-    std::fs::write(
-        &rcv_conf,
-        format!(
-            "router id 10.0.3.1;\nprotocol device {{}}\n\
-             protocol bgp onprem {{ local 10.0.3.1 as 65000; neighbor 10.0.3.2 as 65010; {BIRD_TIMERS} ipv4 {{ import all; export none; }}; }}\n\
-             protocol bgp onprem6 {{ local fd00:3::1 as 65000; neighbor fd00:3::2 as 65010; {BIRD_TIMERS} ipv6 {{ import all; export none; }}; }}\n"
-        ),
-    )?;
-    let receiver = spawn(
-        &cxp,
-        &[
-            "bird",
-            "-f",
-            "-c",
-            rcv_conf.to_str().unwrap(),
-            "-s",
-            rcv_sock.to_str().unwrap(),
-        ],
-    )?;
-    let t0 = wait(
-        "BIRD→BIRD sessions established",
-        Duration::from_secs(60),
-        FAST,
-        || {
-            birdc(&cxp, &rcv_sock, "show protocols")
-                .matches("Established")
-                .count()
-                == 2
-        },
-    )?;
-    let r0 = cpu_secs(receiver.0.id());
-    let t1 = wait(
-        "BIRD→BIRD table received",
-        Duration::from_secs(600),
-        FAST,
-        || {
-            poke(&onprem, &src_sock);
-            bird_imported(&cxp, &rcv_sock) >= total
-        },
-    )?;
-    let bird_secs = (t1 - t0).as_secs_f64();
-    let bird_cpu = cpu_secs(receiver.0.id()) - r0;
-    // `ip netns exec` execs BIRD: the child is BIRD itself.
-    let bird_rss = peak_rss_mib(receiver.0.id());
-    drop(receiver);
+    // Baselines: a second BIRD in cxp receives the table into its RIB; then again, also
+    // installing it into the kernel's FIB (what a BIRD in the CXP's place would do).
+    let (bird_secs, bird_cpu, bird_rss) = bird_receives(&dir, &cxp, &onprem, &src_sock, total, false)?;
+    birdc(&onprem, &src_sock, "restart cxp cxp6");
+    let (bird_fib_secs, _, _) = bird_receives(&dir, &cxp, &onprem, &src_sock, total, true)?;
     birdc(&onprem, &src_sock, "restart cxp cxp6");
 
     // xnet receives the same table.
@@ -276,9 +322,15 @@ pub fn run(v4: &[IpNet], v6: &[IpNet]) -> Result<()> {
     let secs = (t1 - t0).as_secs_f64();
     let cpu = cpu_secs(agent.0.id()) - cpu0;
     let rss = peak_rss_mib(agent.0.id());
+    // Of that, the data plane's route table array (a BPF map the agent writes through
+    // mmap: kernel memory, sized by route_table_groups) and the binary are mapped; the
+    // agent's own heap is the anonymous part.
+    let anon = status_mib(agent.0.id(), "RssAnon:");
+    let mapped = status_mib(agent.0.id(), "RssFile:") + status_mib(agent.0.id(), "RssShmem:");
     println!(
-        "bench bgp_ingest prefixes={total} secs={secs:.2} cpu_secs={cpu:.2} rss_mib={rss:.0} ratio_vs_bird={:.2} bird_secs={bird_secs:.2} bird_cpu_secs={bird_cpu:.2} bird_rss_mib={bird_rss:.0}",
-        secs / bird_secs
+        "bench bgp_ingest prefixes={total} secs={secs:.2} cpu_secs={cpu:.2} rss_mib={rss:.0} anon_mib={anon:.0} mapped_mib={mapped:.0} ratio_vs_bird={:.2} bird_secs={bird_secs:.2} bird_cpu_secs={bird_cpu:.2} bird_rss_mib={bird_rss:.0} ratio_vs_bird_fib={:.2} bird_fib_secs={bird_fib_secs:.2}",
+        secs / bird_secs,
+        secs / bird_fib_secs
     );
     Ok(())
 }
