@@ -1116,7 +1116,11 @@ impl Agent {
                 }
                 continue;
             }
-            if self.bgp_routes.get(&(seg, net)).is_some_and(|h| **h == *hops) {
+            if self
+                .bgp_routes
+                .get(&(seg, net))
+                .is_some_and(|h| **h == *hops)
+            {
                 continue;
             }
             // One shared list per distinct set of next hops in the batch.

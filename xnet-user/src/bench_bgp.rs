@@ -50,7 +50,8 @@ fn bird_counts(ns: &str, sock: &Path) -> (usize, usize) {
         };
         for part in rest.split(',') {
             let mut w = part.split_whitespace();
-            let (Some(n), Some(what)) = (w.next().and_then(|n| n.parse::<usize>().ok()), w.next()) else {
+            let (Some(n), Some(what)) = (w.next().and_then(|n| n.parse::<usize>().ok()), w.next())
+            else {
                 continue;
             };
             match what {
@@ -260,7 +261,8 @@ pub fn run(v4: &[IpNet], v6: &[IpNet]) -> Result<()> {
 
     // Baselines: a second BIRD in cxp receives the table into its RIB; then again, also
     // installing it into the kernel's FIB (what a BIRD in the CXP's place would do).
-    let (bird_secs, bird_cpu, bird_rss) = bird_receives(&dir, &cxp, &onprem, &src_sock, total, false)?;
+    let (bird_secs, bird_cpu, bird_rss) =
+        bird_receives(&dir, &cxp, &onprem, &src_sock, total, false)?;
     birdc(&onprem, &src_sock, "restart cxp cxp6");
     let (bird_fib_secs, _, _) = bird_receives(&dir, &cxp, &onprem, &src_sock, total, true)?;
     birdc(&onprem, &src_sock, "restart cxp cxp6");

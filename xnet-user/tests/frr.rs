@@ -183,6 +183,7 @@ router bgp 65000
  exit-address-family
 route-map LP permit 10
  set local-preference 250
+ set large-community 65000:7:1
 "#;
 
 const XNET_CLIENT: &str = r#"
@@ -237,6 +238,7 @@ fn frr_route_reflector_with_xnet_as_client_and_neighbour_removal() {
         "LOCAL_PREF from an internal peer is the path's preference"
     );
     assert_eq!(r.paths[0].as_path, "");
+    assert_eq!(r.paths[0].large_communities, ["65000:7:1"]);
     // Our static routes reach FRR; its own route does not come back from us.
     wait_for(
         "FRR has the CXP's static 10.1.0.0/16",
@@ -253,6 +255,34 @@ fn frr_route_reflector_with_xnet_as_client_and_neighbour_removal() {
     let p = &frr_paths(&frr, "ipv4", "10.1.0.0/16")[0];
     assert_eq!(p["locPrf"].as_u64(), Some(100), "{p}");
 
+    // A changed neighbour restarts with Cease 6, Other Configuration Change (RFC 4486).
+    reconfigure(
+        &agent,
+        "advertise = \"all\"",
+        "advertise = \"all\"\nhold_time = 30",
+    );
+    wait_for(
+        "FRR told of the configuration change",
+        Duration::from_secs(5),
+        || last_notification(&frr).contains("Other Configuration Change"),
+        || {
+            format!(
+                "{}\n{}",
+                frr.cmd("show bgp neighbors 10.0.3.1"),
+                agent.log()
+            )
+        },
+    );
+    wait_until(&agent, "the session back", Duration::from_secs(30), |s| {
+        established(s) == 1
+    });
+    wait_for(
+        "FRR has the CXP's routes again",
+        Duration::from_secs(10),
+        || !frr_paths(&frr, "ipv4", "10.1.0.0/16").is_empty(),
+        || frr.cmd("show bgp ipv4 unicast"),
+    );
+
     // The neighbour goes from the config: FRR is told why, and our routes leave it now
     // (a graceful-restart helper keeps them for 120 s after a bare TCP close).
     let cfg = std::fs::read_to_string(&agent.config).unwrap();
@@ -265,14 +295,18 @@ fn frr_route_reflector_with_xnet_as_client_and_neighbour_removal() {
         || frr_paths(&frr, "ipv4", "10.1.0.0/16").is_empty(),
         || frr.cmd("show bgp ipv4 unicast"),
     );
-    let n = frr.json("show bgp neighbors 10.0.3.1 json");
-    let why = n["10.0.3.1"]["lastNotificationReason"]
-        .as_str()
-        .or(n["10.0.3.1"]["lastResetDueTo"].as_str())
-        .unwrap_or_default()
-        .to_string();
+    let why = last_notification(&frr);
     assert!(
         why.contains("Cease") && why.contains("De-configured"),
-        "FRR's reason: {why:?}\n{n}"
+        "FRR's reason: {why:?}"
     );
+}
+
+/// The reason FRR gives for the last NOTIFICATION it received from the CXP.
+fn last_notification(frr: &Frr) -> String {
+    let n = frr.json("show bgp neighbors 10.0.3.1 json");
+    n["10.0.3.1"]["lastNotificationReason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
 }

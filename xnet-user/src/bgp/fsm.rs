@@ -558,6 +558,7 @@ impl Session<'_> {
             enforce_first_as: self.cfg.enforce_first_as,
             families,
             local: own,
+            router_id: self.cfg.router_id,
         };
         let mut warned = false;
         let mut sent: HashMap<IpNet, Attrs> = HashMap::new();
@@ -701,6 +702,9 @@ impl Session<'_> {
         if let Some(why) = &sc.withdrawn {
             warn!("bgp {name} ({peer}): routes ignored: {why}");
         }
+        if sc.own_reflected {
+            log::debug!("bgp {name} ({peer}): our own routes reflected back: ignored");
+        }
         let mut st = state.lock().unwrap();
         st.not_negotiated += sc.not_negotiated as u64;
         st.treated_as_withdraw += sc.withdrawn.is_some() as u64;
@@ -720,6 +724,15 @@ impl Session<'_> {
             "bgp {} ({}): shut down (Cease {subcode})",
             self.cfg.name, self.cfg.peer
         );
+        // Close our side and give the peer a moment to read the NOTIFICATION and close
+        // its own: a replacement session that connects before that would look to a
+        // graceful-restart peer like our restart, and the NOTIFICATION would go unread.
+        let _ = self.stream.shutdown().await;
+        let mut sink = [0u8; 4096];
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            while matches!(self.stream.read(&mut sink).await, Ok(n) if n > 0) {}
+        })
+        .await;
         Ok(())
     }
 
@@ -1006,6 +1019,35 @@ mod tests {
             Event::Update { update, .. } => assert_eq!(update.withdrawn, vec![net]),
             other => panic!("{other:?}"),
         }
+        task.abort();
+    }
+
+    /// RFC 4271 §6.1: a message of unknown type is answered with 1/3 and the Type field
+    /// as data; the peer's side reads exactly those bytes.
+    #[tokio::test]
+    async fn a_bad_message_type_gets_its_type_back_in_the_notification() {
+        let (mut peer, mut events, task) = established().await;
+        let mut bad = encode_keepalive();
+        bad[18] = 9;
+        peer.write_all(&bad).await.unwrap();
+        loop {
+            match read_msg(&mut peer).await {
+                Message::Keepalive => continue,
+                m => {
+                    assert_eq!(
+                        m,
+                        Message::Notification {
+                            code: ERR_HEADER,
+                            subcode: 3,
+                            data: vec![9]
+                        }
+                    );
+                    break;
+                }
+            }
+        }
+        let (_, ev) = events.recv().await.unwrap();
+        assert!(matches!(ev, Event::Down { .. }), "{ev:?}");
         task.abort();
     }
 

@@ -19,6 +19,8 @@ pub struct Screen {
     pub families: Vec<(u16, u8)>,
     /// Our own addresses: a route with one of them as next hop points back at us.
     pub local: Vec<IpAddr>,
+    /// Our BGP identifier: a reflected route that names it as ORIGINATOR_ID is our own.
+    pub router_id: std::net::Ipv4Addr,
 }
 
 /// What screening took out, for the counters and the log.
@@ -32,6 +34,8 @@ pub struct Screened {
     pub local_pref_discarded: bool,
     /// Announcements turned into withdrawals, and why.
     pub withdrawn: Option<String>,
+    /// Our own routes, reflected back to us (RFC 4456 §8): ignored without a warning.
+    pub own_reflected: bool,
 }
 
 impl Screen {
@@ -63,6 +67,12 @@ impl Screen {
         };
         if self.ebgp && attrs.local_pref.take().is_some() {
             s.local_pref_discarded = true;
+        }
+        if !self.ebgp && attrs.originator_id == Some(self.router_id) {
+            // RFC 4456 §8: a route reflector sends our routes back to us; ignore them.
+            u.withdraw_all("ORIGINATOR_ID is our BGP identifier".into());
+            s.own_reflected = true;
+            return s;
         }
         if self.ebgp && self.enforce_first_as && attrs.first_as() != Some(self.peer_asn) {
             // A malformed AS_PATH: RFC 7606 §7.2, treat-as-withdraw.
@@ -127,6 +137,7 @@ mod tests {
             enforce_first_as: true,
             families: vec![(AFI_IPV4, SAFI_UNICAST)],
             local: vec!["192.0.2.1".parse().unwrap()],
+            router_id: "192.0.2.1".parse().unwrap(),
         }
     }
 
@@ -228,6 +239,28 @@ mod tests {
             ..ebgp_v4()
         };
         assert_eq!(ibgp.apply(&mut u).withdrawn, None);
+    }
+
+    #[test]
+    fn our_routes_reflected_back_are_ignored_quietly() {
+        // From a route reflector (iBGP): ORIGINATOR_ID 192.0.2.1, which is us.
+        let ibgp = Screen {
+            ebgp: false,
+            peer_asn: 65000,
+            ..ebgp_v4()
+        };
+        let mut u = update("40010100 400200 400304 c0000203 800904 c0000201", NLRI);
+        assert_eq!(
+            u.attrs.as_ref().unwrap().originator_id,
+            Some("192.0.2.1".parse().unwrap())
+        );
+        let s = ibgp.apply(&mut u);
+        assert!(s.own_reflected && s.withdrawn.is_none());
+        assert_eq!(u.withdrawn, vec![n("10.1.0.0/16")]);
+        // Another originator: a route like any other.
+        let mut u = update("40010100 400200 400304 c0000203 800904 c0000209", NLRI);
+        assert_eq!(ibgp.apply(&mut u), Screened::default());
+        assert_eq!(u.nlri, vec![n("10.1.0.0/16")]);
     }
 
     #[test]

@@ -56,22 +56,26 @@ impl Drop for Peer {
 
 impl Peer {
     /// Ends the session with NOTIFICATION Cease `subcode`, in the background: the task
-    /// gets a second to send it, then goes.
-    fn stop(mut self, subcode: u8) {
+    /// gets a second to send it, then goes. The receiver fires when it has gone.
+    fn stop(mut self, subcode: u8) -> tokio::sync::oneshot::Receiver<()> {
         let _ = self.control.send(Control::Shutdown(subcode));
-        if let Some(mut task) = self.task.take() {
-            tokio::spawn(async move {
-                // Its channels live until it is done: a closed advertisement channel
-                // would end the session with another Cease.
-                let _channels = self;
+        let (done, gone) = tokio::sync::oneshot::channel();
+        let task = self.task.take();
+        tokio::spawn(async move {
+            // Its channels live until it is done: a closed advertisement channel would
+            // end the session with another Cease.
+            let _channels = self;
+            if let Some(mut task) = task {
                 if tokio::time::timeout(Duration::from_secs(1), &mut task)
                     .await
                     .is_err()
                 {
                     task.abort();
                 }
-            });
-        }
+            }
+            let _ = done.send(());
+        });
+        gone
     }
 }
 
@@ -137,7 +141,7 @@ impl Speaker {
             forwarding: restarted,
         };
         for n in &b.neighbors {
-            speaker.spawn(config, n)?;
+            speaker.spawn(config, n, None)?;
         }
         info!(
             "bgp: AS {}, router id {}, listening on port {}, {} neighbours",
@@ -164,7 +168,15 @@ impl Speaker {
         Ok(Some(speaker))
     }
 
-    fn spawn(&mut self, config: &Config, n: &Neighbor) -> Result<()> {
+    /// Starts neighbour `n`'s session; with `after`, once that fires (the session it
+    /// replaces has said goodbye: a graceful-restart peer would take an early new
+    /// connection for a restart and never see the NOTIFICATION).
+    fn spawn(
+        &mut self,
+        config: &Config,
+        n: &Neighbor,
+        after: Option<tokio::sync::oneshot::Receiver<()>>,
+    ) -> Result<()> {
         let i = config
             .bgp
             .iter()
@@ -212,14 +224,13 @@ impl Speaker {
             }),
             restarting: self.restarting.clone(),
         };
-        let task = tokio::spawn(fsm::run(
-            cfg,
-            self.tx.clone(),
-            in_rx,
-            adv_rx,
-            ctl_rx,
-            state.clone(),
-        ));
+        let run = fsm::run(cfg, self.tx.clone(), in_rx, adv_rx, ctl_rx, state.clone());
+        let task = tokio::spawn(async move {
+            if let Some(after) = after {
+                let _ = after.await;
+            }
+            run.await
+        });
         self.peers.push(Peer {
             name: n.name.clone(),
             segment,
@@ -278,6 +289,7 @@ impl Speaker {
                 b.neighbors.contains(&p.neighbor) && keys.get(&p.address) == Some(&p.password)
             });
         self.peers = keep;
+        let mut replaced = HashMap::new();
         for p in gone {
             // RFC 4486: tell the peer why, so it drops our routes now instead of keeping
             // them for a graceful restart.
@@ -295,7 +307,11 @@ impl Speaker {
             if p.neighbor.password_file.is_some() || p.neighbor.password_env.is_some() {
                 let _ = md5::set(&*self.listener, p.address, None);
             }
-            p.stop(subcode);
+            let address = p.address;
+            let gone = p.stop(subcode);
+            if changed {
+                replaced.insert(address, gone);
+            }
         }
         {
             let mut inboxes = self.inboxes.lock().unwrap();
@@ -311,7 +327,7 @@ impl Speaker {
             .collect();
         for n in &new {
             info!("bgp {} ({}): starting", n.name, n.address);
-            self.spawn(config, n)?;
+            self.spawn(config, n, replaced.remove(&n.address))?;
         }
         self.bgp.neighbors = b.neighbors.clone();
         Ok(stopped)

@@ -35,7 +35,13 @@ pub struct Path {
 pub type Paths = smallvec::SmallVec<[Path; 1]>;
 
 impl Path {
-    pub fn new(peer: IpAddr, peer_id: Ipv4Addr, ebgp: bool, next_hop: IpAddr, attrs: Attrs) -> Path {
+    pub fn new(
+        peer: IpAddr,
+        peer_id: Ipv4Addr,
+        ebgp: bool,
+        next_hop: IpAddr,
+        attrs: Attrs,
+    ) -> Path {
         Path {
             src: Arc::new(Source {
                 peer,

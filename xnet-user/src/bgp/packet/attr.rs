@@ -23,6 +23,7 @@ pub const ATTR_LOCAL_PREF: u8 = 5;
 pub const ATTR_ATOMIC_AGGREGATE: u8 = 6;
 pub const ATTR_AGGREGATOR: u8 = 7;
 pub const ATTR_COMMUNITIES: u8 = 8;
+pub const ATTR_ORIGINATOR_ID: u8 = 9;
 pub const ATTR_MP_REACH: u8 = 14;
 pub const ATTR_MP_UNREACH: u8 = 15;
 pub const ATTR_LARGE_COMMUNITIES: u8 = 32;
@@ -48,6 +49,9 @@ pub struct Attrs {
     pub aggregator: Option<(u32, Ipv4Addr)>,
     pub communities: Vec<u32>,
     pub large_communities: Vec<[u32; 3]>,
+    /// ORIGINATOR_ID (RFC 4456), set by a route reflector: read, never sent on (it is
+    /// optional non-transitive, and xnet reflects nothing).
+    pub originator_id: Option<Ipv4Addr>,
     /// Optional transitive attributes we do not know: passed on with the partial bit.
     pub unknown: Vec<(u8, u8, Vec<u8>)>,
 }
@@ -152,7 +156,7 @@ fn expected_flags(code: u8) -> Option<u8> {
         ATTR_ORIGIN | ATTR_AS_PATH | ATTR_NEXT_HOP | ATTR_LOCAL_PREF | ATTR_ATOMIC_AGGREGATE => {
             Some(F_TRANSITIVE)
         }
-        ATTR_MED | ATTR_MP_REACH | ATTR_MP_UNREACH => Some(F_OPTIONAL),
+        ATTR_MED | ATTR_MP_REACH | ATTR_MP_UNREACH | ATTR_ORIGINATOR_ID => Some(F_OPTIONAL),
         ATTR_AGGREGATOR | ATTR_COMMUNITIES | ATTR_LARGE_COMMUNITIES => {
             Some(F_OPTIONAL | F_TRANSITIVE)
         }
@@ -236,7 +240,8 @@ pub fn decode_attrs(buf: &[u8], four_octet: bool) -> Result<DecodedAttrs, BgpErr
                 | ATTR_MED
                 | ATTR_LOCAL_PREF
                 | ATTR_COMMUNITIES
-                | ATTR_LARGE_COMMUNITIES => {
+                | ATTR_LARGE_COMMUNITIES
+                | ATTR_ORIGINATOR_ID => {
                     d.present.retain(|c| *c != code);
                     d.treat_as_withdraw.get_or_insert(e.reason);
                 }
@@ -330,6 +335,13 @@ fn parse_one(
                 d.attrs.local_pref = Some(v.u32()?);
             }
             ATTR_ATOMIC_AGGREGATE => d.attrs.atomic_aggregate = true,
+            ATTR_ORIGINATOR_ID => {
+                if len != 4 {
+                    return Err(bad_len());
+                }
+                let b = v.bytes(4)?;
+                d.attrs.originator_id = Some(Ipv4Addr::new(b[0], b[1], b[2], b[3]));
+            }
             ATTR_AGGREGATOR => {
                 let asn = match len {
                     8 if four_octet => v.u32()?,
