@@ -1087,7 +1087,8 @@ impl Agent {
     /// route hands BGP's back when it goes down, so BGP's stays up to date under it).
     async fn apply_bgp(&mut self, changed: Vec<(u32, IpNet)>) -> Result<()> {
         let mut segments = std::collections::BTreeSet::new();
-        let mut memo = Default::default();
+        // Per batch: each next hop resolved once, each multipath union shared.
+        let mut memo: crate::fastmap::Map<(u32, IpAddr), Option<Arc<[NhKey]>>> = Default::default();
         let mut interned: crate::fastmap::Map<Vec<NhKey>, Arc<[NhKey]>> = Default::default();
         for (seg, net) in changed {
             segments.insert(seg);
@@ -1099,13 +1100,43 @@ impl Agent {
                 .values()
                 .flatten()
                 .any(|r| *r == (seg, net));
-            let mut hops: Vec<NhKey> = self
-                .selected_memo(seg, &net, &mut memo)
-                .into_iter()
-                .flat_map(|(_, hops)| hops)
-                .collect();
-            hops.sort();
-            hops.dedup();
+            // The selected paths' next hops: one shared list per next hop (memo), a
+            // new one only for the union of several (multipath).
+            let mut one: Option<Arc<[NhKey]>> = None;
+            let mut union: Vec<NhKey> = Vec::new();
+            self.rib.for_selected(
+                seg,
+                &net,
+                |p| {
+                    memo.entry((seg, p.next_hop()))
+                        .or_insert_with(|| {
+                            let mut h = self.resolve_recursive(seg, p.next_hop());
+                            h.sort();
+                            h.dedup();
+                            (!h.is_empty()).then(|| Arc::from(h))
+                        })
+                        .clone()
+                },
+                |_, hops| match &one {
+                    None => one = Some(hops),
+                    Some(first) => {
+                        if union.is_empty() {
+                            union.extend_from_slice(first);
+                        }
+                        union.extend_from_slice(&hops);
+                    }
+                },
+            );
+            let hops: Arc<[NhKey]> = if union.is_empty() {
+                one.unwrap_or_else(|| Arc::from([]))
+            } else {
+                union.sort();
+                union.dedup();
+                interned
+                    .entry(union)
+                    .or_insert_with_key(|h| Arc::from(&h[..]))
+                    .clone()
+            };
             let table = self.config.segments[seg as usize - 1].table;
             if hops.is_empty() {
                 if self.bgp_routes.remove(&(seg, net)).is_some() && !under_tunnel {
@@ -1123,11 +1154,6 @@ impl Agent {
             {
                 continue;
             }
-            // One shared list per distinct set of next hops in the batch.
-            let hops = interned
-                .entry(hops)
-                .or_insert_with_key(|h| Arc::from(&h[..]))
-                .clone();
             if under_tunnel {
                 self.bgp_routes.insert((seg, net), hops);
                 continue;

@@ -26,6 +26,10 @@ impl NodeMemory for Vec<AtomicU32> {
     }
 }
 
+/// The pointer entries passed on a walk down (at most 15 levels for IPv6): inline, as
+/// every insert walks.
+type Path = smallvec::SmallVec<[u32; 16]>;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct TableId(usize);
 
@@ -245,10 +249,10 @@ impl<M: NodeMemory> RouteTables<M> {
         addr: u128,
         len: u8,
         create: bool,
-    ) -> Result<Option<(u32, Vec<u32>)>, LpmError> {
+    ) -> Result<Option<(u32, Path)>, LpmError> {
         let target = level_of(len);
         let mut group = self.tables[table.0].root;
-        let mut path = Vec::with_capacity(target as usize);
+        let mut path = Path::new();
         for level in 0..target {
             let width = if level == 0 { 16 } else { 8 };
             let idx = group * GROUP_SIZE + bits(addr, level_start(level), width);

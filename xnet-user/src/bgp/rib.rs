@@ -206,21 +206,34 @@ impl Rib {
         &self,
         segment: u32,
         net: &IpNet,
-        mut usable: impl FnMut(&Path) -> Option<T>,
+        usable: impl FnMut(&Path) -> Option<T>,
     ) -> Vec<(Path, T)> {
+        let mut out = Vec::new();
+        self.for_selected(segment, net, usable, |p, t| out.push((p.clone(), t)));
+        out
+    }
+
+    /// `selected_by` without collecting: `each` gets the selected paths in order (the
+    /// ingest of a full table calls this once per prefix).
+    pub fn for_selected<T>(
+        &self,
+        segment: u32,
+        net: &IpNet,
+        mut usable: impl FnMut(&Path) -> Option<T>,
+        mut each: impl FnMut(&Path, T),
+    ) {
         let Some(v) = self.paths.get(&(segment, *net)) else {
-            return Vec::new();
+            return;
         };
         let mut candidates = v.iter().filter_map(|p| Some((p, usable(p)?)));
         let Some(best) = candidates.next() else {
-            return Vec::new();
+            return;
         };
         let top = best.0;
         std::iter::once(best)
             .chain(candidates.take_while(|(p, _)| p.rank(top) == Ordering::Equal))
             .take(self.multipath)
-            .map(|(p, t)| (p.clone(), t))
-            .collect()
+            .for_each(|(p, t)| each(p, t));
     }
 
     /// The first `FIRST` (segment, prefix) keys in order.
