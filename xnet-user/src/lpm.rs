@@ -26,6 +26,15 @@ impl NodeMemory for Vec<AtomicU32> {
     }
 }
 
+/// A prefix as the index keys it: the left-aligned address in 32-bit words (a u128 key
+/// would be 16-byte aligned, making each of a full table's entries 48 bytes, not 24).
+type PrefixKey = ([u32; 4], u8);
+
+fn key(addr: u128, len: u8) -> PrefixKey {
+    let w = |i: u32| (addr >> (96 - 32 * i)) as u32;
+    ([w(0), w(1), w(2), w(3)], len)
+}
+
 /// The pointer entries passed on a walk down (at most 15 levels for IPv6): inline, as
 /// every insert walks.
 type Path = smallvec::SmallVec<[u32; 16]>;
@@ -39,8 +48,8 @@ struct Table {
     root: u32,
     /// 32 or 128.
     bits: u8,
-    /// The prefixes, left-aligned in a u128, and their leaf (next-hop group id).
-    prefixes: crate::fastmap::Map<(u128, u8), u32>,
+    /// The prefixes and their leaf (next-hop group id).
+    prefixes: crate::fastmap::Map<PrefixKey, u32>,
 }
 
 /// What a child group inherited from the slot it replaced: the covering prefix's leaf and
@@ -168,7 +177,7 @@ impl<M: NodeMemory> RouteTables<M> {
         let (addr, _) = left_aligned(net);
         self.tables[table.0]
             .prefixes
-            .get(&(addr, net.prefix_len()))
+            .get(&key(addr, net.prefix_len()))
             .copied()
     }
 
@@ -187,7 +196,7 @@ impl<M: NodeMemory> RouteTables<M> {
         let (group, _) = self
             .descend(table, addr, len, true)?
             .expect("descend creates the path");
-        self.tables[table.0].prefixes.insert((addr, len), leaf);
+        self.tables[table.0].prefixes.insert(key(addr, len), leaf);
         self.paint_range(group, addr, len, GroupBase { leaf, depth }, |d| d <= depth);
         Ok(())
     }
@@ -198,12 +207,12 @@ impl<M: NodeMemory> RouteTables<M> {
         let (addr, _) = left_aligned(net);
         let len = net.prefix_len();
         let t = &mut self.tables[table.0];
-        let old = t.prefixes.remove(&(addr, len))?;
+        let old = t.prefixes.remove(&key(addr, len))?;
         let fallback = (0..len)
             .rev()
             .find_map(|l| {
                 t.prefixes
-                    .get(&(mask(addr, l), l))
+                    .get(&key(mask(addr, l), l))
                     .map(|&leaf| GroupBase { leaf, depth: l + 1 })
             })
             .unwrap_or_default();
