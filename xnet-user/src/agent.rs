@@ -963,12 +963,16 @@ impl Agent {
         let import = (!p.import.is_identity()).then(|| p.import.clone());
         let local_asn = self.config.bgp.as_ref().map(|b| b.asn).unwrap_or(0);
         let mut changed = Vec::new();
+        // Only a peer back from a graceful restart has stale routes to refresh.
+        let stale = self.stale.has(peer);
         let withdrawn = u
             .withdrawn
             .iter()
             .chain(u.mp_unreach.iter().flat_map(|m| m.withdrawn.iter()));
         for net in withdrawn {
-            self.stale.refreshed(peer, &(seg, *net));
+            if stale {
+                self.stale.refreshed(peer, &(seg, *net));
+            }
             if self.rib.withdraw(seg, *net, peer) {
                 changed.push((seg, *net));
             }
@@ -989,7 +993,9 @@ impl Agent {
                 attrs: attrs.clone(),
             });
             for net in nlri {
-                self.stale.refreshed(peer, &(seg, net));
+                if stale {
+                    self.stale.refreshed(peer, &(seg, net));
+                }
                 // Our own AS in the path: a loop (RFC 4271 §9.1.2); treat as withdrawn.
                 // Import policy: rejected prefixes are withdrawn (a route accepted before
                 // may be refused now).
