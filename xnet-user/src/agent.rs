@@ -1069,22 +1069,9 @@ impl Agent {
     /// The RIB's selection among the paths whose next hop can be reached now, each with
     /// the next hops it resolves to.
     fn selected(&self, segment: u32, net: &IpNet) -> Vec<(rib::Path, Vec<NhKey>)> {
-        self.selected_memo(segment, net, &mut Default::default())
-    }
-
-    /// `selected`, resolving each next hop once per `memo`: the prefixes of one UPDATE
-    /// share their next hop, and nothing changes resolution while a batch is applied.
-    fn selected_memo(
-        &self,
-        segment: u32,
-        net: &IpNet,
-        memo: &mut crate::fastmap::Map<(u32, IpAddr), Vec<NhKey>>,
-    ) -> Vec<(rib::Path, Vec<NhKey>)> {
         self.rib.selected_by(segment, net, |p| {
-            let hops = memo
-                .entry((segment, p.next_hop()))
-                .or_insert_with(|| self.resolve_recursive(segment, p.next_hop()));
-            (!hops.is_empty()).then(|| hops.clone())
+            let hops = self.resolve_recursive(segment, p.next_hop());
+            (!hops.is_empty()).then_some(hops)
         })
     }
 
@@ -1346,14 +1333,16 @@ impl Agent {
             return;
         }
         // Neighbours' passwords are read now, so a missing one changes nothing.
-        if let Some(b) = &new.bgp {
-            for (i, n) in b.neighbors.iter().enumerate() {
-                if let Err(e) = crate::bgp::md5::load(n, i, &self.path.display().to_string()) {
+        let keys = match &new.bgp {
+            Some(b) => match crate::bgp::md5::load_all(b, &self.path.display().to_string()) {
+                Ok(k) => k,
+                Err(e) => {
                     error!("reload rejected, nothing changed: {e:#}");
                     return;
                 }
-            }
-        }
+            },
+            None => Default::default(),
+        };
         let want = route_set(&new, &self.links);
         // Static routes that go away uncover what BGP learned for the same prefix.
         let uncovered: Vec<(u32, IpNet)> = self
@@ -1378,10 +1367,7 @@ impl Agent {
         }
         // Neighbours: only the removed or changed ones restart.
         let stopped = match self.bgp.as_mut() {
-            Some(b) => b.reconcile(&self.config).unwrap_or_else(|e| {
-                error!("bgp: {e:#}");
-                Vec::new()
-            }),
+            Some(b) => b.reconcile(&self.config, keys),
             None => Vec::new(),
         };
         let mut changed = Vec::new();

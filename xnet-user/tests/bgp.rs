@@ -56,12 +56,6 @@ fn uptime(agent: &Agent, name: &str) -> u64 {
     s.bgp.iter().find(|b| b.name == name).unwrap().uptime_secs
 }
 
-fn in_data_plane(s: &Status, prefix: &str) -> bool {
-    s.bgp_routes
-        .iter()
-        .any(|r| r.prefix == prefix && r.in_data_plane)
-}
-
 fn to_onprem_172(lab: &Lab, n: usize) -> usize {
     udp(
         lab,

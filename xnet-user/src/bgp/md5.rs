@@ -54,6 +54,17 @@ pub fn load(n: &Neighbor, i: usize, file: &str) -> Result<Option<Key>> {
     Ok(Some(Key(key.as_bytes().to_vec())))
 }
 
+/// Every neighbour's key (or none) by address, read once per start or reload.
+pub fn load_all(bgp: &crate::config::Bgp, file: &str) -> Result<Keys> {
+    bgp.neighbors
+        .iter()
+        .enumerate()
+        .map(|(i, n)| Ok((n.address, load(n, i, file)?)))
+        .collect()
+}
+
+pub type Keys = std::collections::HashMap<IpAddr, Option<Key>>;
+
 /// Linux's `struct tcp_md5sig` (include/uapi/linux/tcp.h).
 #[repr(C)]
 struct TcpMd5Sig {

@@ -97,8 +97,6 @@ pub struct Speaker {
     listener: Arc<TcpListener>,
     /// The agent's own addresses (a NEXT_HOP among them is ignored).
     local_addrs: Arc<Vec<IpAddr>>,
-    /// The config file, for errors.
-    file: String,
     next_session: u64,
     /// The agent restarted and has not selected its routes yet: the R bit in OPENs, and
     /// no advertisements.
@@ -135,13 +133,14 @@ impl Speaker {
             inboxes: inboxes.clone(),
             listener: listener.clone(),
             local_addrs: Arc::new(local_addrs),
-            file: file.to_string(),
             next_session: 1,
             restarting: Arc::new(AtomicBool::new(restarted && b.graceful_restart)),
             forwarding: restarted,
         };
+        let mut keys = md5::load_all(b, file)?;
         for n in &b.neighbors {
-            speaker.spawn(config, n, None)?;
+            let key = keys.remove(&n.address).flatten();
+            speaker.spawn(config, n, key, None)?;
         }
         info!(
             "bgp: AS {}, router id {}, listening on port {}, {} neighbours",
@@ -175,15 +174,9 @@ impl Speaker {
         &mut self,
         config: &Config,
         n: &Neighbor,
+        password: Option<md5::Key>,
         after: Option<tokio::sync::oneshot::Receiver<()>>,
     ) -> Result<()> {
-        let i = config
-            .bgp
-            .iter()
-            .flat_map(|b| b.neighbors.iter())
-            .position(|x| x == n)
-            .unwrap_or(0);
-        let password = md5::load(n, i, &self.file)?;
         if let Some(k) = &password {
             md5::set(&*self.listener, n.address, Some(k)).with_context(|| {
                 format!(
@@ -255,18 +248,11 @@ impl Speaker {
     /// changed one starts again with its new settings); the others are not touched.
     /// Returns the addresses whose sessions stopped. Settings of `[bgp]` itself (AS,
     /// router id, port) need a restart: the caller rejects such changes.
-    pub fn reconcile(&mut self, config: &Config) -> Result<Vec<IpAddr>> {
+    /// `keys`: the neighbours' TCP-MD5 keys as read for this config (`md5::load_all`).
+    pub fn reconcile(&mut self, config: &Config, mut keys: md5::Keys) -> Vec<IpAddr> {
         let Some(b) = &config.bgp else {
-            return Ok(Vec::new());
+            return Vec::new();
         };
-        // Passwords first: a neighbour whose key cannot be read fails the reload before
-        // anything changed.
-        let keys = b
-            .neighbors
-            .iter()
-            .enumerate()
-            .map(|(i, n)| Ok((n.address, md5::load(n, i, &self.file)?)))
-            .collect::<Result<HashMap<_, _>>>()?;
         let mut stopped = Vec::new();
         for p in &mut self.peers {
             // Only the import policy changed: keep the session, ask for the routes again.
@@ -327,10 +313,13 @@ impl Speaker {
             .collect();
         for n in &new {
             info!("bgp {} ({}): starting", n.name, n.address);
-            self.spawn(config, n, replaced.remove(&n.address))?;
+            let key = keys.remove(&n.address).flatten();
+            if let Err(e) = self.spawn(config, n, key, replaced.remove(&n.address)) {
+                warn!("bgp {} ({}): not started: {e:#}", n.name, n.address);
+            }
         }
         self.bgp.neighbors = b.neighbors.clone();
-        Ok(stopped)
+        stopped
     }
 
     /// Recomputes what each neighbour of `segment` is sent, from `routes` (the segment's
