@@ -257,6 +257,11 @@ impl Status {
         self.interfaces.iter().find(|i| i.name == name)
     }
 
+    /// The BGP route for `prefix` (among the routes status lists).
+    pub fn bgp_route(&self, prefix: &str) -> Option<&BgpRouteStatus> {
+        self.bgp_routes.iter().find(|r| r.prefix == prefix)
+    }
+
     /// Human-readable tables.
     pub fn render(&self) -> String {
         let mut s = String::new();

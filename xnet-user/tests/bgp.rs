@@ -93,11 +93,7 @@ fn bird_sessions_routes_withdrawals_and_exports() {
         },
     );
     let s = agent.status();
-    let r = s
-        .bgp_routes
-        .iter()
-        .find(|r| r.prefix == "172.16.0.0/16")
-        .unwrap();
+    let r = s.bgp_route("172.16.0.0/16").unwrap();
     assert_eq!(r.paths[0].as_path, "65010");
     assert_eq!(r.paths[0].next_hop, "10.0.3.2");
     assert_eq!(
@@ -149,11 +145,7 @@ fn bird_sessions_routes_withdrawals_and_exports() {
     assert!(r6.contains("fd01::/48"), "{r6}");
     assert!(r6.contains("BGP.as_path: 65000"), "{r6}");
     let s6 = agent.status();
-    let p6 = s6
-        .bgp_routes
-        .iter()
-        .find(|r| r.prefix == "fd16::/48")
-        .unwrap();
+    let p6 = s6.bgp_route("fd16::/48").unwrap();
     assert_eq!(p6.paths[0].as_path, "65010");
 
     // A withdrawal removes the route from the data plane; traffic goes to the kernel.
@@ -344,12 +336,8 @@ remote_asn = 65010
         Duration::from_secs(20),
         |s| established(s) == 1 && in_data_plane(s, "172.20.0.0/16"),
     );
-    let r = agent
-        .status()
-        .bgp_routes
-        .into_iter()
-        .find(|r| r.prefix == "172.20.0.0/16")
-        .unwrap();
+    let s = agent.status();
+    let r = s.bgp_route("172.20.0.0/16").unwrap();
     assert_eq!(r.paths[0].next_hop, "192.168.10.1");
     assert_eq!(
         udp(

@@ -103,11 +103,7 @@ fn frr_ebgp_v4_and_v6_with_tcp_md5_both_ways() {
         },
     );
     let s = agent.status();
-    let r = s
-        .bgp_routes
-        .iter()
-        .find(|r| r.prefix == "172.16.0.0/16")
-        .unwrap();
+    let r = s.bgp_route("172.16.0.0/16").unwrap();
     assert_eq!(r.paths[0].as_path, "65010");
     assert_eq!(r.paths[0].next_hop, "10.0.3.2");
     for b in &s.bgp {
@@ -221,11 +217,7 @@ fn frr_route_reflector_with_xnet_as_client_and_neighbour_removal() {
         |s| in_data_plane(s, "172.16.0.0/16"),
     );
     let s = agent.status();
-    let r = s
-        .bgp_routes
-        .iter()
-        .find(|r| r.prefix == "172.16.0.0/16")
-        .unwrap();
+    let r = s.bgp_route("172.16.0.0/16").unwrap();
     assert_eq!(
         r.paths[0].local_pref,
         Some(250),

@@ -285,6 +285,60 @@ pub async fn run(
     }
 }
 
+/// What the peer currently announces, for `max_prefixes` and `warn_prefixes` (kept only
+/// when one is set).
+#[derive(Default)]
+struct PrefixLimits {
+    received: std::collections::HashSet<IpNet>,
+    /// Above the warning threshold already (warn once per crossing).
+    warned: bool,
+}
+
+impl PrefixLimits {
+    /// Counts `u` in; the NOTIFICATION to send when the peer went over `max_prefixes`.
+    fn count(&mut self, cfg: &SessionConfig, family: (u16, u8), u: &Update) -> Option<BgpError> {
+        if cfg.max_prefixes.is_none() && cfg.warn_prefixes.is_none() {
+            return None;
+        }
+        for n in u
+            .withdrawn
+            .iter()
+            .chain(u.mp_unreach.iter().flat_map(|m| m.withdrawn.iter()))
+        {
+            self.received.remove(n);
+        }
+        self.received.extend(
+            u.nlri
+                .iter()
+                .chain(u.mp_reach.iter().flat_map(|m| m.nlri.iter())),
+        );
+        let n = self.received.len();
+        let over_warn = cfg.warn_prefixes.is_some_and(|w| n > w);
+        if over_warn && !self.warned {
+            warn!(
+                "bgp {} ({}): {n} prefixes received, above the warning threshold {}",
+                cfg.name,
+                cfg.peer,
+                cfg.warn_prefixes.unwrap_or(0)
+            );
+        }
+        self.warned = over_warn;
+        let max = cfg.max_prefixes.filter(|m| n > *m)?;
+        // RFC 4486 §4: AFI, SAFI and the upper bound in the Data field.
+        let mut data = family.0.to_be_bytes().to_vec();
+        data.push(family.1);
+        data.extend_from_slice(&(max as u32).to_be_bytes());
+        Some(
+            err(
+                ERR_CEASE,
+                CEASE_MAX_PREFIXES,
+                format!("maximum number of prefixes reached ({n} > {max})"),
+            )
+            .with_data(&data),
+        )
+    }
+}
+
 /// For a passive session: returns once the netns's TCP-MD5 drop counters grow, with the
 /// session's error saying so (the counters do not say which peer).
 async fn md5_watch(state: &SharedState, signed: bool) {
@@ -560,10 +614,8 @@ impl Session<'_> {
             local: own,
             router_id: self.cfg.router_id,
         };
-        let mut warned = false;
         let mut sent: HashMap<IpNet, Attrs> = HashMap::new();
-        // What the peer currently announces, for the max-prefix limit.
-        let mut received: std::collections::HashSet<IpNet> = std::collections::HashSet::new();
+        let mut limits = PrefixLimits::default();
         // Our first full table ends with End-of-RIB. While the agent is restarting there
         // is no table yet (None): it comes once the agent has selected its routes.
         let mut initial_sent = false;
@@ -594,36 +646,16 @@ impl Session<'_> {
                             warn!("bgp {} ({}): malformed UPDATE treated as withdraw (RFC 7606): {why}", self.cfg.name, self.cfg.peer);
                             state.lock().unwrap().treated_as_withdraw += 1;
                         }
-                        log::trace!("bgp {}: UPDATE +{} -{}", self.cfg.name, u.nlri.len() + u.mp_reach.as_ref().map_or(0, |m| m.nlri.len()), u.withdrawn.len());
                         let sc = screen.apply(&mut u);
                         self.log_screened(&sc, state);
                         if u.end_of_rib.is_some() {
                             info!("bgp {} ({}): End-of-RIB received", self.cfg.name, self.cfg.peer);
                             events.send((self.cfg.id, Event::EndOfRib { peer: self.cfg.peer })).await.map_err(|_| "agent gone")?;
-                        } else if u.is_empty() {
-                            // Nothing of a negotiated family was in it.
-                        } else {
-                        if self.cfg.max_prefixes.is_some() || self.cfg.warn_prefixes.is_some() {
-                            for n in u.withdrawn.iter().chain(u.mp_unreach.iter().flat_map(|m| m.withdrawn.iter())) {
-                                received.remove(n);
-                            }
-                            received.extend(u.nlri.iter().chain(u.mp_reach.iter().flat_map(|m| m.nlri.iter())).copied());
-                            let over_warn = self.cfg.warn_prefixes.is_some_and(|w| received.len() > w);
-                            if over_warn && !warned {
-                                warn!("bgp {} ({}): {} prefixes received, above the warning threshold {}", self.cfg.name, self.cfg.peer, received.len(), self.cfg.warn_prefixes.unwrap_or(0));
-                            }
-                            warned = over_warn;
-                            if let Some(max) = self.cfg.max_prefixes.filter(|m| received.len() > *m) {
-                                // RFC 4486 §4: AFI, SAFI and the upper bound in the Data field.
-                                let (afi, safi) = self.family();
-                                let mut data = afi.to_be_bytes().to_vec();
-                                data.push(safi);
-                                data.extend_from_slice(&(max as u32).to_be_bytes());
-                                let e = err(ERR_CEASE, 1, format!("maximum number of prefixes reached ({} > {max})", received.len())).with_data(&data);
+                        } else if !u.is_empty() {
+                            if let Some(e) = limits.count(self.cfg, self.family(), &u) {
                                 return Err(self.notify(&e).await);
                             }
-                        }
-                        events.send((self.cfg.id, Event::Update { peer: self.cfg.peer, peer_id: self.peer_id, ebgp, update: Box::new(u) })).await.map_err(|_| "agent gone")?;
+                            events.send((self.cfg.id, Event::Update { peer: self.cfg.peer, peer_id: self.peer_id, ebgp, update: Box::new(u) })).await.map_err(|_| "agent gone")?;
                         }
                     }
                     Message::Keepalive => {}
@@ -1020,6 +1052,35 @@ mod tests {
             other => panic!("{other:?}"),
         }
         task.abort();
+    }
+
+    /// Withdrawals count down; going over `max_prefixes` gives Cease 1 with AFI, SAFI and
+    /// the limit as data (RFC 4486 §4).
+    #[test]
+    fn the_prefix_limit_counts_what_the_peer_announces_now() {
+        let cfg = SessionConfig {
+            max_prefixes: Some(2),
+            ..test_config(179, 90)
+        };
+        let n = |s: &str| s.parse::<IpNet>().unwrap();
+        let announce = |nets: &[&str]| Update {
+            nlri: nets.iter().map(|x| n(x)).collect(),
+            ..Default::default()
+        };
+        let mut l = PrefixLimits::default();
+        let fam = (AFI_IPV4, SAFI_UNICAST);
+        assert!(l
+            .count(&cfg, fam, &announce(&["10.1.0.0/16", "10.2.0.0/16"]))
+            .is_none());
+        let withdraw = Update {
+            withdrawn: vec![n("10.1.0.0/16")],
+            ..Default::default()
+        };
+        assert!(l.count(&cfg, fam, &withdraw).is_none());
+        assert!(l.count(&cfg, fam, &announce(&["10.3.0.0/16"])).is_none());
+        let e = l.count(&cfg, fam, &announce(&["10.4.0.0/16"])).unwrap();
+        assert_eq!((e.code, e.subcode), (ERR_CEASE, CEASE_MAX_PREFIXES));
+        assert_eq!(e.data, [0, 1, 1, 0, 0, 0, 2]);
     }
 
     /// RFC 4271 §6.1: a message of unknown type is answered with 1/3 and the Type field

@@ -587,9 +587,7 @@ impl Drop for Bird {
 
 /// Whether BGP's route for `prefix` is in the data plane.
 pub fn in_data_plane(s: &Status, prefix: &str) -> bool {
-    s.bgp_routes
-        .iter()
-        .any(|r| r.prefix == prefix && r.in_data_plane)
+    s.bgp_route(prefix).is_some_and(|r| r.in_data_plane)
 }
 
 pub fn established(s: &Status) -> usize {
