@@ -90,6 +90,7 @@ fn conn(i: usize) -> Arc<Conn> {
         force_encap: true,
         child_lifetime: Duration::from_secs(3600),
         ike_lifetime: Duration::from_secs(14400),
+        initiate: true,
     })
 }
 

@@ -60,6 +60,11 @@ pub struct Ipsec {
     pub ike_proposals: Vec<String>,
     #[serde(default)]
     pub esp_proposals: Vec<String>,
+    /// Perfect forward secrecy for CHILD SA rekeys: the D-H group added to every ESP
+    /// proposal that names none. Azure's custom-policy names ("None", "PFS2048", "PFS14",
+    /// "ECP256", "ECP384", "PFSMM": the group of the first IKE proposal) or ours
+    /// ("modp2048", "ecp256", "ecp384", "ecp521", "curve25519").
+    pub pfs_group: Option<String>,
     /// Traffic selectors: our side's prefixes and the peer's.
     pub local_ts: Vec<IpNet>,
     pub remote_ts: Vec<IpNet>,
@@ -125,18 +130,46 @@ impl Ipsec {
                 default.iter().map(|s| s.to_string()).collect()
             }
         };
-        (
-            pick(
-                &self.ike_proposals,
-                crate::ike::proposal::AZURE_IKE,
-                DEFAULT_IKE_PROPOSALS,
-            ),
-            pick(
-                &self.esp_proposals,
-                crate::ike::proposal::AZURE_ESP,
-                DEFAULT_ESP_PROPOSALS,
-            ),
-        )
+        let ike = pick(
+            &self.ike_proposals,
+            crate::ike::proposal::AZURE_IKE,
+            DEFAULT_IKE_PROPOSALS,
+        );
+        let mut esp = pick(
+            &self.esp_proposals,
+            crate::ike::proposal::AZURE_ESP,
+            DEFAULT_ESP_PROPOSALS,
+        );
+        // Validated: an unknown group is an error there.
+        if let Ok(Some(g)) = self.pfs() {
+            for e in &mut esp {
+                if crate::ike::proposal::Suite::parse(e, false).is_ok_and(|s| s.dh.is_none()) {
+                    e.push('-');
+                    e.push_str(&g);
+                }
+            }
+        }
+        (ike, esp)
+    }
+
+    /// `pfs_group` as a group name of ours (None: no PFS).
+    pub fn pfs(&self) -> Result<Option<String>, String> {
+        let Some(name) = &self.pfs_group else {
+            return Ok(None);
+        };
+        let first_ike = self
+            .ike_proposals
+            .first()
+            .map(String::as_str)
+            .or(if self.profile.as_deref() == Some("azure") {
+                crate::ike::proposal::AZURE_IKE.first().copied()
+            } else {
+                DEFAULT_IKE_PROPOSALS.first().copied()
+            })
+            .and_then(|n| crate::ike::proposal::Suite::parse(n, true).ok())
+            .and_then(|s| s.dh);
+        crate::ike::proposal::pfs_group(name, first_ike)
+            .map(|g| g.map(|g| crate::ike::proposal::group_name(g).to_string()))
     }
 }
 
@@ -621,6 +654,7 @@ impl Config {
                     ));
                 }
             }
+            c.pfs().map_err(|e| (f("pfs_group"), e))?;
             let (ike, esp) = c.proposals();
             for (k, n) in ike.iter().enumerate() {
                 crate::ike::proposal::Suite::parse(n, true)

@@ -148,6 +148,7 @@ pub fn conns(config: &Config, file: &str) -> Result<Vec<Arc<Conn>>> {
                 force_encap: c.force_encap,
                 child_lifetime: Duration::from_secs(c.lifetimes().0),
                 ike_lifetime: Duration::from_secs(c.lifetimes().1),
+                initiate: c.initiate,
             }))
         })
         .collect()
@@ -169,6 +170,8 @@ struct Connector {
     last_error: Option<String>,
     /// CHILD SAs in XFRM: (child, installed).
     children: Vec<(ChildSa, bool)>,
+    /// The IKE SA a reauthentication replaces: deleted when the new one has a CHILD SA.
+    reauth_old: Option<u64>,
 }
 
 struct Datagram {
@@ -297,6 +300,7 @@ pub async fn start(
             backoff: Duration::from_secs(1),
             last_error: None,
             children: Vec::new(),
+            reauth_old: None,
         })
         .collect();
     let status: SharedStatus = Default::default();
@@ -558,17 +562,56 @@ impl Daemon {
                 .iter()
                 .position(|c| Arc::ptr_eq(&c.conn, &s.conn))
         });
+        // SAs to delete once this SA's outputs are carried out (a reauthentication done).
+        let mut retire = Vec::new();
+        let mut started = Vec::new();
         for o in out {
             match o {
                 Output::NewIkeSa(new) => {
                     let nspi = new.local_spi();
-                    info!(
-                        "ipsec {name}: IKE SA rekeyed ({:016x} -> {:016x})",
-                        spi, nspi
-                    );
+                    // After a collision the survivor is known later (Adopt), or the new
+                    // SA is the loser, which deletes itself.
+                    let current = !new.provisional && !new.redundant;
+                    if current {
+                        info!(
+                            "ipsec {name}: IKE SA rekeyed ({:016x} -> {:016x})",
+                            spi, nspi
+                        );
+                    }
                     self.sas.insert(nspi, *new);
-                    if let Some(ci) = ci {
+                    if let Some(ci) = ci.filter(|_| current) {
                         self.connectors[ci].sa = Some(nspi);
+                    }
+                }
+                Output::Adopt { spi: to, children } => {
+                    info!("ipsec {name}: IKE SA rekeyed ({spi:016x} -> {to:016x}, the peer's)");
+                    if let Some(new) = self.sas.get_mut(&to) {
+                        new.children.extend(children);
+                        new.provisional = false;
+                        if let Some(ci) = ci {
+                            self.connectors[ci].sa = Some(to);
+                        }
+                    }
+                }
+                Output::Problem(why) => {
+                    if let Some(ci) = ci {
+                        let c = &mut self.connectors[ci];
+                        if c.last_error.as_deref() != Some(why.as_str()) {
+                            warn!("ipsec {name}: {why}");
+                            c.last_error = Some(why);
+                        }
+                    }
+                }
+                Output::Reauth => {
+                    if let Some(ci) = ci {
+                        let conn = self.connectors[ci].conn.clone();
+                        let (sa, out) = IkeSa::initiate_with(conn, false, Instant::now());
+                        let nspi = sa.local_spi();
+                        info!("ipsec {name}: reauthenticating: a new IKE SA beside {spi:016x}");
+                        self.connectors[ci].reauth_old = Some(spi);
+                        self.connectors[ci].sa = Some(nspi);
+                        self.sas.insert(nspi, sa);
+                        started.push((nspi, out));
                     }
                 }
                 Output::Send(m) => {
@@ -618,8 +661,15 @@ impl Daemon {
                             )
                         });
                         let ok = self.install(ci, &c, encap);
-                        self.connectors[ci].children.push((c, ok));
-                        if self.connectors[ci].children.len() == 1 {
+                        let k = &mut self.connectors[ci];
+                        k.children.push((c, ok));
+                        if ok {
+                            k.last_error = None;
+                        }
+                        if k.sa == Some(spi) {
+                            retire.extend(k.reauth_old.take());
+                        }
+                        if k.children.len() == 1 {
                             let _ = self.events.send(TunnelEvent::Up(ci));
                         }
                     }
@@ -668,6 +718,17 @@ impl Daemon {
         }
         if self.sas.get(&spi).is_some_and(|s| s.state == State::Closed) {
             self.sas.remove(&spi);
+        }
+        for (new, out) in started {
+            Box::pin(self.apply(new, out)).await;
+        }
+        for old in retire {
+            let now = Instant::now();
+            if let Some(sa) = self.sas.get_mut(&old) {
+                info!("ipsec {name}: reauthenticated: the old IKE SA {old:016x} goes");
+                let out = sa.delete(now);
+                Box::pin(self.apply(old, out)).await;
+            }
         }
     }
 
@@ -796,13 +857,30 @@ impl Daemon {
     async fn on_tick(&mut self) {
         let now = Instant::now();
         self.each_sa(|sa| sa.on_tick(now)).await;
-        self.read_counters();
+        for spi_in in self.read_counters() {
+            let owner = self
+                .sas
+                .iter()
+                .find(|(_, sa)| sa.children.iter().any(|c| c.spi_in == spi_in))
+                .map(|(k, _)| *k);
+            match owner {
+                Some(k) => {
+                    let out = self.sas.get_mut(&k).unwrap().child_expired(spi_in, now);
+                    self.apply(k, out).await;
+                }
+                // No IKE SA has it any more: only the kernel's view is left to clean.
+                None => self.forget_child(spi_in),
+            }
+        }
         for ci in 0..self.connectors.len() {
             let c = &self.connectors[ci];
             if !c.initiate || c.sa.is_some() || now < c.retry_at {
                 continue;
             }
-            let (sa, out) = IkeSa::initiate(c.conn.clone(), now);
+            // Beside an SA a reauthentication replaces, INITIAL_CONTACT would make the
+            // peer drop that one before the new one is up.
+            let alone = c.reauth_old.is_none_or(|o| !self.sas.contains_key(&o));
+            let (sa, out) = IkeSa::initiate_with(c.conn.clone(), alone, now);
             let spi = sa.local_spi();
             info!("ipsec {}: initiating to {}", c.conn.name, c.conn.remote);
             self.connectors[ci].sa = Some(spi);
@@ -814,21 +892,53 @@ impl Daemon {
         }
     }
 
-    fn read_counters(&mut self) {
+    /// Reads the kernel's counters of every installed SA; returns the CHILD SAs (by
+    /// inbound SPI) of which the kernel no longer has an SA: it expired them (their hard
+    /// lifetime passed) or someone deleted them.
+    /// A CHILD SA no IKE SA knows any more leaves XFRM and the connector.
+    fn forget_child(&mut self, spi_in: u32) {
+        for ci in 0..self.connectors.len() {
+            if let Some(pos) = self.connectors[ci]
+                .children
+                .iter()
+                .position(|(c, _)| c.spi_in == spi_in)
+            {
+                let (c, _) = self.connectors[ci].children.remove(pos);
+                if self.connectors[ci].children.is_empty() {
+                    let _ = self.events.send(TunnelEvent::Down(ci));
+                }
+                self.uninstall(ci, &c);
+            }
+        }
+    }
+
+    fn read_counters(&mut self) -> Vec<u32> {
         self.counters.clear();
-        let Some(x) = &mut self.xfrm else { return };
+        let mut gone = Vec::new();
+        let Some(x) = &mut self.xfrm else {
+            return gone;
+        };
         for c in &self.connectors {
             for (ch, installed) in &c.children {
                 if !installed {
                     continue;
                 }
                 for (dst, spi) in [(c.conn.local, ch.spi_in), (c.conn.remote, ch.spi_out)] {
-                    if let Ok(v) = x.sa_counters(&dst, spi) {
-                        self.counters.insert(spi, v);
+                    match x.sa_counters(&dst, spi) {
+                        Ok(v) => {
+                            self.counters.insert(spi, v);
+                        }
+                        Err(e) if matches!(e.raw_os_error(), Some(libc::ESRCH | libc::ENOENT)) => {
+                            if !gone.contains(&ch.spi_in) {
+                                gone.push(ch.spi_in);
+                            }
+                        }
+                        Err(_) => {}
                     }
                 }
             }
         }
+        gone
     }
 
     fn publish(&self) {
@@ -842,6 +952,10 @@ impl Daemon {
                 remote: c.conn.remote.to_string(),
                 state: match sa.map(|s| s.state) {
                     None => "down".into(),
+                    // Up means carrying traffic: an IKE SA alone does not.
+                    Some(State::Established) if !c.children.iter().any(|(_, i)| *i) => {
+                        "no-child-sa".into()
+                    }
                     Some(State::Established) => "established".into(),
                     Some(State::Deleting) => "deleting".into(),
                     Some(_) => "connecting".into(),

@@ -187,15 +187,14 @@ pub fn render(config: &Config, name: &str, format: Format, psk: Option<&str>) ->
             if c.profile.as_deref() == Some("azure")
                 && c.ike_proposals.is_empty()
                 && c.esp_proposals.is_empty()
+                && c.pfs_group.is_none()
             {
                 let _ = writeln!(
                     s,
                     "  ipsecPolicies: [] (the gateway's default policy: it matches this connector)"
                 );
             } else {
-                let i = ike[0];
-                let e = esp[0];
-                let _ = writeln!(s, "  ipsecPolicies:\n  - ikeEncryption: {:?}\n    ikeIntegrity: {:?}\n    dhGroup: {:?}\n    ipsecEncryption: {:?}\n    ipsecIntegrity: {:?}\n    pfsGroup: None", i.encr, i.prf, i.dh, e.encr, e.integ);
+                let _ = writeln!(s, "{}", azure_policy(&ike[0], &esp[0]));
             }
             let _ = writeln!(
                 s,
@@ -237,6 +236,14 @@ pub fn render(config: &Config, name: &str, format: Format, psk: Option<&str>) ->
                 cisco_esp(&e),
                 n = c.name
             );
+            let _ = writeln!(
+                s,
+                "crypto ipsec profile XNET-{n}\n set transform-set XNET-{n}\n set ikev2-profile XNET-{n}",
+                n = c.name
+            );
+            if let Some(g) = e.dh {
+                let _ = writeln!(s, " set pfs group{}", g.id());
+            }
             let _ = writeln!(
                 s,
                 "! traffic: local {} remote {}",
@@ -282,6 +289,13 @@ pub fn render(config: &Config, name: &str, format: Format, psk: Option<&str>) ->
                 "set security ipsec proposal xnet-{n} protocol esp encryption-algorithm {}",
                 junos_encr(&e)
             );
+            if let Some(g) = e.dh {
+                let _ = writeln!(
+                    s,
+                    "set security ipsec policy xnet-{n} perfect-forward-secrecy keys group{}",
+                    g.id()
+                );
+            }
             let _ = writeln!(s, "set security ipsec vpn xnet-{n} ike gateway xnet-{n}");
             let _ = writeln!(
                 s,
@@ -298,6 +312,40 @@ pub fn render(config: &Config, name: &str, format: Format, psk: Option<&str>) ->
         }
     }
     Ok(s)
+}
+
+/// An Azure custom IPsec policy (the names of its connection's `ipsecPolicies`) for one
+/// IKE and one ESP proposal; what Azure cannot express is said in a comment.
+fn azure_policy(i: &Suite, e: &Suite) -> String {
+    use super::crypto::{DhGroup, Encr, Integ, Prf};
+    let encr = |x: Encr| match x {
+        Encr::AesCbc(b) => format!("AES{b}"),
+        Encr::AesGcm16(b) => format!("GCMAES{b}"),
+    };
+    let group = |g: Option<DhGroup>, pfs: bool| match g {
+        None => "None".to_string(),
+        Some(DhGroup::Modp2048) if pfs => "PFS2048".into(),
+        Some(DhGroup::Modp2048) => "DHGroup14".into(),
+        Some(DhGroup::Ecp256) => "ECP256".into(),
+        Some(DhGroup::Ecp384) => "ECP384".into(),
+        Some(g) => format!("None  # group {} has no Azure name", g.id()),
+    };
+    let ike_integ = match i.prf {
+        Some(Prf::HmacSha384) => "SHA384",
+        _ => "SHA256",
+    };
+    let esp_integ = match (e.encr, e.integ) {
+        (Encr::AesGcm16(b), _) => format!("GCMAES{b}"),
+        (_, Some(Integ::HmacSha256_128)) | (_, None) => "SHA256".into(),
+        (_, Some(_)) => "SHA256  # Azure has no SHA-384/512 for ESP".into(),
+    };
+    format!(
+        "  ipsecPolicies:\n  - ikeEncryption: {}\n    ikeIntegrity: {ike_integ}\n    dhGroup: {}\n    ipsecEncryption: {}\n    ipsecIntegrity: {esp_integ}\n    pfsGroup: {}",
+        encr(i.encr),
+        group(i.dh, false),
+        encr(e.encr),
+        group(e.dh, true)
+    )
 }
 
 fn cisco_hash(len: Option<usize>) -> &'static str {

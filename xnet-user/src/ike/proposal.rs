@@ -127,18 +127,15 @@ impl Suite {
             );
         }
         if let Some(d) = self.dh {
-            parts.push(
-                match d {
-                    DhGroup::Modp2048 => "modp2048",
-                    DhGroup::Ecp256 => "ecp256",
-                    DhGroup::Ecp384 => "ecp384",
-                    DhGroup::Ecp521 => "ecp521",
-                    DhGroup::Curve25519 => "curve25519",
-                }
-                .into(),
-            );
+            parts.push(group_name(d).into());
         }
         parts.join("-")
+    }
+
+    /// The same suite without its D-H transform: what the first CHILD SA is negotiated
+    /// with in IKE_AUTH, which has no KE payload (RFC 7296 §1.2).
+    pub fn without_dh(&self) -> Suite {
+        Suite { dh: None, ..*self }
     }
 
     fn transforms(&self, ike: bool) -> Vec<Transform> {
@@ -232,6 +229,89 @@ impl Suite {
         };
         (s.offered_in(p, ike) && (!ike || (s.prf.is_some() && s.dh.is_some()))).then_some(s)
     }
+}
+
+/// A group's name in proposals.
+pub fn group_name(g: DhGroup) -> &'static str {
+    match g {
+        DhGroup::Modp2048 => "modp2048",
+        DhGroup::Ecp256 => "ecp256",
+        DhGroup::Ecp384 => "ecp384",
+        DhGroup::Ecp521 => "ecp521",
+        DhGroup::Curve25519 => "curve25519",
+    }
+}
+
+/// A PFS group by Azure's custom-policy name (pfsGroup) or ours; `ike`: the IKE SA's
+/// group, which "PFSMM" means. Ok(None): no PFS.
+pub fn pfs_group(name: &str, ike: Option<DhGroup>) -> Result<Option<DhGroup>, String> {
+    Ok(Some(match name.to_ascii_lowercase().as_str() {
+        "none" => return Ok(None),
+        "pfs2048" | "pfs14" | "modp2048" => DhGroup::Modp2048,
+        "ecp256" => DhGroup::Ecp256,
+        "ecp384" => DhGroup::Ecp384,
+        "ecp521" => DhGroup::Ecp521,
+        "curve25519" | "x25519" => DhGroup::Curve25519,
+        "pfsmm" => return ike.map(Some).ok_or_else(|| "PFSMM: no IKE group to follow".into()),
+        "pfs1" | "pfs2" => {
+            return Err(format!(
+                "{name:?}: D-H groups 1 and 2 (768 and 1024 bits) are too weak and not supported (RFC 8247); use PFS2048, ECP256 or ECP384"
+            ))
+        }
+        "pfs24" => {
+            return Err(format!(
+                "{name:?}: D-H group 24 is not supported (RFC 8247: SHOULD NOT); use PFS2048, ECP256 or ECP384"
+            ))
+        }
+        _ => {
+            return Err(format!(
+                "unknown PFS group {name:?} (Azure names: None, PFS2048, PFS14, ECP256, ECP384, PFSMM; or modp2048, ecp256, ecp384, ecp521, curve25519)"
+            ))
+        }
+    }))
+}
+
+/// The ESP proposals for the first CHILD SA, carried in IKE_AUTH: without D-H transforms
+/// (§1.2: "SHOULD omit the whole transform substructure"), duplicates removed, numbered.
+pub fn first_child_proposals(ours: &[Suite], spi: u32) -> Vec<Proposal> {
+    let mut seen: Vec<Suite> = Vec::new();
+    for s in ours {
+        if !seen.contains(&s.without_dh()) {
+            seen.push(s.without_dh());
+        }
+    }
+    seen.iter()
+        .enumerate()
+        .map(|(i, s)| s.proposal(i as u8 + 1, false, spi.to_be_bytes().to_vec()))
+        .collect()
+}
+
+/// Responder's choice for the first CHILD SA (IKE_AUTH): as `choose`, with any D-H
+/// transform of the peer's ignored (§1.2: there is no KE to use it with). Returns the
+/// peer's proposal and our whole suite, whose group is used for the rekeys.
+pub fn choose_first_child<'a>(
+    offer: &'a [Proposal],
+    ours: &[Suite],
+) -> Option<(&'a Proposal, Suite)> {
+    offer
+        .iter()
+        .filter(|p| p.protocol == PROTO_ESP)
+        .find_map(|p| {
+            let mut bare = p.clone();
+            bare.transforms.retain(|t| t.kind != TRANSFORM_DH);
+            ours.iter()
+                .find(|s| s.without_dh().offered_in(&bare, false))
+                .map(|s| (p, *s))
+        })
+}
+
+/// Initiator: which of our suites the responder's chosen first-CHILD proposal is (a D-H
+/// transform in it ignored, as above).
+pub fn chosen_first_child(p: &Proposal, ours: &[Suite]) -> Option<Suite> {
+    let mut bare = p.clone();
+    bare.transforms.retain(|t| t.kind != TRANSFORM_DH);
+    let got = Suite::from_chosen(&bare, false)?;
+    ours.iter().find(|s| s.without_dh() == got).copied()
 }
 
 /// Responder's choice (§2.7): the first of the peer's proposals, in its order of

@@ -42,6 +42,16 @@ pub struct Conn {
     /// Age at which we rekey a CHILD SA, and the IKE SA.
     pub child_lifetime: Duration,
     pub ike_lifetime: Duration,
+    /// We start this connector (and so re-create its CHILD SA when it has none).
+    pub initiate: bool,
+}
+
+impl Conn {
+    /// The kernel's hard lifetime of a CHILD SA's XFRM states: it expires an SA that IKE
+    /// failed to rekey or delete (an agent gone), well after the rekey is due.
+    pub fn child_hard_lifetime(&self) -> Duration {
+        self.child_lifetime + self.child_lifetime / 10 + Duration::from_secs(60)
+    }
 }
 
 /// NAT detection hash (RFC 7296 §2.23): SHA-1(SPIi | SPIr | IP | port).
@@ -122,6 +132,18 @@ pub enum Output {
     },
     /// The IKE SA is gone; why.
     Closed(String),
+    /// Something the operator must see (a tunnel that carries nothing, a refused rekey):
+    /// logged at WARN once and shown as the connector's last error.
+    Problem(String),
+    /// CREATE_CHILD_SA keeps failing: start a new IKE SA (and CHILD SA) beside this one,
+    /// which goes when the new one carries traffic.
+    Reauth,
+    /// A simultaneous IKE SA rekey (§2.8.2) left the peer's new IKE SA (our SPI `spi`)
+    /// as the survivor: it takes these CHILD SAs.
+    Adopt {
+        spi: u64,
+        children: Vec<ChildSa>,
+    },
     /// A message was dropped (malformed, not authentic, unexpected); why.
     Dropped(String),
     /// Worth a line in the log; nothing else to do.
@@ -171,6 +193,26 @@ pub struct IkeSa {
     /// The peer rekeyed the CHILD SA we are rekeying (§2.8.1): the lower nonce of its
     /// exchange, to find the redundant new SA when ours completes.
     rekey_collision: Option<Vec<u8>>,
+    /// The peer rekeyed this IKE SA while we were rekeying it (§2.8.2): its new SA (our
+    /// SPI there) and the lower nonce of its exchange.
+    ike_collision: Option<(u64, Vec<u8>)>,
+    /// Our CREATE_CHILD_SA requests refused in a row, and when we may ask again.
+    failures: u32,
+    retry_at: Option<Instant>,
+    /// `Output::Reauth` was given: no more CREATE_CHILD_SA from this SA.
+    reauth_asked: bool,
+    /// CHILD SAs (our inbound SPIs) removed while a request was in flight, whose DELETE
+    /// goes out when the window of one is free.
+    delete_queue: Vec<u32>,
+    /// Whether IKE_AUTH carries INITIAL_CONTACT (not when we reauthenticate beside an SA
+    /// that must live until the new one is up).
+    pub initial_contact: bool,
+    /// A new SA from a colliding IKE rekey, not yet known to survive (§2.8.2).
+    pub provisional: bool,
+    /// A new SA that lost an IKE rekey collision: we delete it.
+    pub redundant: bool,
+    /// A rekey made this SA's successor: it only waits to be deleted.
+    superseded: bool,
 }
 
 impl std::fmt::Debug for IkeSa {
@@ -217,6 +259,9 @@ fn notify_name(n: u16) -> String {
         N_TS_UNACCEPTABLE => "TS_UNACCEPTABLE".into(),
         N_INVALID_SYNTAX => "INVALID_SYNTAX".into(),
         N_INVALID_KE_PAYLOAD => "INVALID_KE_PAYLOAD".into(),
+        N_NO_ADDITIONAL_SAS => "NO_ADDITIONAL_SAS".into(),
+        N_TEMPORARY_FAILURE => "TEMPORARY_FAILURE".into(),
+        N_CHILD_SA_NOT_FOUND => "CHILD_SA_NOT_FOUND".into(),
         other => format!("notify {other}"),
     }
 }
@@ -287,6 +332,15 @@ impl IkeSa {
             nat_detected: false,
             rekey: None,
             rekey_collision: None,
+            ike_collision: None,
+            failures: 0,
+            retry_at: None,
+            reauth_asked: false,
+            delete_queue: Vec::new(),
+            initial_contact: true,
+            provisional: false,
+            redundant: false,
+            superseded: false,
         }
     }
 
@@ -333,7 +387,18 @@ impl IkeSa {
 
     /// Starts an SA as initiator: the IKE_SA_INIT request.
     pub fn initiate(conn: Arc<Conn>, now: Instant) -> (IkeSa, Vec<Output>) {
+        Self::initiate_with(conn, true, now)
+    }
+
+    /// `initiate`; `initial_contact` false when another IKE SA with the peer must live on
+    /// until this one is up (reauthentication, make-before-break).
+    pub fn initiate_with(
+        conn: Arc<Conn>,
+        initial_contact: bool,
+        now: Instant,
+    ) -> (IkeSa, Vec<Output>) {
         let mut sa = IkeSa::new(conn, true);
+        sa.initial_contact = initial_contact;
         sa.spi_i = nonzero_u64();
         let group = sa.conn.ike[0].dh.expect("IKE suites have a group");
         let out = sa.send_init(group, None, now);
@@ -714,13 +779,7 @@ impl IkeSa {
         // IKE_AUTH with the first CHILD SA.
         let id = self.conn.local_id.clone();
         let auth = self.auth(true, &id);
-        let esp = self
-            .conn
-            .esp
-            .iter()
-            .enumerate()
-            .map(|(i, s)| s.proposal(i as u8 + 1, false, self.child_spi.to_be_bytes().to_vec()))
-            .collect();
+        let esp = proposal::first_child_proposals(&self.conn.esp, self.child_spi);
         let mut payloads = vec![
             Payload::Id {
                 initiator: true,
@@ -739,7 +798,9 @@ impl IkeSa {
                 data: r.1.clone(),
             });
         }
-        payloads.push(Payload::notify(N_INITIAL_CONTACT, Vec::new()));
+        if self.initial_contact {
+            payloads.push(Payload::notify(N_INITIAL_CONTACT, Vec::new()));
+        }
         payloads.push(Payload::Sa(esp));
         payloads.extend(ts_pair(&self.conn.local_ts, &self.conn.remote_ts));
         let msg = self.encrypted(IKE_AUTH, false, 1, &payloads);
@@ -770,7 +831,7 @@ impl IkeSa {
                 self.children.push(c.clone());
                 out.push(Output::ChildUp(c));
             }
-            Err(e) => out.push(Output::Dropped(format!("IKE SA up, but no CHILD SA: {e}"))),
+            Err(e) => out.push(Output::Problem(format!("IKE SA up, but no CHILD SA: {e}"))),
         }
         out
     }
@@ -793,8 +854,7 @@ impl IkeSa {
             return Err(notify_name(n));
         }
         let sa = payloads.chosen().ok_or("no SA payload")?;
-        let suite = Suite::from_chosen(sa, false)
-            .filter(|s| self.conn.esp.contains(s))
+        let suite = proposal::chosen_first_child(sa, &self.conn.esp)
             .ok_or("peer chose an ESP proposal we did not offer")?;
         let spi_out: [u8; 4] = sa
             .spi
@@ -851,6 +911,12 @@ impl IkeSa {
             (CREATE_CHILD_SA, State::Established) => {
                 self.on_rekey_request(payloads, h.message_id, now)
             }
+            // §2.25.2: a rekey of an IKE SA being closed gets TEMPORARY_FAILURE.
+            (CREATE_CHILD_SA, State::Deleting) => vec![self.respond_with(
+                CREATE_CHILD_SA,
+                h.message_id,
+                &[Payload::notify(N_TEMPORARY_FAILURE, Vec::new())],
+            )],
             _ => vec![Output::Dropped(format!(
                 "exchange {} in state {:?}",
                 h.exchange, self.state
@@ -914,7 +980,7 @@ impl IkeSa {
             }
             Err((notify, why)) => {
                 resp.push(Payload::notify(notify, Vec::new()));
-                out.push(Output::Dropped(format!(
+                out.push(Output::Problem(format!(
                     "IKE SA up, but no CHILD SA: {why}"
                 )));
             }
@@ -934,7 +1000,7 @@ impl IkeSa {
         let offer = payloads
             .sa()
             .ok_or((N_INVALID_SYNTAX, "no SA payload".to_string()))?;
-        let (chosen, suite) = proposal::choose(offer, &self.conn.esp, false).ok_or((
+        let (chosen, suite) = proposal::choose_first_child(offer, &self.conn.esp).ok_or((
             N_NO_PROPOSAL_CHOSEN,
             "no acceptable ESP proposal".to_string(),
         ))?;
@@ -954,7 +1020,9 @@ impl IkeSa {
         // The first CHILD SA: no PFS, the IKE SA's own nonces.
         let keys = self.child_keys(suite, None, &self.ni, &self.nr);
         let spi_in = self.child_spi;
-        let prop = suite.proposal(chosen.num, false, spi_in.to_be_bytes().to_vec());
+        let prop = suite
+            .without_dh()
+            .proposal(chosen.num, false, spi_in.to_be_bytes().to_vec());
         Ok((
             ChildSa {
                 spi_in,
@@ -1084,26 +1152,38 @@ impl IkeSa {
         self.delete_children(&[spi_in], now)
     }
 
-    /// Deletes CHILD SAs (by inbound SPI) in one INFORMATIONAL exchange.
+    /// Deletes CHILD SAs (by inbound SPI) in one INFORMATIONAL exchange: at once here,
+    /// toward the peer as soon as no other request of ours is in flight.
     pub fn delete_children(&mut self, spis_in: &[u32], now: Instant) -> Vec<Output> {
-        if self.state != State::Established || self.pending.is_some() {
+        if self.state != State::Established {
             return Vec::new();
         }
         let mut out = Vec::new();
-        let mut spis = Vec::new();
         for spi in spis_in {
             if let Some(pos) = self.children.iter().position(|c| c.spi_in == *spi) {
                 let c = self.children.remove(pos);
-                spis.push(c.spi_in.to_be_bytes().to_vec());
+                self.delete_queue.push(c.spi_in);
                 out.push(Output::ChildDown {
                     spi_in: c.spi_in,
                     spi_out: c.spi_out,
                 });
             }
         }
-        if spis.is_empty() {
-            return out;
+        out.extend(self.send_deletes(now));
+        out
+    }
+
+    /// The queued CHILD SA DELETEs, if the window is free.
+    fn send_deletes(&mut self, now: Instant) -> Vec<Output> {
+        if self.pending.is_some() || self.delete_queue.is_empty() {
+            return Vec::new();
         }
+        let spis: Vec<Vec<u8>> = self
+            .delete_queue
+            .drain(..)
+            .map(|s| s.to_be_bytes().to_vec())
+            .collect();
+        let mut out = Vec::new();
         let id = self.next_id;
         self.next_id += 1;
         let msg = self.encrypted(
@@ -1132,6 +1212,16 @@ impl IkeSa {
                 return vec![Output::Send(p.msg.clone())];
             }
             return Vec::new();
+        }
+        if self.state == State::Established {
+            let out = self.send_deletes(now);
+            if !out.is_empty() {
+                return out;
+            }
+        }
+        if self.state == State::Established && self.redundant {
+            // The loser of a simultaneous IKE SA rekey: its initiator (we) deletes it.
+            return self.delete(now);
         }
         if self.state == State::Established {
             let out = self.rekey_due(now);
@@ -1191,6 +1281,7 @@ mod tests {
             force_encap: false,
             child_lifetime: Duration::from_secs(3600),
             ike_lifetime: Duration::from_secs(14400),
+            initiate: true,
         })
     }
 

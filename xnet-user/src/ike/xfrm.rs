@@ -1,5 +1,5 @@
 //! A small XFRM netlink module: ESP SAs (XFRM_MSG_NEWSA/DELSA) and policies
-//! (XFRM_MSG_NEWPOLICY/DELPOLICY), tunnel mode. The kernel does the ESP work; the agent
+//! (XFRM_MSG_UPDPOLICY/DELPOLICY), tunnel mode. The kernel does the ESP work; the agent
 //! only installs what IKE negotiated. No crate covered XFRM well enough to trust without
 //! the same tests, so the structs are written out here from <linux/xfrm.h>, with their
 //! sizes asserted.
@@ -15,8 +15,10 @@ const NETLINK_XFRM: i32 = 6;
 const XFRM_MSG_NEWSA: u16 = 0x10;
 const XFRM_MSG_DELSA: u16 = 0x11;
 const XFRM_MSG_GETSA: u16 = 0x12;
-const XFRM_MSG_NEWPOLICY: u16 = 0x13;
 const XFRM_MSG_DELPOLICY: u16 = 0x14;
+/// Adds a policy or replaces the one with the same selector and direction: a rekeyed or
+/// second CHILD SA re-installs policies that exist (NEWPOLICY would fail with EEXIST).
+const XFRM_MSG_UPDPOLICY: u16 = 0x19;
 const NLM_F_REQUEST: u16 = 1;
 const NLM_F_ACK: u16 = 4;
 const NLM_F_EXCL: u16 = 0x200;
@@ -232,7 +234,7 @@ fn delsa_body(dst: &IpAddr, spi: u32) -> Vec<u8> {
     b
 }
 
-/// XFRM_MSG_NEWPOLICY body: xfrm_userpolicy_info (168 octets) and one template.
+/// XFRM_MSG_UPDPOLICY (NEWPOLICY) body: xfrm_userpolicy_info (168 octets) and one template.
 pub fn newpolicy_body(p: &Policy) -> Vec<u8> {
     let mut b = selector(&p.src, &p.dst);
     b.extend(lifetime_cfg(0));
@@ -389,8 +391,9 @@ impl Xfrm {
         self.request(XFRM_MSG_DELSA, 0, &delsa_body(dst, spi))
     }
 
+    /// Adds the policy, or updates the existing one with its selector and direction.
     pub fn add_policy(&mut self, p: &Policy) -> io::Result<()> {
-        self.request(XFRM_MSG_NEWPOLICY, NLM_F_CREATE, &newpolicy_body(p))
+        self.request(XFRM_MSG_UPDPOLICY, NLM_F_CREATE, &newpolicy_body(p))
     }
 
     pub fn del_policy(&mut self, p: &Policy) -> io::Result<()> {
@@ -497,6 +500,9 @@ mod tests {
                 priority: 1000,
                 if_id: None,
             };
+            x.add_policy(&p).unwrap();
+            // Again, as a rekey or a second CHILD SA with the same selectors does: an
+            // update, not "File exists".
             x.add_policy(&p).unwrap();
             // The same selectors bound to an xfrm interface are a policy of their own.
             let routed = Policy {
