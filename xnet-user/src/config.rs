@@ -1054,4 +1054,41 @@ mod tests {
             "x.toml: ipsec[0].interface: \"a-very-long-name-indeed\" is not an interface name"
         ),);
     }
+
+    /// PFS by Azure's custom-policy names: the group joins every ESP proposal without
+    /// one; weak or unknown groups name the field.
+    #[test]
+    fn pfs_group_takes_azures_names() {
+        let ipsec = |extra: &str| {
+            format!("{GOOD}\n[[ipsec]]\nname = \"azure\"\nsegment = \"prod\"\nlocal_address = \"192.0.2.1\"\nremote_address = \"198.51.100.1\"\npsk_env = \"PSK\"\nprofile = \"azure\"\nlocal_ts = [\"0.0.0.0/0\"]\nremote_ts = [\"0.0.0.0/0\"]\n{extra}\n")
+        };
+        let esp = |extra: &str| {
+            Config::parse(&ipsec(extra), "x.toml").unwrap().ipsec[0]
+                .proposals()
+                .1
+        };
+        assert_eq!(
+            esp("pfs_group = \"ECP384\""),
+            [
+                "aes256gcm16-ecp384",
+                "aes256-sha256-ecp384",
+                "aes128-sha256-ecp384"
+            ]
+        );
+        assert_eq!(esp("pfs_group = \"PFS2048\"")[0], "aes256gcm16-modp2048");
+        // PFSMM: the IKE SA's group (Azure's default IKE policy: DH group 14).
+        assert_eq!(esp("pfs_group = \"PFSMM\"")[0], "aes256gcm16-modp2048");
+        assert_eq!(esp("pfs_group = \"None\"")[0], "aes256gcm16");
+        // An ESP proposal with its own group keeps it.
+        assert_eq!(
+            esp(
+                "pfs_group = \"ECP256\"\nesp_proposals = [\"aes256gcm16-ecp384\", \"aes128gcm16\"]"
+            ),
+            ["aes256gcm16-ecp384", "aes128gcm16-ecp256"]
+        );
+        assert!(error(&ipsec("pfs_group = \"PFS1\""))
+            .starts_with("x.toml: ipsec[0].pfs_group: \"PFS1\": D-H groups 1 and 2"));
+        assert!(error(&ipsec("pfs_group = \"PFS42\""))
+            .starts_with("x.toml: ipsec[0].pfs_group: unknown PFS group \"PFS42\""));
+    }
 }

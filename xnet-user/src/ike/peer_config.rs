@@ -379,3 +379,23 @@ fn junos_encr(s: &Suite) -> String {
         super::crypto::Encr::AesGcm16(b) => format!("aes-{b}-gcm"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Azure's custom-policy names, PFS included (the connection's `ipsecPolicies`).
+    #[test]
+    fn azure_policy_uses_azures_names() {
+        let s = |n: &str, ike: bool| Suite::parse(n, ike).unwrap();
+        assert_eq!(
+            azure_policy(&s("aes256-sha256-modp2048", true), &s("aes256gcm16-ecp384", false)),
+            "  ipsecPolicies:\n  - ikeEncryption: AES256\n    ikeIntegrity: SHA256\n    dhGroup: DHGroup14\n    ipsecEncryption: GCMAES256\n    ipsecIntegrity: GCMAES256\n    pfsGroup: ECP384"
+        );
+        assert!(azure_policy(
+            &s("aes128gcm16-prfsha384-ecp256", true),
+            &s("aes128-sha256-modp2048", false)
+        )
+        .ends_with("ipsecEncryption: AES128\n    ipsecIntegrity: SHA256\n    pfsGroup: PFS2048"));
+    }
+}

@@ -1613,6 +1613,370 @@ mod tests {
         }
     }
 
+    /// The CREATE_CHILD_SA or IKE_AUTH payloads inside a request of `from`'s.
+    fn payloads_of(to: &IkeSa, msg: &[u8]) -> Vec<Payload> {
+        let h = Header::decode(msg).unwrap();
+        to.decrypt(msg, &h).unwrap()
+    }
+
+    /// With `ike` done, `i`'s IKE_AUTH request carrying these ESP proposals (as a peer
+    /// that puts a D-H transform in them would send it).
+    fn auth_request_with(i: &mut IkeSa, esp: Vec<Proposal>) -> Vec<u8> {
+        let id = i.conn.local_id.clone();
+        let auth = i.auth(true, &id);
+        let mut payloads = vec![
+            Payload::Id {
+                initiator: true,
+                kind: id.0,
+                data: id.1.clone(),
+            },
+            Payload::Auth {
+                method: AUTH_PSK,
+                data: auth,
+            },
+            Payload::Sa(esp),
+        ];
+        payloads.extend(ts_pair(&i.conn.local_ts, &i.conn.remote_ts));
+        i.encrypted(IKE_AUTH, false, 1, &payloads)
+    }
+
+    /// RFC 7296 §1.2: IKE_AUTH has no KE, so its proposals carry no D-H transform ("SHOULD
+    /// omit the whole transform substructure"); one a peer sends anyway is ignored, both
+    /// ways, and the group is kept for the rekeys.
+    #[test]
+    fn ike_auth_carries_no_dh_and_ignores_a_peers() {
+        use crate::testutil::hex;
+        // What we send: the ESP proposal of "aes256gcm16-ecp384" without its group.
+        let ours = [Suite::parse("aes256gcm16-ecp384", false).unwrap()];
+        let (_, body) = encode_payloads(&[Payload::Sa(proposal::first_child_proposals(
+            &ours, 0x01020304,
+        ))]);
+        assert_eq!(
+            body,
+            hex("00000024 00000020 01030402 01020304 0300000c 01000014 800e0100 00000008 05000000"),
+            "SA: one ESP proposal, SPI, ENCR AES-GCM-16 256, ESN none; no transform type 4"
+        );
+        // In a handshake of ours: no D-H transform in IKE_AUTH, the group kept.
+        let (a, b) = pair(
+            &["aes256gcm16-prfsha384-ecp384"],
+            &["aes256gcm16-ecp384"],
+            "s",
+            "s",
+        );
+        let now = Instant::now();
+        let (mut i, out) = IkeSa::initiate(a.clone(), now);
+        let (mut r, out) = IkeSa::respond(b.clone(), &sent(&out), 500, now).unwrap();
+        let auth = sent(&i.on_message(&sent(&out), now));
+        let p = payloads_of(&r, &auth);
+        assert!(
+            p.sa()
+                .unwrap()
+                .iter()
+                .all(|p| p.transforms.iter().all(|t| t.kind != TRANSFORM_DH)),
+            "{p:?}"
+        );
+        let r_out = r.on_message(&auth, now);
+        let i_out = i.on_message(&sent(&r_out), now);
+        assert_eq!(
+            child(&i_out).suite,
+            ours[0],
+            "the group stays for the rekeys"
+        );
+        assert_eq!(child(&r_out).suite, ours[0]);
+        // A peer that sends one anyway, to a responder with or without PFS.
+        for (theirs, responder) in [
+            ("aes256gcm16-ecp384", "aes256gcm16"),
+            ("aes256gcm16-ecp384", "aes256gcm16-ecp384"),
+            ("aes256gcm16-modp2048", "aes256gcm16-ecp384"),
+        ] {
+            let (a, b) = pair(&["aes256gcm16-prfsha384-ecp384"], &[responder], "s", "s");
+            let (mut i, out) = IkeSa::initiate(a, now);
+            let (mut r, out) = IkeSa::respond(b, &sent(&out), 500, now).unwrap();
+            // The initiator takes the IKE_SA_INIT answer, then we replace its IKE_AUTH.
+            i.on_message(&sent(&out), now);
+            let theirs = Suite::parse(theirs, false).unwrap();
+            let msg = auth_request_with(&mut i, vec![theirs.proposal(1, false, vec![1, 2, 3, 4])]);
+            let r_out = r.on_message(&msg, now);
+            let c = child(&r_out);
+            assert_eq!(
+                c.suite,
+                Suite::parse(responder, false).unwrap(),
+                "{theirs:?}"
+            );
+            // Our answer names no group either; the peer (a real initiator) reads it.
+            let p = payloads_of(&i, &sent(&r_out));
+            assert!(p
+                .chosen()
+                .unwrap()
+                .transforms
+                .iter()
+                .all(|t| t.kind != TRANSFORM_DH));
+            assert_eq!(
+                proposal::chosen_first_child(p.chosen().unwrap(), &[theirs]),
+                Some(theirs)
+            );
+        }
+    }
+
+    /// PFS (§1.3.1, §1.3.3): a rekey of a CHILD SA whose proposal has a group carries KE
+    /// payloads both ways, and the keys of the two ends agree.
+    #[test]
+    fn pfs_rekeys_carry_ke_both_ways() {
+        let (a, b) = pair(
+            &["aes256gcm16-prfsha384-ecp384"],
+            &["aes256gcm16-ecp384"],
+            "s",
+            "s",
+        );
+        let (mut i, mut r, i_out, _) = handshake(a, b);
+        let old = child(&i_out);
+        let t = Instant::now();
+        for initiator_rekeys in [true, false] {
+            let (x, y) = if initiator_rekeys {
+                (&mut i, &mut r)
+            } else {
+                (&mut r, &mut i)
+            };
+            let spi = x.children[0].spi_in;
+            let req = sent(&x.rekey_child(spi, t));
+            assert_eq!(
+                payloads_of(y, &req).ke().map(|k| k.0),
+                Some(20),
+                "KEi of ECP-384"
+            );
+            let resp = y.on_message(&req, t);
+            assert_eq!(
+                payloads_of(x, &sent(&resp)).ke().map(|k| k.0),
+                Some(20),
+                "KEr"
+            );
+            let y_new = child(&resp);
+            let out = x.on_message(&sent(&resp), t);
+            let x_new = child(&out);
+            assert_eq!(x_new.out_keys(), y_new.in_keys());
+            assert_eq!(x_new.in_keys(), y_new.out_keys());
+            let ack = y.on_message(&sent(&out), t);
+            assert!(x.on_message(&sent(&ack), t).is_empty());
+        }
+        assert_eq!((i.children.len(), r.children.len()), (1, 1));
+        assert_ne!(i.children[0].keys, old.keys);
+        // A rekey without KE for a PFS proposal gets INVALID_KE_PAYLOAD with our group,
+        // and an initiator offered another group it has retries with it at once.
+        let (a, b) = pair(
+            &["aes256gcm16-prfsha384-ecp384"],
+            &["aes256gcm16-ecp256", "aes256gcm16-ecp384"],
+            "s",
+            "s",
+        );
+        let b = Arc::new(Conn {
+            esp: vec![Suite::parse("aes256gcm16-ecp384", false).unwrap()],
+            ..(*b).clone()
+        });
+        let (mut i, mut r, _, _) = handshake(a, b);
+        let spi = i.children[0].spi_in;
+        // Our first group is ECP-256; the responder wants ECP-384.
+        let req = sent(&i.rekey_child(spi, t));
+        assert_eq!(payloads_of(&r, &req).ke().map(|k| k.0), Some(19));
+        let resp = sent(&r.on_message(&req, t));
+        assert_eq!(
+            payloads_of(&i, &resp).notify(N_INVALID_KE_PAYLOAD),
+            Some(&[0u8, 20][..])
+        );
+        let again = sent(&i.on_message(&resp, t));
+        assert_eq!(payloads_of(&r, &again).ke().map(|k| k.0), Some(20));
+        let resp = r.on_message(&again, t);
+        assert!(i
+            .on_message(&sent(&resp), t)
+            .iter()
+            .any(|o| matches!(o, Output::ChildUp(_))));
+    }
+
+    /// More than one CHILD SA per IKE SA: the peer may ask for another (no REKEY_SA), and
+    /// the initiator re-creates one the peer deleted.
+    #[test]
+    fn more_child_sas_and_a_deleted_one_comes_back() {
+        let (a, b) = pair(
+            &["aes256gcm16-prfsha384-ecp384"],
+            &["aes256gcm16"],
+            "s",
+            "s",
+        );
+        let (mut i, mut r, _, _) = handshake(a, b);
+        let t = Instant::now();
+        let req = r.create_child(t);
+        let resp = i.on_message(&sent(&req), t);
+        let i_new = child(&resp);
+        let out = r.on_message(&sent(&resp), t);
+        let r_new = child(&out);
+        assert_eq!(i_new.out_keys(), r_new.in_keys());
+        assert_eq!((i.children.len(), r.children.len()), (2, 2));
+        assert_eq!(r_new.local_ts, r.conn.local_ts, "narrowed to both configs");
+        // The responder deletes both; the initiator, which starts the connector, makes
+        // a new one on its next tick.
+        let spis: Vec<u32> = r.children.iter().map(|c| c.spi_in).collect();
+        let del = r.delete_children(&spis, t);
+        let ans = i.on_message(&sent(&del), t);
+        assert!(r.on_message(&sent(&ans), t).is_empty());
+        assert!(i.children.is_empty() && r.children.is_empty());
+        let req = i.on_tick(t + Duration::from_millis(500));
+        let resp = r.on_message(&sent(&req), t);
+        let out = i.on_message(&sent(&resp), t);
+        assert_eq!(child(&out).out_keys(), child(&resp).in_keys());
+        assert_eq!((i.children.len(), r.children.len()), (1, 1));
+        // An unknown REKEY_SA is CHILD_SA_NOT_FOUND (§2.25), not a new SA.
+        let old = r.children[0].spi_in;
+        r.children[0].spi_in = 7777;
+        let req = sent(&r.rekey_child(7777, t));
+        r.children[0].spi_in = old;
+        i.children[0].spi_out = 1;
+        let resp = sent(&i.on_message(&req, t));
+        assert_eq!(
+            payloads_of(&r, &resp).error_notify(),
+            Some(N_CHILD_SA_NOT_FOUND)
+        );
+    }
+
+    /// A peer that refuses our rekeys (here: it has no PFS, we do) is not asked every
+    /// tick: after 1, 2 and 4 s, then a fresh CHILD SA, then a new IKE SA, long before the
+    /// kernel's hard lifetime; each refusal is a problem the operator sees.
+    #[test]
+    fn refused_rekeys_back_off_then_reauthenticate() {
+        let (a, b) = pair(
+            &["aes256gcm16-prfsha384-ecp384"],
+            &["aes256gcm16-ecp384"],
+            "s",
+            "s",
+        );
+        let a = Arc::new(Conn {
+            child_lifetime: Duration::from_secs(10),
+            ..(*a).clone()
+        });
+        let b = Arc::new(Conn {
+            esp: vec![Suite::parse("aes256gcm16", false).unwrap()],
+            ..(*b).clone()
+        });
+        let (mut i, mut r, _, _) = handshake(a, b);
+        let t0 = Instant::now();
+        let mut asked = Vec::new();
+        let mut problems = Vec::new();
+        let mut reauth = None;
+        for ms in (10_000..40_000).step_by(500) {
+            let now = t0 + Duration::from_millis(ms);
+            let out = i.on_tick(now);
+            if out.contains(&Output::Reauth) {
+                reauth = Some(ms);
+                break;
+            }
+            let Some(req) = out.iter().find_map(|o| match o {
+                Output::Send(m) => Some(m.clone()),
+                _ => None,
+            }) else {
+                continue;
+            };
+            let rekey = payloads_of(&r, &req).notify(N_REKEY_SA).is_some();
+            asked.push((ms, rekey));
+            let resp = r.on_message(&req, now);
+            problems.extend(resp.iter().filter_map(|o| match o {
+                Output::Problem(p) => Some(p.clone()),
+                _ => None,
+            }));
+            for o in i.on_message(&sent(&resp), now) {
+                if let Output::Problem(p) = o {
+                    problems.push(p);
+                }
+            }
+        }
+        assert_eq!(
+            asked,
+            [
+                (10_000, true),
+                (11_000, true),
+                (13_000, true),
+                (17_000, false)
+            ],
+            "rekeys after 1, 2, 4 s, then a fresh CHILD SA"
+        );
+        assert_eq!(
+            reauth,
+            Some(25_000),
+            "then a new IKE SA, 65 s before the hard lifetime"
+        );
+        assert!(
+            problems.iter().any(|p| p.contains("rekey of CHILD SA")
+                && p.contains("NO_PROPOSAL_CHOSEN")
+                && p.contains("D-H group 20")),
+            "{problems:?}"
+        );
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("the peer wants PFS with D-H group 20")),
+            "{problems:?}"
+        );
+        assert_eq!(i.children.len(), 1, "the old CHILD SA carries on meanwhile");
+        let later = i.on_tick(t0 + Duration::from_secs(60));
+        assert!(
+            !later.contains(&Output::Reauth) && i.rekey.is_none(),
+            "asked once"
+        );
+    }
+
+    /// Both ends rekey the IKE SA at once (§2.8.2): the new SA made with the lowest nonce
+    /// is deleted by its initiator; both ends keep the same survivor, with the CHILD SA.
+    #[test]
+    fn simultaneous_ike_rekeys_leave_one_ike_sa() {
+        for _ in 0..8 {
+            let (a, b) = pair(
+                &["aes256gcm16-prfsha384-ecp384"],
+                &["aes256gcm16"],
+                "s",
+                "s",
+            );
+            let (mut i, mut r, _, _) = handshake(a, b);
+            let t = Instant::now();
+            let req_i = sent(&i.rekey_ike(t));
+            let req_r = sent(&r.rekey_ike(t));
+            let mut resp_r = r.on_message(&req_i, t);
+            let mut resp_i = i.on_message(&req_r, t);
+            let b_r = take_new(&mut resp_r);
+            let b_i = take_new(&mut resp_i);
+            assert!(b_r.provisional && b_i.provisional);
+            assert!(
+                b_r.children.is_empty() && r.children.len() == 1,
+                "children wait"
+            );
+            // Each side's answer to its own request decides.
+            let end = |x: &mut IkeSa, resp: &[Output], mut b: IkeSa| -> (IkeSa, Vec<Output>) {
+                let mut out = x.on_message(&sent(resp), t);
+                let a = take_new(&mut out);
+                if let Some(children) = out.iter().find_map(|o| match o {
+                    Output::Adopt { children, .. } => Some(children.clone()),
+                    _ => None,
+                }) {
+                    assert!(a.redundant);
+                    b.children = children;
+                    b.provisional = false;
+                    (b, out)
+                } else {
+                    assert!(!a.redundant);
+                    (a, out)
+                }
+            };
+            let (si, _) = end(&mut i, &resp_r, b_i);
+            let (sr, _) = end(&mut r, &resp_i, b_r);
+            assert_eq!(
+                (si.spi_i, si.spi_r),
+                (sr.spi_i, sr.spi_r),
+                "the same survivor"
+            );
+            assert_eq!((si.children.len(), sr.children.len()), (1, 1));
+            let (mut si, mut sr) = (si, sr);
+            let dpd = sent(&si.on_tick(t + Duration::from_secs(11)));
+            let ans = sr.on_message(&dpd, t);
+            assert!(si.on_message(&sent(&ans), t).is_empty(), "same keys");
+        }
+    }
+
     fn take_new(out: &mut Vec<Output>) -> IkeSa {
         let pos = out
             .iter()

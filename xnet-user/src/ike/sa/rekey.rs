@@ -54,7 +54,7 @@ impl IkeSa {
     /// A CREATE_CHILD_SA request for a CHILD SA: a rekey of `rekey`, or a new SA (which
     /// replaces `replaces` once up). `group`: the KE group (default: the old SA's, or the
     /// first of our ESP proposals that has one).
-    fn child_request(
+    pub(super) fn child_request(
         &mut self,
         rekey: Option<u32>,
         replaces: Option<u32>,
