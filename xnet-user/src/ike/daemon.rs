@@ -172,6 +172,9 @@ struct Connector {
     children: Vec<(ChildSa, bool)>,
     /// The IKE SA a reauthentication replaces: deleted when the new one has a CHILD SA.
     reauth_old: Option<u64>,
+    /// CHILD SAs the peer rekeyed whose outbound SA waits (inbound SPI, since): until the
+    /// peer deletes the old SA it may not have installed the new inbound one yet.
+    out_pending: Vec<(u32, Instant)>,
 }
 
 struct Datagram {
@@ -301,6 +304,7 @@ pub async fn start(
             last_error: None,
             children: Vec::new(),
             reauth_old: None,
+            out_pending: Vec::new(),
         })
         .collect();
     let status: SharedStatus = Default::default();
@@ -660,8 +664,18 @@ impl Daemon {
                                 },
                             )
                         });
-                        let ok = self.install(ci, &c, encap);
+                        // The peer rekeyed (we answered): our new outbound SA waits
+                        // for the old one's DELETE, as strongSwan's does, so nothing is
+                        // sent on keys the peer has not installed yet.
+                        let defer = !c.initiator
+                            && self.connectors[ci].children.iter().any(|(o, _)| {
+                                o.local_ts == c.local_ts && o.remote_ts == c.remote_ts
+                            });
+                        let ok = self.install(ci, &c, encap, !defer);
                         let k = &mut self.connectors[ci];
+                        if defer {
+                            k.out_pending.push((c.spi_in, Instant::now()));
+                        }
                         k.children.push((c, ok));
                         if ok {
                             k.last_error = None;
@@ -689,6 +703,20 @@ impl Daemon {
                                 "ipsec {name}: CHILD SA in 0x{:08x} out 0x{:08x} deleted",
                                 c.spi_in, c.spi_out
                             );
+                            // Its successor's outbound SA goes in first.
+                            let same = |o: &ChildSa| {
+                                o.local_ts == c.local_ts && o.remote_ts == c.remote_ts
+                            };
+                            let ready: Vec<u32> = self.connectors[ci]
+                                .children
+                                .iter()
+                                .filter(|(o, _)| same(o))
+                                .map(|(o, _)| o.spi_in)
+                                .collect();
+                            self.release_outbound(ci, |spi, _| ready.contains(&spi));
+                            self.connectors[ci]
+                                .out_pending
+                                .retain(|(s, _)| *s != c.spi_in);
                             self.uninstall(ci, &c);
                         }
                     }
@@ -791,9 +819,60 @@ impl Daemon {
         [sa(l, r, c.spi_out, oe, oa), sa(r, l, c.spi_in, ie, ia)]
     }
 
-    /// Installs a CHILD SA's two SAs and its policies; false if the kernel refused.
-    fn install(&mut self, ci: usize, c: &ChildSa, encap: Option<(u16, u16)>) -> bool {
-        let sas = self.sas_of(ci, c, encap);
+    /// Installs the deferred outbound SAs that `ready` picks (inbound SPI, since).
+    fn release_outbound(&mut self, ci: usize, ready: impl Fn(u32, Instant) -> bool) {
+        let k = &mut self.connectors[ci];
+        let (go, wait): (Vec<_>, Vec<_>) =
+            k.out_pending.drain(..).partition(|(s, t)| ready(*s, *t));
+        k.out_pending = wait;
+        for (spi, _) in go {
+            let Some((c, _)) = self.connectors[ci]
+                .children
+                .iter()
+                .find(|(c, _)| c.spi_in == spi)
+                .cloned()
+            else {
+                continue;
+            };
+            let encap = self.encap_of(ci);
+            let [out, _] = self.sas_of(ci, &c, encap);
+            if let Some(x) = &mut self.xfrm {
+                if let Err(e) = x.add_sa(&out) {
+                    warn!(
+                        "ipsec {}: the kernel refused the ESP SA 0x{:08x} ({e})",
+                        self.connectors[ci].conn.name, out.spi
+                    );
+                }
+            }
+        }
+    }
+
+    /// UDP encapsulation of the connector's ESP: (our port, the peer's) across a NAT.
+    fn encap_of(&self, ci: usize) -> Option<(u16, u16)> {
+        let sa = self.connectors[ci].sa.and_then(|s| self.sas.get(&s))?;
+        sa.nat_detected.then_some((
+            NATT_PORT,
+            if sa.remote_port == IKE_PORT {
+                NATT_PORT
+            } else {
+                sa.remote_port
+            },
+        ))
+    }
+
+    /// Installs a CHILD SA's SAs (the outbound one only if `outbound`) and its policies;
+    /// false if the kernel refused.
+    fn install(
+        &mut self,
+        ci: usize,
+        c: &ChildSa,
+        encap: Option<(u16, u16)>,
+        outbound: bool,
+    ) -> bool {
+        let mut sas = self.sas_of(ci, c, encap).to_vec();
+        if !outbound {
+            sas.remove(0);
+        }
         if let Some(f) = &mut self.keylog {
             for s in &sas {
                 let _ = writeln!(
@@ -857,6 +936,11 @@ impl Daemon {
     async fn on_tick(&mut self) {
         let now = Instant::now();
         self.each_sa(|sa| sa.on_tick(now)).await;
+        // A peer that never deletes the old SA after its rekey (or lost the DELETE): the
+        // new outbound SA goes in after a while all the same.
+        for ci in 0..self.connectors.len() {
+            self.release_outbound(ci, |_, t| now.duration_since(t) > Duration::from_secs(5));
+        }
         for spi_in in self.read_counters() {
             let owner = self
                 .sas
@@ -923,7 +1007,11 @@ impl Daemon {
                 if !installed {
                     continue;
                 }
+                let waiting = c.out_pending.iter().any(|(s, _)| *s == ch.spi_in);
                 for (dst, spi) in [(c.conn.local, ch.spi_in), (c.conn.remote, ch.spi_out)] {
+                    if waiting && spi == ch.spi_out {
+                        continue;
+                    }
                     match x.sa_counters(&dst, spi) {
                         Ok(v) => {
                             self.counters.insert(spi, v);
@@ -953,9 +1041,7 @@ impl Daemon {
                 state: match sa.map(|s| s.state) {
                     None => "down".into(),
                     // Up means carrying traffic: an IKE SA alone does not.
-                    Some(State::Established) if !c.children.iter().any(|(_, i)| *i) => {
-                        "no-child-sa".into()
-                    }
+                    Some(State::Established) if c.children.is_empty() => "no-child-sa".into(),
                     Some(State::Established) => "established".into(),
                     Some(State::Deleting) => "deleting".into(),
                     Some(_) => "connecting".into(),

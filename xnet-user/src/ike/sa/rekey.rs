@@ -586,8 +586,9 @@ impl IkeSa {
         resp.extend(ts_pair(&new.remote_ts, &new.local_ts));
         let out = self.respond_with(CREATE_CHILD_SA, id, &resp);
         self.children.push(new.clone());
-        // A rekeyed SA stays until the peer deletes it.
-        vec![out, Output::ChildUp(new)]
+        // Installed before the answer goes: the peer may send on it as soon as it has
+        // it. A rekeyed SA stays until the peer deletes it.
+        vec![Output::ChildUp(new), out]
     }
 
     /// The peer rekeys the IKE SA.
