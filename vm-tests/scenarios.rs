@@ -1348,3 +1348,208 @@ protocol bgp cxp2 {
     );
     drop(charon);
 }
+
+/// The CXP's connector to the gateway in the rekey scenarios: policy-based, PFS with
+/// ECP-384, CHILD SAs rekeyed after `child_lifetime` seconds.
+fn rekey_config(lab: &Lab, child_lifetime: u64) -> String {
+    format!(
+        r#"{}
+[[ipsec]]
+name = "gw"
+segment = "prod"
+local_address = "10.0.3.1"
+remote_address = "10.0.3.2"
+psk_file = "{}"
+ike_proposals = ["aes256gcm16-prfsha384-ecp384"]
+esp_proposals = ["aes256gcm16-ecp384"]
+local_ts = ["10.1.0.0/16"]
+remote_ts = ["192.168.10.0/24"]
+child_lifetime = {child_lifetime}
+dpd_seconds = 5
+"#,
+        without_onprem_route(),
+        write_psk(lab).display()
+    )
+}
+
+/// Lines of `log` that contain every one of `words`.
+fn lines_with(log: &str, words: &[&str]) -> usize {
+    log.lines()
+        .filter(|l| words.iter().all(|w| l.contains(w)))
+        .count()
+}
+
+/// Stops steady flows; prints and returns (lost, sent) over all of them.
+fn losses(what: &str, flows: Vec<(&str, Flows)>) -> (u64, u64) {
+    let (mut lost, mut sent) = (0, 0);
+    for (name, f) in flows {
+        for f in f.stop() {
+            eprintln!(
+                "{what}: {name}: {} of {} datagrams lost, longest gap {:?}",
+                f.lost(),
+                f.sent,
+                f.longest_gap()
+            );
+            lost += f.lost();
+            sent += f.sent;
+        }
+    }
+    (lost, sent)
+}
+
+/// IPsec rekeys under steady traffic against strongSwan with PFS (its ESP proposals
+/// with ECP-384, as `peer-config` writes them): the first CHILD SA comes up in IKE_AUTH
+/// without a D-H transform (RFC 7296 §1.2), strongSwan adds a second CHILD SA (its own
+/// half of the on-prem /24), the agent rekeys both with KE payloads, strongSwan rekeys
+/// one. Datagrams both ways across all of it: none lost.
+#[test]
+fn s7_pfs_rekeys_both_ways_and_a_second_child_sa_under_traffic() {
+    if !vm_kernel("s7_pfs_rekeys_both_ways_and_a_second_child_sa_under_traffic") {
+        return;
+    }
+    let lab = lab("s7");
+    slow_path_on(&lab);
+    let gw_ns = lab.ns("onprem");
+    sh(&format!("ip -n {gw_ns} addr add 192.168.10.129/32 dev lo"));
+    let cfg = rekey_config(&lab, 8);
+    let conf = peer_config_of(&lab, "gw", &cfg);
+    assert!(
+        conf.contains("esp_proposals = aes256gcm16-ecp384"),
+        "{conf}"
+    );
+    // The gateway's on-prem /24 as two CHILD SAs, one per half.
+    let conf = conf.replace(
+        "      xnet-gw {\n        local_ts = 192.168.10.0/24",
+        "      second {\n        local_ts = 192.168.10.128/25\n        remote_ts = 10.1.0.0/16\n        esp_proposals = aes256gcm16-ecp384\n        start_action = none\n      }\n      xnet-gw {\n        local_ts = 192.168.10.0/25",
+    );
+    assert!(conf.contains("second {"), "{conf}");
+    let charon = charon_in(&lab, "onprem", &conf);
+    let agent = Agent::start(&lab, &cfg);
+    let children = |s: &xnet_user::status::Status| {
+        s.ipsec
+            .first()
+            .filter(|t| t.state == "established")
+            .map(|t| t.children.len())
+            .unwrap_or(0)
+    };
+    wait_until(&agent, "the tunnel", Duration::from_secs(90), |s| {
+        children(s) == 1
+    });
+    charon.swanctl("--initiate --child second").unwrap();
+    wait_until(
+        &agent,
+        "strongSwan's second CHILD SA",
+        Duration::from_secs(30),
+        |s| children(s) == 2,
+    );
+    let t0 = std::time::Instant::now();
+    let mut flows: Vec<(&str, Flows)> =
+        both_ways(&lab, 7100, ["vnet→onprem", "onprem→vnet"]).into();
+    flows.push((
+        "vnet→onprem (second CHILD SA)",
+        Flows::start(
+            &lab,
+            ("vnet1", "10.1.0.1"),
+            ("onprem", "192.168.10.129:7150"),
+            1,
+            7250,
+        ),
+    ));
+    // The agent rekeys both after 8 s; strongSwan rekeys one in between; the agent again.
+    std::thread::sleep(Duration::from_secs(12).saturating_sub(t0.elapsed()));
+    charon.swanctl("--rekey --child xnet-gw").unwrap();
+    std::thread::sleep(Duration::from_secs(22).saturating_sub(t0.elapsed()));
+    let (lost, sent) = losses("s7", flows);
+    let log = charon.log();
+    let by_agent = lines_with(
+        &log,
+        &["parsed CREATE_CHILD_SA request", "N(REKEY_SA)", "KE"],
+    );
+    let by_charon = lines_with(&log, &["parsed CREATE_CHILD_SA response", "KE"]);
+    eprintln!("s7: PFS rekeys: {by_agent} by the agent, {by_charon} by strongSwan; {lost} of {sent} datagrams lost");
+    assert!(
+        by_agent >= 2,
+        "the agent rekeyed both CHILD SAs with KE: {log}"
+    );
+    assert!(
+        by_charon >= 1,
+        "strongSwan rekeyed with KE, we answered with ours: {log}"
+    );
+    assert_eq!(lines_with(&log, &["N(NO_PROP)"]), 0, "{log}");
+    assert!(!agent.log().contains("refused"), "{}", agent.log());
+    let s = agent.status();
+    assert_eq!(children(&s), 2, "{s:?}");
+    let sas = charon.swanctl("--list-sas").unwrap();
+    assert_eq!(sas.matches("INSTALLED").count(), 2, "{sas}");
+    assert!(
+        sas.contains("AES_GCM_16-256/ECP_384"),
+        "rekeyed with PFS: {sas}"
+    );
+    assert!(
+        !agent.log().contains("File exists"),
+        "policies updated, not re-added: {}",
+        agent.log()
+    );
+    assert_eq!(lost, 0, "datagrams lost across the rekeys");
+}
+
+/// A gateway without PFS refuses the agent's PFS rekeys: the agent asks again with
+/// back-off (not every tick), then for a fresh CHILD SA, then reauthenticates (a new IKE
+/// SA beside the old, which goes once the new one carries traffic), long before the
+/// kernel's hard lifetime. `xnet ipsec` says why meanwhile; traffic both ways loses
+/// nothing.
+#[test]
+fn s7_refused_rekeys_back_off_and_reauthenticate_under_traffic() {
+    if !vm_kernel("s7_refused_rekeys_back_off_and_reauthenticate_under_traffic") {
+        return;
+    }
+    let lab = lab("s7r");
+    slow_path_on(&lab);
+    let cfg = rekey_config(&lab, 4);
+    let conf = peer_config_of(&lab, "gw", &cfg).replace(
+        "esp_proposals = aes256gcm16-ecp384",
+        "esp_proposals = aes256gcm16",
+    );
+    let charon = charon_in(&lab, "onprem", &conf);
+    let agent = Agent::start(&lab, &cfg);
+    wait_until(&agent, "the tunnel", Duration::from_secs(90), |s| {
+        s.ipsec
+            .first()
+            .is_some_and(|t| t.state == "established" && t.children.len() == 1)
+    });
+    let flows: Vec<(&str, Flows)> = both_ways(&lab, 7300, ["vnet→onprem", "onprem→vnet"]).into();
+    wait_until(
+        &agent,
+        "the refusal shown in xnet ipsec",
+        Duration::from_secs(20),
+        |s| {
+            s.ipsec[0]
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("refused by the peer: NO_PROPOSAL_CHOSEN"))
+        },
+    );
+    wait_until(&agent, "reauthentication", Duration::from_secs(60), |_| {
+        agent.log().contains("reauthenticated: the old IKE SA")
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let (lost, sent) = losses("s7r", flows);
+    let log = charon.log();
+    let refusals = lines_with(&log, &["generating CREATE_CHILD_SA response", "N(NO_PROP)"]);
+    let warns = lines_with(&agent.log(), &["WARN", "refused by the peer"]);
+    eprintln!("s7r: {refusals} refusals before reauthenticating, {warns} WARN lines; {lost} of {sent} datagrams lost");
+    assert!((3..=5).contains(&refusals), "back-off, not a storm: {log}");
+    assert!(warns <= 2, "{}", agent.log());
+    let s = agent.status();
+    assert_eq!(s.ipsec[0].children.len(), 1, "{s:?}");
+    let sas = charon.swanctl("--list-sas").unwrap();
+    assert_eq!(
+        sas.matches("ESTABLISHED").count(),
+        1,
+        "the old IKE SA deleted: {sas}"
+    );
+    assert_eq!(
+        lost, 0,
+        "datagrams lost across the refusals and the reauthentication"
+    );
+}
