@@ -158,8 +158,13 @@ struct Connector {
     conn: Arc<Conn>,
     initiate: bool,
     segment: String,
-    /// XFRM request id: ties the connector's policies to its SAs.
-    reqid: u32,
+    /// XFRM request ids, one per set of traffic selectors (the first is the connector's
+    /// own, 0x100 + its index): they tie each CHILD SA's policies to its SAs, so with
+    /// several CHILD SAs the kernel never sends a packet on another's SA (which the peer
+    /// would drop for its selectors).
+    reqids: Vec<((Vec<TrafficSelector>, Vec<TrafficSelector>), u32)>,
+    /// Its index (for the reqids of further selector sets).
+    index: usize,
     /// Route-based: the if_id of its xfrm interface.
     if_id: Option<u32>,
     /// Our SPI of its current IKE SA.
@@ -172,6 +177,9 @@ struct Connector {
     children: Vec<(ChildSa, bool)>,
     /// The IKE SA a reauthentication replaces: deleted when the new one has a CHILD SA.
     reauth_old: Option<u64>,
+    /// That old IKE SA and when it goes: a second after the new CHILD SA is in, so what
+    /// the peer sent on the old SAs just before still finds them.
+    retire: Option<(u64, Instant)>,
     /// CHILD SAs the peer rekeyed whose outbound SA waits (inbound SPI, since): until the
     /// peer deletes the old SA it may not have installed the new inbound one yet.
     out_pending: Vec<(u32, Instant)>,
@@ -296,7 +304,8 @@ pub async fn start(
             conn,
             initiate: c.initiate,
             segment: c.segment.clone(),
-            reqid: reqid(i),
+            reqids: Vec::new(),
+            index: i,
             if_id: if_ids.get(&i).copied(),
             sa: None,
             retry_at: now,
@@ -304,6 +313,7 @@ pub async fn start(
             last_error: None,
             children: Vec::new(),
             reauth_old: None,
+            retire: None,
             out_pending: Vec::new(),
         })
         .collect();
@@ -566,8 +576,6 @@ impl Daemon {
                 .iter()
                 .position(|c| Arc::ptr_eq(&c.conn, &s.conn))
         });
-        // SAs to delete once this SA's outputs are carried out (a reauthentication done).
-        let mut retire = Vec::new();
         let mut started = Vec::new();
         for o in out {
             match o {
@@ -681,7 +689,9 @@ impl Daemon {
                             k.last_error = None;
                         }
                         if k.sa == Some(spi) {
-                            retire.extend(k.reauth_old.take());
+                            if let Some(old) = k.reauth_old.take() {
+                                k.retire = Some((old, Instant::now() + Duration::from_secs(1)));
+                            }
                         }
                         if k.children.len() == 1 {
                             let _ = self.events.send(TunnelEvent::Up(ci));
@@ -750,17 +760,25 @@ impl Daemon {
         for (new, out) in started {
             Box::pin(self.apply(new, out)).await;
         }
-        for old in retire {
-            let now = Instant::now();
-            if let Some(sa) = self.sas.get_mut(&old) {
-                info!("ipsec {name}: reauthenticated: the old IKE SA {old:016x} goes");
-                let out = sa.delete(now);
-                Box::pin(self.apply(old, out)).await;
-            }
-        }
     }
 
-    fn policies(&self, ci: usize, c: &ChildSa) -> Vec<xfrm::Policy> {
+    /// The reqid of a CHILD SA's selector set.
+    fn reqid_of(&mut self, ci: usize, c: &ChildSa) -> u32 {
+        let k = &mut self.connectors[ci];
+        let key = (c.local_ts.clone(), c.remote_ts.clone());
+        if let Some((_, r)) = k.reqids.iter().find(|(t, _)| *t == key) {
+            return *r;
+        }
+        let r = match k.reqids.len() {
+            0 => reqid(k.index),
+            n => 0x1_0000 + (k.index as u32) * 0x100 + n as u32,
+        };
+        k.reqids.push((key, r));
+        r
+    }
+
+    fn policies(&mut self, ci: usize, c: &ChildSa) -> Vec<xfrm::Policy> {
+        let reqid = self.reqid_of(ci, c);
         let k = &self.connectors[ci];
         let (l, r) = (k.conn.local, k.conn.remote);
         let mut v = Vec::new();
@@ -775,7 +793,7 @@ impl Daemon {
                     dir: xfrm::DIR_OUT,
                     tun_src: l,
                     tun_dst: r,
-                    reqid: k.reqid,
+                    reqid,
                     priority: 1000,
                     if_id: k.if_id,
                 });
@@ -786,7 +804,7 @@ impl Daemon {
                         dir,
                         tun_src: r,
                         tun_dst: l,
-                        reqid: k.reqid,
+                        reqid,
                         priority: 1000,
                         if_id: k.if_id,
                     });
@@ -796,7 +814,8 @@ impl Daemon {
         v
     }
 
-    fn sas_of(&self, ci: usize, c: &ChildSa, encap: Option<(u16, u16)>) -> [xfrm::Sa; 2] {
+    fn sas_of(&mut self, ci: usize, c: &ChildSa, encap: Option<(u16, u16)>) -> [xfrm::Sa; 2] {
+        let reqid = self.reqid_of(ci, c);
         let k = &self.connectors[ci];
         let (l, r) = (k.conn.local, k.conn.remote);
         let (oe, oa) = c.out_keys();
@@ -805,7 +824,7 @@ impl Daemon {
             src,
             dst,
             spi,
-            reqid: k.reqid,
+            reqid,
             encr: c.suite.encr,
             integ: c.suite.integ,
             enc_key: e.clone(),
@@ -940,6 +959,21 @@ impl Daemon {
         // new outbound SA goes in after a while all the same.
         for ci in 0..self.connectors.len() {
             self.release_outbound(ci, |_, t| now.duration_since(t) > Duration::from_secs(5));
+        }
+        for ci in 0..self.connectors.len() {
+            let k = &mut self.connectors[ci];
+            let Some((old, _)) = k.retire.filter(|(_, t)| now >= *t) else {
+                continue;
+            };
+            k.retire = None;
+            if let Some(sa) = self.sas.get_mut(&old) {
+                info!(
+                    "ipsec {}: reauthenticated: the old IKE SA {old:016x} goes",
+                    k.conn.name
+                );
+                let out = sa.delete(now);
+                self.apply(old, out).await;
+            }
         }
         for spi_in in self.read_counters() {
             let owner = self
