@@ -209,7 +209,14 @@ struct Daemon {
     events: mpsc::UnboundedSender<TunnelEvent>,
     /// Kernel counters of installed SAs by SPI: (bytes, packets), read on each tick.
     counters: HashMap<u32, (u64, u64)>,
+    /// Inbound SAs of replaced CHILD SAs (destination, SPI, when): deleted a few seconds
+    /// late, so what the peer sent on them just before it switched still decrypts (what
+    /// strongSwan's delete_rekeyed_delay does).
+    late_deletes: Vec<(IpAddr, u32, Instant)>,
 }
+
+/// How long an inbound SA outlives its CHILD SA.
+const INBOUND_GRACE: Duration = Duration::from_secs(5);
 
 /// XFRM request id of connector `i` (also the if_id of its xfrm interface, if any).
 pub fn reqid(i: usize) -> u32 {
@@ -333,6 +340,7 @@ pub async fn start(
         cookies_sent: 0,
         events: ev_tx,
         counters: HashMap::new(),
+        late_deletes: Vec::new(),
     };
     d.publish();
     info!(
@@ -373,6 +381,7 @@ impl Daemon {
                 self.uninstall(i, &c);
             }
         }
+        self.late_deletes(now, true);
         info!("ipsec: stopped, SAs deleted");
     }
 
@@ -937,9 +946,10 @@ impl Daemon {
         let sas = self.sas_of(ci, c, None);
         let policies = self.policies(ci, c);
         let Some(x) = &mut self.xfrm else { return };
-        for s in &sas {
-            let _ = x.del_sa(&s.dst, s.spi);
-        }
+        let [out, inb] = &sas;
+        let _ = x.del_sa(&out.dst, out.spi);
+        self.late_deletes
+            .push((inb.dst, inb.spi, Instant::now() + INBOUND_GRACE));
         // Another CHILD SA of the connector may still use the same policies.
         let still = self.connectors[ci]
             .children
@@ -952,8 +962,21 @@ impl Daemon {
         }
     }
 
+    /// Deletes the inbound SAs whose grace is over (all of them when `all`).
+    fn late_deletes(&mut self, now: Instant, all: bool) {
+        let Some(x) = &mut self.xfrm else { return };
+        self.late_deletes.retain(|(dst, spi, t)| {
+            let due = all || now >= *t;
+            if due {
+                let _ = x.del_sa(dst, *spi);
+            }
+            !due
+        });
+    }
+
     async fn on_tick(&mut self) {
         let now = Instant::now();
+        self.late_deletes(now, false);
         self.each_sa(|sa| sa.on_tick(now)).await;
         // A peer that never deletes the old SA after its rekey (or lost the DELETE): the
         // new outbound SA goes in after a while all the same.
