@@ -898,9 +898,6 @@ impl Daemon {
         outbound: bool,
     ) -> bool {
         let mut sas = self.sas_of(ci, c, encap).to_vec();
-        if !outbound {
-            sas.remove(0);
-        }
         if let Some(f) = &mut self.keylog {
             for s in &sas {
                 let _ = writeln!(
@@ -914,6 +911,9 @@ impl Daemon {
                     hex(s.auth_key.bytes())
                 );
             }
+        }
+        if !outbound {
+            sas.remove(0);
         }
         let policies = self.policies(ci, c);
         let name = self.connectors[ci].conn.name.clone();
