@@ -66,7 +66,7 @@ fn charon_in(lab: &Lab, host: &str, swanctl: &str) -> Charon {
         &lab.ns(host),
         dir,
         CHARON,
-        "      default = 1\n      ike = 2\n      net = 2",
+        "      default = 1\n      ike = 2\n      net = 2\n      time_format = %H:%M:%S\n      time_add_ms = yes",
         swanctl,
     )
     .unwrap();
@@ -1382,10 +1382,30 @@ fn lines_with(log: &str, words: &[&str]) -> usize {
 /// Stops steady flows; prints and returns (lost, sent) over all of them.
 fn losses(what: &str, flows: Vec<(&str, Flows)>) -> (u64, u64) {
     let (mut lost, mut sent) = (0, 0);
+    // Wall-clock times of the gaps, to read beside the agent's and charon's logs.
+    let (now, wall) = (std::time::Instant::now(), std::time::SystemTime::now());
+    let at = |t: std::time::Instant| {
+        let d = (wall - (now - t))
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        format!(
+            "{:02}:{:02}:{:02}.{:03}",
+            d.as_secs() / 3600 % 24,
+            d.as_secs() / 60 % 60,
+            d.as_secs() % 60,
+            d.subsec_millis()
+        )
+    };
     for (name, f) in flows {
         for f in f.stop() {
+            let gaps: Vec<String> = f
+                .arrivals
+                .windows(2)
+                .filter(|w| w[1] - w[0] > Duration::from_millis(30))
+                .map(|w| format!("{} +{:?}", at(w[0]), w[1] - w[0]))
+                .collect();
             eprintln!(
-                "{what}: {name}: {} of {} datagrams lost, longest gap {:?}",
+                "{what}: {name}: {} of {} datagrams lost, longest gap {:?}; gaps over 30 ms: {gaps:?}",
                 f.lost(),
                 f.sent,
                 f.longest_gap()
@@ -1497,7 +1517,13 @@ fn s7_pfs_rekeys_both_ways_and_a_second_child_sa_under_traffic() {
         "policies updated, not re-added: {}",
         agent.log()
     );
-    assert_eq!(lost, 0, "datagrams lost across the rekeys: {}", agent.log());
+    assert_eq!(
+        lost,
+        0,
+        "datagrams lost across the rekeys: {}\n{}",
+        agent.log(),
+        charon.log()
+    );
 }
 
 /// A gateway without PFS refuses the agent's PFS rekeys: the agent asks again with

@@ -155,6 +155,14 @@ impl IkeSa {
 
     /// A refusal of our request: ask again later, with back-off.
     fn refused(&mut self, what: &str, n: u16, pfs: Option<DhGroup>, now: Instant) -> Vec<Output> {
+        // §2.25: the peer is busy with the same SA (a collision, a rekey of its own);
+        // ask again in a moment, it is not a refusal.
+        if n == N_TEMPORARY_FAILURE {
+            self.retry_at = Some(now + Duration::from_secs(1));
+            return vec![Output::Note(format!(
+                "{what}: TEMPORARY_FAILURE from the peer, asking again in 1 s"
+            ))];
+        }
         self.failures += 1;
         let wait = Duration::from_secs(1 << (self.failures - 1).min(5));
         self.retry_at = Some(now + wait);
