@@ -79,7 +79,7 @@ fn conn(i: usize) -> Arc<Conn> {
         name: "bench".into(),
         local,
         remote,
-        psk: Secret::new(PSK.as_bytes().to_vec()),
+        auth: crate::ike::sa::Auth::Psk(Secret::new(PSK.as_bytes().to_vec())),
         local_id: (ID_FQDN, id.into_bytes()),
         remote_id: Some(id_of(remote)),
         ike: vec![Suite::parse(IKE, true).unwrap()],

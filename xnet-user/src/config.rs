@@ -49,6 +49,14 @@ pub struct Ipsec {
     /// The config never holds the key itself.
     pub psk_file: Option<PathBuf>,
     pub psk_env: Option<String>,
+    /// Certificate authentication instead of a PSK (RSA or ECDSA, RFC 7427): our
+    /// certificate and its unencrypted PKCS#8 key (PEM files; the key is never logged) and
+    /// the CA certificates that issue the peer's. The peer's ID (`remote_id`: a DN such
+    /// as "CN=gw.example.net, O=Example", an FQDN or an address) must be in its
+    /// certificate; without `remote_id` any certificate of those CAs is accepted.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
     /// Start the IKE SA (true) or wait for the peer to.
     #[serde(default = "default_true")]
     pub initiate: bool,
@@ -640,10 +648,23 @@ impl Config {
                     ),
                 ));
             }
-            if c.psk_file.is_some() == c.psk_env.is_some() {
+            let secrets = [c.psk_file.is_some(), c.psk_env.is_some(), c.cert_file.is_some()];
+            if secrets.iter().filter(|x| **x).count() != 1 {
                 return Err((
                     f("psk_file"),
-                    "give exactly one of psk_file and psk_env".into(),
+                    "give exactly one of psk_file, psk_env and cert_file (with key_file and ca_file)".into(),
+                ));
+            }
+            if c.cert_file.is_some() {
+                for (field, v) in [("key_file", &c.key_file), ("ca_file", &c.ca_file)] {
+                    if v.is_none() {
+                        return Err((f(field), "certificate authentication needs it".into()));
+                    }
+                }
+            } else if c.key_file.is_some() || c.ca_file.is_some() {
+                return Err((
+                    f("cert_file"),
+                    "key_file and ca_file go with cert_file".into(),
                 ));
             }
             if let Some(p) = &c.profile {

@@ -215,7 +215,12 @@ async fn real_main() -> Result<()> {
             } else {
                 let conns = xnet_user::ike::daemon::conns(&c, &file)?;
                 let i = c.ipsec.iter().position(|x| x.name == connector);
-                i.map(|i| String::from_utf8_lossy(conns[i].psk.bytes()).into_owned())
+                i.and_then(|i| match &conns[i].auth {
+                    xnet_user::ike::sa::Auth::Psk(k) => {
+                        Some(String::from_utf8_lossy(k.bytes()).into_owned())
+                    }
+                    xnet_user::ike::sa::Auth::Cert(_) => None,
+                })
             };
             print!(
                 "{}",

@@ -21,10 +21,10 @@ use tokio::sync::{mpsc, oneshot};
 use super::crypto::Secret;
 use super::packet::{
     decode_payloads, encode_payloads, id_of, Header, Payload, Payloads, TrafficSelector,
-    FLAG_RESPONSE, HEADER_LEN, ID_FQDN, IKE_SA_INIT, N_COOKIE,
+    FLAG_RESPONSE, HEADER_LEN, ID_DER_ASN1_DN, ID_FQDN, IKE_SA_INIT, N_COOKIE,
 };
 use super::proposal::Suite;
-use super::sa::{ChildSa, Conn, IkeSa, Output, State};
+use super::sa::{Auth, ChildSa, Conn, IkeSa, Output, State};
 use super::xfrm::{self, Xfrm};
 use crate::config::{Config, Ipsec};
 use crate::status::{IpsecChildStatus, IpsecStatus};
@@ -85,13 +85,27 @@ impl IkeHandle {
     }
 }
 
+/// An ID from the config: an address, a DN ("CN=…, O=…") or an FQDN.
 fn id_from(s: &Option<String>, addr: IpAddr) -> (u8, Vec<u8>) {
     match s {
         None => id_of(addr),
         Some(s) => match s.parse::<IpAddr>() {
             Ok(a) => id_of(a),
-            Err(_) => (ID_FQDN, s.as_bytes().to_vec()),
+            Err(_) => match s.contains('=').then(|| super::cert::dn_der(s)).flatten() {
+                Some(dn) => (ID_DER_ASN1_DN, dn),
+                None => (ID_FQDN, s.as_bytes().to_vec()),
+            },
         },
+    }
+}
+
+/// The connector's authentication: its PSK, or its certificate credentials.
+fn load_auth(c: &Ipsec, i: usize, file: &str) -> Result<Auth> {
+    match (&c.cert_file, &c.key_file, &c.ca_file) {
+        (Some(cert), Some(key), Some(ca)) => super::cert::Credentials::load(cert, key, ca)
+            .map(|k| Auth::Cert(Arc::new(k)))
+            .map_err(|e| anyhow::anyhow!("{file}: ipsec[{i}].{e}")),
+        _ => Ok(Auth::Psk(load_psk(c, i, file)?)),
     }
 }
 
@@ -119,13 +133,30 @@ pub fn conns(config: &Config, file: &str) -> Result<Vec<Arc<Conn>>> {
         .enumerate()
         .map(|(i, c)| {
             let (ike, esp) = c.proposals();
+            let auth = load_auth(c, i, file)?;
+            // With a certificate: by default its subject is our ID, and the CA (with any
+            // remote_id) decides who the peer may be.
+            let (local_id, remote_id) = match &auth {
+                Auth::Cert(k) if c.local_id.is_none() => (
+                    (ID_DER_ASN1_DN, k.subject.clone()),
+                    c.remote_id.as_ref().map(|_| id_from(&c.remote_id, c.remote_address)),
+                ),
+                Auth::Cert(_) => (
+                    id_from(&c.local_id, c.local_address),
+                    c.remote_id.as_ref().map(|_| id_from(&c.remote_id, c.remote_address)),
+                ),
+                Auth::Psk(_) => (
+                    id_from(&c.local_id, c.local_address),
+                    Some(id_from(&c.remote_id, c.remote_address)),
+                ),
+            };
             Ok(Arc::new(Conn {
                 name: c.name.clone(),
                 local: c.local_address,
                 remote: c.remote_address,
-                psk: load_psk(c, i, file)?,
-                local_id: id_from(&c.local_id, c.local_address),
-                remote_id: Some(id_from(&c.remote_id, c.remote_address)),
+                auth,
+                local_id,
+                remote_id,
                 ike: ike
                     .iter()
                     .map(|n| Suite::parse(n, true).expect("validated"))

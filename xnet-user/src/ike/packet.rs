@@ -19,6 +19,8 @@ pub const PT_SA: u8 = 33;
 pub const PT_KE: u8 = 34;
 pub const PT_IDI: u8 = 35;
 pub const PT_IDR: u8 = 36;
+pub const PT_CERT: u8 = 37;
+pub const PT_CERTREQ: u8 = 38;
 pub const PT_AUTH: u8 = 39;
 pub const PT_NONCE: u8 = 40;
 pub const PT_NOTIFY: u8 = 41;
@@ -38,7 +40,9 @@ pub const TRANSFORM_ESN: u8 = 5;
 
 pub const ID_IPV4_ADDR: u8 = 1;
 pub const ID_FQDN: u8 = 2;
+pub const ID_RFC822_ADDR: u8 = 3;
 pub const ID_IPV6_ADDR: u8 = 5;
+pub const ID_DER_ASN1_DN: u8 = 9;
 
 pub const AUTH_PSK: u8 = 2;
 
@@ -60,6 +64,8 @@ pub const N_NAT_DETECTION_DESTINATION_IP: u16 = 16389;
 pub const N_COOKIE: u16 = 16390;
 pub const N_USE_TRANSPORT_MODE: u16 = 16391;
 pub const N_REKEY_SA: u16 = 16393;
+/// RFC 7427 §4: the hashes we take in signatures (AUTH method 14).
+pub const N_SIGNATURE_HASH_ALGORITHMS: u16 = 16431;
 
 /// A malformed message: the notify type to answer with (when answering is right) and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -263,6 +269,12 @@ pub enum Payload {
         data: Vec<u8>,
     },
     Nonce(Vec<u8>),
+    /// CERT (`request` false) or CERTREQ: encoding and data (§3.6, §3.7).
+    Cert {
+        request: bool,
+        encoding: u8,
+        data: Vec<u8>,
+    },
     Notify {
         protocol: u8,
         spi: Vec<u8>,
@@ -297,6 +309,13 @@ impl Payload {
                 }
             }
             Payload::Auth { .. } => PT_AUTH,
+            Payload::Cert { request, .. } => {
+                if *request {
+                    PT_CERTREQ
+                } else {
+                    PT_CERT
+                }
+            }
             Payload::Nonce(_) => PT_NONCE,
             Payload::Notify { .. } => PT_NOTIFY,
             Payload::Delete { .. } => PT_DELETE,
@@ -332,6 +351,10 @@ pub trait Payloads {
     /// IDi (`initiator`) or IDr: (type, data).
     fn id(&self, initiator: bool) -> Option<(u8, Vec<u8>)>;
     fn psk_auth(&self) -> Option<&[u8]>;
+    /// AUTH: (method, data).
+    fn auth(&self) -> Option<(u8, &[u8])>;
+    /// The data of CERT payloads of X.509 certificates, in order (the end entity first).
+    fn certs(&self) -> Vec<Vec<u8>>;
     /// TSi (`initiator`) or TSr.
     fn ts(&self, initiator: bool) -> Option<&[TrafficSelector]>;
     fn notify(&self, kind: u16) -> Option<&[u8]>;
@@ -379,6 +402,24 @@ impl Payloads for [Payload] {
             } => Some(data.as_slice()),
             _ => None,
         })
+    }
+    fn auth(&self) -> Option<(u8, &[u8])> {
+        self.iter().find_map(|p| match p {
+            Payload::Auth { method, data } => Some((*method, data.as_slice())),
+            _ => None,
+        })
+    }
+    fn certs(&self) -> Vec<Vec<u8>> {
+        self.iter()
+            .filter_map(|p| match p {
+                Payload::Cert {
+                    request: false,
+                    encoding: 4,
+                    data,
+                } => Some(data.clone()),
+                _ => None,
+            })
+            .collect()
     }
     fn ts(&self, initiator: bool) -> Option<&[TrafficSelector]> {
         self.iter().find_map(|p| match p {
@@ -569,6 +610,14 @@ fn decode_payload(kind: u8, critical: bool, body: &[u8]) -> Result<Payload, Erro
                 data: r.rest().to_vec(),
             }
         }
+        PT_CERT | PT_CERTREQ => {
+            let encoding = r.u8("certificate encoding")?;
+            Payload::Cert {
+                request: kind == PT_CERTREQ,
+                encoding,
+                data: r.rest().to_vec(),
+            }
+        }
         PT_NONCE => {
             let n = r.rest();
             if !(16..=256).contains(&n.len()) {
@@ -688,6 +737,10 @@ fn encode_body(p: &Payload) -> Vec<u8> {
             b.extend_from_slice(data);
         }
         Payload::Nonce(n) => b.extend_from_slice(n),
+        Payload::Cert { encoding, data, .. } => {
+            b.push(*encoding);
+            b.extend_from_slice(data);
+        }
         Payload::Notify {
             protocol,
             spi,

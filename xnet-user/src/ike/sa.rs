@@ -20,13 +20,20 @@ use super::proposal::{self, Suite};
 mod rekey;
 use rekey::Rekey;
 
+/// How a connector authenticates (both ends the same way).
+#[derive(Debug, Clone)]
+pub enum Auth {
+    Psk(Secret),
+    Cert(Arc<super::cert::Credentials>),
+}
+
 /// A connector as the state machine needs it.
 #[derive(Debug, Clone)]
 pub struct Conn {
     pub name: String,
     pub local: IpAddr,
     pub remote: IpAddr,
-    pub psk: Secret,
+    pub auth: Auth,
     /// Our ID (type, data) and the one the peer must show (None: any; the PSK decides).
     pub local_id: (u8, Vec<u8>),
     pub remote_id: Option<(u8, Vec<u8>)>,
@@ -289,6 +296,14 @@ fn intersect(a: &TrafficSelector, b: &TrafficSelector) -> Option<TrafficSelector
     })
 }
 
+/// Whether a peer's ID is the configured one (DNs by their text: encodings differ).
+fn same_id(conf: &(u8, Vec<u8>), got: &(u8, Vec<u8>)) -> bool {
+    if conf.0 == ID_DER_ASN1_DN && got.0 == ID_DER_ASN1_DN {
+        return super::cert::same_dn(&conf.1, &got.1);
+    }
+    conf == got
+}
+
 /// Narrowing (§2.9): what of the peer's selectors our config allows.
 pub fn narrow(theirs: &[TrafficSelector], ours: &[TrafficSelector]) -> Vec<TrafficSelector> {
     let mut out = Vec::new();
@@ -372,6 +387,13 @@ impl IkeSa {
         peer_natted || we_natted || self.conn.force_encap
     }
 
+    /// RFC 7427 §4: with a certificate, the hashes we take in signatures (SHA2-256, -384,
+    /// -512), so the peer signs with method 14.
+    fn signature_hashes(&self) -> Option<Payload> {
+        matches!(self.conn.auth, Auth::Cert(_))
+            .then(|| Payload::notify(N_SIGNATURE_HASH_ALGORITHMS, vec![0, 2, 0, 3, 0, 4]))
+    }
+
     /// Our SPI: how the daemon finds this SA for an incoming message.
     pub fn local_spi(&self) -> u64 {
         if self.initiator {
@@ -431,6 +453,7 @@ impl IkeSa {
         });
         payloads.push(Payload::Nonce(self.ni.clone()));
         payloads.extend(self.nat_payloads());
+        payloads.extend(self.signature_hashes());
         self.dh = Some(dh);
         let msg = self.plain(IKE_SA_INIT, false, 0, &payloads);
         self.msg1 = msg.clone();
@@ -593,6 +616,8 @@ impl IkeSa {
         if payloads.notify(N_NAT_DETECTION_SOURCE_IP).is_some() {
             out.extend(sa.nat_payloads());
         }
+        out.extend(sa.certreq());
+        out.extend(sa.signature_hashes());
         let resp = sa.plain(IKE_SA_INIT, true, 0, &out);
         sa.keys = Some(IkeKeys::derive(&s, &shared, &sa.ni, &sa.nr, &sa.spis()));
         sa.msg1 = msg.to_vec();
@@ -612,8 +637,9 @@ impl IkeSa {
         s
     }
 
-    /// AUTH for PSK (§2.15): prf(prf(PSK, pad), msg | nonce | prf(SK_p, ID body)).
-    fn auth(&self, of_initiator: bool, id: &(u8, Vec<u8>)) -> Vec<u8> {
+    /// The octets an AUTH covers (§2.15): the IKE_SA_INIT message, the other side's
+    /// nonce, prf(SK_p, ID body).
+    fn signed_octets(&self, of_initiator: bool, id: &(u8, Vec<u8>)) -> Vec<u8> {
         let s = self.suite.unwrap();
         let k = self.keys.as_ref().unwrap();
         let (msg, nonce, skp) = if of_initiator {
@@ -622,11 +648,73 @@ impl IkeSa {
             (&self.msg2, &self.ni, &k.pr)
         };
         let maced = s.prf.prf(skp.bytes(), &[&id_body(id.0, &id.1)]);
-        crypto::psk_auth(
-            s.prf,
-            self.conn.psk.bytes(),
-            &[msg.as_slice(), nonce, &maced].concat(),
-        )
+        [msg.as_slice(), nonce, &maced].concat()
+    }
+
+    /// Our AUTH payload, and our certificate before it when we use one.
+    fn our_auth(&self, of_initiator: bool, id: &(u8, Vec<u8>)) -> Vec<Payload> {
+        let octets = self.signed_octets(of_initiator, id);
+        match &self.conn.auth {
+            // prf(prf(PSK, "Key Pad for IKEv2"), octets)
+            Auth::Psk(k) => vec![Payload::Auth {
+                method: AUTH_PSK,
+                data: crypto::psk_auth(self.suite.unwrap().prf, k.bytes(), &octets),
+            }],
+            Auth::Cert(c) => vec![
+                Payload::Cert {
+                    request: false,
+                    encoding: super::cert::CERT_X509,
+                    data: c.cert.clone(),
+                },
+                Payload::Auth {
+                    method: super::cert::AUTH_DIGITAL_SIGNATURE,
+                    data: c.sign(&octets),
+                },
+            ],
+        }
+    }
+
+    /// CERTREQ for our trust anchors (certificate authentication only): strongSwan and
+    /// others send their certificate only when asked.
+    fn certreq(&self) -> Option<Payload> {
+        match &self.conn.auth {
+            Auth::Cert(c) => Some(Payload::Cert {
+                request: true,
+                encoding: super::cert::CERT_X509,
+                data: c.certreq(),
+            }),
+            Auth::Psk(_) => None,
+        }
+    }
+
+    /// Checks the peer's AUTH (and certificate) for its ID `id`, and the ID against the
+    /// configured one.
+    fn check_peer(&self, of_initiator: bool, id: &(u8, Vec<u8>), payloads: &[Payload]) -> Result<(), String> {
+        let (method, data) = payloads.auth().ok_or("no AUTH payload")?;
+        let octets = self.signed_octets(of_initiator, id);
+        match &self.conn.auth {
+            Auth::Psk(k) => {
+                if method != AUTH_PSK {
+                    return Err(format!("the peer authenticates with method {method}, we with a pre-shared key"));
+                }
+                let want = crypto::psk_auth(self.suite.unwrap().prf, k.bytes(), &octets);
+                if !crypto::ct_eq(&want, data) {
+                    return Err("the peer's AUTH does not verify (PSK mismatch?)".into());
+                }
+            }
+            Auth::Cert(c) => c.verify_peer(
+                &payloads.certs(),
+                id,
+                method,
+                data,
+                &octets,
+                std::time::SystemTime::now(),
+            )?,
+        }
+        match &self.conn.remote_id {
+            Some(r) if !same_id(r, id) => Err("the peer's ID is not the configured one".into()),
+            _ => Ok(()),
+        }
     }
 
     /// Handles a datagram for this SA.
@@ -778,19 +866,14 @@ impl IkeSa {
         self.last_heard = now;
         // IKE_AUTH with the first CHILD SA.
         let id = self.conn.local_id.clone();
-        let auth = self.auth(true, &id);
         let esp = proposal::first_child_proposals(&self.conn.esp, self.child_spi);
-        let mut payloads = vec![
-            Payload::Id {
-                initiator: true,
-                kind: id.0,
-                data: id.1.clone(),
-            },
-            Payload::Auth {
-                method: AUTH_PSK,
-                data: auth,
-            },
-        ];
+        let mut payloads = vec![Payload::Id {
+            initiator: true,
+            kind: id.0,
+            data: id.1.clone(),
+        }];
+        payloads.extend(self.our_auth(true, &id));
+        payloads.extend(self.certreq());
         if let Some(r) = &self.conn.remote_id {
             payloads.push(Payload::Id {
                 initiator: false,
@@ -810,18 +893,15 @@ impl IkeSa {
     }
 
     fn on_auth_response(&mut self, payloads: Vec<Payload>, now: Instant) -> Vec<Output> {
-        let (Some(idr), Some(auth)) = (payloads.id(false), payloads.psk_auth()) else {
+        let (Some(idr), Some(_)) = (payloads.id(false), payloads.auth()) else {
             let why = payloads
                 .error_notify()
                 .map(notify_name)
                 .unwrap_or_else(|| "no IDr/AUTH".into());
             return self.close(format!("IKE_AUTH failed: {why}"));
         };
-        if !crypto::ct_eq(&self.auth(false, &idr), auth) {
-            return self.close("IKE_AUTH: the peer's AUTH does not verify (PSK mismatch?)".into());
-        }
-        if self.conn.remote_id.as_ref().is_some_and(|r| *r != idr) {
-            return self.close("IKE_AUTH: the peer's ID is not the configured one".into());
+        if let Err(e) = self.check_peer(false, &idr, &payloads) {
+            return self.close(format!("IKE_AUTH: {e}"));
         }
         self.state = State::Established;
         self.established_at = Some(now);
@@ -941,33 +1021,19 @@ impl IkeSa {
             sa.state = State::Closed;
             vec![out, Output::Closed(why)]
         };
-        let (Some(idi), Some(auth)) = (payloads.id(true), payloads.psk_auth()) else {
-            return fail(self, "IKE_AUTH without IDi or PSK AUTH".into());
+        let (Some(idi), Some(_)) = (payloads.id(true), payloads.auth()) else {
+            return fail(self, "IKE_AUTH without IDi or AUTH".into());
         };
-        if !crypto::ct_eq(&self.auth(true, &idi), auth) {
-            return fail(
-                self,
-                "IKE_AUTH: the peer's AUTH does not verify (PSK mismatch?)".into(),
-            );
-        }
-        if self.conn.remote_id.as_ref().is_some_and(|r| *r != idi) {
-            return fail(
-                self,
-                "IKE_AUTH: the peer's ID is not the configured one".into(),
-            );
+        if let Err(e) = self.check_peer(true, &idi, &payloads) {
+            return fail(self, format!("IKE_AUTH: {e}"));
         }
         let my_id = self.conn.local_id.clone();
-        let mut resp = vec![
-            Payload::Id {
-                initiator: false,
-                kind: my_id.0,
-                data: my_id.1.clone(),
-            },
-            Payload::Auth {
-                method: AUTH_PSK,
-                data: self.auth(false, &my_id),
-            },
-        ];
+        let mut resp = vec![Payload::Id {
+            initiator: false,
+            kind: my_id.0,
+            data: my_id.1.clone(),
+        }];
+        resp.extend(self.our_auth(false, &my_id));
         // The first CHILD SA: choose, narrow, answer with our SPI.
         let child = self.child_for_request(&payloads);
         let mut out = Vec::new();
@@ -1267,7 +1333,7 @@ mod tests {
             name: "t".into(),
             local,
             remote,
-            psk: Secret::new(psk.as_bytes().to_vec()),
+            auth: Auth::Psk(Secret::new(psk.as_bytes().to_vec())),
             local_id: id_of(local),
             remote_id: Some(id_of(remote)),
             ike: ike.iter().map(|n| Suite::parse(n, true).unwrap()).collect(),
@@ -1623,19 +1689,13 @@ mod tests {
     /// that puts a D-H transform in them would send it).
     fn auth_request_with(i: &mut IkeSa, esp: Vec<Proposal>) -> Vec<u8> {
         let id = i.conn.local_id.clone();
-        let auth = i.auth(true, &id);
-        let mut payloads = vec![
-            Payload::Id {
-                initiator: true,
-                kind: id.0,
-                data: id.1.clone(),
-            },
-            Payload::Auth {
-                method: AUTH_PSK,
-                data: auth,
-            },
-            Payload::Sa(esp),
-        ];
+        let mut payloads = vec![Payload::Id {
+            initiator: true,
+            kind: id.0,
+            data: id.1.clone(),
+        }];
+        payloads.extend(i.our_auth(true, &id));
+        payloads.push(Payload::Sa(esp));
         payloads.extend(ts_pair(&i.conn.local_ts, &i.conn.remote_ts));
         i.encrypted(IKE_AUTH, false, 1, &payloads)
     }
