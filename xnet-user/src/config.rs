@@ -648,7 +648,11 @@ impl Config {
                     ),
                 ));
             }
-            let secrets = [c.psk_file.is_some(), c.psk_env.is_some(), c.cert_file.is_some()];
+            let secrets = [
+                c.psk_file.is_some(),
+                c.psk_env.is_some(),
+                c.cert_file.is_some(),
+            ];
             if secrets.iter().filter(|x| **x).count() != 1 {
                 return Err((
                     f("psk_file"),

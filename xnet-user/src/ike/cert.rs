@@ -78,14 +78,23 @@ pub fn dn_string(der: &[u8]) -> String {
 
 /// A DN given as text ("CN=gw.example.net, O=Example") as DER.
 pub fn dn_der(text: &str) -> Option<Vec<u8>> {
-    text.parse::<Name>().ok()?.to_der().ok()
+    let t: Vec<&str> = text.split(',').map(str::trim).collect();
+    t.join(",").parse::<Name>().ok()?.to_der().ok()
 }
 
-/// The same DN, compared by its string form (encodings of the same text differ:
-/// PrintableString or UTF8String).
+/// The same DN, compared by its attributes: encodings of the same text differ
+/// (PrintableString or UTF8String), and people write DNs in either order (RFC 4514's,
+/// or the certificate's as strongSwan and openssl print them).
 pub fn same_dn(a: &[u8], b: &[u8]) -> bool {
-    let norm = |d: &[u8]| dn_string(d).to_ascii_lowercase().replace(", ", ",");
-    a == b || (norm(a) != "?" && norm(a) == norm(b))
+    let norm = |d: &[u8]| {
+        let mut v: Vec<String> = dn_string(d)
+            .split(',')
+            .map(|x| x.trim().to_ascii_lowercase())
+            .collect();
+        v.sort();
+        v
+    };
+    a == b || (dn_string(a) != "?" && norm(a) == norm(b))
 }
 
 impl Credentials {
@@ -131,12 +140,12 @@ impl Credentials {
         check_alg(&c, &probe[1..1 + n])
             .and_then(|h| check_signature(&c, &probe[1 + n..], b"xnet key check", h))
             .map_err(|_| {
-            format!(
-                "key_file {}: not the key of the certificate in {}",
-                key.display(),
-                cert.display()
-            )
-        })?;
+                format!(
+                    "key_file {}: not the key of the certificate in {}",
+                    key.display(),
+                    cert.display()
+                )
+            })?;
         Ok(creds)
     }
 
@@ -199,8 +208,7 @@ impl Credentials {
             ));
         }
         let issued = self.anchors.iter().any(|a| {
-            a.tbs_certificate().subject() == tbs.issuer()
-                && check_signature_of(a, &c).is_ok()
+            a.tbs_certificate().subject() == tbs.issuer() && check_signature_of(a, &c).is_ok()
         });
         if !issued {
             return Err(format!(
@@ -218,7 +226,9 @@ impl Credentials {
         let (sig, hash) = match method {
             AUTH_DIGITAL_SIGNATURE => {
                 let n = *auth.first().ok_or("empty AUTH")? as usize;
-                let alg = auth.get(1..1 + n).ok_or("AUTH shorter than its algorithm")?;
+                let alg = auth
+                    .get(1..1 + n)
+                    .ok_or("AUTH shorter than its algorithm")?;
                 (&auth[1 + n..], check_alg(&c, alg)?)
             }
             AUTH_ECDSA_256 => (auth, Hash::Sha256),
@@ -343,8 +353,148 @@ fn check_signature(c: &Certificate, sig: &[u8], msg: &[u8], hash: Hash) -> Resul
 /// Whether `issuer`'s key signed certificate `c`.
 fn check_signature_of(issuer: &Certificate, c: &Certificate) -> Result<(), String> {
     let oid = c.signature_algorithm().oid.to_string();
-    let hash = Hash::of_oid(&oid)
-        .ok_or_else(|| format!("certificate signature algorithm {oid} (we take SHA-2 RSA/ECDSA)"))?;
+    let hash = Hash::of_oid(&oid).ok_or_else(|| {
+        format!("certificate signature algorithm {oid} (we take SHA-2 RSA/ECDSA)")
+    })?;
     let tbs = c.tbs_certificate().to_der().map_err(|e| e.to_string())?;
     check_signature(issuer, c.signature().raw_bytes(), &tbs, hash)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn creds(name: &str) -> Credentials {
+        let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/ike/testdata");
+        Credentials::load(
+            &d.join(format!("{name}.pem")),
+            &d.join(format!("{name}.key")),
+            &d.join("ca.pem"),
+        )
+        .unwrap()
+    }
+
+    fn testdata(f: &str) -> Vec<u8> {
+        let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/ike/testdata");
+        let pem = std::fs::read_to_string(d.join(f)).unwrap();
+        Certificate::from_pem(pem.as_bytes())
+            .unwrap()
+            .to_der()
+            .unwrap()
+    }
+
+    /// RFC 7427: AUTH method 14 carries the AlgorithmIdentifier (exact bytes of its
+    /// Appendix A) before the signature; RSA and ECDSA both ways; the certificate must
+    /// come from the CA, be valid and name the ID; any change to the octets fails.
+    #[test]
+    fn signatures_certificates_and_ids() {
+        let (cxp, gw) = (creds("cxp"), creds("gw"));
+        let octets = b"IKE_SA_INIT | nonce | prf(SK_p, ID')";
+        let a = cxp.sign(octets);
+        assert_eq!(
+            a[..16],
+            [
+                15, 0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0b,
+                0x05, 0x00
+            ],
+            "sha256WithRSAEncryption"
+        );
+        assert_eq!(a.len(), 16 + 256, "an RSA-2048 signature");
+        let b = gw.sign(octets);
+        assert_eq!(
+            b[..13],
+            [12, 0x30, 0x0a, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x03],
+            "ecdsa-with-SHA384"
+        );
+        let now = SystemTime::now();
+        let dn = |c: &Credentials| (ID_DER_ASN1_DN, c.subject.clone());
+        let fqdn = |n: &str| (ID_FQDN, n.as_bytes().to_vec());
+        // Each verifies the other, by DN, FQDN or address from the subjectAltName.
+        gw.verify_peer(&[cxp.cert.clone()], &dn(&cxp), 14, &a, octets, now)
+            .unwrap();
+        cxp.verify_peer(
+            &[gw.cert.clone()],
+            &fqdn("gw.example.net"),
+            14,
+            &b,
+            octets,
+            now,
+        )
+        .unwrap();
+        cxp.verify_peer(
+            &[gw.cert.clone()],
+            &(ID_IPV4_ADDR, vec![10, 0, 3, 2]),
+            14,
+            &b,
+            octets,
+            now,
+        )
+        .unwrap();
+        let err = |r: Result<(), String>| r.unwrap_err();
+        assert!(err(cxp.verify_peer(
+            &[gw.cert.clone()],
+            &fqdn("other.example.net"),
+            14,
+            &b,
+            octets,
+            now
+        ))
+        .contains("does not carry the peer's ID"));
+        assert!(err(cxp.verify_peer(
+            &[gw.cert.clone()],
+            &fqdn("gw.example.net"),
+            14,
+            &b,
+            b"other",
+            now
+        ))
+        .contains("AUTH signature: does not verify"));
+        assert!(
+            err(cxp.verify_peer(&[gw.cert.clone()], &dn(&gw), 14, &a, octets, now))
+                .contains("is not one we verify for this key"),
+            "an RSA AlgorithmIdentifier for an EC key"
+        );
+        assert!(err(cxp.verify_peer(&[], &dn(&gw), 14, &b, octets, now)).contains("no certificate"));
+        // The same subject and key from another CA of the same name.
+        assert!(
+            err(cxp.verify_peer(&[testdata("rogue-gw.pem")], &dn(&gw), 14, &b, octets, now))
+                .contains("is not signed by a CA in ca_file")
+        );
+        let later = now + std::time::Duration::from_secs(200 * 365 * 86400);
+        assert!(
+            err(cxp.verify_peer(&[gw.cert.clone()], &dn(&gw), 14, &b, octets, later))
+                .contains("is not valid now")
+        );
+        // A DN from the config matches the certificate's, whatever the string encoding.
+        assert!(same_dn(
+            &dn_der("O=xnet test, CN=gw.example.net").unwrap(),
+            &gw.subject
+        ));
+        assert!(!same_dn(
+            &dn_der("O=xnet test, CN=cxp.example.net").unwrap(),
+            &gw.subject
+        ));
+        // The CERTREQ names the CA by the SHA-1 of its public key.
+        assert_eq!(cxp.certreq().len(), 20);
+        assert_eq!(
+            format!("{cxp:?}"),
+            "Credentials(CN=cxp.example.net,O=xnet test)"
+        );
+    }
+
+    /// Bad credential files: the field, the file and the reason, never the key.
+    #[test]
+    fn bad_credential_files_say_which_and_why() {
+        let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/ike/testdata");
+        let load = |c: &str, k: &str, a: &str| {
+            Credentials::load(&d.join(c), &d.join(k), &d.join(a)).unwrap_err()
+        };
+        assert!(load("cxp.pem", "gw.key", "ca.pem").starts_with("key_file "));
+        assert!(load("cxp.pem", "gw.key", "ca.pem").contains("not the key of the certificate"));
+        assert!(load("cxp.key", "cxp.key", "ca.pem").starts_with("cert_file "));
+        assert!(load("cxp.pem", "ca.pem", "ca.pem").contains("not an unencrypted PKCS#8"));
+        assert!(load("cxp.pem", "cxp.key", "missing.pem").starts_with("ca_file "));
+        let e = load("cxp.pem", "gw.key", "ca.pem");
+        assert!(!e.contains("PRIVATE"), "{e}");
+    }
 }

@@ -139,11 +139,15 @@ pub fn conns(config: &Config, file: &str) -> Result<Vec<Arc<Conn>>> {
             let (local_id, remote_id) = match &auth {
                 Auth::Cert(k) if c.local_id.is_none() => (
                     (ID_DER_ASN1_DN, k.subject.clone()),
-                    c.remote_id.as_ref().map(|_| id_from(&c.remote_id, c.remote_address)),
+                    c.remote_id
+                        .as_ref()
+                        .map(|_| id_from(&c.remote_id, c.remote_address)),
                 ),
                 Auth::Cert(_) => (
                     id_from(&c.local_id, c.local_address),
-                    c.remote_id.as_ref().map(|_| id_from(&c.remote_id, c.remote_address)),
+                    c.remote_id
+                        .as_ref()
+                        .map(|_| id_from(&c.remote_id, c.remote_address)),
                 ),
                 Auth::Psk(_) => (
                     id_from(&c.local_id, c.local_address),

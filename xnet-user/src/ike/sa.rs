@@ -689,13 +689,20 @@ impl IkeSa {
 
     /// Checks the peer's AUTH (and certificate) for its ID `id`, and the ID against the
     /// configured one.
-    fn check_peer(&self, of_initiator: bool, id: &(u8, Vec<u8>), payloads: &[Payload]) -> Result<(), String> {
+    fn check_peer(
+        &self,
+        of_initiator: bool,
+        id: &(u8, Vec<u8>),
+        payloads: &[Payload],
+    ) -> Result<(), String> {
         let (method, data) = payloads.auth().ok_or("no AUTH payload")?;
         let octets = self.signed_octets(of_initiator, id);
         match &self.conn.auth {
             Auth::Psk(k) => {
                 if method != AUTH_PSK {
-                    return Err(format!("the peer authenticates with method {method}, we with a pre-shared key"));
+                    return Err(format!(
+                        "the peer authenticates with method {method}, we with a pre-shared key"
+                    ));
                 }
                 let want = crypto::psk_auth(self.suite.unwrap().prf, k.bytes(), &octets);
                 if !crypto::ct_eq(&want, data) {
@@ -2035,6 +2042,79 @@ mod tests {
             let ans = sr.on_message(&dpd, t);
             assert!(si.on_message(&sent(&ans), t).is_empty(), "same keys");
         }
+    }
+
+    /// Certificate authentication end to end: CERTREQ in IKE_SA_INIT, CERT and a
+    /// digital-signature AUTH (RFC 7427) in IKE_AUTH, both ways; a peer whose certificate
+    /// another CA issued is refused with the reason.
+    #[test]
+    fn certificate_authentication_both_ways() {
+        let d = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/ike/testdata");
+        let cert = |pem: &str, key: &str, local: &str, remote: &str| {
+            let c = super::super::cert::Credentials::load(
+                &d.join(pem),
+                &d.join(key),
+                &d.join("ca.pem"),
+            )
+            .unwrap();
+            let base = conn(
+                local,
+                remote,
+                &["aes256gcm16-prfsha384-ecp384"],
+                &["aes256gcm16"],
+                "unused",
+                "10.1.0.0/16",
+                "10.2.0.0/16",
+            );
+            Arc::new(Conn {
+                local_id: (ID_DER_ASN1_DN, c.subject.clone()),
+                remote_id: None,
+                auth: Auth::Cert(Arc::new(c)),
+                local_ts: base.local_ts.clone(),
+                remote_ts: base.remote_ts.clone(),
+                ..(*base).clone()
+            })
+        };
+        let a = cert("cxp.pem", "cxp.key", "192.0.2.1", "192.0.2.2");
+        let mut b = cert("gw.pem", "gw.key", "192.0.2.2", "192.0.2.1");
+        Arc::make_mut(&mut b).local_ts = a.remote_ts.clone();
+        Arc::make_mut(&mut b).remote_ts = a.local_ts.clone();
+        // The responder asks for certificates from its CA and takes method 14.
+        let now = Instant::now();
+        let (_, out) = IkeSa::initiate(a.clone(), now);
+        let (_, resp) = IkeSa::respond(b.clone(), &sent(&out), 500, now).unwrap();
+        let (p, _) = decode_payloads(
+            Header::decode(&sent(&resp)).unwrap().next,
+            &sent(&resp)[HEADER_LEN..],
+            HEADER_LEN,
+        )
+        .unwrap();
+        assert!(p.iter().any(
+            |x| matches!(x, Payload::Cert { request: true, encoding: 4, data } if data.len() == 20)
+        ));
+        assert_eq!(
+            p.notify(N_SIGNATURE_HASH_ALGORITHMS),
+            Some(&[0u8, 2, 0, 3, 0, 4][..])
+        );
+        let (i, r, i_out, r_out) = handshake(a.clone(), b.clone());
+        assert_eq!(
+            (i.state, r.state),
+            (State::Established, State::Established),
+            "{i_out:?} {r_out:?}"
+        );
+        assert_eq!(child(&i_out).out_keys(), child(&r_out).in_keys());
+        // The same subject and key, from a CA of the same name that is not ours.
+        let mut rogue = cert("rogue-gw.pem", "gw.key", "192.0.2.2", "192.0.2.1");
+        Arc::make_mut(&mut rogue).local_ts = b.local_ts.clone();
+        Arc::make_mut(&mut rogue).remote_ts = b.remote_ts.clone();
+        let (i, _, i_out, _) = handshake(a, rogue);
+        assert_eq!(i.state, State::Closed);
+        assert!(
+            i_out.iter().any(
+                |o| matches!(o, Output::Closed(w) if w.contains("is not signed by a CA in ca_file"))
+            ),
+            "{i_out:?}"
+        );
     }
 
     fn take_new(out: &mut Vec<Output>) -> IkeSa {
