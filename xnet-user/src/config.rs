@@ -52,7 +52,7 @@ pub struct Ipsec {
     /// Certificate authentication instead of a PSK (RSA or ECDSA, RFC 7427): our
     /// certificate and its unencrypted PKCS#8 key (PEM files; the key is never logged) and
     /// the CA certificates that issue the peer's. The peer's ID (`remote_id`: a DN such
-    /// as "CN=gw.example.net, O=Example", an FQDN or an address) must be in its
+    /// in the certificate's order as "O=Example, CN=gw.example.net", an FQDN or an address) must be in its
     /// certificate; without `remote_id` any certificate of those CAs is accepted.
     pub cert_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,

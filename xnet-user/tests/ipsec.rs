@@ -648,3 +648,126 @@ dpd_seconds = 5
     std::thread::sleep(Duration::from_secs(7));
     assert!(up(&agent.status()), "{}", agent.log());
 }
+
+/// Certificate authentication (RFC 7296 §3.8, RFC 7427) with strongSwan, configured by
+/// `peer-config` (its own certificate and key filled in): the agent's RSA certificate
+/// and strongSwan's ECDSA P-384 one, both from the test CA, the agent initiating and then
+/// responding; a gateway certificate from another CA of the same name is refused, and
+/// `xnet ipsec` says why.
+#[test]
+fn certificates_authenticate_both_ways_with_strongswan() {
+    if !require_root("certificates_authenticate_both_ways_with_strongswan") {
+        return;
+    }
+    let lab = lab("ike-cert");
+    let td = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/ike/testdata");
+    let f = |n: &str| td.join(n).display().to_string();
+    let config = |initiate: bool| {
+        let (cfg, _) = agent_config_with(
+            &lab,
+            initiate,
+            &["aes256gcm16-prfsha384-ecp384"],
+            &["aes256gcm16"],
+            &format!(
+                "cert_file = \"{}\"\nkey_file = \"{}\"\nca_file = \"{}\"\nremote_id = \"O=xnet test, CN=gw.example.net\"",
+                f("cxp.pem"),
+                f("cxp.key"),
+                f("ca.pem")
+            ),
+        );
+        cfg.lines()
+            .filter(|l| !l.starts_with("psk_file"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    // The gateway's side as peer-config writes it, with its credentials filled in.
+    let gateway = |cfg: &str, cert: &str| {
+        let path = std::env::temp_dir().join(&lab.prefix).join("cert.toml");
+        std::fs::write(&path, cfg).unwrap();
+        let conf = peer_config("onprem-vpn", &path);
+        assert!(conf.contains("auth = pubkey"), "{conf}");
+        assert!(
+            conf.contains("id = \"O=xnet test, CN=cxp.example.net\""),
+            "the CXP's identity, from its certificate: {conf}"
+        );
+        assert!(!conf.contains("secret ="), "no PSK: {conf}");
+        conf.replace("gateway.pem", &f(cert))
+            .replace("cxp-ca.pem", &f("ca.pem"))
+    };
+    // charon with the gateway's key in its swanctl directory's private/.
+    let charon = |conf: &str| {
+        let dir = std::env::temp_dir().join(format!("{}-charon", lab.prefix));
+        let c = Charon::start(&lab.ns("onprem"), dir, SETTINGS, LOG_LEVELS, conf).unwrap();
+        std::fs::create_dir_all(c.dir.join("private")).unwrap();
+        std::fs::copy(td.join("gw.key"), c.dir.join("private/gw.key")).unwrap();
+        c.load("--load-all").unwrap();
+        c
+    };
+    for agent_initiates in [true, false] {
+        let cfg = config(agent_initiates);
+        let (charon, mut agent) = if agent_initiates {
+            let c = charon(&gateway(&cfg, "gw.pem"));
+            (c, Agent::start(&lab, &cfg))
+        } else {
+            let a = Agent::start(&lab, &cfg);
+            (charon(&gateway(&cfg, "gw.pem")), a)
+        };
+        wait_until(
+            &agent,
+            "IKE SA up with certificates",
+            Duration::from_secs(20),
+            up,
+        );
+        let log = charon.log();
+        assert!(
+            log.contains("authentication of 'O=xnet test, CN=cxp.example.net' with RSA_EMSA_PKCS1_SHA2_256 successful"),
+            "strongSwan checked the agent's RSA signature (RFC 7427): {log}"
+        );
+        assert!(
+            log.contains("authentication of 'O=xnet test, CN=gw.example.net' (myself) with ECDSA"),
+            "{log}"
+        );
+        assert!(!agent.log().contains("BEGIN PRIVATE KEY"));
+        if kernel_has_esp() {
+            // In the VM: traffic through the tunnel (the kernel forwards it, as in the
+            // route-based test).
+            sh(&format!(
+                "ip netns exec {} sysctl -qw net.ipv4.ip_forward=1",
+                lab.ns("cxp")
+            ));
+            let port = if agent_initiates { 9320 } else { 9321 };
+            assert_eq!(
+                udp(
+                    &lab,
+                    "vnet1",
+                    &format!("10.1.0.1:{}", port - 4000),
+                    "onprem",
+                    &format!("192.168.10.1:{port}"),
+                    20
+                ),
+                20,
+                "{}",
+                charon.log()
+            );
+        }
+        assert!(agent.stop().success());
+        drop(charon);
+    }
+    // A gateway certificate of the same subject and key from another CA.
+    let cfg = config(true);
+    let charon = charon(&gateway(&cfg, "rogue-gw.pem"));
+    let agent = Agent::start(&lab, &cfg);
+    wait_until(
+        &agent,
+        "the rogue certificate refused",
+        Duration::from_secs(20),
+        |s| {
+            tunnel(s)
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("is not signed by a CA in ca_file"))
+        },
+    );
+    assert_ne!(tunnel(&agent.status()).state, "established");
+    drop(charon);
+}

@@ -482,13 +482,14 @@ fn build(root: &Path) -> Result<PathBuf> {
 }
 
 /// Test binaries that run in the VM, each with the tests it runs there unless a filter
-/// is given: the scenarios, and the IPsec test that needs ESP and xfrm interfaces (the
-/// other IPsec tests run on the host).
+/// is given: the scenarios, and the IPsec tests that need ESP and xfrm interfaces or send
+/// traffic through the tunnel (the other IPsec tests run on the host).
 /// Scenario 5 (firewall steering) is tests/steering.rs, run on the host and in the VM.
 const VM_TESTS: &[(&str, &str)] = &[
     ("scenarios", ""),
     ("steering", ""),
     ("ipsec", "route_based"),
+    ("ipsec", "certificates"),
 ];
 
 fn vm_test(
@@ -502,10 +503,12 @@ fn vm_test(
     let script = match exec {
         Some(cmd) => format!("{VM_PRELUDE}{cmd}\n"),
         None => {
-            let runs: Vec<(&str, &str)> = VM_TESTS
+            let mut runs: Vec<(&str, &str)> = VM_TESTS
                 .iter()
                 .map(|(t, default)| (*t, filter.as_deref().unwrap_or(default)))
                 .collect();
+            // One filter for all: each binary once.
+            runs.dedup();
             vm_test_script(root, &runs, "")?
         }
     };

@@ -76,9 +76,20 @@ pub fn dn_string(der: &[u8]) -> String {
         .unwrap_or_else(|_| "?".into())
 }
 
-/// A DN given as text ("CN=gw.example.net, O=Example") as DER.
+/// A DN in the order of its DER (how strongSwan and openssl write it: "O=…, CN=…").
+pub fn dn_asn1_order(der: &[u8]) -> String {
+    let s = dn_string(der);
+    let mut v: Vec<&str> = s.split(',').map(str::trim).collect();
+    v.reverse();
+    v.join(", ")
+}
+
+/// A DN given as text in the order of its DER, as strongSwan and openssl write it
+/// ("O=Example, CN=gw.example.net"), as DER.
 pub fn dn_der(text: &str) -> Option<Vec<u8>> {
-    let t: Vec<&str> = text.split(',').map(str::trim).collect();
+    let mut t: Vec<&str> = text.split(',').map(str::trim).collect();
+    // RFC 4514, which the parser takes, lists the last RDN first.
+    t.reverse();
     t.join(",").parse::<Name>().ok()?.to_der().ok()
 }
 
@@ -410,10 +421,17 @@ mod tests {
         let dn = |c: &Credentials| (ID_DER_ASN1_DN, c.subject.clone());
         let fqdn = |n: &str| (ID_FQDN, n.as_bytes().to_vec());
         // Each verifies the other, by DN, FQDN or address from the subjectAltName.
-        gw.verify_peer(&[cxp.cert.clone()], &dn(&cxp), 14, &a, octets, now)
-            .unwrap();
+        gw.verify_peer(
+            std::slice::from_ref(&cxp.cert),
+            &dn(&cxp),
+            14,
+            &a,
+            octets,
+            now,
+        )
+        .unwrap();
         cxp.verify_peer(
-            &[gw.cert.clone()],
+            std::slice::from_ref(&gw.cert),
             &fqdn("gw.example.net"),
             14,
             &b,
@@ -422,7 +440,7 @@ mod tests {
         )
         .unwrap();
         cxp.verify_peer(
-            &[gw.cert.clone()],
+            std::slice::from_ref(&gw.cert),
             &(ID_IPV4_ADDR, vec![10, 0, 3, 2]),
             14,
             &b,
@@ -432,7 +450,7 @@ mod tests {
         .unwrap();
         let err = |r: Result<(), String>| r.unwrap_err();
         assert!(err(cxp.verify_peer(
-            &[gw.cert.clone()],
+            std::slice::from_ref(&gw.cert),
             &fqdn("other.example.net"),
             14,
             &b,
@@ -441,7 +459,7 @@ mod tests {
         ))
         .contains("does not carry the peer's ID"));
         assert!(err(cxp.verify_peer(
-            &[gw.cert.clone()],
+            std::slice::from_ref(&gw.cert),
             &fqdn("gw.example.net"),
             14,
             &b,
@@ -450,8 +468,15 @@ mod tests {
         ))
         .contains("AUTH signature: does not verify"));
         assert!(
-            err(cxp.verify_peer(&[gw.cert.clone()], &dn(&gw), 14, &a, octets, now))
-                .contains("is not one we verify for this key"),
+            err(cxp.verify_peer(
+                std::slice::from_ref(&gw.cert),
+                &dn(&gw),
+                14,
+                &a,
+                octets,
+                now
+            ))
+            .contains("is not one we verify for this key"),
             "an RSA AlgorithmIdentifier for an EC key"
         );
         assert!(err(cxp.verify_peer(&[], &dn(&gw), 14, &b, octets, now)).contains("no certificate"));
@@ -461,10 +486,15 @@ mod tests {
                 .contains("is not signed by a CA in ca_file")
         );
         let later = now + std::time::Duration::from_secs(200 * 365 * 86400);
-        assert!(
-            err(cxp.verify_peer(&[gw.cert.clone()], &dn(&gw), 14, &b, octets, later))
-                .contains("is not valid now")
-        );
+        assert!(err(cxp.verify_peer(
+            std::slice::from_ref(&gw.cert),
+            &dn(&gw),
+            14,
+            &b,
+            octets,
+            later
+        ))
+        .contains("is not valid now"));
         // A DN from the config matches the certificate's, whatever the string encoding.
         assert!(same_dn(
             &dn_der("O=xnet test, CN=gw.example.net").unwrap(),

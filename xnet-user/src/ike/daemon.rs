@@ -189,6 +189,9 @@ pub fn conns(config: &Config, file: &str) -> Result<Vec<Arc<Conn>>> {
         .collect()
 }
 
+/// A CHILD SA's (local, remote) traffic selectors.
+type SelectorSet = (Vec<TrafficSelector>, Vec<TrafficSelector>);
+
 struct Connector {
     conn: Arc<Conn>,
     initiate: bool,
@@ -197,7 +200,7 @@ struct Connector {
     /// own, 0x100 + its index): they tie each CHILD SA's policies to its SAs, so with
     /// several CHILD SAs the kernel never sends a packet on another's SA (which the peer
     /// would drop for its selectors).
-    reqids: Vec<((Vec<TrafficSelector>, Vec<TrafficSelector>), u32)>,
+    reqids: Vec<(SelectorSet, u32)>,
     /// Its index (for the reqids of further selector sets).
     index: usize,
     /// Route-based: the if_id of its xfrm interface.

@@ -5,7 +5,7 @@
 
 use std::fmt::Write;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use super::proposal::Suite;
 use crate::config::{Config, Ipsec};
@@ -87,6 +87,18 @@ pub fn render(config: &Config, name: &str, format: Format, psk: Option<&str>) ->
             })
     });
     let psk = psk_line(c, psk);
+    // With certificates: the subject of ours, in the order strongSwan writes DNs.
+    let cert = match &c.cert_file {
+        Some(f) => {
+            let pem =
+                std::fs::read_to_string(f).with_context(|| format!("cert_file {}", f.display()))?;
+            let der = <x509_cert::Certificate as der::DecodePem>::from_pem(pem.as_bytes())
+                .map_err(|e| anyhow::anyhow!("cert_file {}: {e}", f.display()))?;
+            let subject = der::Encode::to_der(der.tbs_certificate().subject())?;
+            Some(super::cert::dn_asn1_order(&subject))
+        }
+        None => None,
+    };
     let mut s = String::new();
     match format {
         Format::Strongswan => {
@@ -124,14 +136,31 @@ pub fn render(config: &Config, name: &str, format: Format, psk: Option<&str>) ->
             if c.force_encap {
                 let _ = writeln!(s, "    encap = yes");
             }
-            let _ = writeln!(
-                s,
-                "    local {{\n      auth = psk\n      id = {remote_id}\n    }}"
-            );
-            let _ = writeln!(
-                s,
-                "    remote {{\n      auth = psk\n      id = {local_id}\n    }}"
-            );
+            match &cert {
+                None => {
+                    let _ = writeln!(
+                        s,
+                        "    local {{\n      auth = psk\n      id = {remote_id}\n    }}"
+                    );
+                    let _ = writeln!(
+                        s,
+                        "    remote {{\n      auth = psk\n      id = {local_id}\n    }}"
+                    );
+                }
+                Some(ours) => {
+                    // The gateway's own certificate and key are its business; the CA
+                    // must be one in the CXP's ca_file, and it must trust ours.
+                    let _ = writeln!(s, "    local {{\n      auth = pubkey\n      certs = gateway.pem   # issued by a CA in {} on the CXP", c.ca_file.as_ref().map(|p| p.display().to_string()).unwrap_or_default());
+                    if let Some(r) = &c.remote_id {
+                        let _ = writeln!(s, "      id = \"{r}\"");
+                    }
+                    let _ = writeln!(s, "    }}");
+                    let _ = writeln!(
+                        s,
+                        "    remote {{\n      auth = pubkey\n      id = \"{ours}\"\n      cacerts = cxp-ca.pem   # the CA that issued the CXP's certificate\n    }}"
+                    );
+                }
+            }
             let _ = writeln!(s, "    children {{\n      xnet-{} {{", c.name);
             let _ = writeln!(
                 s,
@@ -153,7 +182,14 @@ pub fn render(config: &Config, name: &str, format: Format, psk: Option<&str>) ->
                 s,
                 "        dpd_action = restart\n      }}\n    }}\n  }}\n}}"
             );
-            let _ = writeln!(s, "secrets {{\n  ike-xnet-{} {{\n    id-cxp = {local_id}\n    id-peer = {remote_id}\n    secret = \"{psk}\"\n  }}\n}}", c.name);
+            if cert.is_some() {
+                let _ = writeln!(
+                    s,
+                    "# the gateway's private key goes into swanctl's private/ (or ecdsa/) directory"
+                );
+            } else {
+                let _ = writeln!(s, "secrets {{\n  ike-xnet-{} {{\n    id-cxp = {local_id}\n    id-peer = {remote_id}\n    secret = \"{psk}\"\n  }}\n}}", c.name);
+            }
             if let Some((asn, peer_asn, cxp, peer)) = bgp {
                 let _ = writeln!(
                     s,
