@@ -1608,3 +1608,51 @@ fn s7_refused_rekeys_back_off_and_reauthenticate_under_traffic() {
         charon.log()
     );
 }
+
+/// A CHILD SA whose SAs the kernel no longer has (here deleted by hand, as a hard
+/// lifetime would) is not shown as installed: the agent says so at WARN, tells the
+/// gateway, re-creates the CHILD SA (it starts the connector) and traffic flows again.
+#[test]
+fn s7_a_child_sa_gone_from_the_kernel_is_noticed_and_comes_back() {
+    if !vm_kernel("s7_a_child_sa_gone_from_the_kernel_is_noticed_and_comes_back") {
+        return;
+    }
+    let lab = lab("s7x");
+    slow_path_on(&lab);
+    let cfg = rekey_config(&lab, 3600);
+    let charon = charon_in(&lab, "onprem", &peer_config_of(&lab, "gw", &cfg));
+    let agent = Agent::start(&lab, &cfg);
+    let child = |s: &xnet_user::status::Status| {
+        s.ipsec
+            .first()
+            .filter(|t| t.state == "established")
+            .and_then(|t| t.children.first().cloned())
+    };
+    wait_until(&agent, "the tunnel", Duration::from_secs(90), |s| {
+        child(s).is_some()
+    });
+    let old = child(&agent.status()).unwrap();
+    assert_eq!(vnet1_to_onprem(&lab, 10), 10);
+    sh(&format!(
+        "ip -n {} xfrm state delete src 10.0.3.2 dst 10.0.3.1 proto esp spi {}",
+        lab.ns("cxp"),
+        old.spi_in
+    ));
+    wait_until(&agent, "a new CHILD SA", Duration::from_secs(30), |s| {
+        child(s).is_some_and(|c| c.spi_in != old.spi_in && c.installed)
+    });
+    let log = agent.log();
+    assert!(
+        log.contains(&format!(
+            "WARN  xnet_user::ike::daemon] ipsec gw: CHILD SA {} expired in the kernel",
+            old.spi_in
+        )),
+        "{log}"
+    );
+    assert!(
+        charon.log().contains("received DELETE for ESP CHILD_SA"),
+        "the gateway was told: {}",
+        charon.log()
+    );
+    assert_eq!(vnet1_to_onprem(&lab, 10), 10, "traffic again");
+}

@@ -718,6 +718,15 @@ fn certificates_authenticate_both_ways_with_strongswan() {
             Duration::from_secs(20),
             up,
         );
+        // charon may log its check a moment after the agent is up (as responder).
+        let t = std::time::Instant::now();
+        while !charon
+            .log()
+            .contains("with RSA_EMSA_PKCS1_SHA2_256 successful")
+            && t.elapsed() < Duration::from_secs(10)
+        {
+            std::thread::sleep(Duration::from_millis(100));
+        }
         let log = charon.log();
         assert!(
             log.contains("authentication of 'O=xnet test, CN=cxp.example.net' with RSA_EMSA_PKCS1_SHA2_256 successful"),
@@ -770,4 +779,74 @@ fn certificates_authenticate_both_ways_with_strongswan() {
     );
     assert_ne!(tunnel(&agent.status()).state, "established");
     drop(charon);
+}
+
+/// A CHILD SA strongSwan deletes is re-created by the agent (which starts the
+/// connector); one strongSwan refuses in IKE_AUTH leaves an IKE SA that `xnet ipsec`
+/// shows as `no-child-sa` with the reason, logged at WARN once, while the agent keeps
+/// asking with back-off.
+#[test]
+fn a_deleted_child_sa_comes_back_and_a_refused_one_is_shown() {
+    if !require_root("a_deleted_child_sa_comes_back_and_a_refused_one_is_shown") {
+        return;
+    }
+    let lab = lab("ike-child");
+    let (cfg, _) = agent_config(
+        &lab,
+        true,
+        &["aes256gcm16-prfsha384-ecp384"],
+        &["aes256gcm16"],
+    );
+    let gw = charon_before_agent(&lab, &cfg);
+    let agent = Agent::start(&lab, &cfg);
+    wait_until(&agent, "up", Duration::from_secs(20), up);
+    let first = tunnel(&agent.status()).children[0].clone();
+    gw.swanctl("--terminate --child xnet-onprem-vpn").unwrap();
+    wait_until(
+        &agent,
+        "a new CHILD SA after strongSwan deleted it",
+        Duration::from_secs(10),
+        |s| up(s) && tunnel(s).children[0].spi_in != first.spi_in,
+    );
+    let sas = gw.swanctl("--list-sas").unwrap();
+    assert_eq!(sas.matches("INSTALLED").count(), 1, "{sas}");
+    drop(gw);
+    let mut agent = agent;
+    assert!(agent.stop().success());
+
+    // strongSwan's CHILD SA config takes other selectors: IKE_AUTH gives no CHILD SA.
+    let path = std::env::temp_dir().join(&lab.prefix).join("pre.toml");
+    std::fs::write(&path, &cfg).unwrap();
+    let conf = peer_config("onprem-vpn", &path)
+        .replace("remote_ts = 10.1.0.0/16", "remote_ts = 10.99.0.0/16");
+    let charon = charon(&lab, &conf);
+    let agent = Agent::start(&lab, &cfg);
+    wait_until(
+        &agent,
+        "no-child-sa with the reason",
+        Duration::from_secs(20),
+        |s| {
+            let t = tunnel(s);
+            t.state == "no-child-sa"
+                && t.last_error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("no CHILD SA: TS_UNACCEPTABLE"))
+        },
+    );
+    std::thread::sleep(Duration::from_secs(4));
+    let log = agent.log();
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.contains("WARN") && l.contains("no CHILD SA"))
+            .count(),
+        1,
+        "{log}"
+    );
+    // Asked again with back-off (after 1, 2, 4 s…), not every tick.
+    let asked = charon
+        .log()
+        .lines()
+        .filter(|l| l.contains("parsed CREATE_CHILD_SA request"))
+        .count();
+    assert!((1..=4).contains(&asked), "{asked}: {}", charon.log());
 }
