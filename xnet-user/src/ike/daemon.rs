@@ -251,6 +251,8 @@ struct Daemon {
     /// late, so what the peer sent on them just before it switched still decrypts (what
     /// strongSwan's delete_rekeyed_delay does).
     late_deletes: Vec<(IpAddr, u32, Instant)>,
+    /// Inbound SAs installed before IKE_AUTH went out: inbound SPI → (IKE SA, the SA).
+    inbound_first: HashMap<u32, (u64, xfrm::Sa)>,
 }
 
 /// How long an inbound SA outlives its CHILD SA.
@@ -379,6 +381,7 @@ pub async fn start(
         events: ev_tx,
         counters: HashMap::new(),
         late_deletes: Vec::new(),
+        inbound_first: HashMap::new(),
     };
     d.publish();
     info!(
@@ -652,6 +655,26 @@ impl Daemon {
                         }
                     }
                 }
+                Output::InboundFirst(c) => {
+                    if let Some(ci) = ci {
+                        let encap = self.sas.get(&spi).filter(|s| s.nat_detected).map(|s| {
+                            (
+                                NATT_PORT,
+                                if s.remote_port == IKE_PORT {
+                                    NATT_PORT
+                                } else {
+                                    s.remote_port
+                                },
+                            )
+                        });
+                        let [_, inbound] = self.sas_of(ci, &c, encap);
+                        if let Some(x) = &mut self.xfrm {
+                            if x.add_sa(&inbound).is_ok() {
+                                self.inbound_first.insert(c.spi_in, (spi, inbound));
+                            }
+                        }
+                    }
+                }
                 Output::Problem(why) => {
                     if let Some(ci) = ci {
                         let c = &mut self.connectors[ci];
@@ -780,6 +803,20 @@ impl Daemon {
                 }
                 Output::Closed(why) => {
                     info!("ipsec {name}: IKE SA closed: {why}");
+                    // An inbound SA installed for a CHILD SA that never came.
+                    let gone: Vec<u32> = self
+                        .inbound_first
+                        .iter()
+                        .filter(|(_, (ike, _))| *ike == spi)
+                        .map(|(k, _)| *k)
+                        .collect();
+                    for k in gone {
+                        if let (Some((_, sa)), Some(x)) =
+                            (self.inbound_first.remove(&k), &mut self.xfrm)
+                        {
+                            let _ = x.del_sa(&sa.dst, sa.spi);
+                        }
+                    }
                     // An SA a rekey replaced closes without taking the connector down.
                     if let Some(ci) = ci.filter(|&ci| self.connectors[ci].sa == Some(spi)) {
                         let c = &mut self.connectors[ci];
@@ -953,6 +990,20 @@ impl Daemon {
         if !outbound {
             sas.remove(0);
         }
+        // Installed before IKE_AUTH: kept if it is this one (same reqid, keys, encap).
+        if let Some((_, pre)) = self.inbound_first.remove(&c.spi_in) {
+            let same = sas.last().is_some_and(|s| {
+                (s.reqid, s.encap, s.encr, s.integ) == (pre.reqid, pre.encap, pre.encr, pre.integ)
+                    && s.enc_key.bytes() == pre.enc_key.bytes()
+            });
+            if let Some(x) = &mut self.xfrm {
+                if same {
+                    sas.pop();
+                } else {
+                    let _ = x.del_sa(&pre.dst, pre.spi);
+                }
+            }
+        }
         let policies = self.policies(ci, c);
         let name = self.connectors[ci].conn.name.clone();
         let Some(x) = &mut self.xfrm else {
@@ -1016,6 +1067,22 @@ impl Daemon {
         let now = Instant::now();
         self.late_deletes(now, false);
         self.each_sa(|sa| sa.on_tick(now)).await;
+        // Inbound SAs installed before IKE_AUTH whose CHILD SA did not come (refused).
+        let stale: Vec<u32> = self
+            .inbound_first
+            .iter()
+            .filter(|(k, (ike, _))| {
+                self.sas.get(ike).is_none_or(|s| {
+                    s.state == State::Established && !s.children.iter().any(|c| c.spi_in == **k)
+                })
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for k in stale {
+            if let (Some((_, sa)), Some(x)) = (self.inbound_first.remove(&k), &mut self.xfrm) {
+                let _ = x.del_sa(&sa.dst, sa.spi);
+            }
+        }
         // A peer that never deletes the old SA after its rekey (or lost the DELETE): the
         // new outbound SA goes in after a while all the same.
         for ci in 0..self.connectors.len() {

@@ -129,6 +129,10 @@ impl ChildSa {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Output {
     Send(Vec<u8>),
+    /// The inbound SA of the first CHILD SA we expect (its outbound SPI still unknown):
+    /// to install before IKE_AUTH goes out; `ChildUp` follows with the same inbound SPI,
+    /// or the IKE SA closes.
+    InboundFirst(ChildSa),
     /// A rekey made this IKE SA's successor (it took the CHILD SAs); the old one closes.
     NewIkeSa(Box<IkeSa>),
     Established,
@@ -891,12 +895,30 @@ impl IkeSa {
         if self.initial_contact {
             payloads.push(Payload::notify(N_INITIAL_CONTACT, Vec::new()));
         }
-        payloads.push(Payload::Sa(esp));
+        payloads.push(Payload::Sa(esp.clone()));
         payloads.extend(ts_pair(&self.conn.local_ts, &self.conn.remote_ts));
         let msg = self.encrypted(IKE_AUTH, false, 1, &payloads);
         self.next_id = 2;
         self.state = State::AuthSent;
-        self.request(1, msg, now)
+        // The responder sends on the first CHILD SA as soon as it has answered, before
+        // its answer reaches us: with one proposal to choose from, its keys are known
+        // now (SK_d and this exchange's nonces), so our inbound SA goes in first.
+        let mut out = Vec::new();
+        if esp.len() == 1 {
+            let suite = self.conn.esp[0];
+            out.push(Output::InboundFirst(ChildSa {
+                spi_in: self.child_spi,
+                spi_out: 0,
+                suite,
+                keys: self.child_keys(suite, None, &self.ni, &self.nr),
+                initiator: true,
+                local_ts: self.conn.local_ts.clone(),
+                remote_ts: self.conn.remote_ts.clone(),
+                created: now,
+            }));
+        }
+        out.extend(self.request(1, msg, now));
+        out
     }
 
     fn on_auth_response(&mut self, payloads: Vec<Payload>, now: Instant) -> Vec<Output> {
@@ -1733,7 +1755,13 @@ mod tests {
         let now = Instant::now();
         let (mut i, out) = IkeSa::initiate(a.clone(), now);
         let (mut r, out) = IkeSa::respond(b.clone(), &sent(&out), 500, now).unwrap();
-        let auth = sent(&i.on_message(&sent(&out), now));
+        let auth_out = i.on_message(&sent(&out), now);
+        // One proposal: the inbound SA of the first CHILD SA comes before IKE_AUTH.
+        let Some(Output::InboundFirst(early)) = auth_out.first() else {
+            panic!("{auth_out:?}")
+        };
+        let early = early.clone();
+        let auth = sent(&auth_out);
         let p = payloads_of(&r, &auth);
         assert!(
             p.sa()
@@ -1748,6 +1776,11 @@ mod tests {
             child(&i_out).suite,
             ours[0],
             "the group stays for the rekeys"
+        );
+        assert_eq!(
+            (early.spi_in, early.in_keys()),
+            (child(&i_out).spi_in, child(&i_out).in_keys()),
+            "what was installed early is the CHILD SA's inbound SA"
         );
         assert_eq!(child(&r_out).suite, ours[0]);
         // A peer that sends one anyway, to a responder with or without PFS.
