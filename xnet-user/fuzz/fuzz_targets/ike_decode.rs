@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use xnet_user::ike::crypto::Secret;
 use xnet_user::ike::packet::{decode_payloads, id_of, Header, TrafficSelector};
 use xnet_user::ike::proposal::Suite;
-use xnet_user::ike::sa::{Conn, IkeSa};
+use xnet_user::ike::sa::{Auth, Conn, IkeSa};
 
 fn conn() -> Arc<Conn> {
     static C: OnceLock<Arc<Conn>> = OnceLock::new();
@@ -20,7 +20,7 @@ fn conn() -> Arc<Conn> {
             name: "fuzz".into(),
             local: a,
             remote: b,
-            psk: Secret::new(b"fuzz-psk-0123".to_vec()),
+            auth: Auth::Psk(Secret::new(b"fuzz-psk-0123".to_vec())),
             local_id: id_of(a),
             remote_id: None,
             // A cheap group keeps the fuzzer fast.
@@ -32,6 +32,7 @@ fn conn() -> Arc<Conn> {
             force_encap: false,
             child_lifetime: Duration::from_secs(3600),
             ike_lifetime: Duration::from_secs(14400),
+            initiate: false,
         })
     })
     .clone()

@@ -657,16 +657,7 @@ impl Daemon {
                 }
                 Output::InboundFirst(c) => {
                     if let Some(ci) = ci {
-                        let encap = self.sas.get(&spi).filter(|s| s.nat_detected).map(|s| {
-                            (
-                                NATT_PORT,
-                                if s.remote_port == IKE_PORT {
-                                    NATT_PORT
-                                } else {
-                                    s.remote_port
-                                },
-                            )
-                        });
+                        let encap = self.sas.get(&spi).and_then(encap);
                         let [_, inbound] = self.sas_of(ci, &c, encap);
                         if let Some(x) = &mut self.xfrm {
                             if x.add_sa(&inbound).is_ok() {
@@ -730,18 +721,7 @@ impl Daemon {
                         ts_list(&c.remote_ts)
                     );
                     if let Some(ci) = ci {
-                        // ESP goes in UDP only across a NAT (or forced): a peer on 4500
-                        // without one (strongSwan moves there for MOBIKE) sends plain ESP.
-                        let encap = self.sas.get(&spi).filter(|s| s.nat_detected).map(|s| {
-                            (
-                                NATT_PORT,
-                                if s.remote_port == IKE_PORT {
-                                    NATT_PORT
-                                } else {
-                                    s.remote_port
-                                },
-                            )
-                        });
+                        let encap = self.sas.get(&spi).and_then(encap);
                         // The peer rekeyed (we answered): our new outbound SA waits
                         // for the old one's DELETE, as strongSwan's does, so nothing is
                         // sent on keys the peer has not installed yet.
@@ -950,17 +930,9 @@ impl Daemon {
         }
     }
 
-    /// UDP encapsulation of the connector's ESP: (our port, the peer's) across a NAT.
+    /// UDP encapsulation of the connector's ESP (see `encap`).
     fn encap_of(&self, ci: usize) -> Option<(u16, u16)> {
-        let sa = self.connectors[ci].sa.and_then(|s| self.sas.get(&s))?;
-        sa.nat_detected.then_some((
-            NATT_PORT,
-            if sa.remote_port == IKE_PORT {
-                NATT_PORT
-            } else {
-                sa.remote_port
-            },
-        ))
+        encap(self.connectors[ci].sa.and_then(|s| self.sas.get(&s))?)
     }
 
     /// Installs a CHILD SA's SAs (the outbound one only if `outbound`) and its policies;
@@ -1244,6 +1216,17 @@ impl Daemon {
         }
         *self.status.lock().unwrap() = v;
     }
+}
+
+/// UDP encapsulation of an IKE SA's ESP: (our port, the peer's), only across a NAT (or
+/// forced): a peer on 4500 without one (strongSwan moves there for MOBIKE) sends plain ESP.
+fn encap(sa: &IkeSa) -> Option<(u16, u16)> {
+    let peer = if sa.remote_port == IKE_PORT {
+        NATT_PORT
+    } else {
+        sa.remote_port
+    };
+    sa.nat_detected.then_some((NATT_PORT, peer))
 }
 
 fn hex(b: &[u8]) -> String {
