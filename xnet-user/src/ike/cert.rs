@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::time::SystemTime;
 
-use der::{Decode, DecodePem, Encode};
+use der::{Decode, Encode};
 use rsa::pkcs8::{DecodePrivateKey, DecodePublicKey};
 use rsa::signature::{SignatureEncoding, Signer, Verifier};
 use x509_cert::ext::pkix::name::GeneralName;
@@ -52,6 +52,8 @@ enum Key {
 pub struct Credentials {
     /// Our certificate (DER), sent in CERT.
     pub cert: Vec<u8>,
+    /// The intermediate CA certificates after it in `cert_file` (DER), sent too.
+    pub chain: Vec<Vec<u8>>,
     /// Its subject (DER): our default ID (ID_DER_ASN1_DN).
     pub subject: Vec<u8>,
     key: Key,
@@ -113,8 +115,16 @@ impl Credentials {
     /// (never the key's content).
     pub fn load(cert: &Path, key: &Path, ca: &Path) -> Result<Credentials, String> {
         let pem = read(cert, "cert_file")?;
-        let c = Certificate::from_pem(pem.as_bytes())
-            .map_err(|e| format!("cert_file {}: not a PEM certificate ({e})", cert.display()))?;
+        let mut certs = Certificate::load_pem_chain(pem.as_bytes())
+            .map_err(|e| format!("cert_file {}: not PEM certificates ({e})", cert.display()))?
+            .into_iter();
+        let c = certs
+            .next()
+            .ok_or_else(|| format!("cert_file {}: no certificate", cert.display()))?;
+        let chain = certs
+            .map(|x| x.to_der())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?;
         let subject = c
             .tbs_certificate()
             .subject()
@@ -141,6 +151,7 @@ impl Credentials {
         }
         let creds = Credentials {
             cert: c.to_der().map_err(|e| e.to_string())?,
+            chain,
             subject,
             key: k,
             anchors,
@@ -193,8 +204,9 @@ impl Credentials {
     }
 
     /// Checks the peer's authentication: its end-entity certificate (the first CERT) is
-    /// issued by one of our trust anchors and valid `now`, carries the peer's `id`, and
-    /// its key signed `octets` (AUTH method and data as received).
+    /// valid `now` and leads to one of our trust anchors, directly or through the
+    /// intermediate CAs among the other CERTs; it carries the peer's `id`, and its key
+    /// signed `octets` (AUTH method and data as received).
     pub fn verify_peer(
         &self,
         certs: &[Vec<u8>],
@@ -218,16 +230,17 @@ impl Credentials {
                 v.not_after
             ));
         }
-        let issued = self.anchors.iter().any(|a| {
-            a.tbs_certificate().subject() == tbs.issuer() && check_signature_of(a, &c).is_ok()
-        });
-        if !issued {
-            return Err(format!(
-                "peer certificate {} (issuer {}) is not signed by a CA in ca_file",
+        let pool: Vec<Certificate> = certs[1..]
+            .iter()
+            .filter_map(|d| Certificate::from_der(d).ok())
+            .collect();
+        self.path(&c, &pool, now).map_err(|e| {
+            format!(
+                "peer certificate {} (issuer {}) {e}",
                 tbs.subject(),
                 tbs.issuer()
-            ));
-        }
+            )
+        })?;
         if !names(&c, id) {
             return Err(format!(
                 "peer certificate {} does not carry the peer's ID",
@@ -247,6 +260,48 @@ impl Credentials {
             m => return Err(format!("AUTH method {m} is not a signature we verify")),
         };
         check_signature(&c, sig, octets, hash).map_err(|e| format!("AUTH signature: {e}"))
+    }
+}
+
+/// Longest chain of intermediate CAs we follow from the peer's certificate.
+const MAX_PATH: usize = 4;
+
+impl Credentials {
+    /// A path from `c` to a trust anchor: each step signed by the next, each
+    /// intermediate a CA (basicConstraints) valid `now`.
+    fn path(&self, c: &Certificate, pool: &[Certificate], now: SystemTime) -> Result<(), String> {
+        let mut cur = c.clone();
+        for _ in 0..=MAX_PATH {
+            let issuer = cur.tbs_certificate().issuer();
+            if self.anchors.iter().any(|a| {
+                a.tbs_certificate().subject() == issuer && check_signature_of(a, &cur).is_ok()
+            }) {
+                return Ok(());
+            }
+            let Some(next) = pool.iter().find(|p| {
+                p.tbs_certificate().subject() == issuer && check_signature_of(p, &cur).is_ok()
+            }) else {
+                return Err("is not signed by a CA in ca_file (nor through the intermediate certificates it sent)".into());
+            };
+            let t = next.tbs_certificate();
+            let ca = t
+                .get_extension::<x509_cert::ext::pkix::BasicConstraints>()
+                .ok()
+                .flatten()
+                .is_some_and(|(_, b)| b.ca);
+            if !ca {
+                return Err(format!("is issued by {}, which is not a CA", t.subject()));
+            }
+            let v = t.validity();
+            if now < v.not_before.to_system_time() || now > v.not_after.to_system_time() {
+                return Err(format!(
+                    "is issued by {}, which is not valid now",
+                    t.subject()
+                ));
+            }
+            cur = next.clone();
+        }
+        Err(format!("needs more than {MAX_PATH} intermediate CAs"))
     }
 }
 
@@ -374,6 +429,7 @@ fn check_signature_of(issuer: &Certificate, c: &Certificate) -> Result<(), Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+    use der::DecodePem;
 
     fn creds(name: &str) -> Credentials {
         let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/ike/testdata");
@@ -510,6 +566,53 @@ mod tests {
             format!("{cxp:?}"),
             "Credentials(CN=cxp.example.net,O=xnet test)"
         );
+    }
+
+    /// A peer certificate through an intermediate CA: accepted with the intermediate it
+    /// sends, refused without it, refused when the "intermediate" is not a CA; our own
+    /// intermediates (after the certificate in cert_file) are kept to be sent.
+    #[test]
+    fn chains_through_intermediate_cas() {
+        let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/ike/testdata");
+        let leaf = Credentials::load(
+            &d.join("leaf.pem"),
+            &d.join("leaf.key"),
+            &d.join("root2.pem"),
+        )
+        .unwrap();
+        assert_eq!(
+            leaf.chain,
+            vec![testdata("inter.pem")],
+            "the intermediate, to send"
+        );
+        let verifier = |ca: &str| {
+            Credentials::load(&d.join("cxp.pem"), &d.join("cxp.key"), &d.join(ca)).unwrap()
+        };
+        let octets = b"signed";
+        let auth = leaf.sign(octets);
+        let id = (ID_FQDN, b"leaf.example.net".to_vec());
+        let now = SystemTime::now();
+        let with_inter = [leaf.cert.clone(), testdata("inter.pem")];
+        verifier("root2.pem")
+            .verify_peer(&with_inter, &id, 14, &auth, octets, now)
+            .unwrap();
+        let e = verifier("root2.pem")
+            .verify_peer(
+                std::slice::from_ref(&leaf.cert),
+                &id,
+                14,
+                &auth,
+                octets,
+                now,
+            )
+            .unwrap_err();
+        assert!(e.contains("is not signed by a CA in ca_file"), "{e}");
+        // The same leaf issued by an end-entity certificate (gw.pem, from ca.pem).
+        let fake = [testdata("by-end-entity.pem"), testdata("gw.pem")];
+        let e = verifier("ca.pem")
+            .verify_peer(&fake, &id, 14, &auth, octets, now)
+            .unwrap_err();
+        assert!(e.contains("which is not a CA"), "{e}");
     }
 
     /// Bad credential files: the field, the file and the reason, never the key.

@@ -664,17 +664,19 @@ impl IkeSa {
                 method: AUTH_PSK,
                 data: crypto::psk_auth(self.suite.unwrap().prf, k.bytes(), &octets),
             }],
-            Auth::Cert(c) => vec![
-                Payload::Cert {
+            // Our certificate first, then the intermediate CAs up to the peer's anchor.
+            Auth::Cert(c) => std::iter::once(&c.cert)
+                .chain(&c.chain)
+                .map(|d| Payload::Cert {
                     request: false,
                     encoding: super::cert::CERT_X509,
-                    data: c.cert.clone(),
-                },
-                Payload::Auth {
+                    data: d.clone(),
+                })
+                .chain(std::iter::once(Payload::Auth {
                     method: super::cert::AUTH_DIGITAL_SIGNATURE,
                     data: c.sign(&octets),
-                },
-            ],
+                }))
+                .collect(),
         }
     }
 
