@@ -51,9 +51,10 @@ pub struct Ipsec {
     pub psk_env: Option<String>,
     /// Certificate authentication instead of a PSK (RSA or ECDSA, RFC 7427): our
     /// certificate and its unencrypted PKCS#8 key (PEM files; the key is never logged) and
-    /// the CA certificates that issue the peer's. The peer's ID (`remote_id`: a DN such
-    /// in the certificate's order as "O=Example, CN=gw.example.net", an FQDN or an address) must be in its
-    /// certificate; without `remote_id` any certificate of those CAs is accepted.
+    /// the CA certificates that issue the peer's. The peer's ID (`remote_id`: a DN in the
+    /// certificate's order, as "O=Example, CN=gw.example.net", an FQDN or an address)
+    /// must be in its certificate; without `remote_id` any certificate of those CAs is
+    /// accepted.
     pub cert_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
     pub ca_file: Option<PathBuf>,
@@ -126,30 +127,31 @@ impl Ipsec {
         )
     }
 
-    /// The proposals in effect: its own, else its profile's, else the defaults.
+    /// Proposals in effect: its own, else its profile's, else the defaults.
+    fn in_effect(&self, own: &[String], profile: &[&str], default: &[&str]) -> Vec<String> {
+        if !own.is_empty() {
+            own.to_vec()
+        } else if self.profile.as_deref() == Some("azure") {
+            profile.iter().map(|s| s.to_string()).collect()
+        } else {
+            default.iter().map(|s| s.to_string()).collect()
+        }
+    }
+
+    /// The (IKE, ESP) proposals in effect, ESP with the `pfs_group` added.
     pub fn proposals(&self) -> (Vec<String>, Vec<String>) {
-        let azure = self.profile.as_deref() == Some("azure");
-        let pick = |own: &Vec<String>, profile: &[&str], default: &[&str]| {
-            if !own.is_empty() {
-                own.clone()
-            } else if azure {
-                profile.iter().map(|s| s.to_string()).collect()
-            } else {
-                default.iter().map(|s| s.to_string()).collect()
-            }
-        };
-        let ike = pick(
+        let ike = self.in_effect(
             &self.ike_proposals,
             crate::ike::proposal::AZURE_IKE,
             DEFAULT_IKE_PROPOSALS,
         );
-        let mut esp = pick(
+        let mut esp = self.in_effect(
             &self.esp_proposals,
             crate::ike::proposal::AZURE_ESP,
             DEFAULT_ESP_PROPOSALS,
         );
         // Validated: an unknown group is an error there.
-        if let Ok(Some(g)) = self.pfs() {
+        if let Ok(Some(g)) = self.pfs_with(&ike) {
             for e in &mut esp {
                 if crate::ike::proposal::Suite::parse(e, false).is_ok_and(|s| s.dh.is_none()) {
                     e.push('-');
@@ -162,18 +164,16 @@ impl Ipsec {
 
     /// `pfs_group` as a group name of ours (None: no PFS).
     pub fn pfs(&self) -> Result<Option<String>, String> {
+        self.pfs_with(&self.proposals().0)
+    }
+
+    /// `pfs_group` with `ike` the IKE proposals in effect (PFSMM follows the first).
+    fn pfs_with(&self, ike: &[String]) -> Result<Option<String>, String> {
         let Some(name) = &self.pfs_group else {
             return Ok(None);
         };
-        let first_ike = self
-            .ike_proposals
+        let first_ike = ike
             .first()
-            .map(String::as_str)
-            .or(if self.profile.as_deref() == Some("azure") {
-                crate::ike::proposal::AZURE_IKE.first().copied()
-            } else {
-                DEFAULT_IKE_PROPOSALS.first().copied()
-            })
             .and_then(|n| crate::ike::proposal::Suite::parse(n, true).ok())
             .and_then(|s| s.dh);
         crate::ike::proposal::pfs_group(name, first_ike)

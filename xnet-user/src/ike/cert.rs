@@ -222,7 +222,7 @@ impl Credentials {
         let c = Certificate::from_der(der).map_err(|e| format!("peer certificate: {e}"))?;
         let tbs = c.tbs_certificate();
         let v = tbs.validity();
-        if now < v.not_before.to_system_time() || now > v.not_after.to_system_time() {
+        if !valid_at(&c, now) {
             return Err(format!(
                 "peer certificate {} is not valid now ({} to {})",
                 tbs.subject(),
@@ -292,8 +292,7 @@ impl Credentials {
             if !ca {
                 return Err(format!("is issued by {}, which is not a CA", t.subject()));
             }
-            let v = t.validity();
-            if now < v.not_before.to_system_time() || now > v.not_after.to_system_time() {
+            if !valid_at(next, now) {
                 return Err(format!(
                     "is issued by {}, which is not valid now",
                     t.subject()
@@ -303,6 +302,12 @@ impl Credentials {
         }
         Err(format!("needs more than {MAX_PATH} intermediate CAs"))
     }
+}
+
+/// Whether `now` is in certificate `c`'s validity period.
+fn valid_at(c: &Certificate, now: SystemTime) -> bool {
+    let v = c.tbs_certificate().validity();
+    v.not_before.to_system_time() <= now && now <= v.not_after.to_system_time()
 }
 
 /// Whether certificate `c` names `id`: its subject for a DN, else its subjectAltName.

@@ -749,54 +749,19 @@ impl Daemon {
                     }
                 }
                 Output::ChildDown { spi_in, .. } => {
-                    if let Some(ci) = ci {
-                        if let Some(pos) = self.connectors[ci]
-                            .children
-                            .iter()
-                            .position(|(c, _)| c.spi_in == spi_in)
-                        {
-                            let (c, _) = self.connectors[ci].children.remove(pos);
-                            if self.connectors[ci].children.is_empty() {
-                                let _ = self.events.send(TunnelEvent::Down(ci));
-                            }
-                            info!(
-                                "ipsec {name}: CHILD SA in 0x{:08x} out 0x{:08x} deleted",
-                                c.spi_in, c.spi_out
-                            );
-                            // Its successor's outbound SA goes in first.
-                            let same = |o: &ChildSa| {
-                                o.local_ts == c.local_ts && o.remote_ts == c.remote_ts
-                            };
-                            let ready: Vec<u32> = self.connectors[ci]
-                                .children
-                                .iter()
-                                .filter(|(o, _)| same(o))
-                                .map(|(o, _)| o.spi_in)
-                                .collect();
-                            self.release_outbound(ci, |spi, _| ready.contains(&spi));
-                            self.connectors[ci]
-                                .out_pending
-                                .retain(|(s, _)| *s != c.spi_in);
-                            self.uninstall(ci, &c);
-                        }
+                    if let Some(c) = ci.and_then(|ci| self.remove_child(ci, spi_in)) {
+                        info!(
+                            "ipsec {name}: CHILD SA in 0x{:08x} out 0x{:08x} deleted",
+                            c.spi_in, c.spi_out
+                        );
                     }
                 }
                 Output::Closed(why) => {
                     info!("ipsec {name}: IKE SA closed: {why}");
                     // An inbound SA installed for a CHILD SA that never came.
-                    let gone: Vec<u32> = self
-                        .inbound_first
-                        .iter()
-                        .filter(|(_, (ike, _))| *ike == spi)
-                        .map(|(k, _)| *k)
-                        .collect();
-                    for k in gone {
-                        if let (Some((_, sa)), Some(x)) =
-                            (self.inbound_first.remove(&k), &mut self.xfrm)
-                        {
-                            let _ = x.del_sa(&sa.dst, sa.spi);
-                        }
-                    }
+                    drop_inbound_first(&mut self.xfrm, &mut self.inbound_first, |_, ike| {
+                        ike == spi
+                    });
                     // An SA a rekey replaced closes without taking the connector down.
                     if let Some(ci) = ci.filter(|&ci| self.connectors[ci].sa == Some(spi)) {
                         let c = &mut self.connectors[ci];
@@ -1040,21 +1005,11 @@ impl Daemon {
         self.late_deletes(now, false);
         self.each_sa(|sa| sa.on_tick(now)).await;
         // Inbound SAs installed before IKE_AUTH whose CHILD SA did not come (refused).
-        let stale: Vec<u32> = self
-            .inbound_first
-            .iter()
-            .filter(|(k, (ike, _))| {
-                self.sas.get(ike).is_none_or(|s| {
-                    s.state == State::Established && !s.children.iter().any(|c| c.spi_in == **k)
-                })
+        drop_inbound_first(&mut self.xfrm, &mut self.inbound_first, |spi_in, ike| {
+            self.sas.get(&ike).is_none_or(|s| {
+                s.state == State::Established && !s.children.iter().any(|c| c.spi_in == spi_in)
             })
-            .map(|(k, _)| *k)
-            .collect();
-        for k in stale {
-            if let (Some((_, sa)), Some(x)) = (self.inbound_first.remove(&k), &mut self.xfrm) {
-                let _ = x.del_sa(&sa.dst, sa.spi);
-            }
-        }
+        });
         // A peer that never deletes the old SA after its rekey (or lost the DELETE): the
         // new outbound SA goes in after a while all the same.
         for ci in 0..self.connectors.len() {
@@ -1110,26 +1065,37 @@ impl Daemon {
         }
     }
 
-    /// Reads the kernel's counters of every installed SA; returns the CHILD SAs (by
-    /// inbound SPI) of which the kernel no longer has an SA: it expired them (their hard
-    /// lifetime passed) or someone deleted them.
-    /// A CHILD SA no IKE SA knows any more leaves XFRM and the connector.
+    /// Takes a CHILD SA out of connector `ci` and XFRM (its successor's deferred outbound
+    /// SA goes in first); the tunnel is down when it was the last.
+    fn remove_child(&mut self, ci: usize, spi_in: u32) -> Option<ChildSa> {
+        let k = &mut self.connectors[ci];
+        let pos = k.children.iter().position(|(c, _)| c.spi_in == spi_in)?;
+        let (c, _) = k.children.remove(pos);
+        if k.children.is_empty() {
+            let _ = self.events.send(TunnelEvent::Down(ci));
+        }
+        k.out_pending.retain(|(s, _)| *s != c.spi_in);
+        let ready: Vec<u32> = k
+            .children
+            .iter()
+            .filter(|(o, _)| o.local_ts == c.local_ts && o.remote_ts == c.remote_ts)
+            .map(|(o, _)| o.spi_in)
+            .collect();
+        self.release_outbound(ci, |spi, _| ready.contains(&spi));
+        self.uninstall(ci, &c);
+        Some(c)
+    }
+
+    /// A CHILD SA no IKE SA knows any more leaves XFRM and its connector.
     fn forget_child(&mut self, spi_in: u32) {
         for ci in 0..self.connectors.len() {
-            if let Some(pos) = self.connectors[ci]
-                .children
-                .iter()
-                .position(|(c, _)| c.spi_in == spi_in)
-            {
-                let (c, _) = self.connectors[ci].children.remove(pos);
-                if self.connectors[ci].children.is_empty() {
-                    let _ = self.events.send(TunnelEvent::Down(ci));
-                }
-                self.uninstall(ci, &c);
-            }
+            self.remove_child(ci, spi_in);
         }
     }
 
+    /// Reads the kernel's counters of every installed SA; returns the CHILD SAs (by
+    /// inbound SPI) of which the kernel no longer has an SA: it expired them (their hard
+    /// lifetime passed) or someone deleted them.
     fn read_counters(&mut self) -> Vec<u32> {
         self.counters.clear();
         let mut gone = Vec::new();
@@ -1216,6 +1182,23 @@ impl Daemon {
         }
         *self.status.lock().unwrap() = v;
     }
+}
+
+/// Deletes the inbound SAs installed before IKE_AUTH (`Daemon::inbound_first`) that
+/// `gone(inbound SPI, IKE SA)` picks.
+fn drop_inbound_first(
+    xfrm: &mut Option<Xfrm>,
+    early: &mut HashMap<u32, (u64, xfrm::Sa)>,
+    gone: impl Fn(u32, u64) -> bool,
+) {
+    let Some(x) = xfrm else { return };
+    early.retain(|spi_in, (ike, sa)| {
+        let drop = gone(*spi_in, *ike);
+        if drop {
+            let _ = x.del_sa(&sa.dst, sa.spi);
+        }
+        !drop
+    });
 }
 
 /// UDP encapsulation of an IKE SA's ESP: (our port, the peer's), only across a NAT (or

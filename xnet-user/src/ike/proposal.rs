@@ -297,8 +297,7 @@ pub fn choose_first_child<'a>(
         .iter()
         .filter(|p| p.protocol == PROTO_ESP)
         .find_map(|p| {
-            let mut bare = p.clone();
-            bare.transforms.retain(|t| t.kind != TRANSFORM_DH);
+            let bare = without_dh_transforms(p);
             ours.iter()
                 .find(|s| s.without_dh().offered_in(&bare, false))
                 .map(|s| (p, *s))
@@ -308,10 +307,15 @@ pub fn choose_first_child<'a>(
 /// Initiator: which of our suites the responder's chosen first-CHILD proposal is (a D-H
 /// transform in it ignored, as above).
 pub fn chosen_first_child(p: &Proposal, ours: &[Suite]) -> Option<Suite> {
+    let got = Suite::from_chosen(&without_dh_transforms(p), false)?;
+    ours.iter().find(|s| s.without_dh() == got).copied()
+}
+
+/// A peer's proposal with its D-H transforms left out (IKE_AUTH, §1.2).
+fn without_dh_transforms(p: &Proposal) -> Proposal {
     let mut bare = p.clone();
     bare.transforms.retain(|t| t.kind != TRANSFORM_DH);
-    let got = Suite::from_chosen(&bare, false)?;
-    ours.iter().find(|s| s.without_dh() == got).copied()
+    bare
 }
 
 /// Responder's choice (§2.7): the first of the peer's proposals, in its order of

@@ -1406,6 +1406,11 @@ mod tests {
         )
     }
 
+    /// `pair` with the AES-GCM/ECP-384 IKE proposal and one PSK.
+    fn gcm_pair(esp: &[&str]) -> (Arc<Conn>, Arc<Conn>) {
+        pair(&["aes256gcm16-prfsha384-ecp384"], esp, "s", "s")
+    }
+
     fn sent(out: &[Output]) -> Vec<u8> {
         out.iter()
             .find_map(|o| match o {
@@ -1609,7 +1614,7 @@ mod tests {
     #[test]
     fn rekeys_child_and_ike_sas_both_ways_make_before_break() {
         for esp in ["aes256gcm16", "aes128-sha256-ecp256"] {
-            let (a, b) = pair(&["aes256gcm16-prfsha384-ecp384"], &[esp], "s", "s");
+            let (a, b) = gcm_pair(&[esp]);
             let (mut i, mut r, i_out, _) = handshake(a, b);
             let old = child(&i_out);
             let t = Instant::now();
@@ -1677,12 +1682,7 @@ mod tests {
     #[test]
     fn simultaneous_child_rekeys_leave_one_child_sa() {
         for _ in 0..8 {
-            let (a, b) = pair(
-                &["aes256gcm16-prfsha384-ecp384"],
-                &["aes256gcm16"],
-                "s",
-                "s",
-            );
+            let (a, b) = gcm_pair(&["aes256gcm16"]);
             let (mut i, mut r, i_out, _) = handshake(a, b);
             let old = child(&i_out);
             let t = Instant::now();
@@ -1748,12 +1748,7 @@ mod tests {
             "SA: one ESP proposal, SPI, ENCR AES-GCM-16 256, ESN none; no transform type 4"
         );
         // In a handshake of ours: no D-H transform in IKE_AUTH, the group kept.
-        let (a, b) = pair(
-            &["aes256gcm16-prfsha384-ecp384"],
-            &["aes256gcm16-ecp384"],
-            "s",
-            "s",
-        );
+        let (a, b) = gcm_pair(&["aes256gcm16-ecp384"]);
         let now = Instant::now();
         let (mut i, out) = IkeSa::initiate(a.clone(), now);
         let (mut r, out) = IkeSa::respond(b.clone(), &sent(&out), 500, now).unwrap();
@@ -1791,7 +1786,7 @@ mod tests {
             ("aes256gcm16-ecp384", "aes256gcm16-ecp384"),
             ("aes256gcm16-modp2048", "aes256gcm16-ecp384"),
         ] {
-            let (a, b) = pair(&["aes256gcm16-prfsha384-ecp384"], &[responder], "s", "s");
+            let (a, b) = gcm_pair(&[responder]);
             let (mut i, out) = IkeSa::initiate(a, now);
             let (mut r, out) = IkeSa::respond(b, &sent(&out), 500, now).unwrap();
             // The initiator takes the IKE_SA_INIT answer, then we replace its IKE_AUTH.
@@ -1824,12 +1819,7 @@ mod tests {
     /// payloads both ways, and the keys of the two ends agree.
     #[test]
     fn pfs_rekeys_carry_ke_both_ways() {
-        let (a, b) = pair(
-            &["aes256gcm16-prfsha384-ecp384"],
-            &["aes256gcm16-ecp384"],
-            "s",
-            "s",
-        );
+        let (a, b) = gcm_pair(&["aes256gcm16-ecp384"]);
         let (mut i, mut r, i_out, _) = handshake(a, b);
         let old = child(&i_out);
         let t = Instant::now();
@@ -1864,12 +1854,7 @@ mod tests {
         assert_ne!(i.children[0].keys, old.keys);
         // A rekey without KE for a PFS proposal gets INVALID_KE_PAYLOAD with our group,
         // and an initiator offered another group it has retries with it at once.
-        let (a, b) = pair(
-            &["aes256gcm16-prfsha384-ecp384"],
-            &["aes256gcm16-ecp256", "aes256gcm16-ecp384"],
-            "s",
-            "s",
-        );
+        let (a, b) = gcm_pair(&["aes256gcm16-ecp256", "aes256gcm16-ecp384"]);
         let b = Arc::new(Conn {
             esp: vec![Suite::parse("aes256gcm16-ecp384", false).unwrap()],
             ..(*b).clone()
@@ -1897,12 +1882,7 @@ mod tests {
     /// the initiator re-creates one the peer deleted.
     #[test]
     fn more_child_sas_and_a_deleted_one_comes_back() {
-        let (a, b) = pair(
-            &["aes256gcm16-prfsha384-ecp384"],
-            &["aes256gcm16"],
-            "s",
-            "s",
-        );
+        let (a, b) = gcm_pair(&["aes256gcm16"]);
         let (mut i, mut r, _, _) = handshake(a, b);
         let t = Instant::now();
         let req = r.create_child(t);
@@ -1943,12 +1923,7 @@ mod tests {
     /// kernel's hard lifetime; each refusal is a problem the operator sees.
     #[test]
     fn refused_rekeys_back_off_then_reauthenticate() {
-        let (a, b) = pair(
-            &["aes256gcm16-prfsha384-ecp384"],
-            &["aes256gcm16-ecp384"],
-            "s",
-            "s",
-        );
+        let (a, b) = gcm_pair(&["aes256gcm16-ecp384"]);
         let a = Arc::new(Conn {
             child_lifetime: Duration::from_secs(10),
             ..(*a).clone()
@@ -2028,12 +2003,7 @@ mod tests {
     #[test]
     fn simultaneous_ike_rekeys_leave_one_ike_sa() {
         for _ in 0..8 {
-            let (a, b) = pair(
-                &["aes256gcm16-prfsha384-ecp384"],
-                &["aes256gcm16"],
-                "s",
-                "s",
-            );
+            let (a, b) = gcm_pair(&["aes256gcm16"]);
             let (mut i, mut r, _, _) = handshake(a, b);
             let t = Instant::now();
             let req_i = sent(&i.rekey_ike(t));

@@ -353,35 +353,33 @@ impl IkeSa {
                 // §2.8.2: both ends rekeyed at once. The new SA made with the lowest of
                 // the four nonces is redundant; its initiator deletes it, and the
                 // initiator of the survivor deletes the old SA.
-                if let Some((theirs, their_min)) = self.ike_collision.take() {
-                    if ni.as_slice().min(nr.as_slice()) < their_min.as_slice() {
-                        let children = std::mem::take(&mut self.children);
-                        let mut ours =
-                            self.successor(suite, true, new_spi, spi_r, &shared, &ni, &nr, now);
-                        ours.redundant = true;
-                        return vec![
-                            Output::Note("simultaneous IKE SA rekey: the peer's new SA survives, ours is deleted".into()),
-                            Output::NewIkeSa(Box::new(ours)),
-                            Output::Adopt {
-                                spi: theirs,
-                                children,
-                            },
-                        ];
-                    }
-                    let new = self.successor(suite, true, new_spi, spi_r, &shared, &ni, &nr, now);
-                    let mut out = vec![
-                        Output::Note(
-                            "simultaneous IKE SA rekey: ours survives, the peer deletes its new SA"
-                                .into(),
-                        ),
+                let collision = self.ike_collision.take();
+                let ours_redundant = collision.as_ref().is_some_and(|(_, theirs)| {
+                    ni.as_slice().min(nr.as_slice()) < theirs.as_slice()
+                });
+                // A redundant SA gets no CHILD SAs: they go to the peer's.
+                let children = ours_redundant.then(|| std::mem::take(&mut self.children));
+                let mut new = self.successor(suite, true, new_spi, spi_r, &shared, &ni, &nr, now);
+                if let (Some((theirs, _)), Some(children)) = (&collision, children) {
+                    new.redundant = true;
+                    return vec![
+                        Output::Note("simultaneous IKE SA rekey: the peer's new SA survives, ours is deleted".into()),
                         Output::NewIkeSa(Box::new(new)),
+                        Output::Adopt {
+                            spi: *theirs,
+                            children,
+                        },
                     ];
-                    out.extend(self.delete(now));
-                    return out;
                 }
-                let new = self.successor(suite, true, new_spi, spi_r, &shared, &ni, &nr, now);
+                let mut out = Vec::new();
+                if collision.is_some() {
+                    out.push(Output::Note(
+                        "simultaneous IKE SA rekey: ours survives, the peer deletes its new SA"
+                            .into(),
+                    ));
+                }
                 // The children live on under the new SA; the old one is deleted.
-                let mut out = vec![Output::NewIkeSa(Box::new(new))];
+                out.push(Output::NewIkeSa(Box::new(new)));
                 out.extend(self.delete(now));
                 out
             }
