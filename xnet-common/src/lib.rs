@@ -6,6 +6,7 @@
 #![no_std]
 
 pub mod csum;
+pub mod ipsec;
 pub mod policy;
 pub mod route;
 
@@ -37,6 +38,8 @@ pub mod names {
     pub const MAP_RULE_STATS: &str = "RULE_STATS";
     pub const MAP_SERVICES: &str = "SERVICES";
     pub const MAP_NH_STATS: &str = "NH_STATS";
+    pub const MAP_TUNNELS: &str = "TUNNELS";
+    pub const PROG_TUNNEL_IN: &str = "xnet_tunnel_in";
     pub const MAP_BENCH_TRIE_V4: &str = "BENCH_TRIE_V4";
     pub const MAP_BENCH_TRIE_V6: &str = "BENCH_TRIE_V6";
     pub const MAP_BENCH_ROOTS: &str = "BENCH_ROOTS";
@@ -154,10 +157,13 @@ pub enum Reason {
     Steered,
     /// Routed into an IPsec tunnel: the kernel's XFRM encrypts it.
     PassTunnel,
+    /// Decrypted, but its source is not routed back into a tunnel: the kernel's inbound
+    /// policy check judges it.
+    PassTunnelSource,
 }
 
 impl Reason {
-    pub const COUNT: u32 = Reason::PassTunnel as u32 + 1;
+    pub const COUNT: u32 = Reason::PassTunnelSource as u32 + 1;
     pub const ALL: [Reason; Reason::COUNT as usize] = [
         Reason::Forwarded,
         Reason::PassLocal,
@@ -180,7 +186,19 @@ impl Reason {
         Reason::DropFailClosed,
         Reason::Steered,
         Reason::PassTunnel,
+        Reason::PassTunnelSource,
     ];
+
+    /// The reason at `REASONS` index `i` (`PassNotIp` for an index no reason has).
+    #[inline(always)]
+    pub const fn from_index(i: u32) -> Reason {
+        if i < Self::COUNT {
+            // SAFETY: Reason is repr(u32) with the discriminants 0..COUNT.
+            unsafe { core::mem::transmute::<u32, Reason>(i) }
+        } else {
+            Reason::PassNotIp
+        }
+    }
 
     /// Stable name used in status output and tests.
     pub const fn name(self) -> &'static str {
@@ -206,6 +224,7 @@ impl Reason {
             Reason::DropFailClosed => "drop_fail_closed",
             Reason::Steered => "steered",
             Reason::PassTunnel => "pass_tunnel",
+            Reason::PassTunnelSource => "pass_tunnel_source",
         }
     }
 }

@@ -1,6 +1,10 @@
-//! xnet's XDP data plane: parse, look up the route of the ingress interface's segment, pick
-//! an ECMP next hop, rewrite and redirect. Anything it must not handle goes to the kernel
-//! with `XDP_PASS`, counted by reason (`xnet_common::Reason`).
+//! xnet's data plane: parse, look up the route of the ingress interface's segment, pick
+//! an ECMP next hop, rewrite and redirect. Anything it must not handle goes to the kernel,
+//! counted by reason (`xnet_common::Reason`).
+//!
+//! One pipeline (`decide`) serves every way in: `xnet_forward` (XDP, on the config's
+//! interfaces) and `xnet_tunnel_in` (TC ingress, for what XFRM decrypted: see `tunnel`).
+//! Each hook only executes the verdict in its own terms.
 #![no_std]
 #![no_main]
 
@@ -10,27 +14,30 @@ mod policy;
 mod rewrite;
 mod route;
 mod stats;
+mod tunnel;
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
-    macros::xdp,
+    macros::{classifier, xdp},
     maps::lpm_trie::Key,
-    programs::XdpContext,
+    programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::debug;
-use xnet_common::policy::{ACTION_DENY, ACTION_STEER, STAY};
+use xnet_common::policy::{RuleKey, ACTION_DENY, ACTION_STEER, STAY};
 use xnet_common::{
-    IfConfig, NextHop, Reason, IF_F_DEFAULT_DENY, IF_F_FIREWALL, LEAF_NONE, NH_F_KERNEL, NH_F_VALID,
+    IfConfig, Reason, IF_F_DEFAULT_DENY, IF_F_FIREWALL, LEAF_NONE, NH_F_KERNEL, NH_F_VALID,
 };
 
-use maps::{BENCH_ROOTS, BENCH_TRIE_V4, BENCH_TRIE_V6, INTERFACES, LOCAL_V4, LOCAL_V6, TX_PORTS};
+use maps::{
+    BENCH_ROOTS, BENCH_TRIE_V4, BENCH_TRIE_V6, INTERFACES, LOCAL_V4, LOCAL_V6, NEXTHOPS, TX_PORTS,
+};
 use parse::*;
 
 /// The forwarding program, attached to every interface of the config.
 #[xdp]
 pub fn xnet_forward(ctx: XdpContext) -> u32 {
     let ifindex = ctx.ingress_ifindex() as u32;
-    let (action, reason) = forward(&ctx, ifindex);
+    let (action, reason) = xdp_forward(&ctx, ifindex);
     if reason == Reason::DropMalformed {
         debug!(&ctx, "drop malformed packet on ifindex {}", ifindex);
     }
@@ -38,27 +45,103 @@ pub fn xnet_forward(ctx: XdpContext) -> u32 {
     action
 }
 
-type Verdict = (u32, Reason);
-
-const fn pass(r: Reason) -> Verdict {
-    (XDP_PASS, r)
+/// Policy and routing for packets XFRM decrypted: attached (TC ingress) to xfrm interfaces
+/// and to the interfaces where policy-based tunnels' packets come back in.
+#[classifier]
+pub fn xnet_tunnel_in(ctx: TcContext) -> i32 {
+    tunnel::run(&ctx)
 }
-const MALFORMED: Verdict = (XDP_DROP, Reason::DropMalformed);
+
+/// What the pipeline decided for a packet.
+#[derive(Clone, Copy)]
+pub enum Verdict {
+    /// To the kernel, counted by reason.
+    Pass(Reason),
+    Drop(Reason),
+    /// Rewrite for next hop (its id in `NEXTHOPS`) and send; reason `Forwarded` or
+    /// `Steered`.
+    Send(u32, Reason),
+}
+
+impl Verdict {
+    /// One register: BPF subprograms return in r0 alone.
+    #[inline(always)]
+    fn pack(self) -> u64 {
+        match self {
+            Verdict::Pass(r) => (r as u64) << 8,
+            Verdict::Drop(r) => 1 | (r as u64) << 8,
+            Verdict::Send(nh, r) => 2 | (r as u64) << 8 | (nh as u64) << 32,
+        }
+    }
+
+    #[inline(always)]
+    fn unpack(v: u64) -> Self {
+        let r = Reason::from_index((v >> 8) as u32 & 0xff);
+        match v & 0xff {
+            0 => Verdict::Pass(r),
+            1 => Verdict::Drop(r),
+            _ => Verdict::Send((v >> 32) as u32, r),
+        }
+    }
+}
+
+const MALFORMED: Verdict = Verdict::Drop(Reason::DropMalformed);
 
 #[inline(always)]
-fn forward(ctx: &XdpContext, ifindex: u32) -> Verdict {
+fn xdp_forward(ctx: &XdpContext, ifindex: u32) -> (u32, Reason) {
     // SAFETY: the value is a plain Copy struct; the agent only replaces it whole.
     let Some(ifc) = (unsafe { INTERFACES.get(&ifindex) }) else {
-        return pass(Reason::PassNoInterface);
+        return (XDP_PASS, Reason::PassNoInterface);
     };
     let Some(l2) = ethernet(ctx) else {
-        return MALFORMED;
+        return (XDP_DROP, Reason::DropMalformed);
     };
-    match l2.ethertype {
-        ETH_P_IP => ipv4(ctx, ifindex, ifc, l2.l3),
-        ETH_P_IPV6 => ipv6(ctx, ifindex, ifc, l2.l3),
-        ETH_P_ARP => pass(Reason::PassArp),
-        _ => pass(Reason::PassNotIp),
+    let v4 = l2.ethertype == ETH_P_IP;
+    match decide::<_, false>(ctx, ifc, l2.ethertype, l2.l3) {
+        Verdict::Pass(r) => (XDP_PASS, r),
+        Verdict::Drop(r) => (XDP_DROP, r),
+        Verdict::Send(id, r) => {
+            let Some(nh) = NEXTHOPS.get(id) else {
+                return (XDP_PASS, Reason::PassNoNeighbour);
+            };
+            if rewrite::ttl(ctx, l2.l3, v4).is_none() || rewrite::ethernet(ctx, l2.l3, nh).is_none()
+            {
+                return (XDP_DROP, Reason::DropMalformed);
+            }
+            match send(ifindex, nh.ifindex) {
+                Some(action) => (action, r),
+                // Not in TX_PORTS: the agent marks such next hops invalid, so this is a
+                // race with an interface going away.
+                None => (XDP_PASS, Reason::PassNoNeighbour),
+            }
+        }
+    }
+}
+
+/// `XDP_TX` back out of the ingress port, else `XDP_REDIRECT` through `TX_PORTS`.
+#[inline(always)]
+fn send(ingress: u32, egress: u32) -> Option<u32> {
+    if egress == ingress {
+        return Some(XDP_TX);
+    }
+    TX_PORTS.redirect(egress, 0).ok()
+}
+
+/// The pipeline: IP header checks, control plane, local and multicast destinations,
+/// policy, route lookup, ECMP. `l3`: where the IP header starts; `FROM_TUNNEL`: the packet
+/// was decrypted by XFRM (see `sent_from`).
+#[inline(always)]
+pub fn decide<P: Packet, const FROM_TUNNEL: bool>(
+    ctx: &P,
+    ifc: &IfConfig,
+    ethertype: u16,
+    l3: usize,
+) -> Verdict {
+    match ethertype {
+        ETH_P_IP => Verdict::unpack(ipv4::<P, FROM_TUNNEL>(ctx, ifc, l3)),
+        ETH_P_IPV6 => Verdict::unpack(ipv6::<P, FROM_TUNNEL>(ctx, ifc, l3)),
+        ETH_P_ARP => Verdict::Pass(Reason::PassArp),
+        _ => Verdict::Pass(Reason::PassNotIp),
     }
 }
 
@@ -75,29 +158,35 @@ fn control_plane(proto: u8, sport: u16, dport: u16) -> Option<Reason> {
     }
 }
 
+// IPv4 and IPv6 are BPF subprograms: each has its own stack frame.
+#[inline(never)]
+fn ipv4<P: Packet, const FROM_TUNNEL: bool>(ctx: &P, ifc: &IfConfig, l3: usize) -> u64 {
+    v4_verdict::<P, FROM_TUNNEL>(ctx, ifc, l3).pack()
+}
+
 #[inline(always)]
-fn ipv4(ctx: &XdpContext, ifindex: u32, ifc: &IfConfig, l3: usize) -> Verdict {
-    let Some(h) = read::<[u8; IPV4_HLEN]>(ctx, l3) else {
+fn v4_verdict<P: Packet, const FROM_TUNNEL: bool>(ctx: &P, ifc: &IfConfig, l3: usize) -> Verdict {
+    let Some(h) = read::<[u8; IPV4_HLEN], P>(ctx, l3) else {
         return MALFORMED;
     };
     if h[0] >> 4 != 4 || h[0] & 0x0f < 5 {
         return MALFORMED;
     }
     if h[0] & 0x0f != 5 {
-        return pass(Reason::PassIpOptions);
+        return Verdict::Pass(Reason::PassIpOptions);
     }
     if u16::from_be_bytes([h[6], h[7]]) & 0x3fff != 0 {
-        return pass(Reason::PassFragment);
+        return Verdict::Pass(Reason::PassFragment);
     }
     let src = [h[12], h[13], h[14], h[15]];
     let dst = [h[16], h[17], h[18], h[19]];
     // SAFETY: plain value, only tested for presence.
     if unsafe { LOCAL_V4.get(&dst) }.is_some() {
-        return pass(Reason::PassLocal);
+        return Verdict::Pass(Reason::PassLocal);
     }
     // Multicast, class E and broadcast (224/3), link-local (169.254/16).
     if dst[0] >= 224 || (dst[0] == 169 && dst[1] == 254) {
-        return pass(Reason::PassMulticast);
+        return Verdict::Pass(Reason::PassMulticast);
     }
     let ip = Ip {
         src,
@@ -107,15 +196,20 @@ fn ipv4(ctx: &XdpContext, ifindex: u32, ifc: &IfConfig, l3: usize) -> Verdict {
         l4: l3 + IPV4_HLEN,
         root: ifc.v4_root,
     };
-    route_packet(ctx, ifindex, ifc, l3, ip)
+    route_packet::<4, P, FROM_TUNNEL>(ctx, ifc, ip)
+}
+
+#[inline(never)]
+fn ipv6<P: Packet, const FROM_TUNNEL: bool>(ctx: &P, ifc: &IfConfig, l3: usize) -> u64 {
+    v6_verdict::<P, FROM_TUNNEL>(ctx, ifc, l3).pack()
 }
 
 #[inline(always)]
-fn ipv6(ctx: &XdpContext, ifindex: u32, ifc: &IfConfig, l3: usize) -> Verdict {
-    let Some(h) = read::<[u8; 8]>(ctx, l3) else {
+fn v6_verdict<P: Packet, const FROM_TUNNEL: bool>(ctx: &P, ifc: &IfConfig, l3: usize) -> Verdict {
+    let Some(h) = read::<[u8; 8], P>(ctx, l3) else {
         return MALFORMED;
     };
-    let Some(addrs) = read::<[u8; 32]>(ctx, l3 + 8) else {
+    let Some(addrs) = read::<[u8; 32], P>(ctx, l3 + 8) else {
         return MALFORMED;
     };
     if h[0] >> 4 != 6 {
@@ -123,7 +217,7 @@ fn ipv6(ctx: &XdpContext, ifindex: u32, ifc: &IfConfig, l3: usize) -> Verdict {
     }
     let proto = h[6];
     if proto == IPPROTO_HOPOPTS {
-        return pass(Reason::PassHopByHop);
+        return Verdict::Pass(Reason::PassHopByHop);
     }
     let mut src = [0u8; 16];
     let mut dst = [0u8; 16];
@@ -131,19 +225,19 @@ fn ipv6(ctx: &XdpContext, ifindex: u32, ifc: &IfConfig, l3: usize) -> Verdict {
     dst.copy_from_slice(&addrs[16..]);
     if proto == IPPROTO_ICMPV6 {
         // Router/neighbour solicitation and advertisement, redirect: types 133..=137.
-        if let Some(t) = read::<u8>(ctx, l3 + IPV6_HLEN) {
+        if let Some(t) = read::<u8, P>(ctx, l3 + IPV6_HLEN) {
             if (133..=137).contains(&t) {
-                return pass(Reason::PassNd);
+                return Verdict::Pass(Reason::PassNd);
             }
         }
     }
     // SAFETY: plain value, only tested for presence.
     if unsafe { LOCAL_V6.get(&dst) }.is_some() {
-        return pass(Reason::PassLocal);
+        return Verdict::Pass(Reason::PassLocal);
     }
     // Multicast (ff00::/8) and link-local (fe80::/10).
     if dst[0] == 0xff || (dst[0] == 0xfe && dst[1] & 0xc0 == 0x80) {
-        return pass(Reason::PassMulticast);
+        return Verdict::Pass(Reason::PassMulticast);
     }
     let ip = Ip {
         src,
@@ -153,7 +247,7 @@ fn ipv6(ctx: &XdpContext, ifindex: u32, ifc: &IfConfig, l3: usize) -> Verdict {
         l4: l3 + IPV6_HLEN,
         root: ifc.v6_root,
     };
-    route_packet(ctx, ifindex, ifc, l3, ip)
+    route_packet::<16, P, FROM_TUNNEL>(ctx, ifc, ip)
 }
 
 /// What IPv4 and IPv6 hand to the steps they share.
@@ -169,37 +263,43 @@ struct Ip<const N: usize> {
     root: u32,
 }
 
-/// Control-plane check, TTL, route lookup, ECMP, rewrite and send: the same for both
-/// families once their headers are read.
+/// Control-plane check, TTL, policy, route lookup and ECMP: the same for both families
+/// once their headers are read.
 #[inline(always)]
-fn route_packet<const N: usize>(
-    ctx: &XdpContext,
-    ifindex: u32,
+fn route_packet<const N: usize, P: Packet, const FROM_TUNNEL: bool>(
+    ctx: &P,
     ifc: &IfConfig,
-    l3: usize,
     ip: Ip<N>,
 ) -> Verdict {
     let (sport, dport) = ports(ctx, ip.proto, ip.l4);
     if let Some(r) = control_plane(ip.proto, sport, dport) {
-        return pass(r);
+        return Verdict::Pass(r);
     }
     if ip.ttl <= 1 {
-        return pass(Reason::PassTtl);
+        return Verdict::Pass(Reason::PassTtl);
     }
     let mut root = ip.root;
     // Packets back from a firewall are routed, never classified again.
     if ifc.flags & IF_F_FIREWALL == 0 {
-        let family = if N == 4 { 4 } else { 6 };
-        let (src, dst) = (
-            xnet_common::policy::words(&ip.src),
-            xnet_common::policy::words(&ip.dst),
-        );
-        match policy::classify(ifc.segment, family, src, dst, ip.proto, sport, dport) {
+        let Some(flow) = policy::flow() else {
+            return MALFORMED;
+        };
+        flow[0] = RuleKey {
+            tuple: 0,
+            segment: ifc.segment as u16,
+            family: if N == 4 { 4 } else { 6 },
+            proto: ip.proto,
+            sport,
+            dport,
+            _pad: 0,
+            src: xnet_common::policy::words(&ip.src),
+            dst: xnet_common::policy::words(&ip.dst),
+        };
+        match policy::classify(flow) {
             Some(rule) => {
-                let bytes = (ctx.data_end() - ctx.data()) as u64;
-                policy::count_rule(rule.rule, bytes);
+                policy::count_rule(rule.rule, ctx.len());
                 match rule.action {
-                    ACTION_DENY => return (XDP_DROP, Reason::DropPolicy),
+                    ACTION_DENY => return Verdict::Drop(Reason::DropPolicy),
                     ACTION_STEER => {
                         let hash = route::symmetric_hash(
                             route::fold(&ip.src),
@@ -208,14 +308,16 @@ fn route_packet<const N: usize>(
                             sport,
                             dport,
                         );
-                        match policy::steer(rule.service, hash, bytes) {
-                            policy::Steer::To(nh) => {
-                                return match forward_to(ctx, ifindex, l3, N == 4, nh) {
-                                    (XDP_PASS, r) => (XDP_PASS, r),
-                                    (a, _) => (a, Reason::Steered),
-                                };
+                        match policy::steer(rule.service, hash, ctx.len()) {
+                            policy::Steer::To(id) => {
+                                return sent_from::<N, FROM_TUNNEL>(
+                                    ifc,
+                                    &ip.src,
+                                    id,
+                                    Reason::Steered,
+                                )
                             }
-                            policy::Steer::Drop => return (XDP_DROP, Reason::DropFailClosed),
+                            policy::Steer::Drop => return Verdict::Drop(Reason::DropFailClosed),
                             policy::Steer::Bypass => {}
                         }
                     }
@@ -229,13 +331,13 @@ fn route_packet<const N: usize>(
                     _ => {}
                 }
             }
-            None if ifc.flags & IF_F_DEFAULT_DENY != 0 => return (XDP_DROP, Reason::DropPolicy),
+            None if ifc.flags & IF_F_DEFAULT_DENY != 0 => return Verdict::Drop(Reason::DropPolicy),
             None => {}
         }
     }
     let nhg = route::lookup(root, &ip.dst);
     if nhg == LEAF_NONE {
-        return pass(Reason::PassNoRoute);
+        return Verdict::Pass(Reason::PassNoRoute);
     }
     let hash = route::flow_hash(
         route::fold(&ip.src),
@@ -244,45 +346,39 @@ fn route_packet<const N: usize>(
         sport,
         dport,
     );
-    let Some(nh) = route::select(nhg, hash) else {
-        return pass(Reason::PassNoRoute);
+    let Some((id, nh)) = route::select(nhg, hash) else {
+        return Verdict::Pass(Reason::PassNoRoute);
     };
     // Tunnel routes: XFRM in the kernel encrypts (the contract in ike::daemon).
     if nh.flags & NH_F_KERNEL != 0 {
-        return pass(Reason::PassTunnel);
+        return Verdict::Pass(Reason::PassTunnel);
     }
     if nh.flags & NH_F_VALID == 0 {
-        return pass(Reason::PassNoNeighbour);
+        return Verdict::Pass(Reason::PassNoNeighbour);
     }
-    forward_to(ctx, ifindex, l3, N == 4, nh)
+    sent_from::<N, FROM_TUNNEL>(ifc, &ip.src, id, Reason::Forwarded)
 }
 
-/// Rewrites TTL/hop limit and MACs for next hop `nh` and sends the packet.
+/// `Send` to `nh`, but a decrypted packet only when its source is routed back into a tunnel
+/// of its segment: sent from here, it skips the kernel's inbound check of the SA's traffic
+/// selectors, so one whose source no tunnel covers goes to the kernel to be judged there.
 #[inline(always)]
-fn forward_to(ctx: &XdpContext, ifindex: u32, l3: usize, v4: bool, nh: &NextHop) -> Verdict {
-    let ttl = if v4 {
-        rewrite::ipv4_ttl(ctx, l3)
-    } else {
-        rewrite::ipv6_hop_limit(ctx, l3)
-    };
-    if ttl.is_none() || rewrite::ethernet(ctx, l3, nh).is_none() {
-        return MALFORMED;
+fn sent_from<const N: usize, const FROM_TUNNEL: bool>(
+    ifc: &IfConfig,
+    src: &[u8; N],
+    nh: u32,
+    reason: Reason,
+) -> Verdict {
+    if FROM_TUNNEL {
+        let root = if N == 4 { ifc.v4_root } else { ifc.v6_root };
+        let back = route::lookup(root, src);
+        let into_tunnel = back != LEAF_NONE
+            && route::select(back, 0).is_some_and(|(_, h)| h.flags & NH_F_KERNEL != 0);
+        if !into_tunnel {
+            return Verdict::Pass(Reason::PassTunnelSource);
+        }
     }
-    send(ifindex, nh.ifindex)
-}
-
-/// `XDP_TX` back out of the ingress port, else `XDP_REDIRECT` through `TX_PORTS`.
-#[inline(always)]
-fn send(ingress: u32, egress: u32) -> Verdict {
-    if egress == ingress {
-        return (XDP_TX, Reason::Forwarded);
-    }
-    match TX_PORTS.redirect(egress, 0) {
-        Ok(action) => (action, Reason::Forwarded),
-        // Not in TX_PORTS: the agent marks such next hops invalid, so this is a race with
-        // an interface going away.
-        Err(_) => pass(Reason::PassNoNeighbour),
-    }
+    Verdict::Send(nh, reason)
 }
 
 // ---- Benchmark programs: the same parsing, each with one route structure. ----
@@ -294,11 +390,11 @@ fn bench_dst(ctx: &XdpContext) -> Option<([u8; 16], bool)> {
     let mut dst = [0u8; 16];
     match l2.ethertype {
         ETH_P_IP => {
-            let d = read::<[u8; 4]>(ctx, l2.l3 + 16)?;
+            let d = read::<[u8; 4], _>(ctx, l2.l3 + 16)?;
             dst[..4].copy_from_slice(&d);
             Some((dst, true))
         }
-        ETH_P_IPV6 => Some((read::<[u8; 16]>(ctx, l2.l3 + 24)?, false)),
+        ETH_P_IPV6 => Some((read::<[u8; 16], _>(ctx, l2.l3 + 24)?, false)),
         _ => None,
     }
 }
@@ -363,7 +459,7 @@ const BATCH: usize = xnet_common::limits::BENCH_BATCH;
 fn bench_batch<const N: usize>(ctx: &XdpContext, trie: bool) -> u32 {
     let mut hits = 0usize;
     for i in 0..BATCH {
-        let Some(d) = read::<[u8; N]>(ctx, ETH_HLEN + i * N) else {
+        let Some(d) = read::<[u8; N], _>(ctx, ETH_HLEN + i * N) else {
             return XDP_PASS;
         };
         let hit = match (trie, N) {

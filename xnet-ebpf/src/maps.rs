@@ -23,6 +23,12 @@ pub static ROUTE_NODES: Array<[u32; GROUP_SIZE as usize]> =
 #[map]
 pub static INTERFACES: HashMap<u32, IfConfig> = HashMap::with_max_entries(limits::INTERFACES, 0);
 
+/// IPsec connector (by `xnet_common::ipsec::connector_of` its SAs' reqid) → the segment
+/// its decrypted packets belong to; segment 0: not ours.
+#[map]
+pub static TUNNELS: Array<IfConfig> =
+    Array::with_max_entries(xnet_common::ipsec::MAX_CONNECTORS, 0);
+
 #[map]
 pub static NEXTHOPS: Array<NextHop> = Array::with_max_entries(limits::NEXTHOPS, 0);
 

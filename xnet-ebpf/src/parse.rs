@@ -1,7 +1,46 @@
 //! Zero-copy views of the headers the fast path reads. Every access is checked against
 //! `data_end` first, in the form the verifier can follow.
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::programs::{TcContext, XdpContext};
+
+/// What the parsers need of a packet: where its bytes start and end. XDP frames and TC
+/// socket buffers both give direct access to their (linear) head.
+pub trait Packet {
+    fn start(&self) -> usize;
+    fn end(&self) -> usize;
+    /// Bytes of the whole packet, for counters.
+    fn len(&self) -> u64;
+}
+
+impl Packet for XdpContext {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.data()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.data_end()
+    }
+    #[inline(always)]
+    fn len(&self) -> u64 {
+        (self.data_end() - self.data()) as u64
+    }
+}
+
+impl Packet for TcContext {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.data()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.data_end()
+    }
+    #[inline(always)]
+    fn len(&self) -> u64 {
+        TcContext::len(self) as u64
+    }
+}
 
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86dd;
@@ -22,9 +61,9 @@ pub const IPV6_HLEN: usize = 40;
 
 /// A pointer to `T` at `off` bytes into the packet, if the whole `T` is inside it.
 #[inline(always)]
-pub fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
-    let start = ctx.data();
-    let end = ctx.data_end();
+pub fn ptr_at<T, P: Packet>(ctx: &P, off: usize) -> Option<*mut T> {
+    let start = ctx.start();
+    let end = ctx.end();
     if start + off + core::mem::size_of::<T>() > end {
         return None;
     }
@@ -32,9 +71,9 @@ pub fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
 }
 
 #[inline(always)]
-pub fn read<T: Copy>(ctx: &XdpContext, off: usize) -> Option<T> {
+pub fn read<T: Copy, P: Packet>(ctx: &P, off: usize) -> Option<T> {
     // SAFETY: ptr_at checked the bounds; packet data has no alignment guarantee.
-    ptr_at::<T>(ctx, off).map(|p| unsafe { p.read_unaligned() })
+    ptr_at::<T, P>(ctx, off).map(|p| unsafe { p.read_unaligned() })
 }
 
 /// Layer 3 as found after the Ethernet header (and at most one VLAN tag).
@@ -45,11 +84,11 @@ pub struct L2 {
 }
 
 #[inline(always)]
-pub fn ethernet(ctx: &XdpContext) -> Option<L2> {
-    let mut ethertype = u16::from_be(read::<u16>(ctx, 12)?);
+pub fn ethernet<P: Packet>(ctx: &P) -> Option<L2> {
+    let mut ethertype = u16::from_be(read::<u16, P>(ctx, 12)?);
     let mut l3 = ETH_HLEN;
     if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
-        ethertype = u16::from_be(read::<u16>(ctx, ETH_HLEN + 2)?);
+        ethertype = u16::from_be(read::<u16, P>(ctx, ETH_HLEN + 2)?);
         l3 += VLAN_HLEN;
     }
     Some(L2 { ethertype, l3 })
@@ -58,9 +97,9 @@ pub fn ethernet(ctx: &XdpContext) -> Option<L2> {
 /// Source and destination ports of a TCP/UDP header at `l4`, zero for other protocols or
 /// when the header is cut short (the kernel deals with those).
 #[inline(always)]
-pub fn ports(ctx: &XdpContext, proto: u8, l4: usize) -> (u16, u16) {
+pub fn ports<P: Packet>(ctx: &P, proto: u8, l4: usize) -> (u16, u16) {
     if proto == IPPROTO_TCP || proto == IPPROTO_UDP {
-        if let Some(p) = read::<[u8; 4]>(ctx, l4) {
+        if let Some(p) = read::<[u8; 4], P>(ctx, l4) {
             return (
                 u16::from_be_bytes([p[0], p[1]]),
                 u16::from_be_bytes([p[2], p[3]]),

@@ -4,39 +4,27 @@
 use xnet_common::policy::{
     Counter, RuleKey, RuleValue, MAX_INSTANCES, MAX_TUPLES, META_GENERATION, META_TUPLES_GEN0,
 };
-use xnet_common::NextHop;
 
 use crate::maps::{
     NEXTHOPS, NH_STATS, POLICY_META, POLICY_SCRATCH, RULES, RULE_STATS, SERVICES, TUPLES,
 };
 
-/// The best (lowest-priority-number) rule matching the packet in the active rule set.
-/// `src`/`dst` as [`words`]; ports zero for protocols without them.
+/// The packet's fields as `classify` takes them, in this CPU's scratch slot (off the
+/// 512-byte BPF stack).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub fn classify(
-    segment: u32,
-    family: u8,
-    src: [u32; 4],
-    dst: [u32; 4],
-    proto: u8,
-    sport: u16,
-    dport: u16,
-) -> Option<RuleValue> {
+pub fn flow() -> Option<&'static mut [RuleKey; 2]> {
     let scratch = POLICY_SCRATCH.get_ptr_mut(0)?;
-    // SAFETY: this CPU's scratch slot; XDP does not nest on a CPU.
-    let [f, key] = unsafe { &mut *scratch };
-    *f = RuleKey {
-        tuple: 0,
-        segment: segment as u16,
-        family,
-        proto,
-        sport,
-        dport,
-        _pad: 0,
-        src,
-        dst,
-    };
+    // SAFETY: this CPU's scratch slot; XDP and TC do not nest on a CPU.
+    Some(unsafe { &mut *scratch })
+}
+
+/// The best (lowest-priority-number) rule matching the packet in the active rule set.
+/// `scratch[0]`: the packet's fields (addresses as [`words`], ports zero for protocols
+/// without them); `scratch[1]` is overwritten.
+// A function of its own (a BPF subprogram): its stack frame is not added to every caller's.
+#[inline(never)]
+pub fn classify(scratch: &mut [RuleKey; 2]) -> Option<RuleValue> {
+    let [f, key] = scratch;
     *key = *f;
     let generation = POLICY_META.get(META_GENERATION).copied().unwrap_or(0) & 1;
     let tuples = POLICY_META
@@ -92,8 +80,8 @@ pub fn count_rule(rule: u32, bytes: u64) {
 
 /// What `steer` decided.
 pub enum Steer {
-    /// Send to this firewall instance.
-    To(&'static NextHop),
+    /// Send to this firewall instance (its next-hop id).
+    To(u32),
     /// No healthy instance, fail-open: route as if no policy matched.
     Bypass,
     /// No healthy (or resolved) instance, fail-closed.
@@ -122,7 +110,7 @@ pub fn steer(service: u32, hash: u32, bytes: u64) -> Steer {
     match NEXTHOPS.get(member) {
         Some(nh) if nh.flags & xnet_common::NH_F_VALID != 0 => {
             count(NH_STATS.get_ptr_mut(member), bytes);
-            Steer::To(nh)
+            Steer::To(member)
         }
         _ if s.fail_closed != 0 => Steer::Drop,
         _ => Steer::Bypass,

@@ -1,14 +1,15 @@
-//! Header rewrites for a forwarded packet: TTL/hop limit, MACs, VLAN tag removal.
+//! Header rewrites for a forwarded packet: TTL/hop limit, MACs, VLAN tag removal, and the
+//! Ethernet header a packet from a layer-3 (tunnel) device needs before it leaves.
 
-use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
+use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::TcContext, programs::XdpContext};
 use xnet_common::{csum, NextHop};
 
-use crate::parse::{ptr_at, ETH_HLEN, VLAN_HLEN};
+use crate::parse::{ptr_at, Packet, ETH_HLEN, VLAN_HLEN};
 
 /// Decrements the IPv4 TTL at `l3` and updates the header checksum incrementally.
 #[inline(always)]
-pub fn ipv4_ttl(ctx: &XdpContext, l3: usize) -> Option<()> {
-    let h = ptr_at::<[u8; 12]>(ctx, l3)?;
+pub fn ipv4_ttl<P: Packet>(ctx: &P, l3: usize) -> Option<()> {
+    let h = ptr_at::<[u8; 12], P>(ctx, l3)?;
     // SAFETY: ptr_at checked that 12 bytes at l3 are inside the packet.
     unsafe {
         let old = u16::from_be_bytes([(*h)[8], (*h)[9]]);
@@ -24,11 +25,21 @@ pub fn ipv4_ttl(ctx: &XdpContext, l3: usize) -> Option<()> {
 
 /// Decrements the IPv6 hop limit at `l3` (IPv6 has no header checksum).
 #[inline(always)]
-pub fn ipv6_hop_limit(ctx: &XdpContext, l3: usize) -> Option<()> {
-    let h = ptr_at::<[u8; 8]>(ctx, l3)?;
+pub fn ipv6_hop_limit<P: Packet>(ctx: &P, l3: usize) -> Option<()> {
+    let h = ptr_at::<[u8; 8], P>(ctx, l3)?;
     // SAFETY: bounds checked above.
     unsafe { (*h)[7] -= 1 };
     Some(())
+}
+
+/// TTL or hop limit, by family.
+#[inline(always)]
+pub fn ttl<P: Packet>(ctx: &P, l3: usize, v4: bool) -> Option<()> {
+    if v4 {
+        ipv4_ttl(ctx, l3)
+    } else {
+        ipv6_hop_limit(ctx, l3)
+    }
 }
 
 /// Writes the next hop's MACs; with a VLAN tag (`l3` past the plain Ethernet header), drops
@@ -42,10 +53,27 @@ pub fn ethernet(ctx: &XdpContext, l3: usize, nh: &NextHop) -> Option<()> {
             return None;
         }
     }
-    let eth = ptr_at::<[u8; 12]>(ctx, 0)?;
+    let eth = ptr_at::<[u8; 12], XdpContext>(ctx, 0)?;
     // SAFETY: bounds checked above.
     let eth = unsafe { &mut *eth };
     eth[..6].copy_from_slice(&nh.dmac);
     eth[6..].copy_from_slice(&nh.smac);
+    Some(())
+}
+
+/// A whole Ethernet header for `nh` on a socket buffer whose IP header is at `l3`: 0 on a
+/// layer-3 device (room is made first), 14 where the kernel kept the header it had before
+/// decapsulation (its type may still say the outer family, so it is written too).
+#[inline(always)]
+pub fn tc_ethernet(ctx: &TcContext, l3: usize, nh: &NextHop, ethertype: u16) -> Option<()> {
+    if l3 == 0 && ctx.change_head(ETH_HLEN as u32, 0).is_err() {
+        return None;
+    }
+    let eth = ptr_at::<[u8; ETH_HLEN], TcContext>(ctx, 0)?;
+    // SAFETY: bounds checked above.
+    let eth = unsafe { &mut *eth };
+    eth[..6].copy_from_slice(&nh.dmac);
+    eth[6..12].copy_from_slice(&nh.smac);
+    eth[12..].copy_from_slice(&ethertype.to_be_bytes());
     Some(())
 }

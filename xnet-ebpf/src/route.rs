@@ -6,8 +6,8 @@ use xnet_common::{route::GROUP_SIZE, NextHop, LEAF_NONE, MAX_ECMP};
 use crate::maps::{NEXTHOPS, NH_GROUPS, ROUTE_NODES};
 
 /// Longest-prefix match of `addr` in the table rooted at `root`: the next-hop group id, or
-/// `LEAF_NONE`.
-#[inline(always)]
+/// `LEAF_NONE`. A subprogram: the unrolled walk's map keys stay in its own stack frame.
+#[inline(never)]
 pub fn lookup<const N: usize>(root: u32, addr: &[u8; N]) -> u32 {
     xnet_common::route::lookup(root, addr, |i| match ROUTE_NODES.get(i / GROUP_SIZE) {
         Some(group) => group[(i % GROUP_SIZE) as usize],
@@ -15,9 +15,10 @@ pub fn lookup<const N: usize>(root: u32, addr: &[u8; N]) -> u32 {
     })
 }
 
-/// The next hop of group `nhg` that a flow with `hash` takes (ECMP), if the group has one.
+/// The next hop (its id and value) of group `nhg` that a flow with `hash` takes (ECMP),
+/// if the group has one.
 #[inline(always)]
-pub fn select(nhg: u32, hash: u32) -> Option<&'static NextHop> {
+pub fn select(nhg: u32, hash: u32) -> Option<(u32, &'static NextHop)> {
     let group = NH_GROUPS.get(nhg)?;
     let count = group.count;
     if count == 0 || count as usize > MAX_ECMP {
@@ -30,7 +31,7 @@ pub fn select(nhg: u32, hash: u32) -> Option<&'static NextHop> {
     // SAFETY: reading a local.
     let slot = unsafe { core::ptr::read_volatile(&slot) } & (MAX_ECMP - 1);
     let member = group.members[slot];
-    NEXTHOPS.get(member)
+    Some((member, NEXTHOPS.get(member)?))
 }
 
 /// A 5-tuple hash for ECMP: the same flow always takes the same next hop.

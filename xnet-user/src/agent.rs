@@ -270,6 +270,7 @@ impl Agent {
             crate::ike::daemon::start(&self.config, &self.path.display().to_string(), &if_ids)
                 .await?;
         self.sync_kernel_state().await?;
+        self.tunnel_policy()?;
         // Maps are complete before the first packet meets the program.
         let generic = c.agent.xdp_mode == XdpMode::Generic;
         if generic {
@@ -726,6 +727,39 @@ impl Agent {
                 ),
             }
         }
+        Ok(())
+    }
+
+    /// Decrypted traffic meets the same policy as the rest: each connector's packets are
+    /// put in its segment (`TUNNELS`), and the TC program that picks them out runs where
+    /// they re-enter the stack: the xfrm interfaces (route-based) and the config's
+    /// interfaces (policy-based tunnels' packets come back in where their ESP arrived).
+    fn tunnel_policy(&mut self) -> Result<()> {
+        let c = self.config.clone();
+        if c.ipsec.is_empty() {
+            return Ok(());
+        }
+        for (i, t) in c.ipsec.iter().enumerate() {
+            let seg = c.segment_id(&t.segment).expect("validated");
+            let deny = c.segments[seg as usize - 1].default_action == DefaultAction::Deny;
+            self.dp
+                .set_tunnel(
+                    i as u32,
+                    Some(seg),
+                    if deny { IF_F_DEFAULT_DENY } else { 0 },
+                )
+                .with_context(|| format!("ipsec {}", t.name))?;
+        }
+        let names: Vec<String> = self
+            .xfrm_links
+            .values()
+            .map(|(n, _)| n.clone())
+            .chain(c.interfaces.iter().map(|i| i.name.clone()))
+            .collect();
+        for name in names {
+            self.dp.attach_tunnel_in(&name)?;
+        }
+        info!("decrypted IPsec traffic goes through policy (TC ingress on the xfrm interfaces and the underlay)");
         Ok(())
     }
 
@@ -1697,6 +1731,7 @@ impl Agent {
             let _ = std::fs::remove_file(pin);
         }
         self.dp.detach_all();
+        self.dp.detach_tunnel_in();
         for name in std::mem::take(&mut self.rules) {
             if let Err(e) = self.kernel.delete_segment_rules(&name).await {
                 warn!("removing ip rules of {name}: {e:#}");

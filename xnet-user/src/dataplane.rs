@@ -17,8 +17,9 @@ use aya::maps::{
     Array, DevMapHash, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues,
 };
 use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::tc::{self, SchedClassifierLinkId, TcAttachType};
 use aya::programs::xdp::XdpLink;
-use aya::programs::{Xdp, XdpMode};
+use aya::programs::{SchedClassifier, Xdp, XdpMode};
 use aya::util::nr_cpus;
 use aya::{Ebpf, EbpfLoader};
 use ipnet::IpNet;
@@ -196,6 +197,8 @@ pub struct Dataplane {
     neighbours: HashMap<(u32, IpAddr), [u8; 6]>,
     locals: Vec<IpAddr>,
     attached: Vec<(u32, aya::programs::xdp::XdpLinkId)>,
+    /// Interfaces with `xnet_tunnel_in` at TC ingress.
+    tunnel_in: Vec<(String, SchedClassifierLinkId)>,
     /// Policy generation packets use now, and the entries each generation holds.
     generation: u32,
     written: [Vec<RuleKey>; 2],
@@ -213,6 +216,11 @@ impl Dataplane {
             .checked_mul(GROUP_SIZE)
             .context("route_table_groups too large")?;
         let mut ebpf = EbpfLoader::new()
+            .verifier_log_level(if std::env::var_os("XNET_VERIFIER_LOG").is_some() {
+                aya::VerifierLogLevel::VERBOSE | aya::VerifierLogLevel::STATS
+            } else {
+                aya::VerifierLogLevel::default()
+            })
             .map_max_entries(names::MAP_ROUTE_NODES, groups)
             .load(OBJECT)
             .context("loading the XDP object (are you root, with BPF enabled?)")?;
@@ -234,6 +242,12 @@ impl Dataplane {
             .try_into()?;
         p.load()
             .with_context(|| format!("verifier rejected {}", names::PROG_FORWARD))?;
+        let p: &mut SchedClassifier = ebpf
+            .program_mut(names::PROG_TUNNEL_IN)
+            .context(names::PROG_TUNNEL_IN)?
+            .try_into()?;
+        p.load()
+            .with_context(|| format!("verifier rejected {}", names::PROG_TUNNEL_IN))?;
         Ok(Self {
             ebpf,
             _logger: logger,
@@ -249,6 +263,7 @@ impl Dataplane {
             neighbours: HashMap::new(),
             locals: Vec::new(),
             attached: Vec::new(),
+            tunnel_in: Vec::new(),
             generation: 0,
             written: [Vec::new(), Vec::new()],
             services: HashMap::new(),
@@ -294,6 +309,65 @@ impl Dataplane {
                 log::warn!("detaching XDP from ifindex {ifindex}: {e}");
             }
         }
+    }
+
+    /// Attaches the decrypted-traffic program at TC ingress of `name` (an xfrm interface,
+    /// or one where policy-based tunnels' ESP arrives). A filter of that name left by an
+    /// agent that died goes first.
+    pub fn attach_tunnel_in(&mut self, name: &str) -> Result<()> {
+        let c = std::ffi::CString::new(name)?;
+        // Already there (another program's, or ours): fine.
+        let _ = tc::qdisc_add_clsact(&c);
+        let _ = tc::qdisc_detach_program(&c, TcAttachType::Ingress.into(), names::PROG_TUNNEL_IN);
+        let p: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(names::PROG_TUNNEL_IN)
+            .unwrap()
+            .try_into()?;
+        let link = p.attach(&c, TcAttachType::Ingress).with_context(|| {
+            format!("attaching {} to {name} (TC ingress)", names::PROG_TUNNEL_IN)
+        })?;
+        self.tunnel_in.push((name.to_string(), link));
+        Ok(())
+    }
+
+    /// Detaches the decrypted-traffic program everywhere.
+    pub fn detach_tunnel_in(&mut self) {
+        let p: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(names::PROG_TUNNEL_IN)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        for (name, link) in self.tunnel_in.drain(..) {
+            if let Err(e) = p.detach(link) {
+                log::warn!("detaching {} from {name}: {e}", names::PROG_TUNNEL_IN);
+            }
+        }
+    }
+
+    /// Puts IPsec connector `connector`'s decrypted packets into `segment` (`flags` as
+    /// for interfaces), or (`segment` None) leaves them to the kernel.
+    pub fn set_tunnel(&mut self, connector: u32, segment: Option<u32>, flags: u32) -> Result<()> {
+        let cfg = match segment {
+            Some(id) => {
+                let seg = self
+                    .segments
+                    .get(&id)
+                    .with_context(|| format!("unknown segment id {id}"))?;
+                IfConfig {
+                    segment: id,
+                    v4_root: seg.v4_root,
+                    v6_root: seg.v6_root,
+                    flags,
+                }
+            }
+            None => IfConfig::default(),
+        };
+        let mut map: Array<_, IfConfig> = self.map_mut(names::MAP_TUNNELS)?;
+        map.set(connector, &cfg, 0)
+            .with_context(|| format!("TUNNELS[{connector}]"))?;
+        Ok(())
     }
 
     pub fn attached(&self) -> Vec<u32> {

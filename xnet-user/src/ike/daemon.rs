@@ -260,7 +260,7 @@ const INBOUND_GRACE: Duration = Duration::from_secs(5);
 
 /// XFRM request id of connector `i` (also the if_id of its xfrm interface, if any).
 pub fn reqid(i: usize) -> u32 {
-    0x100 + i as u32
+    xnet_common::ipsec::reqid(i as u32, 0)
 }
 
 /// Starts the daemon for the config's connectors (None without any). `if_ids`: the
@@ -798,10 +798,7 @@ impl Daemon {
         if let Some((_, r)) = k.reqids.iter().find(|(t, _)| *t == key) {
             return *r;
         }
-        let r = match k.reqids.len() {
-            0 => reqid(k.index),
-            n => 0x1_0000 + (k.index as u32) * 0x100 + n as u32,
-        };
+        let r = xnet_common::ipsec::reqid(k.index as u32, k.reqids.len() as u32);
         k.reqids.push((key, r));
         r
     }
