@@ -1655,3 +1655,216 @@ fn s7_a_child_sa_gone_from_the_kernel_is_noticed_and_comes_back() {
     );
     assert_eq!(vnet1_to_onprem(&lab, 10), 10, "traffic again");
 }
+
+/// Scenario 8's firewalls and policies: on-prem (behind the IPsec connector) ⇄ vnet1 (a
+/// plain link) steered through `fw`; one UDP port from on-prem denied.
+const TUNNEL_POLICIES: &str = r#"
+[[interfaces]]
+name = "fw1"
+segment = "prod"
+role = "firewall"
+
+[[interfaces]]
+name = "fw2"
+segment = "prod"
+role = "firewall"
+
+[[services]]
+name = "fw"
+failure_mode = "closed"
+health = { kind = "icmp", interval_ms = 200, threshold = 2 }
+instances = [
+  { name = "fw1", interface = "fw1", via = "10.0.11.2" },
+  { name = "fw2", interface = "fw2", via = "10.0.12.2" },
+]
+
+[[policies]]
+name = "onprem-deny-7777"
+segment = "prod"
+source = "192.168.0.0/16"
+destination = "10.1.0.0/16"
+protocol = "udp"
+destination_ports = "7777"
+action = "deny"
+
+[[policies]]
+name = "vnet-to-onprem"
+segment = "prod"
+source = "10.1.0.0/16"
+destination = "192.168.0.0/16"
+protocol = "udp"
+action = "steer"
+service = "fw"
+
+[[policies]]
+name = "onprem-to-vnet"
+segment = "prod"
+source = "192.168.0.0/16"
+destination = "10.1.0.0/16"
+protocol = "udp"
+action = "steer"
+service = "fw"
+"#;
+
+/// (VNet→on-prem, on-prem→VNet) packets each firewall forwarded.
+fn firewall_counts(lab: &Lab) -> [(u64, u64); 2] {
+    [
+        lab.firewall_counts(1).unwrap(),
+        lab.firewall_counts(2).unwrap(),
+    ]
+}
+
+fn healthy_instances(s: &xnet_user::status::Status) -> usize {
+    s.services
+        .iter()
+        .flat_map(|x| &x.instances)
+        .filter(|i| i.health == "up")
+        .count()
+}
+
+/// Scenario 8: policy on traffic that comes out of an IPsec tunnel. On-prem sits behind a
+/// connector (charon configured by `peer-config`), vnet1 behind a plain link; a steer
+/// policy each way between them, two firewall namespaces with nftables counters. A flow
+/// and its reverse cross one instance both ways (the direction out of the tunnel is
+/// steered too); a deny policy drops tunnel traffic and counts it; killing the instance
+/// moves the flow. Route-based (xfrm interface) and policy-based connectors.
+fn tunnel_traffic_meets_policy(name: &str, route_based: bool) {
+    if !vm_kernel(name) {
+        return;
+    }
+    let lab = Lab::create_with_firewalls(&format!("xt{}-s8", std::process::id()), 2).expect("lab");
+    let psk = cxp_with_tunnels(&lab);
+    let cfg = format!(
+        r#"{}
+{TUNNEL_POLICIES}
+[[ipsec]]
+name = "onprem-gw"
+segment = "prod"
+local_address = "10.0.3.1"
+remote_address = "10.0.3.2"
+psk_file = "{}"
+profile = "azure"
+local_ts = ["10.1.0.0/16"]
+remote_ts = ["192.168.10.0/24"]
+dpd_seconds = 5
+{}
+"#,
+        without_onprem_route(),
+        psk.display(),
+        if route_based {
+            "interface = \"xi-onprem\""
+        } else {
+            ""
+        }
+    );
+    let charon = gateway(&lab, "onprem", "onprem-gw", &cfg);
+    let agent = Agent::start(&lab, &cfg);
+    wait_until(
+        &agent,
+        "the tunnel up and both firewall instances healthy",
+        Duration::from_secs(90),
+        |s| {
+            s.ipsec
+                .first()
+                .is_some_and(|t| t.state == "established" && !t.children.is_empty())
+                && healthy_instances(s) == 2
+        },
+    );
+    // A flow into the tunnel, then its reverse out of it (same addresses, ports swapped).
+    let sent = |from: &str, src: &str, to: &str, dst: &str, n: usize| {
+        udp(&lab, from, src, to, dst, n)
+    };
+    assert_eq!(
+        sent("vnet1", "10.1.0.1:5000", "onprem", "192.168.10.1:9000", 100),
+        100,
+        "vnet1 → on-prem: {}",
+        charon.log()
+    );
+    assert_eq!(
+        sent("onprem", "192.168.10.1:9000", "vnet1", "10.1.0.1:5000", 100),
+        100,
+        "on-prem → vnet1 out of the tunnel"
+    );
+    let c = firewall_counts(&lab);
+    let (used, idle) = if c[0].0 > 0 { (0, 1) } else { (1, 0) };
+    assert!(
+        c[used].0 >= 100 && c[used].1 >= 100,
+        "both directions crossed fw{}: {c:?}",
+        used + 1
+    );
+    assert_eq!(c[idle], (0, 0), "the other instance saw none of it: {c:?}");
+    let s = agent.status();
+    let hits = |s: &xnet_user::status::Status, p: &str| {
+        s.policies.iter().find(|x| x.name == p).unwrap().packets
+    };
+    assert!(
+        hits(&s, "onprem-to-vnet") >= 100,
+        "the tunnel's packets counted on their rule: {:?}",
+        s.policies
+    );
+
+    // A deny policy holds for tunnel traffic, and counts it.
+    let denied = s.reason("drop_policy");
+    assert_eq!(
+        sent("onprem", "192.168.10.1:9001", "vnet1", "10.1.0.1:7777", 20),
+        0,
+        "denied port from the tunnel"
+    );
+    let s = agent.status();
+    assert!(hits(&s, "onprem-deny-7777") >= 20, "{:?}", s.policies);
+    assert!(s.reason("drop_policy") - denied >= 20);
+    let out = std::process::Command::new(XNET)
+        .args(["policy", "--socket"])
+        .arg(&agent.socket)
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(shown.contains("onprem-deny-7777"), "{shown}");
+    eprintln!("xnet policy:\n{shown}");
+
+    // The instance carrying the flow dies: the flow, both ways, moves to the other one.
+    sh(&format!(
+        "ip -n {} link set eth0 down",
+        lab.ns(&format!("fw{}", used + 1))
+    ));
+    wait_until(
+        &agent,
+        "the dead instance out of the pool",
+        Duration::from_secs(5),
+        |s| healthy_instances(s) == 1,
+    );
+    assert_eq!(
+        sent("onprem", "192.168.10.1:9000", "vnet1", "10.1.0.1:5000", 100),
+        100,
+        "on-prem → vnet1 after the failover"
+    );
+    assert_eq!(
+        sent("vnet1", "10.1.0.1:5000", "onprem", "192.168.10.1:9000", 100),
+        100,
+        "vnet1 → on-prem after the failover"
+    );
+    let c2 = firewall_counts(&lab);
+    assert!(
+        c2[idle].0 >= 100 && c2[idle].1 >= 100,
+        "the flow moved to fw{} both ways: {c2:?}",
+        idle + 1
+    );
+    hold(
+        &lab,
+        &agent,
+        &format!(
+            "try: ip netns exec {p}-fw1 nft list ruleset; ip netns exec {p}-cxp tc filter show dev onprem ingress",
+            p = lab.prefix
+        ),
+    );
+}
+
+#[test]
+fn s8_traffic_out_of_a_route_based_tunnel_meets_policy() {
+    tunnel_traffic_meets_policy("s8_traffic_out_of_a_route_based_tunnel_meets_policy", true);
+}
+
+#[test]
+fn s8_traffic_out_of_a_policy_based_tunnel_meets_policy() {
+    tunnel_traffic_meets_policy("s8_traffic_out_of_a_policy_based_tunnel_meets_policy", false);
+}
