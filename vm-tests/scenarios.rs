@@ -1688,6 +1688,15 @@ destination_ports = "7777"
 action = "deny"
 
 [[policies]]
+name = "onprem-deny-7777-v6"
+segment = "prod"
+source = "fd03::/48"
+destination = "fd01::/48"
+protocol = "udp"
+destination_ports = "7777"
+action = "deny"
+
+[[policies]]
 name = "vnet-to-onprem"
 segment = "prod"
 source = "10.1.0.0/16"
@@ -1744,17 +1753,20 @@ local_address = "10.0.3.1"
 remote_address = "10.0.3.2"
 psk_file = "{}"
 profile = "azure"
-local_ts = ["10.1.0.0/16"]
-remote_ts = ["192.168.10.0/24"]
 dpd_seconds = 5
 {}
 "#,
-        without_onprem_route(),
+        // On-prem's IPv6 prefix is behind the tunnel too.
+        without_onprem_route().replace(
+            "[[routes]]\nsegment = \"prod\"\nprefix = \"fd03::/48\"\nnext_hops = [{ via = \"fd00:3::2\", interface = \"onprem\" }]\n",
+            "",
+        ),
         psk.display(),
         if route_based {
-            "interface = \"xi-onprem\""
+            // IPv6 inside too (one CHILD SA for both families).
+            "local_ts = [\"10.1.0.0/16\", \"fd01::/48\"]\nremote_ts = [\"192.168.10.0/24\", \"fd03::/48\"]\ninterface = \"xi-onprem\""
         } else {
-            ""
+            "local_ts = [\"10.1.0.0/16\"]\nremote_ts = [\"192.168.10.0/24\"]"
         }
     );
     let charon = gateway(&lab, "onprem", "onprem-gw", &cfg);
@@ -1771,9 +1783,8 @@ dpd_seconds = 5
         },
     );
     // A flow into the tunnel, then its reverse out of it (same addresses, ports swapped).
-    let sent = |from: &str, src: &str, to: &str, dst: &str, n: usize| {
-        udp(&lab, from, src, to, dst, n)
-    };
+    let sent =
+        |from: &str, src: &str, to: &str, dst: &str, n: usize| udp(&lab, from, src, to, dst, n);
     assert_eq!(
         sent("vnet1", "10.1.0.1:5000", "onprem", "192.168.10.1:9000", 100),
         100,
@@ -1822,6 +1833,26 @@ dpd_seconds = 5
     assert!(shown.contains("onprem-deny-7777"), "{shown}");
     eprintln!("xnet policy:\n{shown}");
 
+    if route_based {
+        // IPv6 out of the tunnel: routed (no policy steers it), and denied on the port.
+        assert_eq!(
+            sent("onprem", "[fd03::1]:9002", "vnet1", "[fd01::1]:5002", 50),
+            50,
+            "IPv6 on-prem → vnet1 out of the tunnel: reasons {:?}\nCXP: {}\ngateway: {}\n{}",
+            agent.status().reasons,
+            sh(&format!("ip -n {0} xfrm policy; ip -n {0} -6 route show table 100; ip -n {0} -6 neigh; ip -n {0} -s link show xi-onprem", lab.ns("cxp"))),
+            sh(&format!("ip -n {0} xfrm policy; ip -n {0} -6 route; ip -n {0} -s xfrm state", lab.ns("onprem"))),
+            agent.log()
+        );
+        let before = agent.status().reason("drop_policy");
+        assert_eq!(
+            sent("onprem", "[fd03::1]:9003", "vnet1", "[fd01::1]:7777", 20),
+            0,
+            "IPv6 denied port from the tunnel"
+        );
+        assert!(agent.status().reason("drop_policy") - before >= 20);
+    }
+
     // The instance carrying the flow dies: the flow, both ways, moves to the other one.
     sh(&format!(
         "ip -n {} link set eth0 down",
@@ -1866,5 +1897,8 @@ fn s8_traffic_out_of_a_route_based_tunnel_meets_policy() {
 
 #[test]
 fn s8_traffic_out_of_a_policy_based_tunnel_meets_policy() {
-    tunnel_traffic_meets_policy("s8_traffic_out_of_a_policy_based_tunnel_meets_policy", false);
+    tunnel_traffic_meets_policy(
+        "s8_traffic_out_of_a_policy_based_tunnel_meets_policy",
+        false,
+    );
 }

@@ -43,6 +43,13 @@ pub mod names {
     pub const MAP_BENCH_TRIE_V4: &str = "BENCH_TRIE_V4";
     pub const MAP_BENCH_TRIE_V6: &str = "BENCH_TRIE_V6";
     pub const MAP_BENCH_ROOTS: &str = "BENCH_ROOTS";
+    pub const PROG_BENCH_GEN: &str = "xnet_bench_gen";
+    pub const PROG_BENCH_SINK: &str = "xnet_bench_sink";
+    pub const PROG_BENCH_REDIRECT: &str = "xnet_bench_redirect";
+    pub const MAP_BENCH_GEN: &str = "BENCH_GEN";
+    pub const MAP_BENCH_DSTS: &str = "BENCH_DSTS";
+    pub const MAP_BENCH_COUNT: &str = "BENCH_COUNT";
+    pub const MAP_BENCH_NH: &str = "BENCH_NH";
 }
 
 /// Map sizes compiled into the object; `ROUTE_NODES` is sized by the agent at load time.
@@ -54,6 +61,8 @@ pub mod limits {
     pub const NH_GROUPS: u32 = 65_536;
     pub const LOCAL_ADDRS: u32 = 4096;
     pub const BENCH_TRIE: u32 = 1_048_576;
+    /// Destinations the packet generator cycles through.
+    pub const BENCH_DSTS: u32 = 65_536;
 }
 
 /// Per ingress interface: which segment it belongs to and where that segment's route
@@ -229,6 +238,23 @@ impl Reason {
     }
 }
 
+/// The packet generator of `xnet bench` (`xnet_bench_gen`): every frame it sends is
+/// `frame` (Ethernet, IPv4, UDP), with the source port counting through `flows` values
+/// (0: a random port, each frame a new flow) and, when `dsts` > 0, the destination cycling
+/// through the first `dsts` entries of `BENCH_DSTS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct BenchGen {
+    pub flows: u32,
+    pub dsts: u32,
+    pub frame: [u8; BENCH_FRAME],
+}
+
+/// Bytes of a generated frame: Ethernet 14 + IPv4 20 + UDP 8 + 22 of payload, the
+/// usual 64-byte test frame.
+pub const BENCH_FRAME: usize = 64;
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: all of these are repr(C), Copy, without padding holes (checked by bytemuck::Pod).
@@ -241,6 +267,7 @@ mod user {
     unsafe impl aya::Pod for super::policy::RuleValue {}
     unsafe impl aya::Pod for super::policy::Service {}
     unsafe impl aya::Pod for super::policy::Counter {}
+    unsafe impl aya::Pod for super::BenchGen {}
 }
 
 #[cfg(test)]

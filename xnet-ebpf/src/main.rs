@@ -25,11 +25,14 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use xnet_common::policy::{RuleKey, ACTION_DENY, ACTION_STEER, STAY};
 use xnet_common::{
-    IfConfig, Reason, IF_F_DEFAULT_DENY, IF_F_FIREWALL, LEAF_NONE, NH_F_KERNEL, NH_F_VALID,
+    IfConfig, Reason, BENCH_FRAME, IF_F_DEFAULT_DENY, IF_F_FIREWALL, LEAF_NONE, NH_F_KERNEL,
+    NH_F_VALID,
 };
 
+use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_redirect};
 use maps::{
-    BENCH_ROOTS, BENCH_TRIE_V4, BENCH_TRIE_V6, INTERFACES, LOCAL_V4, LOCAL_V6, NEXTHOPS, TX_PORTS,
+    BENCH_COUNT, BENCH_DSTS, BENCH_GEN, BENCH_NH, BENCH_ROOTS, BENCH_TRIE_V4, BENCH_TRIE_V6,
+    INTERFACES, LOCAL_V4, LOCAL_V6, NEXTHOPS, TX_PORTS,
 };
 use parse::*;
 
@@ -501,6 +504,80 @@ pub fn xnet_bench_trie_batch(ctx: XdpContext) -> u32 {
         Some(_) => bench_batch::<16>(&ctx, true),
         None => XDP_PASS,
     }
+}
+
+// ---- Forwarding benchmark (`bench fwd`): generator, sink, bare redirect. ----
+
+/// Packet generator, run by `BPF_PROG_RUN` in live-frames mode on a veth: writes the frame
+/// of `BENCH_GEN` whole (the kernel recycles pages with whatever the forwarder left in
+/// them: MACs, a lower TTL), sets the flow's source port and destination, and sends it out
+/// of that veth (`XDP_TX`) into the forwarder under test.
+#[xdp]
+pub fn xnet_bench_gen(ctx: XdpContext) -> u32 {
+    let Some(g) = BENCH_GEN.get(0) else {
+        return XDP_DROP;
+    };
+    let Some(p) = ptr_at::<[u8; BENCH_FRAME], _>(&ctx, 0) else {
+        return XDP_DROP;
+    };
+    let Some(n) = BENCH_COUNT.get_ptr_mut(1) else {
+        return XDP_DROP;
+    };
+    // SAFETY: this CPU's counter; ptr_at checked the frame's bounds.
+    let (i, f) = unsafe {
+        *n += 1;
+        (*n, &mut *p)
+    };
+    *f = g.frame;
+    let sport = if g.flows == 0 {
+        // SAFETY: a plain helper call.
+        (unsafe { bpf_get_prandom_u32() }) as u16
+    } else {
+        1024 + (i % g.flows as u64) as u16
+    };
+    f[34..36].copy_from_slice(&sport.to_be_bytes());
+    if g.dsts > 0 {
+        if let Some(d) = BENCH_DSTS.get((i % g.dsts as u64) as u32) {
+            f[30..34].copy_from_slice(d);
+        }
+    }
+    f[24] = 0;
+    f[25] = 0;
+    let mut sum = 0u32;
+    for k in 0..10 {
+        sum += u16::from_be_bytes([f[14 + 2 * k], f[15 + 2 * k]]) as u32;
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    f[24..26].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    XDP_TX
+}
+
+/// The benchmark's sink: counts and drops.
+#[xdp]
+pub fn xnet_bench_sink(_ctx: XdpContext) -> u32 {
+    if let Some(c) = BENCH_COUNT.get_ptr_mut(0) {
+        // SAFETY: this CPU's counter.
+        unsafe { *c += 1 };
+    }
+    XDP_DROP
+}
+
+/// The fastest forwarder there is, for comparison: rewrite the MACs, `bpf_redirect`.
+#[xdp]
+pub fn xnet_bench_redirect(ctx: XdpContext) -> u32 {
+    let Some(nh) = BENCH_NH.get(0) else {
+        return XDP_PASS;
+    };
+    let Some(eth) = ptr_at::<[u8; 12], _>(&ctx, 0) else {
+        return XDP_PASS;
+    };
+    // SAFETY: bounds checked above.
+    let eth = unsafe { &mut *eth };
+    eth[..6].copy_from_slice(&nh.dmac);
+    eth[6..].copy_from_slice(&nh.smac);
+    // SAFETY: a plain helper call.
+    (unsafe { bpf_redirect(nh.ifindex, 0) }) as u32
 }
 
 #[cfg(not(test))]

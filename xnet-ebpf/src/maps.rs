@@ -6,7 +6,9 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap},
 };
 use xnet_common::policy::{self, Counter, RuleKey, RuleValue, Service, Tuple};
-use xnet_common::{limits, route::GROUP_SIZE, IfConfig, IfStats, NextHop, NhGroup, Reason};
+use xnet_common::{
+    limits, route::GROUP_SIZE, BenchGen, IfConfig, IfStats, NextHop, NhGroup, Reason,
+};
 
 /// Lets user space mmap the array (linux/bpf.h).
 const BPF_F_MMAPABLE: u32 = 1 << 10;
@@ -60,6 +62,19 @@ pub static BENCH_TRIE_V6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(lim
 /// Benchmark only: [v4 root, v6 root] of the table `xnet_bench_dir` looks up.
 #[map]
 pub static BENCH_ROOTS: Array<u32> = Array::with_max_entries(2, 0);
+
+/// Benchmark only: the packet generator's frame and settings.
+#[map]
+pub static BENCH_GEN: Array<BenchGen> = Array::with_max_entries(1, 0);
+/// Benchmark only: the generator's destinations (IPv4, network order).
+#[map]
+pub static BENCH_DSTS: Array<[u8; 4]> = Array::with_max_entries(limits::BENCH_DSTS, 0);
+/// Benchmark only: [frames the sink dropped, frames the generator sent].
+#[map]
+pub static BENCH_COUNT: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
+/// Benchmark only: where the bare redirect sends every frame.
+#[map]
+pub static BENCH_NH: Array<NextHop> = Array::with_max_entries(1, 0);
 
 /// Policy: [active generation, tuples in generation 0, tuples in generation 1].
 #[map]

@@ -100,9 +100,13 @@ fn synthetic(v6: bool, n: usize, rng: &mut Rng) -> Vec<IpNet> {
             let a = (0x2000u128 << 112) | ((r as u128) << 64);
             IpNet::new(IpAddr::V6(a.into()), len).unwrap().trunc()
         } else {
-            IpNet::new(IpAddr::V4(((r as u32) | 0x0100_0000).into()), len)
-                .unwrap()
-                .trunc()
+            // Unicast only (1.0.0.0 to 223.255.255.255, not 127/8 or 169.254/16): the
+            // forwarding program hands the rest to the kernel, as it should.
+            let a = 0x0100_0000 + (r as u32) % (0xe000_0000 - 0x0100_0000);
+            if a >> 24 == 127 || a >> 16 == 0xa9fe {
+                continue;
+            }
+            IpNet::new(IpAddr::V4(a.into()), len).unwrap().trunc()
         };
         out.push(net);
     }
@@ -206,17 +210,35 @@ pub fn tables(dir: Option<&Path>) -> Result<(Vec<IpNet>, Vec<IpNet>)> {
     }
 }
 
-/// Runs the data-plane benchmarks; returns the tables it used for the BGP benchmark.
-pub fn run(opts: Options) -> Result<(Vec<IpNet>, Vec<IpNet>)> {
+/// Root, and a private network namespace for this thread's veths.
+fn private_netns() -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the benchmark loads XDP programs: run it as root");
     }
-    // A private namespace for the bench's veth pair; this thread only.
     // SAFETY: unshare only affects the calling thread.
     if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
         bail!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
     }
+    Ok(())
+}
+
+/// Only the forwarding benchmark (`bench fwd`, `bench prog`).
+pub fn run_fwd(opts: Options) -> Result<()> {
+    private_netns()?;
+    let (v4, _) = tables(opts.table_dir.as_deref())?;
+    crate::bench_fwd::run(
+        &v4,
+        &crate::bench_fwd::Options {
+            rounds: opts.rounds,
+            table_rounds: opts.rounds.min(3),
+        },
+    )
+}
+
+/// Runs the data-plane benchmarks; returns the tables it used for the BGP benchmark.
+pub fn run(opts: Options) -> Result<(Vec<IpNet>, Vec<IpNet>)> {
+    private_netns()?;
     crate::lab::ip("link add bench0 type veth peer name bench1")?;
     crate::lab::ip("link set bench0 up")?;
     crate::lab::ip("link set bench1 up")?;
@@ -407,6 +429,14 @@ pub fn run(opts: Options) -> Result<(Vec<IpNet>, Vec<IpNet>)> {
         }
     }
     policy_bench(&mut dp, &v4, in_if, &opts, &mut rng)?;
+    drop(dp);
+    crate::bench_fwd::run(
+        &v4,
+        &crate::bench_fwd::Options {
+            rounds: opts.rounds,
+            table_rounds: opts.rounds.min(3),
+        },
+    )?;
     Ok((v4, v6))
 }
 

@@ -855,6 +855,10 @@ impl Dataplane {
     }
 
     /// Raw access for the benchmark: its extra maps and programs.
+    pub fn ebpf(&self) -> &Ebpf {
+        &self.ebpf
+    }
+
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
     }

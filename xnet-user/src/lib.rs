@@ -2,6 +2,7 @@
 pub mod agent;
 pub mod bench;
 pub mod bench_bgp;
+pub mod bench_fwd;
 pub mod bench_ike;
 pub mod bgp;
 pub mod charon;

@@ -59,6 +59,9 @@ enum Command {
         /// Only the IKE setup benchmark.
         #[arg(long)]
         ike_only: bool,
+        /// Only the forwarding benchmark (packets per second through veths).
+        #[arg(long)]
+        fwd_only: bool,
         /// IKE SAs the IKE setup benchmark establishes.
         #[arg(long, default_value_t = 1000)]
         tunnels: usize,
@@ -151,8 +154,19 @@ async fn real_main() -> Result<()> {
             rounds,
             bgp_only,
             ike_only,
+            fwd_only,
             tunnels,
         } => {
+            if fwd_only {
+                let opts = xnet_user::bench::Options {
+                    table_dir,
+                    packets,
+                    rounds: rounds.max(1),
+                };
+                return std::thread::spawn(move || xnet_user::bench::run_fwd(opts))
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("benchmark thread panicked"))?;
+            }
             if ike_only {
                 return tokio::task::spawn_blocking(move || xnet_user::bench_ike::run(tunnels))
                     .await?;

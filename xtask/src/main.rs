@@ -147,7 +147,8 @@ fn real_main() -> Result<()> {
             let xnet = build(&root)?;
             let mut cmd = Command::new(xnet);
             cmd.arg("bench");
-            let data = root.join("../shared/data");
+            // The real table ships with the repository (bench-data/README.md).
+            let data = root.join("bench-data");
             if data.is_dir() && !args.iter().any(|a| a == "--table-dir") {
                 cmd.arg("--table-dir").arg(data);
             }
