@@ -33,6 +33,7 @@ pub mod names {
     pub const MAP_IF_STATS: &str = "IF_STATS";
     pub const MAP_REASONS: &str = "REASONS";
     pub const MAP_POLICY_META: &str = "POLICY_META";
+    pub const MAP_PORT_CLASSES: &str = "PORT_CLASSES";
     pub const MAP_TUPLES: &str = "TUPLES";
     pub const MAP_RULES: &str = "RULES";
     pub const MAP_RULE_STATS: &str = "RULE_STATS";
@@ -268,6 +269,7 @@ mod user {
     unsafe impl aya::Pod for super::policy::Service {}
     unsafe impl aya::Pod for super::policy::Counter {}
     unsafe impl aya::Pod for super::BenchGen {}
+    unsafe impl aya::Pod for super::policy::ClassKey {}
 }
 
 #[cfg(test)]

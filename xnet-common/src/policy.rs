@@ -1,15 +1,29 @@
-//! Policy classification by tuple-space search: every rule is expanded into exact-match
+//! Policy classification: a cache of decisions by equivalence class in front of a
+//! tuple-space search.
+//!
+//! **Tuple-space search** (the exact answer): every rule is expanded into exact-match
 //! entries of a hash map, one per combination of prefixes and port prefixes; entries that
 //! share the same field masks form a tuple. A packet is masked once per tuple and looked
-//! up; the cost grows with the number of distinct tuples, not with the number of rules.
+//! up: the cost grows with the number of distinct tuples (match shapes).
+//!
+//! **Class cache** (the usual answer, whatever the shapes): each field of a packet is first
+//! mapped to its equivalence class: source and destination address to the longest rule
+//! prefix that contains it (an LPM walk in the route-table structure, tables rooted at
+//! `POLICY_META[META_CLASS_ROOTS..]`), source and destination port to the elementary
+//! interval of the rules' port ranges (`PORT_CLASSES`). Packets with the same classes,
+//! protocol and segment meet the same rules, so the decision of the first one is cached
+//! (`FLOW_CLASSES`, an LRU map) under those classes and the rule set's epoch. A flood of
+//! new flows between the same networks hits the cache; only a new combination of classes
+//! pays the search.
 //!
 //! Rule sets are double-buffered: entries carry a generation (0 or 1) in their tuple id,
-//! and `POLICY_META[META_GENERATION]` says which one packets use. The agent writes the
-//! new generation completely, then flips that one `u32`: a packet sees the old rule set or
-//! the new one, never a mix.
+//! and `POLICY_META[META_EPOCH]` (generation = epoch & 1) says which one packets use. The
+//! agent writes the new generation completely, then bumps that one `u32`: a packet sees the
+//! old rule set or the new one, never a mix, and cached decisions of an old epoch are never
+//! read again.
 
 /// Tuples per generation.
-pub const MAX_TUPLES: u32 = 32;
+pub const MAX_TUPLES: u32 = 256;
 /// Firewall instances per service.
 pub const MAX_INSTANCES: usize = 8;
 /// Rules (ids) in one rule set.
@@ -17,16 +31,42 @@ pub const MAX_RULES: u32 = 16_384;
 /// Exact-match entries across both generations.
 pub const MAX_ENTRIES: u32 = 262_144;
 pub const MAX_SERVICES: u32 = 256;
+/// Cached class decisions (LRU).
+pub const MAX_CACHED: u32 = 65_536;
+/// `PORT_CLASSES` entries per generation: one per port.
+pub const PORTS: u32 = 65_536;
 
 /// `POLICY_META` slots.
-pub const META_GENERATION: u32 = 0;
+pub const META_EPOCH: u32 = 0;
 /// Tuples in generation 0 and 1.
 pub const META_TUPLES_GEN0: u32 = 1;
 pub const META_TUPLES_GEN1: u32 = 2;
+/// Roots of the class tables: IPv4 source, IPv4 destination, IPv6 source, IPv6
+/// destination.
+pub const META_CLASS_ROOTS: u32 = 3;
+pub const META_SLOTS: u32 = 7;
 
 pub const ACTION_ALLOW: u8 = 0;
 pub const ACTION_DENY: u8 = 1;
 pub const ACTION_STEER: u8 = 2;
+
+/// `RuleValue::rule` of a cached "no rule matches".
+pub const NO_RULE: u32 = u32::MAX;
+
+/// A packet's classes: the key of `FLOW_CLASSES`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct ClassKey {
+    pub epoch: u32,
+    pub segment: u16,
+    pub family: u8,
+    pub proto: u8,
+    pub src: u32,
+    pub dst: u32,
+    pub sport: u16,
+    pub dport: u16,
+}
 
 /// The masks of one tuple; the tuple at index `generation * MAX_TUPLES + i`.
 #[repr(C)]

@@ -284,21 +284,26 @@ fn route_packet<const N: usize, P: Packet, const FROM_TUNNEL: bool>(
     let mut root = ip.root;
     // Packets back from a firewall are routed, never classified again.
     if ifc.flags & IF_F_FIREWALL == 0 {
-        let Some(flow) = policy::flow() else {
-            return MALFORMED;
+        let rule = if policy::active() {
+            let Some(flow) = policy::flow() else {
+                return MALFORMED;
+            };
+            flow[0] = RuleKey {
+                tuple: 0,
+                segment: ifc.segment as u16,
+                family: if N == 4 { 4 } else { 6 },
+                proto: ip.proto,
+                sport,
+                dport,
+                _pad: 0,
+                src: xnet_common::policy::words(&ip.src),
+                dst: xnet_common::policy::words(&ip.dst),
+            };
+            policy::classify(flow)
+        } else {
+            None
         };
-        flow[0] = RuleKey {
-            tuple: 0,
-            segment: ifc.segment as u16,
-            family: if N == 4 { 4 } else { 6 },
-            proto: ip.proto,
-            sport,
-            dport,
-            _pad: 0,
-            src: xnet_common::policy::words(&ip.src),
-            dst: xnet_common::policy::words(&ip.dst),
-        };
-        match policy::classify(flow) {
+        match rule {
             Some(rule) => {
                 policy::count_rule(rule.rule, ctx.len());
                 match rule.action {

@@ -3,15 +3,17 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
-use xnet_common::policy::{self, Counter, RuleKey, RuleValue, Service, Tuple};
+use xnet_common::policy::{self, ClassKey, Counter, RuleKey, RuleValue, Service, Tuple};
 use xnet_common::{
     limits, route::GROUP_SIZE, BenchGen, IfConfig, IfStats, NextHop, NhGroup, Reason,
 };
 
 /// Lets user space mmap the array (linux/bpf.h).
 const BPF_F_MMAPABLE: u32 = 1 << 10;
+/// An LRU list per CPU instead of one shared one (linux/bpf.h).
+const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 
 /// Route tables of every segment (see `xnet_common::route`), one group of 256 entries per
 /// element: array elements are 8-byte aligned, so a bare `u32` element would waste half the
@@ -76,9 +78,17 @@ pub static BENCH_COUNT: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
 #[map]
 pub static BENCH_NH: Array<NextHop> = Array::with_max_entries(1, 0);
 
-/// Policy: [active generation, tuples in generation 0, tuples in generation 1].
+/// Policy: the `META_*` slots of `xnet_common::policy`.
 #[map]
-pub static POLICY_META: Array<u32> = Array::with_max_entries(3, 0);
+pub static POLICY_META: Array<u32> = Array::with_max_entries(policy::META_SLOTS, 0);
+/// Per generation and port: its class as a source port (low 16 bits) and as a
+/// destination port (high 16 bits).
+#[map]
+pub static PORT_CLASSES: Array<u32> = Array::with_max_entries(2 * policy::PORTS, 0);
+/// Decisions by class (`xnet_common::policy`), LRU per CPU (no common LRU lock).
+#[map]
+pub static FLOW_CLASSES: LruHashMap<ClassKey, RuleValue> =
+    LruHashMap::with_max_entries(policy::MAX_CACHED, BPF_F_NO_COMMON_LRU);
 #[map]
 pub static TUPLES: Array<Tuple> = Array::with_max_entries(2 * policy::MAX_TUPLES, 0);
 #[map]

@@ -1,13 +1,18 @@
-//! Policy classification (tuple-space search, layout in `xnet_common::policy`) and the
-//! steering of matched flows to firewall instances.
+//! Policy classification (a class cache in front of a tuple-space search, layout in
+//! `xnet_common::policy`) and the steering of matched flows to firewall instances.
 
 use xnet_common::policy::{
-    Counter, RuleKey, RuleValue, MAX_INSTANCES, MAX_TUPLES, META_GENERATION, META_TUPLES_GEN0,
+    ClassKey, Counter, RuleKey, RuleValue, MAX_INSTANCES, MAX_TUPLES, META_CLASS_ROOTS, META_EPOCH,
+    META_TUPLES_GEN0, NO_RULE, PORTS,
 };
 
 use crate::maps::{
-    NEXTHOPS, NH_STATS, POLICY_META, POLICY_SCRATCH, RULES, RULE_STATS, SERVICES, TUPLES,
+    FLOW_CLASSES, NEXTHOPS, NH_STATS, POLICY_META, POLICY_SCRATCH, PORT_CLASSES, RULES, RULE_STATS,
+    SERVICES, TUPLES,
 };
+use crate::route;
+use aya_ebpf::helpers::bpf_loop;
+use core::ffi::c_void;
 
 /// The packet's fields as `classify` takes them, in this CPU's scratch slot (off the
 /// 512-byte BPF stack).
@@ -18,48 +23,145 @@ pub fn flow() -> Option<&'static mut [RuleKey; 2]> {
     Some(unsafe { &mut *scratch })
 }
 
+/// Whether any rule is in force (no policy: no classification at all).
+#[inline(always)]
+pub fn active() -> bool {
+    let generation = POLICY_META.get(META_EPOCH).copied().unwrap_or(0) & 1;
+    POLICY_META
+        .get(META_TUPLES_GEN0 + generation)
+        .is_some_and(|t| *t != 0)
+}
+
 /// The best (lowest-priority-number) rule matching the packet in the active rule set.
 /// `scratch[0]`: the packet's fields (addresses as [`words`], ports zero for protocols
-/// without them); `scratch[1]` is overwritten.
+/// without them); `scratch[1]` is overwritten. The decision for the packet's classes comes
+/// from the cache, or from the search, which fills the cache.
 // A function of its own (a BPF subprogram): its stack frame is not added to every caller's.
 #[inline(never)]
 pub fn classify(scratch: &mut [RuleKey; 2]) -> Option<RuleValue> {
-    let [f, key] = scratch;
-    *key = *f;
-    let generation = POLICY_META.get(META_GENERATION).copied().unwrap_or(0) & 1;
+    let epoch = POLICY_META.get(META_EPOCH).copied().unwrap_or(0);
+    let generation = epoch & 1;
+    let f = &scratch[0];
+    let v6 = f.family == 6;
+    let roots = META_CLASS_ROOTS + if v6 { 2 } else { 0 };
+    let src_root = POLICY_META.get(roots).copied().unwrap_or(0);
+    let dst_root = POLICY_META.get(roots + 1).copied().unwrap_or(0);
+    let port = |p: u16| {
+        PORT_CLASSES
+            .get(generation * PORTS + p as u32)
+            .copied()
+            .unwrap_or(0)
+    };
+    let key = ClassKey {
+        epoch,
+        segment: f.segment,
+        family: f.family,
+        proto: f.proto,
+        src: class_of(src_root, &f.src, v6),
+        dst: class_of(dst_root, &f.dst, v6),
+        sport: port(f.sport) as u16,
+        dport: (port(f.dport) >> 16) as u16,
+    };
+    // SAFETY: plain Copy value.
+    if let Some(v) = unsafe { FLOW_CLASSES.get(&key) } {
+        return if v.rule == NO_RULE { None } else { Some(*v) };
+    }
+    let best = search(scratch, generation);
+    let cached = best.unwrap_or(RuleValue {
+        rule: NO_RULE,
+        ..Default::default()
+    });
+    // A full cache evicts its least recently used entries; a failed insert only costs the
+    // next packet a search.
+    let _ = FLOW_CLASSES.insert(&key, &cached, 0);
+    best
+}
+
+/// The class of an address (words as in `RuleKey`): the id of the longest rule prefix
+/// containing it in the class table at `root`, 0 for none.
+#[inline(always)]
+fn class_of(root: u32, a: &[u32; 4], v6: bool) -> u32 {
+    // Roots are stored plus one: 0 means no class tables (no prefix in any rule yet).
+    if root == 0 {
+        return 0;
+    }
+    let root = root - 1;
+    if v6 {
+        let mut b = [0u8; 16];
+        for i in 0..4 {
+            b[4 * i..4 * i + 4].copy_from_slice(&a[i].to_ne_bytes());
+        }
+        route::lookup(root, &b)
+    } else {
+        route::lookup(root, &a[0].to_ne_bytes())
+    }
+}
+
+/// Tuple-space search of generation `generation` (the packet's fields in `scratch[0]`).
+/// A `bpf_loop` over the tuples: the verifier checks one step, not every tuple.
+#[inline(always)]
+fn search(scratch: &mut [RuleKey; 2], generation: u32) -> Option<RuleValue> {
+    scratch[1] = scratch[0];
     let tuples = POLICY_META
         .get(META_TUPLES_GEN0 + generation)
         .copied()
         .unwrap_or(0);
-    let mut best: Option<RuleValue> = None;
-    for i in 0..MAX_TUPLES {
-        if i >= tuples {
-            break;
-        }
-        let idx = generation * MAX_TUPLES + i;
-        let Some(t) = TUPLES.get(idx) else { break };
-        // Tuples are sorted by their best priority: nothing further can win.
-        if let Some(b) = &best {
-            if b.priority <= t.best_priority {
-                break;
-            }
-        }
-        key.tuple = idx as u16;
-        key.proto = f.proto & t.proto_mask;
-        key.sport = f.sport & t.sport_mask;
-        key.dport = f.dport & t.dport_mask;
-        for w in 0..4 {
-            key.src[w] = f.src[w] & t.src_mask[w];
-            key.dst[w] = f.dst[w] & t.dst_mask[w];
-        }
-        // SAFETY: plain Copy value.
-        if let Some(v) = unsafe { RULES.get(key) } {
-            if best.is_none_or(|b| v.priority < b.priority) {
-                best = Some(*v);
-            }
+    let mut s = Search {
+        generation,
+        best: RuleValue {
+            rule: NO_RULE,
+            ..Default::default()
+        },
+    };
+    // SAFETY: the callback gets `s` back as its context, for this call only.
+    unsafe {
+        bpf_loop(
+            tuples.min(MAX_TUPLES),
+            search_step as *mut c_void,
+            &mut s as *mut Search as *mut c_void,
+            0,
+        )
+    };
+    if s.best.rule == NO_RULE {
+        None
+    } else {
+        Some(s.best)
+    }
+}
+
+struct Search {
+    generation: u32,
+    /// `rule` is `NO_RULE` until one matches.
+    best: RuleValue,
+}
+
+/// One tuple: mask the packet's fields with it and look the result up. 1 stops the loop.
+extern "C" fn search_step(i: u32, ctx: *mut c_void) -> i64 {
+    // SAFETY: `search` passes its `Search` as the context.
+    let s = unsafe { &mut *(ctx as *mut Search) };
+    let Some(scratch) = flow() else { return 1 };
+    let idx = s.generation * MAX_TUPLES + (i & (MAX_TUPLES - 1));
+    let Some(t) = TUPLES.get(idx) else { return 1 };
+    // Tuples are sorted by their best priority: nothing further can win.
+    if s.best.rule != NO_RULE && s.best.priority <= t.best_priority {
+        return 1;
+    }
+    let [f, key] = scratch;
+    key.tuple = idx as u16;
+    key.proto = f.proto & t.proto_mask;
+    key.sport = f.sport & t.sport_mask;
+    key.dport = f.dport & t.dport_mask;
+    for w in 0..4 {
+        key.src[w] = f.src[w] & t.src_mask[w];
+        key.dst[w] = f.dst[w] & t.dst_mask[w];
+    }
+    // SAFETY: plain Copy value.
+    if let Some(v) = unsafe { RULES.get(key) } {
+        if s.best.rule == NO_RULE || v.priority < s.best.priority {
+            s.best = *v;
         }
     }
-    best
+    0
 }
 
 #[inline(always)]

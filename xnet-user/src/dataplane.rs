@@ -6,7 +6,7 @@
 //! the route that points to them; a route entry is one 32-bit store (see `lpm`); freed
 //! next-hop and group ids are reused last (FIFO), long after any packet could hold them.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
@@ -33,7 +33,7 @@ use crate::lpm::{LpmUsage, NodeMemory, RouteTables, TableId};
 use crate::policy::Compiled;
 use xnet_common::policy::{
     Counter, RuleKey, RuleValue, Service, Tuple, MAX_INSTANCES, MAX_SERVICES, MAX_TUPLES,
-    META_GENERATION, META_TUPLES_GEN0,
+    META_CLASS_ROOTS, META_EPOCH, META_TUPLES_GEN0, PORTS,
 };
 
 /// The XDP object, embedded at build time by `cargo xtask build` (see build.rs).
@@ -204,6 +204,30 @@ pub struct Dataplane {
     written: [Vec<RuleKey>; 2],
     /// Firewall services: their instances' next-hop ids.
     services: HashMap<u32, Vec<(NhKey, u32)>>,
+    /// Policy epoch (`META_EPOCH`; its low bit is the generation).
+    epoch: u32,
+    classes: Classes,
+}
+
+/// The policy's address classes: four tables (IPv4 source, IPv4 destination, IPv6 source,
+/// IPv6 destination) in the route-table memory, made when the first rules arrive; each
+/// rule prefix has a stable id there.
+#[derive(Default)]
+struct Classes {
+    tables: Option<[TableId; 4]>,
+    ids: HashMap<(usize, IpNet), u32>,
+    next_id: u32,
+    free: Vec<u32>,
+    /// Prefixes of the rule set in force, and those only the previous one had (removed at
+    /// the next switch, when no packet can still be classifying with them).
+    live: HashSet<(usize, IpNet)>,
+    stale: HashSet<(usize, IpNet)>,
+    /// Port classes written per generation.
+    ports: [Vec<u32>; 2],
+}
+
+fn class_table(dir: usize, net: &IpNet) -> usize {
+    dir + if matches!(net, IpNet::V6(_)) { 2 } else { 0 }
 }
 
 impl Dataplane {
@@ -267,6 +291,8 @@ impl Dataplane {
             generation: 0,
             written: [Vec::new(), Vec::new()],
             services: HashMap::new(),
+            epoch: 0,
+            classes: Classes::default(),
         })
     }
 
@@ -690,6 +716,7 @@ impl Dataplane {
     pub fn set_policy(&mut self, rules: &Compiled) -> Result<()> {
         let next = 1 - self.generation;
         let base = (next * MAX_TUPLES) as u16;
+        self.set_classes(rules, next)?;
         // The unused generation's old entries: no packet has read them since the last
         // switch, long ago on a packet's time scale.
         let stale = std::mem::take(&mut self.written[next as usize]);
@@ -716,10 +743,84 @@ impl Dataplane {
         for (i, t) in rules.tuples.iter().enumerate() {
             tuples.set(next * MAX_TUPLES + i as u32, t, 0)?;
         }
+        let epoch = self.epoch.wrapping_add(1);
+        debug_assert_eq!(epoch & 1, next);
         let mut meta: Array<_, u32> = self.map_mut(names::MAP_POLICY_META)?;
         meta.set(META_TUPLES_GEN0 + next, &(rules.tuples.len() as u32), 0)?;
-        meta.set(META_GENERATION, &next, 0)?;
+        // One store switches rule set and cache epoch together.
+        meta.set(META_EPOCH, &epoch, 0)?;
+        self.epoch = epoch;
         self.generation = next;
+        Ok(())
+    }
+
+    /// Class tables and port classes for the rule set about to be switched to: its
+    /// prefixes are added (beside the current set's: a finer partition serves both), the
+    /// previous set's leftovers removed, and generation `next`'s port classes written.
+    fn set_classes(&mut self, rules: &Compiled, next: u32) -> Result<()> {
+        let wanted: HashSet<(usize, IpNet)> = rules
+            .prefixes
+            .iter()
+            .enumerate()
+            .flat_map(|(dir, set)| set.iter().map(move |n| (class_table(dir, n), *n)))
+            .collect();
+        if self.classes.tables.is_none() && !wanted.is_empty() {
+            let mut tables = Vec::new();
+            let mut meta: Vec<u32> = Vec::new();
+            for bits in [32, 32, 128, 128] {
+                let (t, root) = self.tables.add_table(bits)?;
+                tables.push(t);
+                meta.push(root + 1);
+            }
+            self.classes.tables = Some([tables[0], tables[1], tables[2], tables[3]]);
+            let mut m: Array<_, u32> = self.map_mut(names::MAP_POLICY_META)?;
+            for (i, r) in meta.iter().enumerate() {
+                m.set(META_CLASS_ROOTS + i as u32, r, 0)?;
+            }
+        }
+        if let Some(tables) = self.classes.tables {
+            let c = &mut self.classes;
+            for k in std::mem::take(&mut c.stale) {
+                if wanted.contains(&k) || c.live.contains(&k) {
+                    continue;
+                }
+                self.tables.remove(tables[k.0], &k.1);
+                if let Some(id) = c.ids.remove(&k) {
+                    c.free.push(id);
+                }
+            }
+            for k in &wanted {
+                if c.ids.contains_key(k) {
+                    continue;
+                }
+                let id = match c.free.pop() {
+                    Some(id) => id,
+                    None => {
+                        c.next_id += 1;
+                        c.next_id
+                    }
+                };
+                self.tables
+                    .insert(tables[k.0], &k.1, id)
+                    .with_context(|| format!("policy prefix {}", k.1))?;
+                c.ids.insert(*k, id);
+            }
+            c.stale = c.live.difference(&wanted).copied().collect();
+            c.live = wanted;
+        }
+        let port =
+            |dir: usize, p: usize| rules.port_classes[dir].get(p).copied().unwrap_or(0) as u32;
+        let new: Vec<u32> = (0..PORTS as usize)
+            .map(|p| port(0, p) | port(1, p) << 16)
+            .collect();
+        let old = std::mem::take(&mut self.classes.ports[next as usize]);
+        let mut map: Array<_, u32> = self.map_mut(names::MAP_PORT_CLASSES)?;
+        for (p, v) in new.iter().enumerate() {
+            if old.get(p).is_none_or(|o| o != v) && (!old.is_empty() || *v != 0) {
+                map.set(next * PORTS + p as u32, v, 0)?;
+            }
+        }
+        self.classes.ports[next as usize] = new;
         Ok(())
     }
 

@@ -251,12 +251,43 @@ fn addr_bytes(n: &IpNet) -> [u8; 16] {
     a
 }
 
-/// A rule set ready for the data plane: tuples in search order and their entries.
+/// A rule set ready for the data plane: tuples in search order and their entries, and
+/// what the class cache needs (`xnet_common::policy`).
 #[derive(Debug, Default)]
 pub struct Compiled {
     pub tuples: Vec<Tuple>,
     /// Keys with `tuple` set to the tuple's index (without generation).
     pub entries: Vec<(RuleKey, RuleValue)>,
+    /// The rules' source and destination prefixes (not "any"): each is an address class.
+    pub prefixes: [HashSet<IpNet>; 2],
+    /// Per port, its class as a source port and as a destination port (empty: all 0).
+    pub port_classes: [Vec<u16>; 2],
+}
+
+/// The elementary intervals of `ranges` over the port space: port → class.
+fn port_classes(ranges: &[PortRange]) -> Result<Vec<u16>, String> {
+    if ranges.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut starts = vec![false; 65_537];
+    for r in ranges {
+        starts[r.first as usize] = true;
+        starts[r.last as usize + 1] = true;
+    }
+    let mut class = 0u32;
+    let mut out = Vec::with_capacity(65_536);
+    for (p, start) in starts.iter().take(65_536).enumerate() {
+        if *start && p > 0 {
+            class += 1;
+        }
+        out.push(class);
+    }
+    if class > u16::MAX as u32 {
+        return Err(format!(
+            "the policies' port ranges cut the port space into {class} classes, at most 65535"
+        ));
+    }
+    Ok(out.into_iter().map(|c| c as u16).collect())
 }
 
 /// Compiles the policies. `roots(segment id)` gives a segment's table roots and
@@ -381,12 +412,51 @@ pub fn compile(
         })
         .collect();
     let tuples = order.into_iter().map(|i| tuples[i]).collect();
-    Ok(Compiled { tuples, entries })
+    let mut prefixes: [HashSet<IpNet>; 2] = Default::default();
+    for p in &c.policies {
+        for (i, e) in [&p.source, &p.destination].into_iter().enumerate() {
+            prefixes[i].extend(
+                c.endpoint(e)
+                    .into_iter()
+                    .flatten()
+                    .filter(|n| n.prefix_len() > 0)
+                    .map(|n| n.trunc()),
+            );
+        }
+    }
+    let ranges = |f: fn(&crate::config::Policy) -> Option<PortRange>| {
+        c.policies.iter().filter_map(f).collect::<Vec<_>>()
+    };
+    let port_classes = [
+        port_classes(&ranges(|p| p.source_ports))?,
+        port_classes(&ranges(|p| p.destination_ports))?,
+    ];
+    Ok(Compiled {
+        tuples,
+        entries,
+        prefixes,
+        port_classes,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn port_classes_split_at_every_range_edge() {
+        let r = |first, last| PortRange { first, last };
+        assert!(port_classes(&[]).unwrap().is_empty());
+        let c = port_classes(&[r(1000, 2000), r(1500, 1500), r(65535, 65535)]).unwrap();
+        assert_eq!(c.len(), 65_536);
+        let class = |p: usize| c[p];
+        // Edges: 0..999 | 1000..1499 | 1500 | 1501..2000 | 2001..65534 | 65535.
+        let reps = [0, 999, 1000, 1499, 1500, 1501, 2000, 2001, 65534, 65535];
+        let want = [0, 0, 1, 1, 2, 3, 3, 4, 4, 5];
+        for (p, w) in reps.iter().zip(want) {
+            assert_eq!(class(*p), w, "port {p}");
+        }
+    }
 
     #[test]
     fn port_ranges_become_exact_prefix_sets() {

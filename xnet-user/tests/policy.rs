@@ -118,11 +118,12 @@ impl Lab {
             c,
             config: Config::parse(BASE, "base").unwrap(),
         };
-        lab.apply(policies);
+        let _ = lab.apply(policies);
         lab
     }
 
-    fn apply(&mut self, policies: &str) {
+    /// Compiles and installs `policies`; returns their number of match shapes.
+    fn apply(&mut self, policies: &str) -> usize {
         self.config =
             Config::parse(&format!("{BASE}\n{policies}"), "policy.toml").expect("valid config");
         let dp = &self.dp;
@@ -134,6 +135,7 @@ impl Lab {
         )
         .unwrap();
         self.dp.set_policy(&compiled).unwrap();
+        compiled.tuples.len()
     }
 
     /// Action, bytes out and the reason counted for one packet in on `ifindex`.
@@ -425,5 +427,124 @@ fn rule_set_changes_replace_the_whole_set() {
         }
         lab.apply("");
         assert_eq!(lab.send(a, &p1).0, XDP_REDIRECT, "no rules, no drops");
+    });
+}
+
+/// The class cache (xnet_common::policy): the first packet of each combination of classes
+/// is searched, the next ones are answered from the cache. Packets that the rules tell
+/// apart must never share an answer: nested prefixes, port-range edges, interleaved, each
+/// sent twice; a new rule set applies to the very next packet of a cached flow; more than
+/// 32 match shapes.
+#[test]
+fn cached_decisions_follow_every_rule_edge_and_rule_change() {
+    if !require_root("cached_decisions_follow_every_rule_edge_and_rule_change") {
+        return;
+    }
+    in_private_netns(|| {
+        let mut lab = Lab::new(
+            r#"
+[[policies]]
+name = "deny-one-subnet"
+segment = "prod"
+destination = "10.2.5.0/24"
+action = "deny"
+
+[[policies]]
+name = "deny-port-range"
+segment = "prod"
+destination = "10.2.0.0/16"
+protocol = "udp"
+destination_ports = "1000-2000"
+action = "deny"
+
+[[policies]]
+name = "deny-one-host-source"
+segment = "prod"
+source = "10.1.9.9/32"
+action = "deny"
+"#,
+        );
+        let a = lab.a;
+        let cases = [
+            ("10.1.0.1", "10.2.5.1", 53, XDP_DROP),
+            ("10.1.0.1", "10.2.6.1", 53, XDP_REDIRECT),
+            ("10.1.0.1", "10.2.6.1", 999, XDP_REDIRECT),
+            ("10.1.0.1", "10.2.6.1", 1000, XDP_DROP),
+            ("10.1.0.1", "10.2.6.1", 2000, XDP_DROP),
+            ("10.1.0.1", "10.2.6.1", 2001, XDP_REDIRECT),
+            ("10.1.9.9", "10.2.6.1", 53, XDP_DROP),
+            ("10.1.9.8", "10.2.6.1", 53, XDP_REDIRECT),
+        ];
+        for round in 0..2 {
+            for (src, dst, port, want) in cases {
+                assert_eq!(
+                    lab.send(a, &udp4(src, dst, 64, 40000 + round, port)).0,
+                    want,
+                    "round {round}: {src} → {dst}:{port}"
+                );
+            }
+        }
+        // A new rule set: the cached "allow" of 10.2.6.1:53 no longer holds.
+        lab.apply(
+            r#"
+[[policies]]
+name = "deny-all-dns"
+segment = "prod"
+protocol = "udp"
+destination_ports = "53"
+action = "deny"
+"#,
+        );
+        assert_eq!(
+            lab.send(a, &udp4("10.1.0.1", "10.2.6.1", 64, 40000, 53)).0,
+            XDP_DROP
+        );
+        assert_eq!(
+            lab.send(a, &udp4("10.1.0.1", "10.2.5.1", 64, 40000, 54)).0,
+            XDP_REDIRECT,
+            "the old rule set's prefixes are gone"
+        );
+        // 40 shapes: destination prefixes of 40 lengths; each packet meets its own rule.
+        let rules: String = (8..48u16)
+            .map(|i| {
+                let net: ipnet::IpNet = format!("10.2.0.1/{}", i.min(32)).parse().unwrap();
+                let port = 10_000 + 4 * i;
+                format!(
+                    "[[policies]]\nname = \"r{i}\"\nsegment = \"prod\"\ndestination = \"{}\"\nprotocol = \"udp\"\ndestination_ports = \"{port}-{}\"\naction = \"deny\"\n\n",
+                    net.trunc(),
+                    port + i % 3
+                )
+            })
+            .collect();
+        let before: Vec<u64> = lab
+            .dp
+            .rule_counters(40)
+            .unwrap()
+            .iter()
+            .map(|c| c.packets)
+            .collect();
+        let shapes = lab.apply(&rules);
+        assert!(shapes > 32, "{shapes} match shapes");
+        for i in 8..48u16 {
+            assert_eq!(
+                lab.send(a, &udp4("10.1.0.1", "10.2.0.1", 64, 40000, 10_000 + 4 * i))
+                    .0,
+                XDP_DROP,
+                "rule r{i}"
+            );
+        }
+        assert_eq!(
+            lab.send(a, &udp4("10.1.0.1", "10.2.0.1", 64, 40000, 9_999))
+                .0,
+            XDP_REDIRECT
+        );
+        // Counters are per rule position and outlive rule sets: compare with before.
+        let hits: Vec<u64> = lab
+            .hits()
+            .iter()
+            .enumerate()
+            .map(|(i, h)| h - before.get(i).copied().unwrap_or(0))
+            .collect();
+        assert!(hits.iter().all(|h| *h == 1), "each rule hit once: {hits:?}");
     });
 }
