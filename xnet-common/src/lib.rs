@@ -58,6 +58,9 @@ pub mod limits {
     /// Destination addresses per packet in the batch benchmark programs.
     pub const BENCH_BATCH: usize = 16;
     pub const INTERFACES: u32 = 1024;
+    /// `INTERFACES` is an array indexed by ifindex (no hashing per packet): the highest
+    /// ifindex an interface of the config may have, plus one.
+    pub const IFINDEX: u32 = 65_536;
     pub const NEXTHOPS: u32 = 65_536;
     pub const NH_GROUPS: u32 = 65_536;
     pub const LOCAL_ADDRS: u32 = 4096;
@@ -72,10 +75,13 @@ pub mod limits {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct IfConfig {
+    /// 0: not an interface of the config.
     pub segment: u32,
     pub v4_root: u32,
     pub v6_root: u32,
     pub flags: u32,
+    /// Its counters' index in `IF_STATS` (0: none).
+    pub slot: u32,
 }
 
 /// `IfConfig::flags`: the port faces a firewall; its packets come back from one and are
@@ -280,7 +286,7 @@ mod tests {
     fn layouts_are_fixed() {
         // The XDP program and the agent are built by different compilers for different
         // targets: pin the sizes both rely on.
-        assert_eq!(core::mem::size_of::<IfConfig>(), 16);
+        assert_eq!(core::mem::size_of::<IfConfig>(), 20);
         assert_eq!(core::mem::size_of::<NextHop>(), 20);
         assert_eq!(core::mem::size_of::<NhGroup>(), 4 + 4 * MAX_ECMP);
         assert_eq!(core::mem::size_of::<IfStats>(), 32);

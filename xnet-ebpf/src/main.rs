@@ -40,11 +40,15 @@ use parse::*;
 #[xdp]
 pub fn xnet_forward(ctx: XdpContext) -> u32 {
     let ifindex = ctx.ingress_ifindex() as u32;
-    let (action, reason) = xdp_forward(&ctx, ifindex);
+    let Some(ifc) = INTERFACES.get(ifindex).filter(|c| c.segment != 0) else {
+        stats::count(0, XDP_PASS, Reason::PassNoInterface);
+        return XDP_PASS;
+    };
+    let (action, reason) = xdp_forward(&ctx, ifindex, ifc);
     if reason == Reason::DropMalformed {
         debug!(&ctx, "drop malformed packet on ifindex {}", ifindex);
     }
-    stats::count(ifindex, action, reason);
+    stats::count(ifc.slot, action, reason);
     action
 }
 
@@ -66,8 +70,11 @@ pub enum Verdict {
     Send(u32, Reason),
 }
 
+/// A parse stage's result in one register (BPF subprograms return in r0 alone): a
+/// verdict, or `CONTINUE` when the flow record is filled and the next stages decide.
+const CONTINUE: u64 = 3;
+
 impl Verdict {
-    /// One register: BPF subprograms return in r0 alone.
     #[inline(always)]
     fn pack(self) -> u64 {
         match self {
@@ -91,11 +98,7 @@ impl Verdict {
 const MALFORMED: Verdict = Verdict::Drop(Reason::DropMalformed);
 
 #[inline(always)]
-fn xdp_forward(ctx: &XdpContext, ifindex: u32) -> (u32, Reason) {
-    // SAFETY: the value is a plain Copy struct; the agent only replaces it whole.
-    let Some(ifc) = (unsafe { INTERFACES.get(&ifindex) }) else {
-        return (XDP_PASS, Reason::PassNoInterface);
-    };
+fn xdp_forward(ctx: &XdpContext, ifindex: u32, ifc: &IfConfig) -> (u32, Reason) {
     let Some(l2) = ethernet(ctx) else {
         return (XDP_DROP, Reason::DropMalformed);
     };
@@ -130,9 +133,13 @@ fn send(ingress: u32, egress: u32) -> Option<u32> {
     TX_PORTS.redirect(egress, 0).ok()
 }
 
-/// The pipeline: IP header checks, control plane, local and multicast destinations,
-/// policy, route lookup, ECMP. `l3`: where the IP header starts; `FROM_TUNNEL`: the packet
-/// was decrypted by XFRM (see `sent_from`).
+/// The pipeline, in three stages: **parse** (header checks, control plane, local and
+/// multicast destinations, TTL; the flow's fields go into the per-CPU flow record),
+/// **policy** (classify, then deny, steer or cross into another segment), **route**
+/// (longest-prefix match, ECMP). Each stage is its own BPF subprogram or calls them, so
+/// the stack frames of parsing and classification are never stacked on each other.
+/// `l3`: where the IP header starts; `FROM_TUNNEL`: the packet was decrypted by XFRM
+/// (see `sent_from`).
 #[inline(always)]
 pub fn decide<P: Packet, const FROM_TUNNEL: bool>(
     ctx: &P,
@@ -140,12 +147,74 @@ pub fn decide<P: Packet, const FROM_TUNNEL: bool>(
     ethertype: u16,
     l3: usize,
 ) -> Verdict {
-    match ethertype {
-        ETH_P_IP => Verdict::unpack(ipv4::<P, FROM_TUNNEL>(ctx, ifc, l3)),
-        ETH_P_IPV6 => Verdict::unpack(ipv6::<P, FROM_TUNNEL>(ctx, ifc, l3)),
-        ETH_P_ARP => Verdict::Pass(Reason::PassArp),
-        _ => Verdict::Pass(Reason::PassNotIp),
+    let Some(flow) = policy::flow() else {
+        return MALFORMED;
+    };
+    let parsed = match ethertype {
+        ETH_P_IP => parse_v4(ctx, ifc.segment, l3, flow),
+        ETH_P_IPV6 => parse_v6(ctx, ifc.segment, l3, flow),
+        ETH_P_ARP => return Verdict::Pass(Reason::PassArp),
+        _ => return Verdict::Pass(Reason::PassNotIp),
+    };
+    if parsed != CONTINUE {
+        return Verdict::unpack(parsed);
     }
+    let v6 = ethertype == ETH_P_IPV6;
+    let mut root = if v6 { ifc.v6_root } else { ifc.v4_root };
+    let f = &flow[0];
+    let (src, dst) = (route::fold_words(&f.src), route::fold_words(&f.dst));
+    let (proto, sport, dport) = (f.proto, f.sport, f.dport);
+    // Packets back from a firewall are routed, never classified again.
+    if ifc.flags & IF_F_FIREWALL == 0 {
+        let rule = if policy::active() {
+            policy::classify(flow)
+        } else {
+            None
+        };
+        match rule {
+            Some(rule) => {
+                policy::count_rule(rule.rule, ctx.len());
+                match rule.action {
+                    ACTION_DENY => return Verdict::Drop(Reason::DropPolicy),
+                    ACTION_STEER => {
+                        let hash = route::symmetric_hash(src, dst, proto, sport, dport);
+                        match policy::steer(rule.service, hash, ctx.len()) {
+                            policy::Steer::To(id) => {
+                                return sent_from::<FROM_TUNNEL>(ifc, v6, id, Reason::Steered)
+                            }
+                            policy::Steer::Drop => return Verdict::Drop(Reason::DropFailClosed),
+                            policy::Steer::Bypass => {}
+                        }
+                    }
+                    _ if rule.to_v4_root != STAY => {
+                        root = if v6 { rule.to_v6_root } else { rule.to_v4_root };
+                    }
+                    _ => {}
+                }
+            }
+            None if ifc.flags & IF_F_DEFAULT_DENY != 0 => return Verdict::Drop(Reason::DropPolicy),
+            None => {}
+        }
+    }
+    let Some(flow) = policy::flow() else {
+        return MALFORMED;
+    };
+    let nhg = route::lookup_flow(root, &flow[0].dst, v6);
+    if nhg == LEAF_NONE {
+        return Verdict::Pass(Reason::PassNoRoute);
+    }
+    let hash = route::flow_hash(src, dst, proto, sport, dport);
+    let Some((id, nh)) = route::select(nhg, hash) else {
+        return Verdict::Pass(Reason::PassNoRoute);
+    };
+    // Tunnel routes: XFRM in the kernel encrypts (the contract in ike::daemon).
+    if nh.flags & NH_F_KERNEL != 0 {
+        return Verdict::Pass(Reason::PassTunnel);
+    }
+    if nh.flags & NH_F_VALID == 0 {
+        return Verdict::Pass(Reason::PassNoNeighbour);
+    }
+    sent_from::<FROM_TUNNEL>(ifc, v6, id, Reason::Forwarded)
 }
 
 /// Control-plane traffic the kernel must see even in transit: ESP, IKE, BGP.
@@ -161,225 +230,145 @@ fn control_plane(proto: u8, sport: u16, dport: u16) -> Option<Reason> {
     }
 }
 
-// IPv4 and IPv6 are BPF subprograms: each has its own stack frame.
+/// Parse stage for IPv4 (a subprogram).
 #[inline(never)]
-fn ipv4<P: Packet, const FROM_TUNNEL: bool>(ctx: &P, ifc: &IfConfig, l3: usize) -> u64 {
-    v4_verdict::<P, FROM_TUNNEL>(ctx, ifc, l3).pack()
-}
-
-#[inline(always)]
-fn v4_verdict<P: Packet, const FROM_TUNNEL: bool>(ctx: &P, ifc: &IfConfig, l3: usize) -> Verdict {
+fn parse_v4<P: Packet>(ctx: &P, segment: u32, l3: usize, flow: &mut [RuleKey; 2]) -> u64 {
     let Some(h) = read::<[u8; IPV4_HLEN], P>(ctx, l3) else {
-        return MALFORMED;
+        return MALFORMED.pack();
     };
     if h[0] >> 4 != 4 || h[0] & 0x0f < 5 {
-        return MALFORMED;
+        return MALFORMED.pack();
     }
     if h[0] & 0x0f != 5 {
-        return Verdict::Pass(Reason::PassIpOptions);
+        return Verdict::Pass(Reason::PassIpOptions).pack();
     }
     if u16::from_be_bytes([h[6], h[7]]) & 0x3fff != 0 {
-        return Verdict::Pass(Reason::PassFragment);
+        return Verdict::Pass(Reason::PassFragment).pack();
     }
     let src = [h[12], h[13], h[14], h[15]];
     let dst = [h[16], h[17], h[18], h[19]];
     // SAFETY: plain value, only tested for presence.
     if unsafe { LOCAL_V4.get(&dst) }.is_some() {
-        return Verdict::Pass(Reason::PassLocal);
+        return Verdict::Pass(Reason::PassLocal).pack();
     }
     // Multicast, class E and broadcast (224/3), link-local (169.254/16).
     if dst[0] >= 224 || (dst[0] == 169 && dst[1] == 254) {
-        return Verdict::Pass(Reason::PassMulticast);
+        return Verdict::Pass(Reason::PassMulticast).pack();
     }
-    let ip = Ip {
-        src,
-        dst,
-        proto: h[9],
-        ttl: h[8],
-        l4: l3 + IPV4_HLEN,
-        root: ifc.v4_root,
-    };
-    route_packet::<4, P, FROM_TUNNEL>(ctx, ifc, ip)
+    transport(
+        ctx,
+        segment,
+        4,
+        h[9],
+        h[8],
+        l3 + IPV4_HLEN,
+        flow,
+        &src,
+        &dst,
+    )
 }
 
+/// Parse stage for IPv6 (a subprogram).
 #[inline(never)]
-fn ipv6<P: Packet, const FROM_TUNNEL: bool>(ctx: &P, ifc: &IfConfig, l3: usize) -> u64 {
-    v6_verdict::<P, FROM_TUNNEL>(ctx, ifc, l3).pack()
-}
-
-#[inline(always)]
-fn v6_verdict<P: Packet, const FROM_TUNNEL: bool>(ctx: &P, ifc: &IfConfig, l3: usize) -> Verdict {
+fn parse_v6<P: Packet>(ctx: &P, segment: u32, l3: usize, flow: &mut [RuleKey; 2]) -> u64 {
     let Some(h) = read::<[u8; 8], P>(ctx, l3) else {
-        return MALFORMED;
+        return MALFORMED.pack();
     };
-    let Some(addrs) = read::<[u8; 32], P>(ctx, l3 + 8) else {
-        return MALFORMED;
+    let (Some(src), Some(dst)) = (
+        read::<[u8; 16], P>(ctx, l3 + 8),
+        read::<[u8; 16], P>(ctx, l3 + 24),
+    ) else {
+        return MALFORMED.pack();
     };
     if h[0] >> 4 != 6 {
-        return MALFORMED;
+        return MALFORMED.pack();
     }
     let proto = h[6];
     if proto == IPPROTO_HOPOPTS {
-        return Verdict::Pass(Reason::PassHopByHop);
+        return Verdict::Pass(Reason::PassHopByHop).pack();
     }
-    let mut src = [0u8; 16];
-    let mut dst = [0u8; 16];
-    src.copy_from_slice(&addrs[..16]);
-    dst.copy_from_slice(&addrs[16..]);
     if proto == IPPROTO_ICMPV6 {
         // Router/neighbour solicitation and advertisement, redirect: types 133..=137.
         if let Some(t) = read::<u8, P>(ctx, l3 + IPV6_HLEN) {
             if (133..=137).contains(&t) {
-                return Verdict::Pass(Reason::PassNd);
+                return Verdict::Pass(Reason::PassNd).pack();
             }
         }
     }
     // SAFETY: plain value, only tested for presence.
     if unsafe { LOCAL_V6.get(&dst) }.is_some() {
-        return Verdict::Pass(Reason::PassLocal);
+        return Verdict::Pass(Reason::PassLocal).pack();
     }
     // Multicast (ff00::/8) and link-local (fe80::/10).
     if dst[0] == 0xff || (dst[0] == 0xfe && dst[1] & 0xc0 == 0x80) {
-        return Verdict::Pass(Reason::PassMulticast);
+        return Verdict::Pass(Reason::PassMulticast).pack();
     }
-    let ip = Ip {
-        src,
-        dst,
+    transport(
+        ctx,
+        segment,
+        6,
         proto,
-        ttl: h[7],
-        l4: l3 + IPV6_HLEN,
-        root: ifc.v6_root,
-    };
-    route_packet::<16, P, FROM_TUNNEL>(ctx, ifc, ip)
+        h[7],
+        l3 + IPV6_HLEN,
+        flow,
+        &src,
+        &dst,
+    )
 }
 
-/// What IPv4 and IPv6 hand to the steps they share.
-struct Ip<const N: usize> {
-    src: [u8; N],
-    dst: [u8; N],
-    proto: u8,
-    /// TTL or hop limit.
-    ttl: u8,
-    /// Offset of the transport header.
-    l4: usize,
-    /// Root of the segment's table for this family.
-    root: u32,
-}
-
-/// Control-plane check, TTL, policy, route lookup and ECMP: the same for both families
-/// once their headers are read.
+/// What both families share once their headers are read: ports, control plane, TTL, and
+/// the flow record.
 #[inline(always)]
-fn route_packet<const N: usize, P: Packet, const FROM_TUNNEL: bool>(
+#[allow(clippy::too_many_arguments)]
+fn transport<P: Packet, const N: usize>(
     ctx: &P,
-    ifc: &IfConfig,
-    ip: Ip<N>,
-) -> Verdict {
-    let (sport, dport) = ports(ctx, ip.proto, ip.l4);
-    if let Some(r) = control_plane(ip.proto, sport, dport) {
-        return Verdict::Pass(r);
+    segment: u32,
+    family: u8,
+    proto: u8,
+    ttl: u8,
+    l4: usize,
+    flow: &mut [RuleKey; 2],
+    src: &[u8; N],
+    dst: &[u8; N],
+) -> u64 {
+    let (sport, dport) = ports(ctx, proto, l4);
+    if let Some(r) = control_plane(proto, sport, dport) {
+        return Verdict::Pass(r).pack();
     }
-    if ip.ttl <= 1 {
-        return Verdict::Pass(Reason::PassTtl);
+    if ttl <= 1 {
+        return Verdict::Pass(Reason::PassTtl).pack();
     }
-    let mut root = ip.root;
-    // Packets back from a firewall are routed, never classified again.
-    if ifc.flags & IF_F_FIREWALL == 0 {
-        let rule = if policy::active() {
-            let Some(flow) = policy::flow() else {
-                return MALFORMED;
-            };
-            flow[0] = RuleKey {
-                tuple: 0,
-                segment: ifc.segment as u16,
-                family: if N == 4 { 4 } else { 6 },
-                proto: ip.proto,
-                sport,
-                dport,
-                _pad: 0,
-                src: xnet_common::policy::words(&ip.src),
-                dst: xnet_common::policy::words(&ip.dst),
-            };
-            policy::classify(flow)
-        } else {
-            None
-        };
-        match rule {
-            Some(rule) => {
-                policy::count_rule(rule.rule, ctx.len());
-                match rule.action {
-                    ACTION_DENY => return Verdict::Drop(Reason::DropPolicy),
-                    ACTION_STEER => {
-                        let hash = route::symmetric_hash(
-                            route::fold(&ip.src),
-                            route::fold(&ip.dst),
-                            ip.proto,
-                            sport,
-                            dport,
-                        );
-                        match policy::steer(rule.service, hash, ctx.len()) {
-                            policy::Steer::To(id) => {
-                                return sent_from::<N, FROM_TUNNEL>(
-                                    ifc,
-                                    &ip.src,
-                                    id,
-                                    Reason::Steered,
-                                )
-                            }
-                            policy::Steer::Drop => return Verdict::Drop(Reason::DropFailClosed),
-                            policy::Steer::Bypass => {}
-                        }
-                    }
-                    _ if rule.to_v4_root != STAY => {
-                        root = if N == 4 {
-                            rule.to_v4_root
-                        } else {
-                            rule.to_v6_root
-                        };
-                    }
-                    _ => {}
-                }
-            }
-            None if ifc.flags & IF_F_DEFAULT_DENY != 0 => return Verdict::Drop(Reason::DropPolicy),
-            None => {}
-        }
-    }
-    let nhg = route::lookup(root, &ip.dst);
-    if nhg == LEAF_NONE {
-        return Verdict::Pass(Reason::PassNoRoute);
-    }
-    let hash = route::flow_hash(
-        route::fold(&ip.src),
-        route::fold(&ip.dst),
-        ip.proto,
+    flow[0] = RuleKey {
+        tuple: 0,
+        segment: segment as u16,
+        family,
+        proto,
         sport,
         dport,
-    );
-    let Some((id, nh)) = route::select(nhg, hash) else {
-        return Verdict::Pass(Reason::PassNoRoute);
+        _pad: 0,
+        src: xnet_common::policy::words(src),
+        dst: xnet_common::policy::words(dst),
     };
-    // Tunnel routes: XFRM in the kernel encrypts (the contract in ike::daemon).
-    if nh.flags & NH_F_KERNEL != 0 {
-        return Verdict::Pass(Reason::PassTunnel);
-    }
-    if nh.flags & NH_F_VALID == 0 {
-        return Verdict::Pass(Reason::PassNoNeighbour);
-    }
-    sent_from::<N, FROM_TUNNEL>(ifc, &ip.src, id, Reason::Forwarded)
+    CONTINUE
 }
 
-/// `Send` to `nh`, but a decrypted packet only when its source is routed back into a tunnel
-/// of its segment: sent from here, it skips the kernel's inbound check of the SA's traffic
-/// selectors, so one whose source no tunnel covers goes to the kernel to be judged there.
+/// `Send` to next hop `nh`, but a decrypted packet only when its source is routed back
+/// into a tunnel of its segment: sent from here, it skips the kernel's inbound check of the
+/// SA's traffic selectors, so one whose source no tunnel covers goes to the kernel to be
+/// judged there.
 #[inline(always)]
-fn sent_from<const N: usize, const FROM_TUNNEL: bool>(
+fn sent_from<const FROM_TUNNEL: bool>(
     ifc: &IfConfig,
-    src: &[u8; N],
+    v6: bool,
     nh: u32,
     reason: Reason,
 ) -> Verdict {
     if FROM_TUNNEL {
-        let root = if N == 4 { ifc.v4_root } else { ifc.v6_root };
-        let back = route::lookup(root, src);
+        let Some(flow) = policy::flow() else {
+            return MALFORMED;
+        };
+        let root = if v6 { ifc.v6_root } else { ifc.v4_root };
+        let back = route::lookup_flow(root, &flow[0].src, v6);
         let into_tunnel = back != LEAF_NONE
             && route::select(back, 0).is_some_and(|(_, h)| h.flags & NH_F_KERNEL != 0);
         if !into_tunnel {

@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use xnet_common::policy::{self, ClassKey, Counter, RuleKey, RuleValue, Service, Tuple};
 use xnet_common::{
@@ -23,9 +23,9 @@ const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 pub static ROUTE_NODES: Array<[u32; GROUP_SIZE as usize]> =
     Array::with_max_entries(1, BPF_F_MMAPABLE);
 
-/// Ingress ifindex → segment and its route-table roots.
+/// Ingress ifindex → segment and its route-table roots (an array: no hashing per packet).
 #[map]
-pub static INTERFACES: HashMap<u32, IfConfig> = HashMap::with_max_entries(limits::INTERFACES, 0);
+pub static INTERFACES: Array<IfConfig> = Array::with_max_entries(limits::IFINDEX, 0);
 
 /// IPsec connector (by `xnet_common::ipsec::connector_of` its SAs' reqid) → the segment
 /// its decrypted packets belong to; segment 0: not ours.
@@ -49,9 +49,10 @@ pub static LOCAL_V4: HashMap<[u8; 4], u32> = HashMap::with_max_entries(limits::L
 #[map]
 pub static LOCAL_V6: HashMap<[u8; 16], u32> = HashMap::with_max_entries(limits::LOCAL_ADDRS, 0);
 
+/// Per interface, by its `IfConfig::slot`.
 #[map]
-pub static IF_STATS: PerCpuHashMap<u32, IfStats> =
-    PerCpuHashMap::with_max_entries(limits::INTERFACES, 0);
+pub static IF_STATS: PerCpuArray<IfStats> =
+    PerCpuArray::with_max_entries(limits::INTERFACES + 1, 0);
 
 #[map]
 pub static REASONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason::COUNT, 0);

@@ -15,6 +15,19 @@ pub fn lookup<const N: usize>(root: u32, addr: &[u8; N]) -> u32 {
     })
 }
 
+/// Longest-prefix match of an address held as the flow record's words (IPv4 in the
+/// first): the bytes are those words' memory, in packet order.
+#[inline(always)]
+pub fn lookup_flow(root: u32, words: &[u32; 4], v6: bool) -> u32 {
+    if v6 {
+        // SAFETY: [u32; 4] and [u8; 16] have the same size; u8 has no alignment needs.
+        lookup(root, unsafe { &*(words.as_ptr() as *const [u8; 16]) })
+    } else {
+        // SAFETY: as above, for the first word.
+        lookup(root, unsafe { &*(words.as_ptr() as *const [u8; 4]) })
+    }
+}
+
 /// The next hop (its id and value) of group `nhg` that a flow with `hash` takes (ECMP),
 /// if the group has one.
 #[inline(always)]
@@ -57,14 +70,8 @@ pub fn symmetric_hash(src: u32, dst: u32, proto: u8, sport: u16, dport: u16) -> 
     flow_hash(src ^ dst, 0, proto, sport ^ dport, 0)
 }
 
-/// Folds an address into 32 bits for [`flow_hash`].
+/// Folds an address held as words (unused words zero) into 32 bits for [`flow_hash`].
 #[inline(always)]
-pub fn fold<const N: usize>(a: &[u8; N]) -> u32 {
-    let mut x = 0u32;
-    let mut i = 0;
-    while i + 4 <= N {
-        x ^= u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
-        i += 4;
-    }
-    x
+pub fn fold_words(w: &[u32; 4]) -> u32 {
+    w[0] ^ w[1] ^ w[2] ^ w[3]
 }

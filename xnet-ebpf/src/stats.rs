@@ -6,12 +6,15 @@ use xnet_common::Reason;
 use crate::maps::{IF_STATS, REASONS};
 
 #[inline(always)]
-pub fn count(ifindex: u32, action: u32, reason: Reason) {
+pub fn count(slot: u32, action: u32, reason: Reason) {
     if let Some(c) = REASONS.get_ptr_mut(reason as u32) {
         // SAFETY: per-CPU slot; XDP runs with preemption off, so no concurrent writer.
         unsafe { *c += 1 };
     }
-    if let Some(s) = IF_STATS.get_ptr_mut(&ifindex) {
+    if slot == 0 {
+        return;
+    }
+    if let Some(s) = IF_STATS.get_ptr_mut(slot) {
         // SAFETY: as above.
         unsafe {
             (*s).rx += 1;

@@ -25,7 +25,7 @@ use aya_ebpf::{
 };
 use xnet_common::{IfConfig, Reason};
 
-use crate::maps::{NEXTHOPS, TUNNELS};
+use crate::maps::{INTERFACES, NEXTHOPS, TUNNELS};
 use crate::parse::{read, ETH_HLEN, ETH_P_IP, ETH_P_IPV6};
 use crate::{decide, rewrite, stats, Verdict};
 
@@ -41,7 +41,9 @@ pub fn run(ctx: &TcContext) -> i32 {
     // SAFETY: the context is the kernel's __sk_buff for this run.
     let ifindex = unsafe { (*skb).ifindex };
     let (act, counted, reason) = verdict(ctx, skb, ifc);
-    stats::count(ifindex, counted, reason);
+    // Counted on the interface it came in on when that is one of ours (the underlay).
+    let slot = INTERFACES.get(ifindex).map(|c| c.slot).unwrap_or(0);
+    stats::count(slot, counted, reason);
     act
 }
 

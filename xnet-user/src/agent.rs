@@ -198,6 +198,21 @@ async fn recv_tunnel(
     }
 }
 
+/// The data plane's key for a tunnel's routes of `net`'s family: its remote address, or
+/// for inner prefixes of the other family, that address mapped into it (IPv4-mapped IPv6;
+/// an IPv6 underlay's IPv4 routes use its last 32 bits). Only a key: XDP passes tunnel
+/// traffic to the kernel.
+fn tunnel_key(remote: IpAddr, net: &IpNet) -> IpAddr {
+    match (remote, net) {
+        (IpAddr::V4(a), IpNet::V6(_)) => IpAddr::V6(a.to_ipv6_mapped()),
+        (IpAddr::V6(a), IpNet::V4(_)) => {
+            let o = a.octets();
+            IpAddr::from([o[12], o[13], o[14], o[15]])
+        }
+        _ => remote,
+    }
+}
+
 async fn recv_bgp(s: &mut Option<Speaker>) -> Option<(u64, Event)> {
     match s {
         Some(s) => s.events.recv().await,
@@ -804,15 +819,22 @@ impl Agent {
                 for net in prefixes {
                     let hop = NhKey {
                         ifindex: crate::dataplane::TUNNEL,
-                        via: c.remote_address,
+                        via: tunnel_key(c.remote_address, &net),
                     };
                     if let Err(e) = self.dp.set_route(seg, net, &[hop]) {
                         warn!("ipsec {}: route {net}: {e:#}", c.name);
                         continue;
                     }
                     if self.config.agent.kernel_fib {
-                        self.kernel_tunnel_route(&c.name, table, net, kernel_hop)
-                            .await;
+                        // Inner prefixes of the other family than the underlay: a device
+                        // route, XFRM does the rest.
+                        let h = kernel_hop.map(|(oif, gw)| match (gw, net) {
+                            (IpAddr::V4(_), IpNet::V6(_)) | (IpAddr::V6(_), IpNet::V4(_)) => {
+                                (oif, unspecified(net.addr()))
+                            }
+                            _ => (oif, gw),
+                        });
+                        self.kernel_tunnel_route(&c.name, table, net, h).await;
                     }
                     done.push((seg, net));
                 }

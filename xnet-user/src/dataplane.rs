@@ -13,14 +13,11 @@ use std::path::Path;
 use std::sync::atomic::AtomicU32;
 
 use anyhow::{anyhow, bail, Context, Result};
-use aya::maps::{
-    Array, DevMapHash, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues,
-};
+use aya::maps::{Array, DevMapHash, HashMap as BpfHashMap, MapData, PerCpuArray};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::{self, SchedClassifierLinkId, TcAttachType};
 use aya::programs::xdp::XdpLink;
 use aya::programs::{SchedClassifier, Xdp, XdpMode};
-use aya::util::nr_cpus;
 use aya::{Ebpf, EbpfLoader};
 use ipnet::IpNet;
 use serde::Serialize;
@@ -70,6 +67,8 @@ struct Segment {
 struct Port {
     segment: u32,
     mac: [u8; 6],
+    /// Its counters' index in `IF_STATS`.
+    slot: u32,
 }
 
 /// FIFO id allocator: a freed id is the last to be handed out again.
@@ -386,6 +385,7 @@ impl Dataplane {
                     v4_root: seg.v4_root,
                     v6_root: seg.v6_root,
                     flags,
+                    slot: 0,
                 }
             }
             None => IfConfig::default(),
@@ -508,28 +508,33 @@ impl Dataplane {
             .segments
             .get(&segment)
             .with_context(|| format!("unknown segment id {segment}"))?;
+        if ifindex >= xnet_common::limits::IFINDEX {
+            bail!(
+                "ifindex {ifindex} is above {}: the data plane indexes interfaces by ifindex",
+                xnet_common::limits::IFINDEX - 1
+            );
+        }
+        let slot = match self.ports.get(&ifindex) {
+            Some(p) => p.slot,
+            None => self.ports.len() as u32 + 1,
+        };
+        if slot > xnet_common::limits::INTERFACES {
+            bail!("more than {} interfaces", xnet_common::limits::INTERFACES);
+        }
         let cfg = IfConfig {
             segment,
             v4_root: seg.v4_root,
             v6_root: seg.v6_root,
             flags,
+            slot,
         };
-        let mut stats: PerCpuHashMap<_, u32, IfStats> = self.map_mut(names::MAP_IF_STATS)?;
-        if stats.get(&ifindex, 0).is_err() {
-            let cpus = nr_cpus().map_err(|(m, e)| anyhow!("{m}: {e}"))?.get() as usize;
-            stats.insert(
-                &ifindex,
-                PerCpuValues::try_from(vec![IfStats::default(); cpus])?,
-                0,
-            )?;
-        }
         let mut ports: DevMapHash<_> = self.map_mut(names::MAP_TX_PORTS)?;
         ports
             .insert(ifindex, ifindex, None, 0)
             .with_context(|| format!("adding ifindex {ifindex} to TX_PORTS"))?;
-        let mut ifs: BpfHashMap<_, u32, IfConfig> = self.map_mut(names::MAP_INTERFACES)?;
-        ifs.insert(&ifindex, &cfg, 0)?;
-        self.ports.insert(ifindex, Port { segment, mac });
+        let mut ifs: Array<_, IfConfig> = self.map_mut(names::MAP_INTERFACES)?;
+        ifs.set(ifindex, &cfg, 0)?;
+        self.ports.insert(ifindex, Port { segment, mac, slot });
         // Next hops through this port may have become usable.
         let keys: Vec<NhKey> = self
             .nexthops
@@ -887,10 +892,10 @@ impl Dataplane {
 
     /// Reads every counter, summed over CPUs.
     pub fn counters(&self) -> Result<Counters> {
-        let stats: PerCpuHashMap<_, u32, IfStats> = self.map(names::MAP_IF_STATS)?;
+        let stats: PerCpuArray<_, IfStats> = self.map(names::MAP_IF_STATS)?;
         let mut interfaces = Vec::new();
-        for item in stats.iter() {
-            let (ifindex, per_cpu) = item?;
+        for (&ifindex, port) in &self.ports {
+            let per_cpu = stats.get(&port.slot, 0)?;
             let mut s = IfStats::default();
             for c in per_cpu.iter() {
                 s.rx += c.rx;
