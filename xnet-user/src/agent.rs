@@ -43,6 +43,8 @@ struct Agent {
     links: HashMap<String, (u32, [u8; 6])>,
     routes: RouteSet,
     managed: crate::fastmap::Set<(u32, IpAddr)>,
+    /// Next hops whose neighbour entry the operator made permanent: left alone.
+    operator_neighbours: crate::fastmap::Set<(u32, IpAddr)>,
     rules: Vec<String>,
     /// Per service, per instance: health as the data plane uses it.
     health: Vec<Vec<InstanceHealth>>,
@@ -116,6 +118,7 @@ pub async fn run(path: &Path) -> Result<()> {
         links,
         routes: RouteSet::default(),
         managed: Default::default(),
+        operator_neighbours: Default::default(),
         rules: Vec::new(),
         health: Vec::new(),
         probes: None,
@@ -442,14 +445,7 @@ impl Agent {
                 .set_route(*seg, *net, hops)
                 .with_context(|| format!("route {net} in segment {}", self.segment_name(*seg)))?;
             for h in hops.iter() {
-                if self.managed.insert((h.ifindex, h.via)) {
-                    if let Err(e) = self.kernel.manage_neighbour(h.ifindex, h.via).await {
-                        warn!(
-                            "{e:#}: XDP will use {} once the kernel resolves it by itself",
-                            h.via
-                        );
-                    }
-                }
+                self.manage_neighbour(h.ifindex, h.via).await;
             }
             if self.config.agent.kernel_fib {
                 let table = self.config.segments[*seg as usize - 1].table;
@@ -507,11 +503,7 @@ impl Agent {
             self.dp
                 .set_service(si as u32, &keys, svc.failure_mode == FailureMode::Closed)?;
             for k in &keys {
-                if self.managed.insert((k.ifindex, k.via)) {
-                    if let Err(e) = self.kernel.manage_neighbour(k.ifindex, k.via).await {
-                        warn!("{e:#}");
-                    }
-                }
+                self.manage_neighbour(k.ifindex, k.via).await;
             }
             for (ii, inst) in svc.instances.iter().enumerate() {
                 health::spawn(si, ii, inst.via, svc.health.clone(), tx.clone());
@@ -710,6 +702,26 @@ impl Agent {
         };
         if let Err(e) = self.apply_bgp(changed).await {
             warn!("bgp: {e:#}");
+        }
+    }
+
+    /// Has the kernel keep next hop `ip` resolved (once per next hop), unless the operator
+    /// set its entry by hand: that one stays as it is, and stays when we stop.
+    async fn manage_neighbour(&mut self, ifindex: u32, ip: IpAddr) {
+        if self.managed.contains(&(ifindex, ip))
+            || self.operator_neighbours.contains(&(ifindex, ip))
+        {
+            return;
+        }
+        match self.kernel.manage_neighbour(ifindex, ip).await {
+            Ok(true) => {
+                self.managed.insert((ifindex, ip));
+            }
+            Ok(false) => {
+                info!("next hop {ip} (ifindex {ifindex}): keeping the permanent neighbour entry set by hand");
+                self.operator_neighbours.insert((ifindex, ip));
+            }
+            Err(e) => warn!("{e:#}: XDP will use {ip} once the kernel resolves it by itself"),
         }
     }
 
@@ -1212,11 +1224,7 @@ impl Agent {
                 .iter()
                 .filter(|h| h.ifindex != crate::dataplane::TUNNEL)
             {
-                if self.managed.insert((h.ifindex, h.via)) {
-                    if let Err(e) = self.kernel.manage_neighbour(h.ifindex, h.via).await {
-                        warn!("{e:#}");
-                    }
-                }
+                self.manage_neighbour(h.ifindex, h.via).await;
             }
             if let Some(f) = &self.fib {
                 let _ = f.send(FibOp::Replace(table, net, self.kernel_hops(&hops)));

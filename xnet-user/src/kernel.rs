@@ -149,8 +149,12 @@ impl Kernel {
 
     /// Asks the kernel to keep `ip` on `ifindex` resolved on its own (a "managed"
     /// neighbour, Linux ≥ 5.16): next hops get their MAC without waiting for traffic, even
-    /// with forwarding off.
-    pub async fn manage_neighbour(&self, ifindex: u32, ip: IpAddr) -> Result<()> {
+    /// with forwarding off. An entry the operator made permanent (or static, `noarp`) is
+    /// kept as it is: returns false then, true when the entry is ours to manage.
+    pub async fn manage_neighbour(&self, ifindex: u32, ip: IpAddr) -> Result<bool> {
+        if self.operator_neighbour(ifindex, ip).await? {
+            return Ok(false);
+        }
         let mut req = self
             .handle
             .neighbours()
@@ -162,7 +166,34 @@ impl Kernel {
             .push(NeighbourAttribute::ExtFlags(NeighbourExtFlags::Managed));
         req.execute()
             .await
-            .with_context(|| format!("managed neighbour {ip} on ifindex {ifindex}"))
+            .with_context(|| format!("managed neighbour {ip} on ifindex {ifindex}"))?;
+        Ok(true)
+    }
+
+    /// Whether `ip` on `ifindex` has a permanent or noarp entry (set by hand, not learned).
+    async fn operator_neighbour(&self, ifindex: u32, ip: IpAddr) -> Result<bool> {
+        let mut s = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(if ip.is_ipv4() {
+                netlink_packet_route::AddressFamily::Inet
+            } else {
+                netlink_packet_route::AddressFamily::Inet6
+            })
+            .execute();
+        while let Some(msg) = s.try_next().await? {
+            if msg.header.ifindex == ifindex
+                && matches!(
+                    msg.header.state,
+                    NeighbourState::Permanent | NeighbourState::Noarp
+                )
+                && parse_neighbour(&msg).is_some_and(|n| n.ip == ip)
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     pub async fn forget_neighbour(&self, ifindex: u32, ip: IpAddr) -> Result<()> {

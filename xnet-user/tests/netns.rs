@@ -261,3 +261,41 @@ fn invalid_config_is_reported_and_changes_nothing() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("segments[0].table: 255 is reserved"), "{err}");
 }
+
+/// A next hop's neighbour entry the operator made permanent (a router that answers no ARP,
+/// say) is used as it is: the agent does not turn it into a managed entry, XDP forwards
+/// with its MAC, and it is still there after the agent stops.
+#[test]
+fn an_operators_permanent_neighbour_entry_is_kept() {
+    if !require_root("an_operators_permanent_neighbour_entry_is_kept") {
+        return;
+    }
+    let lab = lab("perm");
+    let cxp = lab.ns("cxp");
+    let onprem_mac = sh(&format!(
+        "ip -n {} -br link show eth0 | awk '{{print $3}}'",
+        lab.ns("onprem")
+    ));
+    let onprem_mac = onprem_mac.trim();
+    sh(&format!(
+        "ip -n {cxp} neigh replace 10.0.3.2 dev onprem lladdr {onprem_mac} nud permanent"
+    ));
+    let mut agent = Agent::start(&lab, xnet_user::lab::DEMO_CONFIG);
+    assert!(
+        agent
+            .log()
+            .contains("keeping the permanent neighbour entry"),
+        "{}",
+        agent.log()
+    );
+    let entry = || sh(&format!("ip -n {cxp} neigh show 10.0.3.2 dev onprem"));
+    let e = entry();
+    assert!(e.contains("PERMANENT") && !e.contains("managed"), "{e}");
+    assert_eq!(vnet1_to_onprem(&lab, 50), 50, "XDP forwards with its MAC");
+    assert!(agent.stop().success());
+    let e = entry();
+    assert!(
+        e.contains(onprem_mac) && e.contains("PERMANENT"),
+        "kept after stop: {e}"
+    );
+}
