@@ -34,6 +34,7 @@ pub mod names {
     pub const MAP_REASONS: &str = "REASONS";
     pub const MAP_POLICY_META: &str = "POLICY_META";
     pub const MAP_PORT_CLASSES: &str = "PORT_CLASSES";
+    pub const MAP_FLOW_CLASSES: &str = "FLOW_CLASSES";
     pub const MAP_TUPLES: &str = "TUPLES";
     pub const MAP_RULES: &str = "RULES";
     pub const MAP_RULE_STATS: &str = "RULE_STATS";
@@ -47,6 +48,8 @@ pub mod names {
     pub const PROG_BENCH_GEN: &str = "xnet_bench_gen";
     pub const PROG_BENCH_SINK: &str = "xnet_bench_sink";
     pub const PROG_BENCH_REDIRECT: &str = "xnet_bench_redirect";
+    pub const PROG_BENCH_BOUNCE: &str = "xnet_bench_bounce";
+    pub const PROG_BENCH_PASS: &str = "xnet_bench_pass";
     pub const MAP_BENCH_GEN: &str = "BENCH_GEN";
     pub const MAP_BENCH_DSTS: &str = "BENCH_DSTS";
     pub const MAP_BENCH_COUNT: &str = "BENCH_COUNT";

@@ -557,6 +557,29 @@ pub fn xnet_bench_sink(_ctx: XdpContext) -> u32 {
     XDP_DROP
 }
 
+/// Hands every frame to the kernel: on the kernel's return port from the XDP firewall,
+/// whose `XDP_TX` frames a veth only takes in when its peer runs XDP.
+#[xdp]
+pub fn xnet_bench_pass(_ctx: XdpContext) -> u32 {
+    XDP_PASS
+}
+
+/// A firewall that costs (almost) nothing: sends every frame back where it came from,
+/// MACs swapped. Steering through it measures the steering, not the firewall.
+#[xdp]
+pub fn xnet_bench_bounce(ctx: XdpContext) -> u32 {
+    let Some(eth) = ptr_at::<[u8; 12], _>(&ctx, 0) else {
+        return XDP_PASS;
+    };
+    // SAFETY: bounds checked above.
+    let eth = unsafe { &mut *eth };
+    let mut dst = [0u8; 6];
+    dst.copy_from_slice(&eth[..6]);
+    eth.copy_within(6..12, 0);
+    eth[6..].copy_from_slice(&dst);
+    XDP_TX
+}
+
 /// The fastest forwarder there is, for comparison: rewrite the MACs, `bpf_redirect`.
 #[xdp]
 pub fn xnet_bench_redirect(ctx: XdpContext) -> u32 {

@@ -9,9 +9,13 @@
 //! syscall's; the veths' NAPI runs there), so the figures are per core. Steering goes
 //! through a firewall namespace (kernel forwarding, one veth back to `xfw`).
 //!
+//! A second firewall, `fwx0`, is an XDP program that bounces every frame back: steering
+//! through it measures the CXP's steering, not the firewall.
+//!
 //! ```text
 //!   gen0 ─ xin [forwarder] xout ─ sink0 (count, drop)
 //!                 xfw ─ fw0 [netns: forwards back]
+//!                 xfx ─ fwx0 [XDP: bounces back]
 //! ```
 
 use std::net::Ipv4Addr;
@@ -31,9 +35,11 @@ use crate::dataplane::{Dataplane, NhKey};
 const DST_NET: &str = "198.18.0.0/15";
 const SINK_IP: &str = "10.9.0.2";
 const FW_IP: &str = "10.10.0.2";
+const FWX_IP: &str = "10.11.0.2";
 const SRC_IP: [u8; 4] = [10, 8, 0, 2];
-/// Kernel table for the kernel's policy routing to the firewall.
+/// Kernel tables for the kernel's policy routing to the firewalls.
 const FW_TABLE: u32 = 200;
+const FWX_TABLE: u32 = 201;
 
 pub struct Options {
     pub rounds: usize,
@@ -47,6 +53,8 @@ struct Veths {
     xin: u32,
     xout: u32,
     xfw: u32,
+    xfx: u32,
+    fwx: u32,
     sink: u32,
     mac: std::collections::HashMap<&'static str, [u8; 6]>,
     fw_ns: String,
@@ -102,14 +110,21 @@ fn veths() -> Result<Veths> {
     let fw_ns = format!("xnet-bench-fw-{}", std::process::id());
     let _ = crate::lab::ip(&format!("netns del {fw_ns}"));
     crate::lab::ip(&format!("netns add {fw_ns}"))?;
-    for (a, b) in [("gen0", "xin"), ("xout", "sink0"), ("xfw", "fw0")] {
+    for (a, b) in [
+        ("gen0", "xin"),
+        ("xout", "sink0"),
+        ("xfw", "fw0"),
+        ("xfx", "fwx0"),
+    ] {
         crate::lab::ip(&format!("link add {a} type veth peer name {b}"))?;
     }
     crate::lab::ip(&format!("link set fw0 netns {fw_ns}"))?;
     // NAPI on every receiving veth (XDP_TX/redirect into a veth needs it): GRO turns it on.
     let setup = format!(
         "set -e
-        for d in gen0 xin xout sink0 xfw; do ip link set $d up; ethtool -K $d gro on >/dev/null; done
+        for d in gen0 xin xout sink0 xfw xfx fwx0; do ip link set $d up; ethtool -K $d gro on >/dev/null; done
+        ip addr add 10.11.0.1/24 dev xfx
+        sysctl -qw net.ipv4.conf.xfx.rp_filter=0 net.ipv4.conf.xfx.send_redirects=0
         ip addr add 10.8.0.1/24 dev xin
         ip addr add 10.9.0.1/24 dev xout
         ip addr add 10.10.0.1/24 dev xfw
@@ -123,7 +138,7 @@ fn veths() -> Result<Veths> {
     );
     sh(&setup)?;
     let mut mac = std::collections::HashMap::new();
-    for d in ["gen0", "xin", "xout", "sink0", "xfw"] {
+    for d in ["gen0", "xin", "xout", "sink0", "xfw", "xfx", "fwx0"] {
         mac.insert(d, mac_of(None, d)?);
     }
     mac.insert("fw0", mac_of(Some(&fw_ns), "fw0")?);
@@ -137,10 +152,12 @@ fn veths() -> Result<Veths> {
     sh(&format!(
         "ip neigh replace {SINK_IP} lladdr {} dev xout nud permanent
          ip neigh replace {FW_IP} lladdr {} dev xfw nud permanent
+         ip neigh replace {FWX_IP} lladdr {} dev xfx nud permanent
          ip neigh replace 10.8.0.2 lladdr {} dev xin nud permanent
          ip netns exec {fw_ns} ip neigh replace 10.10.0.1 lladdr {} dev fw0 nud permanent",
         hex(mac["sink0"]),
         hex(mac["fw0"]),
+        hex(mac["fwx0"]),
         hex(mac["gen0"]),
         hex(mac["xfw"])
     ))?;
@@ -149,6 +166,8 @@ fn veths() -> Result<Veths> {
         xin: ifindex("xin")?,
         xout: ifindex("xout")?,
         xfw: ifindex("xfw")?,
+        xfx: ifindex("xfx")?,
+        fwx: ifindex("fwx0")?,
         sink: ifindex("sink0")?,
         mac,
         fw_ns,
@@ -185,6 +204,9 @@ enum Fwd {
     XnetSteer,
     /// The kernel's policy routing (`ip rule iif xin`) to the firewall.
     KernelSteer,
+    /// The same two through the XDP firewall.
+    XnetSteerXdp,
+    KernelSteerXdp,
 }
 
 struct Bench {
@@ -193,6 +215,7 @@ struct Bench {
     attached: Vec<(u32, &'static str, aya::programs::xdp::XdpLinkId)>,
     rules: crate::policy::Compiled,
     steer: crate::policy::Compiled,
+    steer_xdp: crate::policy::Compiled,
 }
 
 impl Bench {
@@ -216,7 +239,7 @@ impl Bench {
     fn detach_forwarders(&mut self) -> Result<()> {
         let keep: Vec<_> = std::mem::take(&mut self.attached);
         for (ifindex, prog, link) in keep {
-            if ifindex == self.v.sink {
+            if ifindex == self.v.sink || ifindex == self.v.fwx {
                 self.attached.push((ifindex, prog, link));
                 continue;
             }
@@ -230,20 +253,26 @@ impl Bench {
     fn set(&mut self, f: Fwd) -> Result<()> {
         self.detach_forwarders()?;
         let _ = sh(&format!("ip rule del iif xin lookup {FW_TABLE}"));
+        let _ = sh(&format!("ip rule del iif xin lookup {FWX_TABLE}"));
         self.dp.set_policy(&crate::policy::Compiled::default())?;
         match f {
             Fwd::Kernel => {}
             Fwd::KernelSteer => sh(&format!("ip rule add iif xin lookup {FW_TABLE}"))?,
+            Fwd::KernelSteerXdp => {
+                sh(&format!("ip rule add iif xin lookup {FWX_TABLE}"))?;
+                self.attach(names::PROG_BENCH_PASS, self.v.xfx)?;
+            }
             Fwd::Redirect => self.attach(names::PROG_BENCH_REDIRECT, self.v.xin)?,
-            Fwd::Xnet | Fwd::XnetPolicy | Fwd::XnetSteer => {
-                if f == Fwd::XnetPolicy {
-                    self.dp.set_policy(&self.rules)?;
-                }
-                if f == Fwd::XnetSteer {
-                    self.dp.set_policy(&self.steer)?;
+            Fwd::Xnet | Fwd::XnetPolicy | Fwd::XnetSteer | Fwd::XnetSteerXdp => {
+                match f {
+                    Fwd::XnetPolicy => self.dp.set_policy(&self.rules)?,
+                    Fwd::XnetSteer => self.dp.set_policy(&self.steer)?,
+                    Fwd::XnetSteerXdp => self.dp.set_policy(&self.steer_xdp)?,
+                    _ => {}
                 }
                 self.attach(names::PROG_FORWARD, self.v.xin)?;
                 self.attach(names::PROG_FORWARD, self.v.xfw)?;
+                self.attach(names::PROG_FORWARD, self.v.xfx)?;
             }
         }
         Ok(())
@@ -308,7 +337,14 @@ impl Bench {
     fn rate(&mut self) -> Result<f64> {
         let (pps, share) = self.send(100_000)?;
         if share < 0.5 {
-            bail!("only {:.0} % of the frames reached the sink", share * 100.0);
+            let out = Command::new("sh")
+                .args(["-c", "ip -s -br link; nstat -az | grep -v ' 0 ' | head -60; ip rule; ip route show table all | head"])
+                .output()?;
+            bail!(
+                "only {:.0} % of the frames reached the sink:\n{}",
+                share * 100.0,
+                String::from_utf8_lossy(&out.stdout)
+            );
         }
         let n = (pps * 0.3).clamp(100_000.0, 4_000_000.0) as u32;
         Ok(self.send(n)?.0)
@@ -375,8 +411,8 @@ pub fn many_shapes(n: usize, v4: &[IpNet], seed: u64) -> Result<crate::policy::C
     crate::policy::compile(&config, &|_| (0, 0), &|_| 0).map_err(anyhow::Error::msg)
 }
 
-/// One steer rule for every generated frame, to service 0.
-fn steer_rule() -> Result<crate::policy::Compiled> {
+/// One steer rule for every generated frame, to service `service` (0 "fw" or 1 "fwx").
+fn steer_rule(service: u32) -> Result<crate::policy::Compiled> {
     let mut config = Config::default();
     config.segments.push(Segment {
         name: "bench".into(),
@@ -396,7 +432,7 @@ fn steer_rule() -> Result<crate::policy::Compiled> {
         to_segment: None,
         log: false,
     });
-    crate::policy::compile(&config, &|_| (0, 0), &|_| 0).map_err(anyhow::Error::msg)
+    crate::policy::compile(&config, &|_| (0, 0), &|_| service).map_err(anyhow::Error::msg)
 }
 
 /// Runs `bench fwd` and `bench prog` with table `v4` (the full-table cases).
@@ -407,6 +443,7 @@ pub fn run(v4: &[IpNet], opts: &Options) -> Result<()> {
     dp.set_interface(v.xin, 1, v.mac["xin"], 0)?;
     dp.set_interface(v.xout, 1, v.mac["xout"], 0)?;
     dp.set_interface(v.xfw, 1, v.mac["xfw"], IF_F_FIREWALL)?;
+    dp.set_interface(v.xfx, 1, v.mac["xfx"], IF_F_FIREWALL)?;
     let sink = NhKey {
         ifindex: v.xout,
         via: SINK_IP.parse()?,
@@ -417,6 +454,13 @@ pub fn run(v4: &[IpNet], opts: &Options) -> Result<()> {
     };
     dp.set_neighbour(v.xout, sink.via, Some(v.mac["sink0"]))?;
     dp.set_neighbour(v.xfw, fw.via, Some(v.mac["fw0"]))?;
+    let fwx = NhKey {
+        ifindex: v.xfx,
+        via: FWX_IP.parse()?,
+    };
+    dp.set_neighbour(v.xfx, fwx.via, Some(v.mac["fwx0"]))?;
+    dp.set_service(1, &[fwx], true)?;
+    dp.set_service_health(1, &[fwx], true)?;
     dp.set_route(1, DST_NET.parse()?, &[sink])?;
     dp.set_service(0, &[fw], true)?;
     dp.set_service_health(0, &[fw], true)?;
@@ -435,7 +479,8 @@ pub fn run(v4: &[IpNet], opts: &Options) -> Result<()> {
         )?;
     }
     sh(&format!(
-        "ip route add default via {FW_IP} dev xfw table {FW_TABLE}"
+        "ip route add default via {FW_IP} dev xfw table {FW_TABLE}
+         ip route add default via {FWX_IP} dev xfx table {FWX_TABLE}"
     ))?;
     let rules = many_shapes(10_000, v4, 0x2545_f491_4f6c_dd1d)?;
     let mut b = Bench {
@@ -443,10 +488,13 @@ pub fn run(v4: &[IpNet], opts: &Options) -> Result<()> {
         v,
         attached: Vec::new(),
         rules,
-        steer: steer_rule()?,
+        steer: steer_rule(0)?,
+        steer_xdp: steer_rule(1)?,
     };
     let sink_if = b.v.sink;
     b.attach(names::PROG_BENCH_SINK, sink_if)?;
+    let fwx_if = b.v.fwx;
+    b.attach(names::PROG_BENCH_BOUNCE, fwx_if)?;
     let shapes = b.rules.tuples.len();
 
     // (name, forwarder, flows: 0 = a new flow per frame)
@@ -468,13 +516,25 @@ pub fn run(v4: &[IpNet], opts: &Options) -> Result<()> {
         ),
         ("kernel_steer".into(), Fwd::KernelSteer, 0, Fwd::KernelSteer),
         ("xnet_steer".into(), Fwd::XnetSteer, 0, Fwd::KernelSteer),
+        (
+            "kernel_steer_xdp_fw".into(),
+            Fwd::KernelSteerXdp,
+            0,
+            Fwd::KernelSteerXdp,
+        ),
+        (
+            "xnet_steer_xdp_fw".into(),
+            Fwd::XnetSteerXdp,
+            0,
+            Fwd::KernelSteerXdp,
+        ),
     ];
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
     for _ in 0..opts.rounds {
-        for (i, (_, f, flows, _)) in cases.iter().enumerate() {
+        for (i, (name, f, flows, _)) in cases.iter().enumerate() {
             b.set(*f)?;
             b.generator(*flows, 0)?;
-            rates[i].push(b.rate()?);
+            rates[i].push(b.rate().with_context(|| format!("bench fwd {name}"))?);
         }
     }
     let index = |f: Fwd| cases.iter().position(|c| c.1 == f && c.2 == 0).unwrap();
@@ -500,6 +560,11 @@ pub fn run(v4: &[IpNet], opts: &Options) -> Result<()> {
         b.set(f)?;
         println!("bench prog {name} warm_ns={:.1}", warm(&mut b, prog)?);
     }
+    b.set(Fwd::XnetPolicy)?;
+    println!(
+        "bench prog xnet_policy_10k_miss ns={:.1} shapes={shapes}",
+        miss(&mut b)?
+    );
 
     // The full table, destinations spread over 65,536 addresses inside its prefixes.
     b.set(Fwd::Kernel)?;
@@ -589,6 +654,42 @@ fn warm(b: &mut Bench, prog: &str) -> Result<f64> {
         if r.return_value != 4 {
             bail!("{prog}: action {} instead of XDP_REDIRECT", r.return_value);
         }
+        ns.push(r.duration.as_nanos() as f64);
+    }
+    Ok(median(ns))
+}
+
+/// One run of the forwarding program on the generator's frame with the class cache
+/// emptied first: the search a new combination of classes pays. Median of 51.
+fn miss(b: &mut Bench) -> Result<f64> {
+    use xnet_common::policy::{ClassKey, RuleValue};
+    let data = frame(&b.v);
+    let ctx = [0u32, data.len() as u32, 0, b.v.xin, 0, 0];
+    let mut ns = Vec::new();
+    for _ in 0..51 {
+        {
+            let mut cache: aya::maps::HashMap<_, ClassKey, RuleValue> =
+                aya::maps::HashMap::try_from(
+                    b.dp.ebpf_mut()
+                        .map_mut(names::MAP_FLOW_CLASSES)
+                        .context("FLOW_CLASSES")?,
+                )?;
+            let keys: Vec<ClassKey> = cache.keys().collect::<Result<_, _>>()?;
+            for k in keys {
+                let _ = cache.remove(&k);
+            }
+        }
+        let p: &mut Xdp =
+            b.dp.ebpf_mut()
+                .program_mut(names::PROG_FORWARD)
+                .unwrap()
+                .try_into()?;
+        let r = p.test_run(TestRunOptions {
+            data_in: Some(&data),
+            ctx_in: Some(bytemuck::cast_slice(&ctx)),
+            repeat: 1,
+            ..Default::default()
+        })?;
         ns.push(r.duration.as_nanos() as f64);
     }
     Ok(median(ns))
