@@ -30,6 +30,7 @@ pub mod names {
     pub const MAP_TX_PORTS: &str = "TX_PORTS";
     pub const MAP_LOCAL_V4: &str = "LOCAL_V4";
     pub const MAP_LOCAL_V6: &str = "LOCAL_V6";
+    pub const MAP_LOCAL_FILTER: &str = "LOCAL_FILTER";
     pub const MAP_IF_STATS: &str = "IF_STATS";
     pub const MAP_REASONS: &str = "REASONS";
     pub const MAP_POLICY_META: &str = "POLICY_META";
@@ -107,6 +108,8 @@ pub struct NextHop {
     pub flags: u32,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
+    /// The egress port's slot: its index in `TX_PORTS` (an array: no hashing per packet).
+    pub port: u32,
 }
 
 /// An ECMP group: `count` members, each an index into `NEXTHOPS`.
@@ -248,6 +251,18 @@ impl Reason {
     }
 }
 
+/// `LOCAL_FILTER` words: 65,536 bits.
+pub const LOCAL_FILTER_WORDS: u32 = 1024;
+
+/// The bit of `LOCAL_FILTER` for an address held as words (as `policy::words` makes them):
+/// (word index, mask). A clear bit proves the address is not the host's, so most packets
+/// skip the `LOCAL_V4`/`LOCAL_V6` hash lookup; a set bit only means "look it up".
+#[inline(always)]
+pub fn local_filter_bit(w: &[u32; 4]) -> (u32, u64) {
+    let h = (w[0] ^ w[1] ^ w[2] ^ w[3]).wrapping_mul(0x9e37_79b1) >> 16;
+    (h >> 6, 1u64 << (h & 63))
+}
+
 /// The packet generator of `xnet bench` (`xnet_bench_gen`): every frame it sends is
 /// `frame` (Ethernet, IPv4, UDP), with the source port counting through `flows` values
 /// (0: a random port, each frame a new flow) and, when `dsts` > 0, the destination cycling
@@ -290,7 +305,7 @@ mod tests {
         // The XDP program and the agent are built by different compilers for different
         // targets: pin the sizes both rely on.
         assert_eq!(core::mem::size_of::<IfConfig>(), 20);
-        assert_eq!(core::mem::size_of::<NextHop>(), 20);
+        assert_eq!(core::mem::size_of::<NextHop>(), 24);
         assert_eq!(core::mem::size_of::<NhGroup>(), 4 + 4 * MAX_ECMP);
         assert_eq!(core::mem::size_of::<IfStats>(), 32);
         assert_eq!(core::mem::size_of::<policy::Tuple>(), 44);

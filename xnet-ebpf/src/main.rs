@@ -25,14 +25,14 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use xnet_common::policy::{RuleKey, ACTION_DENY, ACTION_STEER, STAY};
 use xnet_common::{
-    IfConfig, Reason, BENCH_FRAME, IF_F_DEFAULT_DENY, IF_F_FIREWALL, LEAF_NONE, NH_F_KERNEL,
-    NH_F_VALID,
+    IfConfig, NextHop, Reason, BENCH_FRAME, IF_F_DEFAULT_DENY, IF_F_FIREWALL, LEAF_NONE,
+    NH_F_KERNEL, NH_F_VALID,
 };
 
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_redirect};
 use maps::{
     BENCH_COUNT, BENCH_DSTS, BENCH_GEN, BENCH_NH, BENCH_ROOTS, BENCH_TRIE_V4, BENCH_TRIE_V6,
-    INTERFACES, LOCAL_V4, LOCAL_V6, NEXTHOPS, TX_PORTS,
+    INTERFACES, LOCAL_FILTER, LOCAL_V4, LOCAL_V6, NEXTHOPS, TX_PORTS,
 };
 use parse::*;
 
@@ -114,7 +114,7 @@ fn xdp_forward(ctx: &XdpContext, ifindex: u32, ifc: &IfConfig) -> (u32, Reason) 
             {
                 return (XDP_DROP, Reason::DropMalformed);
             }
-            match send(ifindex, nh.ifindex) {
+            match send(ifindex, nh) {
                 Some(action) => (action, r),
                 // Not in TX_PORTS: the agent marks such next hops invalid, so this is a
                 // race with an interface going away.
@@ -126,11 +126,11 @@ fn xdp_forward(ctx: &XdpContext, ifindex: u32, ifc: &IfConfig) -> (u32, Reason) 
 
 /// `XDP_TX` back out of the ingress port, else `XDP_REDIRECT` through `TX_PORTS`.
 #[inline(always)]
-fn send(ingress: u32, egress: u32) -> Option<u32> {
-    if egress == ingress {
+fn send(ingress: u32, nh: &NextHop) -> Option<u32> {
+    if nh.ifindex == ingress {
         return Some(XDP_TX);
     }
-    TX_PORTS.redirect(egress, 0).ok()
+    TX_PORTS.redirect(nh.port, 0).ok()
 }
 
 /// The pipeline, in three stages: **parse** (header checks, control plane, local and
@@ -248,7 +248,7 @@ fn parse_v4<P: Packet>(ctx: &P, segment: u32, l3: usize, flow: &mut [RuleKey; 2]
     let src = [h[12], h[13], h[14], h[15]];
     let dst = [h[16], h[17], h[18], h[19]];
     // SAFETY: plain value, only tested for presence.
-    if unsafe { LOCAL_V4.get(&dst) }.is_some() {
+    if maybe_local(&dst) && unsafe { LOCAL_V4.get(&dst) }.is_some() {
         return Verdict::Pass(Reason::PassLocal).pack();
     }
     // Multicast, class E and broadcast (224/3), link-local (169.254/16).
@@ -296,7 +296,7 @@ fn parse_v6<P: Packet>(ctx: &P, segment: u32, l3: usize, flow: &mut [RuleKey; 2]
         }
     }
     // SAFETY: plain value, only tested for presence.
-    if unsafe { LOCAL_V6.get(&dst) }.is_some() {
+    if maybe_local(&dst) && unsafe { LOCAL_V6.get(&dst) }.is_some() {
         return Verdict::Pass(Reason::PassLocal).pack();
     }
     // Multicast (ff00::/8) and link-local (fe80::/10).
@@ -314,6 +314,13 @@ fn parse_v6<P: Packet>(ctx: &P, segment: u32, l3: usize, flow: &mut [RuleKey; 2]
         &src,
         &dst,
     )
+}
+
+/// Whether `dst` may be one of the host's addresses (the filter in front of the hash).
+#[inline(always)]
+fn maybe_local<const N: usize>(dst: &[u8; N]) -> bool {
+    let (word, mask) = xnet_common::local_filter_bit(&xnet_common::policy::words(dst));
+    LOCAL_FILTER.get(word).is_some_and(|w| w & mask != 0)
 }
 
 /// What both families share once their headers are read: ports, control plane, TTL, and

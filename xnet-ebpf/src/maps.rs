@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, DevMap, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use xnet_common::policy::{self, ClassKey, Counter, RuleKey, RuleValue, Service, Tuple};
 use xnet_common::{
@@ -39,15 +39,18 @@ pub static NEXTHOPS: Array<NextHop> = Array::with_max_entries(limits::NEXTHOPS, 
 #[map]
 pub static NH_GROUPS: Array<NhGroup> = Array::with_max_entries(limits::NH_GROUPS, 0);
 
-/// Egress ports for `XDP_REDIRECT`, keyed by ifindex.
+/// Egress ports for `XDP_REDIRECT`, by interface slot (`NextHop::port`).
 #[map]
-pub static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(limits::INTERFACES, 0);
+pub static TX_PORTS: DevMap = DevMap::with_max_entries(limits::INTERFACES + 1, 0);
 
 /// The host's own addresses: packets to them go to the kernel.
 #[map]
 pub static LOCAL_V4: HashMap<[u8; 4], u32> = HashMap::with_max_entries(limits::LOCAL_ADDRS, 0);
 #[map]
 pub static LOCAL_V6: HashMap<[u8; 16], u32> = HashMap::with_max_entries(limits::LOCAL_ADDRS, 0);
+/// A one-hash Bloom filter of those addresses (`xnet_common::local_filter_bit`).
+#[map]
+pub static LOCAL_FILTER: Array<u64> = Array::with_max_entries(xnet_common::LOCAL_FILTER_WORDS, 0);
 
 /// Per interface, by its `IfConfig::slot`.
 #[map]

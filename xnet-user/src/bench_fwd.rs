@@ -474,6 +474,7 @@ pub fn run(v4: &[IpNet], opts: &Options) -> Result<()> {
                 flags: 0,
                 smac: v.mac["xout"],
                 dmac: v.mac["sink0"],
+                port: 0,
             },
             0,
         )?;

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::atomic::AtomicU32;
 
 use anyhow::{anyhow, bail, Context, Result};
-use aya::maps::{Array, DevMapHash, HashMap as BpfHashMap, MapData, PerCpuArray};
+use aya::maps::{Array, DevMap, HashMap as BpfHashMap, MapData, PerCpuArray};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::{self, SchedClassifierLinkId, TcAttachType};
 use aya::programs::xdp::XdpLink;
@@ -528,9 +528,9 @@ impl Dataplane {
             flags,
             slot,
         };
-        let mut ports: DevMapHash<_> = self.map_mut(names::MAP_TX_PORTS)?;
+        let mut ports: DevMap<_> = self.map_mut(names::MAP_TX_PORTS)?;
         ports
-            .insert(ifindex, ifindex, None, 0)
+            .set(slot, ifindex, None, 0)
             .with_context(|| format!("adding ifindex {ifindex} to TX_PORTS"))?;
         let mut ifs: Array<_, IfConfig> = self.map_mut(names::MAP_INTERFACES)?;
         ifs.set(ifindex, &cfg, 0)?;
@@ -710,6 +710,27 @@ impl Dataplane {
         for a in addrs {
             if let IpAddr::V6(x) = a {
                 v6.insert(&x.octets(), &1, 0)?;
+            }
+        }
+        // The filter in front of the two maps: every local address's bit set (written after
+        // the additions above, so a new address is never filtered out).
+        let bits = |set: &[IpAddr]| {
+            let mut f = vec![0u64; xnet_common::LOCAL_FILTER_WORDS as usize];
+            for a in set {
+                let w = match a {
+                    IpAddr::V4(x) => xnet_common::policy::words(&x.octets()),
+                    IpAddr::V6(x) => xnet_common::policy::words(&x.octets()),
+                };
+                let (i, m) = xnet_common::local_filter_bit(&w);
+                f[i as usize] |= m;
+            }
+            f
+        };
+        let (before, after) = (bits(&old), bits(addrs));
+        let mut filter: Array<_, u64> = self.map_mut(names::MAP_LOCAL_FILTER)?;
+        for (i, (b, a)) in before.iter().zip(&after).enumerate() {
+            if b != a || old.is_empty() {
+                filter.set(i as u32, a, 0)?;
             }
         }
         self.locals = addrs.to_vec();
@@ -1009,6 +1030,7 @@ impl Dataplane {
             nh.smac = port.mac;
             nh.dmac = *mac;
             nh.flags = NH_F_VALID;
+            nh.port = port.slot;
         }
         nh
     }
