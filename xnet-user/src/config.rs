@@ -623,6 +623,16 @@ impl Config {
     }
 
     fn validate_ipsec(&self) -> Result<(), (String, String)> {
+        let max = xnet_common::ipsec::MAX_CONNECTORS as usize;
+        if self.ipsec.len() > max {
+            return Err((
+                "ipsec".into(),
+                format!(
+                    "{} connectors, at most {max} (the data plane finds a connector from its SAs' reqid)",
+                    self.ipsec.len()
+                ),
+            ));
+        }
         let mut names = HashSet::new();
         let mut pairs = HashSet::new();
         for (i, c) in self.ipsec.iter().enumerate() {
