@@ -97,7 +97,8 @@ fn synthetic(v6: bool, n: usize, rng: &mut Rng) -> Vec<IpNet> {
             .0;
         let r = rng.next();
         let net = if v6 {
-            let a = (0x2000u128 << 112) | ((r as u128) << 64);
+            // Global unicast 2000::/3 only (a random first byte would draw multicast).
+            let a = (1u128 << 125) | (((r as u128) << 64) >> 3);
             IpNet::new(IpAddr::V6(a.into()), len).unwrap().trunc()
         } else {
             // Unicast only (1.0.0.0 to 223.255.255.255, not 127/8 or 169.254/16): the
@@ -514,4 +515,30 @@ fn policy_bench(
     }
     dp.set_policy(&crate::policy::Compiled::default())?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fallback table must be forwardable: the program hands multicast, link-local and
+    /// loopback destinations to the kernel, so the bench would stop on them.
+    #[test]
+    fn the_synthetic_table_holds_only_forwardable_unicast() {
+        let mut rng = Rng(7);
+        for net in synthetic(false, 50_000, &mut rng) {
+            let IpNet::V4(n) = net else { panic!() };
+            let a = n.network().octets();
+            assert!(a[0] >= 1 && a[0] < 224 && a[0] != 127, "{n}");
+            assert!(!(a[0] == 169 && a[1] == 254), "{n}");
+        }
+        for net in synthetic(true, 50_000, &mut rng) {
+            let IpNet::V6(n) = net else { panic!() };
+            assert_eq!(
+                n.network().octets()[0] >> 5,
+                0b001,
+                "{n} is not in 2000::/3"
+            );
+        }
+    }
 }
