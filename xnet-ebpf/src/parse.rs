@@ -12,35 +12,27 @@ pub trait Packet {
     fn len(&self) -> u64;
 }
 
-impl Packet for XdpContext {
-    #[inline(always)]
-    fn start(&self) -> usize {
-        self.data()
-    }
-    #[inline(always)]
-    fn end(&self) -> usize {
-        self.data_end()
-    }
-    #[inline(always)]
-    fn len(&self) -> u64 {
-        (self.data_end() - self.data()) as u64
-    }
+/// `len`: the frame's bytes for XDP, the socket buffer's (head and fragments) for TC.
+macro_rules! packet {
+    ($t:ty, $len:expr) => {
+        impl Packet for $t {
+            #[inline(always)]
+            fn start(&self) -> usize {
+                self.data()
+            }
+            #[inline(always)]
+            fn end(&self) -> usize {
+                self.data_end()
+            }
+            #[inline(always)]
+            fn len(&self) -> u64 {
+                $len(self)
+            }
+        }
+    };
 }
-
-impl Packet for TcContext {
-    #[inline(always)]
-    fn start(&self) -> usize {
-        self.data()
-    }
-    #[inline(always)]
-    fn end(&self) -> usize {
-        self.data_end()
-    }
-    #[inline(always)]
-    fn len(&self) -> u64 {
-        TcContext::len(self) as u64
-    }
-}
+packet!(XdpContext, |c: &XdpContext| (c.data_end() - c.data()) as u64);
+packet!(TcContext, |c: &TcContext| c.len() as u64);
 
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86dd;
