@@ -80,6 +80,8 @@ fn verdict(ctx: &TcContext, skb: *mut __sk_buff, ifc: &IfConfig) -> (i32, u32, R
     let pass = |r| (TC_ACT_OK as i32, XDP_PASS, r);
     let drop = |r| (TC_ACT_SHOT as i32, XDP_DROP, r);
     let len = ctx.len();
+    // A failure leaves the head as it is: reads past it fail below and the packet goes
+    // to the kernel.
     let _ = ctx.pull_data(if len < PULL { len } else { PULL });
     let Some((l3, ethertype)) = network_header(ctx, skb) else {
         return pass(Reason::PassNotIp);

@@ -770,11 +770,7 @@ impl Agent {
             let seg = c.segment_id(&t.segment).expect("validated");
             let deny = c.segments[seg as usize - 1].default_action == DefaultAction::Deny;
             self.dp
-                .set_tunnel(
-                    i as u32,
-                    Some(seg),
-                    if deny { IF_F_DEFAULT_DENY } else { 0 },
-                )
+                .set_tunnel(i as u32, seg, if deny { IF_F_DEFAULT_DENY } else { 0 })
                 .with_context(|| format!("ipsec {}", t.name))?;
         }
         let names: Vec<String> = self

@@ -372,23 +372,18 @@ impl Dataplane {
     }
 
     /// Puts IPsec connector `connector`'s decrypted packets into `segment` (`flags` as
-    /// for interfaces), or (`segment` None) leaves them to the kernel.
-    pub fn set_tunnel(&mut self, connector: u32, segment: Option<u32>, flags: u32) -> Result<()> {
-        let cfg = match segment {
-            Some(id) => {
-                let seg = self
-                    .segments
-                    .get(&id)
-                    .with_context(|| format!("unknown segment id {id}"))?;
-                IfConfig {
-                    segment: id,
-                    v4_root: seg.v4_root,
-                    v6_root: seg.v6_root,
-                    flags,
-                    slot: 0,
-                }
-            }
-            None => IfConfig::default(),
+    /// for interfaces).
+    pub fn set_tunnel(&mut self, connector: u32, segment: u32, flags: u32) -> Result<()> {
+        let seg = self
+            .segments
+            .get(&segment)
+            .with_context(|| format!("unknown segment id {segment}"))?;
+        let cfg = IfConfig {
+            segment,
+            v4_root: seg.v4_root,
+            v6_root: seg.v6_root,
+            flags,
+            slot: 0,
         };
         let mut map: Array<_, IfConfig> = self.map_mut(names::MAP_TUNNELS)?;
         map.set(connector, &cfg, 0)
