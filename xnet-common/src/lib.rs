@@ -31,8 +31,7 @@ pub mod names {
     pub const MAP_LOCAL_V4: &str = "LOCAL_V4";
     pub const MAP_LOCAL_V6: &str = "LOCAL_V6";
     pub const MAP_LOCAL_FILTER: &str = "LOCAL_FILTER";
-    pub const MAP_IF_STATS: &str = "IF_STATS";
-    pub const MAP_REASONS: &str = "REASONS";
+    pub const MAP_COUNTS: &str = "COUNTS";
     pub const MAP_POLICY_META: &str = "POLICY_META";
     pub const MAP_PORT_CLASSES: &str = "PORT_CLASSES";
     pub const MAP_FLOW_CLASSES: &str = "FLOW_CLASSES";
@@ -138,7 +137,16 @@ pub struct IfStats {
     pub dropped: u64,
 }
 
-/// Why a packet was not forwarded by XDP: the index into the `REASONS` per-CPU array.
+/// A packet's fate, by its reason.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Forwarded,
+    Passed,
+    Dropped,
+}
+
+/// Why a packet was not forwarded by XDP: with the interface's slot, the index into the
+/// `COUNTS` per-CPU array (`slot * Reason::COUNT + reason`).
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reason {
@@ -211,7 +219,17 @@ impl Reason {
         Reason::PassTunnelSource,
     ];
 
-    /// The reason at `REASONS` index `i` (`PassNotIp` for an index no reason has).
+    /// What happened to a packet counted with this reason: every reason belongs to one
+    /// outcome, so per-interface outcomes are sums of its reasons.
+    pub const fn outcome(self) -> Outcome {
+        match self {
+            Reason::Forwarded | Reason::Steered => Outcome::Forwarded,
+            Reason::DropMalformed | Reason::DropPolicy | Reason::DropFailClosed => Outcome::Dropped,
+            _ => Outcome::Passed,
+        }
+    }
+
+    /// The reason with discriminant `i` (`PassNotIp` for an index no reason has).
     #[inline(always)]
     pub const fn from_index(i: u32) -> Reason {
         if i < Self::COUNT {

@@ -6,9 +6,7 @@ use aya_ebpf::{
     maps::{Array, DevMap, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use xnet_common::policy::{self, ClassKey, Counter, RuleKey, RuleValue, Service, Tuple};
-use xnet_common::{
-    limits, route::GROUP_SIZE, BenchGen, IfConfig, IfStats, NextHop, NhGroup, Reason,
-};
+use xnet_common::{limits, route::GROUP_SIZE, BenchGen, IfConfig, NextHop, NhGroup, Reason};
 
 /// Lets user space mmap the array (linux/bpf.h).
 const BPF_F_MMAPABLE: u32 = 1 << 10;
@@ -52,13 +50,11 @@ pub static LOCAL_V6: HashMap<[u8; 16], u32> = HashMap::with_max_entries(limits::
 #[map]
 pub static LOCAL_FILTER: Array<u64> = Array::with_max_entries(xnet_common::LOCAL_FILTER_WORDS, 0);
 
-/// Per interface, by its `IfConfig::slot`.
+/// Packets per interface slot (`IfConfig::slot`; 0: none of ours) and reason: one counter
+/// per packet, from which the agent sums per-interface outcomes and per-reason totals.
 #[map]
-pub static IF_STATS: PerCpuArray<IfStats> =
-    PerCpuArray::with_max_entries(limits::INTERFACES + 1, 0);
-
-#[map]
-pub static REASONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
+pub static COUNTS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries((limits::INTERFACES + 1) * Reason::COUNT, 0);
 
 /// Benchmark only: the same table in the kernel's LPM trie, for comparison.
 #[map]

@@ -31,7 +31,8 @@ macro_rules! packet {
         }
     };
 }
-packet!(XdpContext, |c: &XdpContext| (c.data_end() - c.data()) as u64);
+packet!(XdpContext, |c: &XdpContext| (c.data_end() - c.data())
+    as u64);
 packet!(TcContext, |c: &TcContext| c.len() as u64);
 
 pub const ETH_P_IP: u16 = 0x0800;

@@ -13,11 +13,8 @@ use core::{ffi::c_void, mem::size_of};
 
 use aya_ebpf::{
     bindings::{
-        __sk_buff,
-        bpf_hdr_start_off::BPF_HDR_START_NET,
-        bpf_xfrm_state,
-        xdp_action::{XDP_DROP, XDP_PASS, XDP_REDIRECT},
-        TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
+        __sk_buff, bpf_hdr_start_off::BPF_HDR_START_NET, bpf_xfrm_state, TC_ACT_OK,
+        TC_ACT_REDIRECT, TC_ACT_SHOT,
     },
     helpers::{bpf_redirect, bpf_skb_get_xfrm_state, bpf_skb_load_bytes_relative},
     programs::TcContext,
@@ -40,10 +37,10 @@ pub fn run(ctx: &TcContext) -> i32 {
     };
     // SAFETY: the context is the kernel's __sk_buff for this run.
     let ifindex = unsafe { (*skb).ifindex };
-    let (act, counted, reason) = verdict(ctx, skb, ifc);
+    let (act, reason) = verdict(ctx, skb, ifc);
     // Counted on the interface it came in on when that is one of ours (the underlay).
     let slot = INTERFACES.get(ifindex).map(|c| c.slot).unwrap_or(0);
-    stats::count(slot, counted, reason);
+    stats::count(slot, reason);
     act
 }
 
@@ -76,9 +73,9 @@ fn tunnel_of(skb: *mut __sk_buff) -> Option<&'static IfConfig> {
 
 /// (TC action, the XDP action it counts as, reason).
 #[inline(always)]
-fn verdict(ctx: &TcContext, skb: *mut __sk_buff, ifc: &IfConfig) -> (i32, u32, Reason) {
-    let pass = |r| (TC_ACT_OK as i32, XDP_PASS, r);
-    let drop = |r| (TC_ACT_SHOT as i32, XDP_DROP, r);
+fn verdict(ctx: &TcContext, skb: *mut __sk_buff, ifc: &IfConfig) -> (i32, Reason) {
+    let pass = |r| (TC_ACT_OK as i32, r);
+    let drop = |r| (TC_ACT_SHOT as i32, r);
     let len = ctx.len();
     // A failure leaves the head as it is: reads past it fail below and the packet goes
     // to the kernel.
@@ -103,7 +100,7 @@ fn verdict(ctx: &TcContext, skb: *mut __sk_buff, ifc: &IfConfig) -> (i32, u32, R
             if unsafe { bpf_redirect(nh.ifindex, 0) } != TC_ACT_REDIRECT as i64 {
                 return pass(Reason::PassNoNeighbour);
             }
-            (TC_ACT_REDIRECT as i32, XDP_REDIRECT, r)
+            (TC_ACT_REDIRECT as i32, r)
         }
     }
 }

@@ -23,7 +23,7 @@ use ipnet::IpNet;
 use serde::Serialize;
 use xnet_common::route::GROUP_SIZE;
 use xnet_common::{
-    names, IfConfig, IfStats, NextHop, NhGroup, Reason, MAX_ECMP, NH_F_KERNEL, NH_F_VALID,
+    names, IfConfig, IfStats, NextHop, NhGroup, Outcome, Reason, MAX_ECMP, NH_F_KERNEL, NH_F_VALID,
 };
 
 use crate::lpm::{LpmUsage, NodeMemory, RouteTables, TableId};
@@ -908,26 +908,37 @@ impl Dataplane {
 
     /// Reads every counter, summed over CPUs.
     pub fn counters(&self) -> Result<Counters> {
-        let stats: PerCpuArray<_, IfStats> = self.map(names::MAP_IF_STATS)?;
+        let counts: PerCpuArray<_, u64> = self.map(names::MAP_COUNTS)?;
+        let read = |slot: u32, r: Reason| -> Result<u64> {
+            Ok(counts
+                .get(&(slot * Reason::COUNT + r as u32), 0)?
+                .iter()
+                .sum())
+        };
+        let mut totals = [0u64; Reason::COUNT as usize];
+        for r in Reason::ALL {
+            totals[r as usize] += read(0, r)?;
+        }
         let mut interfaces = Vec::new();
         for (&ifindex, port) in &self.ports {
-            let per_cpu = stats.get(&port.slot, 0)?;
             let mut s = IfStats::default();
-            for c in per_cpu.iter() {
-                s.rx += c.rx;
-                s.forwarded += c.forwarded;
-                s.passed += c.passed;
-                s.dropped += c.dropped;
+            for r in Reason::ALL {
+                let n = read(port.slot, r)?;
+                totals[r as usize] += n;
+                s.rx += n;
+                match r.outcome() {
+                    Outcome::Forwarded => s.forwarded += n,
+                    Outcome::Passed => s.passed += n,
+                    Outcome::Dropped => s.dropped += n,
+                }
             }
             interfaces.push((ifindex, s));
         }
         interfaces.sort_by_key(|(i, _)| *i);
-        let reasons_map: PerCpuArray<_, u64> = self.map(names::MAP_REASONS)?;
-        let mut reasons = Vec::new();
-        for r in Reason::ALL {
-            let v = reasons_map.get(&(r as u32), 0)?;
-            reasons.push((r.name(), v.iter().sum()));
-        }
+        let reasons = Reason::ALL
+            .iter()
+            .map(|r| (r.name(), totals[*r as usize]))
+            .collect();
         Ok(Counters {
             interfaces,
             reasons,
