@@ -23,7 +23,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::debug;
-use xnet_common::policy::{RuleKey, ACTION_DENY, ACTION_STEER, STAY};
+use xnet_common::policy::{words, RuleKey, ACTION_DENY, ACTION_STEER, STAY};
 use xnet_common::{
     IfConfig, NextHop, Reason, BENCH_FRAME, IF_F_DEFAULT_DENY, IF_F_FIREWALL, LEAF_NONE,
     NH_F_KERNEL, NH_F_VALID,
@@ -180,7 +180,13 @@ pub fn decide<P: Packet, const FROM_TUNNEL: bool>(
                         let hash = route::symmetric_hash(src, dst, proto, sport, dport);
                         match policy::steer(rule.service, hash, ctx.len()) {
                             policy::Steer::To(id) => {
-                                return sent_from::<FROM_TUNNEL>(ifc, v6, id, Reason::Steered)
+                                return sent_from::<FROM_TUNNEL>(
+                                    ifc,
+                                    v6,
+                                    &flow[0].src,
+                                    id,
+                                    Reason::Steered,
+                                )
                             }
                             policy::Steer::Drop => return Verdict::Drop(Reason::DropFailClosed),
                             policy::Steer::Bypass => {}
@@ -196,9 +202,6 @@ pub fn decide<P: Packet, const FROM_TUNNEL: bool>(
             None => {}
         }
     }
-    let Some(flow) = policy::flow() else {
-        return MALFORMED;
-    };
     let nhg = route::lookup_flow(root, &flow[0].dst, v6);
     if nhg == LEAF_NONE {
         return Verdict::Pass(Reason::PassNoRoute);
@@ -214,7 +217,7 @@ pub fn decide<P: Packet, const FROM_TUNNEL: bool>(
     if nh.flags & NH_F_VALID == 0 {
         return Verdict::Pass(Reason::PassNoNeighbour);
     }
-    sent_from::<FROM_TUNNEL>(ifc, v6, id, Reason::Forwarded)
+    sent_from::<FROM_TUNNEL>(ifc, v6, &flow[0].src, id, Reason::Forwarded)
 }
 
 /// Control-plane traffic the kernel must see even in transit: ESP, IKE, BGP.
@@ -245,16 +248,17 @@ fn parse_v4<P: Packet>(ctx: &P, segment: u32, l3: usize, flow: &mut [RuleKey; 2]
     if u16::from_be_bytes([h[6], h[7]]) & 0x3fff != 0 {
         return Verdict::Pass(Reason::PassFragment).pack();
     }
-    let src = [h[12], h[13], h[14], h[15]];
     let dst = [h[16], h[17], h[18], h[19]];
+    let dst_words = words(&dst);
     // SAFETY: plain value, only tested for presence.
-    if maybe_local(&dst) && unsafe { LOCAL_V4.get(&dst) }.is_some() {
+    if maybe_local(&dst_words) && unsafe { LOCAL_V4.get(&dst) }.is_some() {
         return Verdict::Pass(Reason::PassLocal).pack();
     }
     // Multicast, class E and broadcast (224/3), link-local (169.254/16).
     if dst[0] >= 224 || (dst[0] == 169 && dst[1] == 254) {
         return Verdict::Pass(Reason::PassMulticast).pack();
     }
+    let src = words(&[h[12], h[13], h[14], h[15]]);
     transport(
         ctx,
         segment,
@@ -263,8 +267,8 @@ fn parse_v4<P: Packet>(ctx: &P, segment: u32, l3: usize, flow: &mut [RuleKey; 2]
         h[8],
         l3 + IPV4_HLEN,
         flow,
-        &src,
-        &dst,
+        src,
+        dst_words,
     )
 }
 
@@ -295,8 +299,9 @@ fn parse_v6<P: Packet>(ctx: &P, segment: u32, l3: usize, flow: &mut [RuleKey; 2]
             }
         }
     }
+    let dst_words = words(&dst);
     // SAFETY: plain value, only tested for presence.
-    if maybe_local(&dst) && unsafe { LOCAL_V6.get(&dst) }.is_some() {
+    if maybe_local(&dst_words) && unsafe { LOCAL_V6.get(&dst) }.is_some() {
         return Verdict::Pass(Reason::PassLocal).pack();
     }
     // Multicast (ff00::/8) and link-local (fe80::/10).
@@ -311,15 +316,16 @@ fn parse_v6<P: Packet>(ctx: &P, segment: u32, l3: usize, flow: &mut [RuleKey; 2]
         h[7],
         l3 + IPV6_HLEN,
         flow,
-        &src,
-        &dst,
+        words(&src),
+        dst_words,
     )
 }
 
-/// Whether `dst` may be one of the host's addresses (the filter in front of the hash).
+/// Whether `dst` (as words) may be one of the host's addresses (the filter in front of the
+/// hash).
 #[inline(always)]
-fn maybe_local<const N: usize>(dst: &[u8; N]) -> bool {
-    let (word, mask) = xnet_common::local_filter_bit(&xnet_common::policy::words(dst));
+fn maybe_local(dst: &[u32; 4]) -> bool {
+    let (word, mask) = xnet_common::local_filter_bit(dst);
     LOCAL_FILTER.get(word).is_some_and(|w| w & mask != 0)
 }
 
@@ -327,7 +333,7 @@ fn maybe_local<const N: usize>(dst: &[u8; N]) -> bool {
 /// the flow record.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn transport<P: Packet, const N: usize>(
+fn transport<P: Packet>(
     ctx: &P,
     segment: u32,
     family: u8,
@@ -335,8 +341,8 @@ fn transport<P: Packet, const N: usize>(
     ttl: u8,
     l4: usize,
     flow: &mut [RuleKey; 2],
-    src: &[u8; N],
-    dst: &[u8; N],
+    src: [u32; 4],
+    dst: [u32; 4],
 ) -> u64 {
     let (sport, dport) = ports(ctx, proto, l4);
     if let Some(r) = control_plane(proto, sport, dport) {
@@ -353,8 +359,8 @@ fn transport<P: Packet, const N: usize>(
         sport,
         dport,
         _pad: 0,
-        src: xnet_common::policy::words(src),
-        dst: xnet_common::policy::words(dst),
+        src,
+        dst,
     };
     CONTINUE
 }
@@ -367,15 +373,13 @@ fn transport<P: Packet, const N: usize>(
 fn sent_from<const FROM_TUNNEL: bool>(
     ifc: &IfConfig,
     v6: bool,
+    src: &[u32; 4],
     nh: u32,
     reason: Reason,
 ) -> Verdict {
     if FROM_TUNNEL {
-        let Some(flow) = policy::flow() else {
-            return MALFORMED;
-        };
         let root = if v6 { ifc.v6_root } else { ifc.v4_root };
-        let back = route::lookup_flow(root, &flow[0].src, v6);
+        let back = route::lookup_flow(root, src, v6);
         let into_tunnel = back != LEAF_NONE
             && route::select(back, 0).is_some_and(|(_, h)| h.flags & NH_F_KERNEL != 0);
         if !into_tunnel {
@@ -539,18 +543,18 @@ pub fn xnet_bench_gen(ctx: XdpContext) -> u32 {
     f[34..36].copy_from_slice(&sport.to_be_bytes());
     if g.dsts > 0 {
         if let Some(d) = BENCH_DSTS.get((i % g.dsts as u64) as u32) {
+            // The frame's header checksum is right for its own destination: update it
+            // for each of the two words that change.
+            let mut check = u16::from_be_bytes([f[24], f[25]]);
+            for k in 0..2 {
+                let old = u16::from_be_bytes([f[30 + 2 * k], f[31 + 2 * k]]);
+                let new = u16::from_be_bytes([d[2 * k], d[2 * k + 1]]);
+                check = xnet_common::csum::replace16(check, old, new);
+            }
             f[30..34].copy_from_slice(d);
+            f[24..26].copy_from_slice(&check.to_be_bytes());
         }
     }
-    f[24] = 0;
-    f[25] = 0;
-    let mut sum = 0u32;
-    for k in 0..10 {
-        sum += u16::from_be_bytes([f[14 + 2 * k], f[15 + 2 * k]]) as u32;
-    }
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    f[24..26].copy_from_slice(&(!(sum as u16)).to_be_bytes());
     XDP_TX
 }
 
@@ -593,13 +597,9 @@ pub fn xnet_bench_redirect(ctx: XdpContext) -> u32 {
     let Some(nh) = BENCH_NH.get(0) else {
         return XDP_PASS;
     };
-    let Some(eth) = ptr_at::<[u8; 12], _>(&ctx, 0) else {
+    if rewrite::ethernet(&ctx, ETH_HLEN, nh).is_none() {
         return XDP_PASS;
-    };
-    // SAFETY: bounds checked above.
-    let eth = unsafe { &mut *eth };
-    eth[..6].copy_from_slice(&nh.dmac);
-    eth[6..].copy_from_slice(&nh.smac);
+    }
     // SAFETY: a plain helper call.
     (unsafe { bpf_redirect(nh.ifindex, 0) }) as u32
 }

@@ -85,16 +85,7 @@ fn class_of(root: u32, a: &[u32; 4], v6: bool) -> u32 {
     if root == 0 {
         return 0;
     }
-    let root = root - 1;
-    if v6 {
-        let mut b = [0u8; 16];
-        for i in 0..4 {
-            b[4 * i..4 * i + 4].copy_from_slice(&a[i].to_ne_bytes());
-        }
-        route::lookup(root, &b)
-    } else {
-        route::lookup(root, &a[0].to_ne_bytes())
-    }
+    route::lookup_flow(root - 1, a, v6)
 }
 
 /// Tuple-space search of generation `generation` (the packet's fields in `scratch[0]`).
