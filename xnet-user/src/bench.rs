@@ -30,10 +30,10 @@ pub struct Options {
 }
 
 /// A tiny xorshift generator: repeatable runs without another dependency.
-struct Rng(u64);
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
@@ -117,7 +117,7 @@ fn synthetic(v6: bool, n: usize, rng: &mut Rng) -> Vec<IpNet> {
 }
 
 /// A random address inside `net`.
-fn inside(net: &IpNet, rng: &mut Rng) -> IpAddr {
+pub(crate) fn inside(net: &IpNet, rng: &mut Rng) -> IpAddr {
     match net {
         IpNet::V4(n) => {
             let host = if n.prefix_len() == 32 {
@@ -211,6 +211,16 @@ pub fn tables(dir: Option<&Path>) -> Result<(Vec<IpNet>, Vec<IpNet>)> {
     }
 }
 
+/// The ifindex of interface `n` in this thread's namespace (/sys still shows the old one).
+pub(crate) fn ifindex(n: &str) -> Result<u32> {
+    let c = std::ffi::CString::new(n)?;
+    // SAFETY: a valid NUL-terminated name.
+    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+        0 => bail!("no interface {n}"),
+        i => Ok(i),
+    }
+}
+
 /// Root, and a private network namespace for this thread's veths.
 fn private_netns() -> Result<()> {
     // SAFETY: geteuid has no preconditions.
@@ -243,16 +253,7 @@ pub fn run(opts: Options) -> Result<(Vec<IpNet>, Vec<IpNet>)> {
     crate::lab::ip("link add bench0 type veth peer name bench1")?;
     crate::lab::ip("link set bench0 up")?;
     crate::lab::ip("link set bench1 up")?;
-    // /sys still shows the old namespace; if_nametoindex asks this thread's.
-    let ifindex = |n: &str| -> Result<u32> {
-        let c = std::ffi::CString::new(n)?;
-        // SAFETY: a valid NUL-terminated name.
-        Ok(unsafe { libc::if_nametoindex(c.as_ptr()) })
-    };
     let (in_if, out_if) = (ifindex("bench0")?, ifindex("bench1")?);
-    if in_if == 0 || out_if == 0 {
-        bail!("cannot read the bench interfaces' ifindexes");
-    }
 
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let (v4, v6) = tables(opts.table_dir.as_deref())?;
@@ -441,6 +442,46 @@ pub fn run(opts: Options) -> Result<(Vec<IpNet>, Vec<IpNet>)> {
     Ok((v4, v6))
 }
 
+/// A rule of segment "bench" (a `steer` goes to service "fw").
+pub(crate) fn rule(
+    name: String,
+    source: Option<String>,
+    destination: Option<String>,
+    protocol: Option<u8>,
+    destination_ports: Option<(u16, u16)>,
+    action: crate::config::Action,
+) -> crate::config::Policy {
+    use crate::config::{Action, PortRange, Protocol};
+    crate::config::Policy {
+        name,
+        segment: "bench".into(),
+        source,
+        destination,
+        protocol: protocol.map(Protocol),
+        source_ports: None,
+        destination_ports: destination_ports.map(|(first, last)| PortRange { first, last }),
+        service: (action == Action::Steer).then(|| "fw".to_string()),
+        action,
+        to_segment: None,
+        log: false,
+    }
+}
+
+/// `rules` compiled in a config with the one segment "bench", service "fw" as id `service`.
+pub(crate) fn compile_rules(
+    rules: Vec<crate::config::Policy>,
+    service: u32,
+) -> Result<crate::policy::Compiled> {
+    let mut config = crate::config::Config::default();
+    config.segments.push(crate::config::Segment {
+        name: "bench".into(),
+        table: 100,
+        default_action: Default::default(),
+    });
+    config.policies = rules;
+    crate::policy::compile(&config, &|_| (0, 0), &|_| service).map_err(anyhow::Error::msg)
+}
+
 /// Policy classification cost as the rule count grows, with the full table loaded: the
 /// forwarding program over the same packets with 10, 1,000 and 10,000 rules. Rules come in
 /// four shapes (prefix lengths × protocol × port) drawn from the table, like a real rule
@@ -452,18 +493,13 @@ fn policy_bench(
     opts: &Options,
     rng: &mut Rng,
 ) -> Result<()> {
-    use crate::config::{Action, Config, PortRange, Protocol, Segment};
+    use crate::config::Action;
     let pkts: Vec<Vec<u8>> = (0..opts.packets)
         .map(|_| packet(inside(&v4[(rng.next() % v4.len() as u64) as usize], rng)))
         .collect();
     let mut base = None;
     for n in [10usize, 1_000, 10_000] {
-        let mut config = Config::default();
-        config.segments.push(Segment {
-            name: "bench".into(),
-            table: 100,
-            default_action: Default::default(),
-        });
+        let mut rules = Vec::with_capacity(n);
         for i in 0..n {
             let pick = |rng: &mut Rng, len: u8| -> String {
                 let net = v4[(rng.next() % v4.len() as u64) as usize];
@@ -480,22 +516,16 @@ fn policy_bench(
                 2 => (None, Some(pick(rng, 32)), Some(6), Some(22)),
                 _ => (Some(pick(rng, 20)), Some(pick(rng, 20)), None, None),
             };
-            config.policies.push(crate::config::Policy {
-                name: format!("r{i}"),
-                segment: "bench".into(),
-                source: src,
-                destination: dst,
-                protocol: proto.map(Protocol),
-                source_ports: None,
-                destination_ports: port.map(|p| PortRange { first: p, last: p }),
-                action: Action::Allow,
-                service: None,
-                to_segment: None,
-                log: false,
-            });
+            rules.push(rule(
+                format!("r{i}"),
+                src,
+                dst,
+                proto,
+                port.map(|p| (p, p)),
+                Action::Allow,
+            ));
         }
-        let compiled =
-            crate::policy::compile(&config, &|_| (0, 0), &|_| 0).map_err(anyhow::Error::msg)?;
+        let compiled = compile_rules(rules, 0)?;
         dp.set_policy(&compiled)?;
         let ns = measure(
             dp,

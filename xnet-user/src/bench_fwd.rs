@@ -18,7 +18,7 @@
 //!                 xfx ─ fwx0 [XDP: bounces back]
 //! ```
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::process::Command;
 use std::time::Instant;
 
@@ -28,7 +28,8 @@ use aya::programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode};
 use ipnet::IpNet;
 use xnet_common::{names, BenchGen, NextHop, BENCH_FRAME, IF_F_FIREWALL};
 
-use crate::config::{Action, Config, PortRange, Protocol, Segment};
+use crate::bench::{compile_rules, ifindex, inside, rule, Rng};
+use crate::config::Action;
 use crate::dataplane::{Dataplane, NhKey};
 
 /// Where the generated frames go: kernel and xnet route it toward the sink.
@@ -75,15 +76,6 @@ fn sh(cmd: &str) -> Result<()> {
         bail!("{cmd}: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
-}
-
-fn ifindex(n: &str) -> Result<u32> {
-    let c = std::ffi::CString::new(n)?;
-    // SAFETY: a valid NUL-terminated name.
-    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
-        0 => bail!("no interface {n}"),
-        i => Ok(i),
-    }
 }
 
 fn mac_of(ns: Option<&str>, dev: &str) -> Result<[u8; 6]> {
@@ -174,7 +166,8 @@ fn veths() -> Result<Veths> {
     })
 }
 
-/// The generator's frame: UDP from 10.8.0.2 to 198.18.0.1, TTL 64, to `xin`'s MAC.
+/// The generator's frame: UDP from 10.8.0.2 to 198.18.0.1, TTL 64, to `xin`'s MAC, its
+/// IPv4 header checksum set (the generator updates it when it changes the destination).
 fn frame(v: &Veths) -> [u8; BENCH_FRAME] {
     let mut f = [0u8; BENCH_FRAME];
     f[..6].copy_from_slice(&v.mac["xin"]);
@@ -186,6 +179,8 @@ fn frame(v: &Veths) -> [u8; BENCH_FRAME] {
         198, 18, 0, 1,
     ]);
     f[16..18].copy_from_slice(&total.to_be_bytes());
+    let check = xnet_common::csum::checksum(&f[14..34]);
+    f[24..26].copy_from_slice(&check.to_be_bytes());
     let udp_len = total - 20;
     f[34..42].copy_from_slice(&[0x04, 0x00, 0x13, 0x88, 0, 0, 0, 0]);
     f[38..40].copy_from_slice(&udp_len.to_be_bytes());
@@ -360,23 +355,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// source and destination prefixes of 5 lengths each, plus port ranges. Returns the
 /// compiled set.
 pub fn many_shapes(n: usize, v4: &[IpNet], seed: u64) -> Result<crate::policy::Compiled> {
-    let mut rng = seed;
-    let mut next = || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
-    let mut config = Config::default();
-    config.segments.push(Segment {
-        name: "bench".into(),
-        table: 100,
-        default_action: Default::default(),
-    });
+    let mut rng = Rng(seed);
     const LENS: [u8; 5] = [8, 16, 20, 24, 32];
+    let mut rules = Vec::with_capacity(n);
     for i in 0..n {
         let mut pick = |len: u8| -> String {
-            let net = v4[(next() % v4.len() as u64) as usize];
+            let net = v4[(rng.next() % v4.len() as u64) as usize];
             IpNet::new(net.addr(), len).unwrap().trunc().to_string()
         };
         let k = i % 31;
@@ -392,47 +376,31 @@ pub fn many_shapes(n: usize, v4: &[IpNet], seed: u64) -> Result<crate::policy::C
                 (32, 8, (22, 22)),
                 (32, 8, (32768, 65535)),
             ][k - 25];
-            (pick(src_len), pick(dst_len), Some(Protocol(6)), Some(ports))
+            (pick(src_len), pick(dst_len), Some(6), Some(ports))
         };
-        config.policies.push(crate::config::Policy {
-            name: format!("r{i}"),
-            segment: "bench".into(),
-            source: Some(src),
-            destination: Some(dst),
-            protocol: proto,
-            source_ports: None,
-            destination_ports: ports.map(|(first, last)| PortRange { first, last }),
-            action: Action::Allow,
-            service: None,
-            to_segment: None,
-            log: false,
-        });
+        rules.push(rule(
+            format!("r{i}"),
+            Some(src),
+            Some(dst),
+            proto,
+            ports,
+            Action::Allow,
+        ));
     }
-    crate::policy::compile(&config, &|_| (0, 0), &|_| 0).map_err(anyhow::Error::msg)
+    compile_rules(rules, 0)
 }
 
 /// One steer rule for every generated frame, to service `service` (0 "fw" or 1 "fwx").
 fn steer_rule(service: u32) -> Result<crate::policy::Compiled> {
-    let mut config = Config::default();
-    config.segments.push(Segment {
-        name: "bench".into(),
-        table: 100,
-        default_action: Default::default(),
-    });
-    config.policies.push(crate::config::Policy {
-        name: "steer".into(),
-        segment: "bench".into(),
-        source: Some("10.8.0.0/24".into()),
-        destination: None,
-        protocol: None,
-        source_ports: None,
-        destination_ports: None,
-        action: Action::Steer,
-        service: Some("fw".into()),
-        to_segment: None,
-        log: false,
-    });
-    crate::policy::compile(&config, &|_| (0, 0), &|_| service).map_err(anyhow::Error::msg)
+    let steer = rule(
+        "steer".into(),
+        Some("10.8.0.0/24".into()),
+        None,
+        None,
+        None,
+        Action::Steer,
+    );
+    compile_rules(vec![steer], service)
 }
 
 /// Runs `bench fwd` and `bench prog` with table `v4` (the full-table cases).
@@ -585,22 +553,14 @@ pub fn run(v4: &[IpNet], opts: &Options) -> Result<()> {
     let _ = std::fs::remove_file(&path);
     r?;
     let kernel_load = start.elapsed().as_secs_f64();
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let dsts: Vec<[u8; 4]> = (0..xnet_common::limits::BENCH_DSTS)
-        .map(|_| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            let IpNet::V4(n) = v4[(seed % v4.len() as u64) as usize] else {
-                return [198, 18, 0, 1];
-            };
-            let host = if n.prefix_len() == 32 {
-                0
-            } else {
-                (seed >> 32) as u32 >> n.prefix_len()
-            };
-            Ipv4Addr::from(u32::from(n.network()) | host).octets()
-        })
+        .map(
+            |_| match inside(&v4[(rng.next() % v4.len() as u64) as usize], &mut rng) {
+                IpAddr::V4(a) => a.octets(),
+                IpAddr::V6(_) => [198, 18, 0, 1],
+            },
+        )
         .collect();
     {
         let mut m: Array<_, [u8; 4]> =
