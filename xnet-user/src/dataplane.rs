@@ -198,12 +198,11 @@ pub struct Dataplane {
     attached: Vec<(u32, aya::programs::xdp::XdpLinkId)>,
     /// Interfaces with `xnet_tunnel_in` at TC ingress.
     tunnel_in: Vec<(String, SchedClassifierLinkId)>,
-    /// Policy generation packets use now, and the entries each generation holds.
-    generation: u32,
+    /// The entries each policy generation holds.
     written: [Vec<RuleKey>; 2],
     /// Firewall services: their instances' next-hop ids.
     services: HashMap<u32, Vec<(NhKey, u32)>>,
-    /// Policy epoch (`META_EPOCH`; its low bit is the generation).
+    /// Policy epoch (`META_EPOCH`; its low bit is the generation packets use now).
     epoch: u32,
     classes: Classes,
 }
@@ -211,18 +210,30 @@ pub struct Dataplane {
 /// The policy's address classes: four tables (IPv4 source, IPv4 destination, IPv6 source,
 /// IPv6 destination) in the route-table memory, made when the first rules arrive; each
 /// rule prefix has a stable id there.
-#[derive(Default)]
 struct Classes {
     tables: Option<[TableId; 4]>,
     ids: HashMap<(usize, IpNet), u32>,
-    next_id: u32,
-    free: Vec<u32>,
+    /// Class ids are route-table leaves: 0 is "no class", and they stay below NODE_PTR.
+    alloc: Ids,
     /// Prefixes of the rule set in force, and those only the previous one had (removed at
     /// the next switch, when no packet can still be classifying with them).
     live: HashSet<(usize, IpNet)>,
     stale: HashSet<(usize, IpNet)>,
     /// Port classes written per generation.
     ports: [Vec<u32>; 2],
+}
+
+impl Default for Classes {
+    fn default() -> Self {
+        Self {
+            tables: None,
+            ids: HashMap::new(),
+            alloc: Ids::new(xnet_common::route::NODE_PTR),
+            live: HashSet::new(),
+            stale: HashSet::new(),
+            ports: Default::default(),
+        }
+    }
 }
 
 fn class_table(dir: usize, net: &IpNet) -> usize {
@@ -287,7 +298,6 @@ impl Dataplane {
             locals: Vec::new(),
             attached: Vec::new(),
             tunnel_in: Vec::new(),
-            generation: 0,
             written: [Vec::new(), Vec::new()],
             services: HashMap::new(),
             epoch: 0,
@@ -735,7 +745,8 @@ impl Dataplane {
     /// Replaces the whole rule set atomically: the unused generation is rewritten, then one
     /// store switches packets over to it.
     pub fn set_policy(&mut self, rules: &Compiled) -> Result<()> {
-        let next = 1 - self.generation;
+        let epoch = self.epoch.wrapping_add(1);
+        let next = epoch & 1;
         let base = (next * MAX_TUPLES) as u16;
         self.set_classes(rules, next)?;
         // The unused generation's old entries: no packet has read them since the last
@@ -764,14 +775,11 @@ impl Dataplane {
         for (i, t) in rules.tuples.iter().enumerate() {
             tuples.set(next * MAX_TUPLES + i as u32, t, 0)?;
         }
-        let epoch = self.epoch.wrapping_add(1);
-        debug_assert_eq!(epoch & 1, next);
         let mut meta: Array<_, u32> = self.map_mut(names::MAP_POLICY_META)?;
         meta.set(META_TUPLES_GEN0 + next, &(rules.tuples.len() as u32), 0)?;
         // One store switches rule set and cache epoch together.
         meta.set(META_EPOCH, &epoch, 0)?;
         self.epoch = epoch;
-        self.generation = next;
         Ok(())
     }
 
@@ -807,20 +815,14 @@ impl Dataplane {
                 }
                 self.tables.remove(tables[k.0], &k.1);
                 if let Some(id) = c.ids.remove(&k) {
-                    c.free.push(id);
+                    c.alloc.release(id);
                 }
             }
             for k in &wanted {
                 if c.ids.contains_key(k) {
                     continue;
                 }
-                let id = match c.free.pop() {
-                    Some(id) => id,
-                    None => {
-                        c.next_id += 1;
-                        c.next_id
-                    }
-                };
+                let id = c.alloc.alloc("policy prefix class")?;
                 self.tables
                     .insert(tables[k.0], &k.1, id)
                     .with_context(|| format!("policy prefix {}", k.1))?;
