@@ -1656,28 +1656,9 @@ fn s7_a_child_sa_gone_from_the_kernel_is_noticed_and_comes_back() {
     assert_eq!(vnet1_to_onprem(&lab, 10), 10, "traffic again");
 }
 
-/// Scenario 8's firewalls and policies: on-prem (behind the IPsec connector) ⇄ vnet1 (a
-/// plain link) steered through `fw`; one UDP port from on-prem denied.
+/// Scenario 8's policies: on-prem (behind the IPsec connector) ⇄ vnet1 (a plain link)
+/// steered through `fw` (`FIREWALL_SERVICE`); one UDP port from on-prem denied.
 const TUNNEL_POLICIES: &str = r#"
-[[interfaces]]
-name = "fw1"
-segment = "prod"
-role = "firewall"
-
-[[interfaces]]
-name = "fw2"
-segment = "prod"
-role = "firewall"
-
-[[services]]
-name = "fw"
-failure_mode = "closed"
-health = { kind = "icmp", interval_ms = 200, threshold = 2 }
-instances = [
-  { name = "fw1", interface = "fw1", via = "10.0.11.2" },
-  { name = "fw2", interface = "fw2", via = "10.0.12.2" },
-]
-
 [[policies]]
 name = "onprem-deny-7777"
 segment = "prod"
@@ -1715,22 +1696,6 @@ action = "steer"
 service = "fw"
 "#;
 
-/// (VNet→on-prem, on-prem→VNet) packets each firewall forwarded.
-fn firewall_counts(lab: &Lab) -> [(u64, u64); 2] {
-    [
-        lab.firewall_counts(1).unwrap(),
-        lab.firewall_counts(2).unwrap(),
-    ]
-}
-
-fn healthy_instances(s: &xnet_user::status::Status) -> usize {
-    s.services
-        .iter()
-        .flat_map(|x| &x.instances)
-        .filter(|i| i.health == "up")
-        .count()
-}
-
 /// Scenario 8: policy on traffic that comes out of an IPsec tunnel. On-prem sits behind a
 /// connector (charon configured by `peer-config`), vnet1 behind a plain link; a steer
 /// policy each way between them, two firewall namespaces with nftables counters. A flow
@@ -1745,6 +1710,7 @@ fn tunnel_traffic_meets_policy(name: &str, route_based: bool) {
     let psk = cxp_with_tunnels(&lab);
     let cfg = format!(
         r#"{}
+{FIREWALL_SERVICE}
 {TUNNEL_POLICIES}
 [[ipsec]]
 name = "onprem-gw"

@@ -6,28 +6,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use xnet_user::lab::Lab;
-use xnet_user::status::Status;
 
-const FIREWALLS: &str = r#"
-[[interfaces]]
-name = "fw1"
-segment = "prod"
-role = "firewall"
-
-[[interfaces]]
-name = "fw2"
-segment = "prod"
-role = "firewall"
-
-[[services]]
-name = "fw"
-failure_mode = "closed"
-health = { kind = "icmp", interval_ms = 200, threshold = 2 }
-instances = [
-  { name = "fw1", interface = "fw1", via = "10.0.11.2" },
-  { name = "fw2", interface = "fw2", via = "10.0.12.2" },
-]
-
+/// VNet ⇄ on-prem UDP steered through service "fw" (`FIREWALL_SERVICE`).
+const STEER_POLICIES: &str = r#"
 [[policies]]
 name = "vnet-to-onprem-udp"
 segment = "prod"
@@ -47,22 +28,6 @@ action = "steer"
 service = "fw"
 "#;
 
-fn healthy(s: &Status) -> usize {
-    s.services
-        .iter()
-        .flat_map(|x| &x.instances)
-        .filter(|i| i.health == "up")
-        .count()
-}
-
-/// (VNet→on-prem, on-prem→VNet) packets each firewall forwarded.
-fn counts(lab: &Lab) -> [(u64, u64); 2] {
-    [
-        lab.firewall_counts(1).unwrap(),
-        lab.firewall_counts(2).unwrap(),
-    ]
-}
-
 #[test]
 fn steered_flows_cross_one_firewall_both_ways_and_fail_over() {
     if !require_root("steered_flows_cross_one_firewall_both_ways_and_fail_over") {
@@ -71,13 +36,16 @@ fn steered_flows_cross_one_firewall_both_ways_and_fail_over() {
     let lab = Lab::create_with_firewalls(&format!("xt{}-fw", std::process::id()), 2).expect("lab");
     let agent = Agent::start(
         &lab,
-        &format!("{}\n{FIREWALLS}", xnet_user::lab::DEMO_CONFIG),
+        &format!(
+            "{}\n{FIREWALL_SERVICE}\n{STEER_POLICIES}",
+            xnet_user::lab::DEMO_CONFIG
+        ),
     );
     wait_until(
         &agent,
         "both firewall instances healthy",
         Duration::from_secs(5),
-        |s| healthy(s) == 2,
+        |s| healthy_instances(s) == 2,
     );
 
     // One UDP flow, then its reverse (same addresses and ports swapped).
@@ -93,7 +61,7 @@ fn steered_flows_cross_one_firewall_both_ways_and_fail_over() {
         ),
         100
     );
-    let c = counts(&lab);
+    let c = firewall_counts(&lab);
     let (used, idle) = if c[0].0 > 0 { (0, 1) } else { (1, 0) };
     assert!(
         c[used].0 >= 100 && c[used].1 >= 100,
@@ -118,7 +86,7 @@ fn steered_flows_cross_one_firewall_both_ways_and_fail_over() {
         ),
         1 << 18
     );
-    assert_eq!(counts(&lab), c, "TCP bypassed the firewalls");
+    assert_eq!(firewall_counts(&lab), c, "TCP bypassed the firewalls");
     let s = agent.status();
     assert!(
         s.policies[0].packets >= 100 && s.policies[1].packets >= 100,
@@ -138,11 +106,11 @@ fn steered_flows_cross_one_firewall_both_ways_and_fail_over() {
         &agent,
         "the dead instance out of the pool",
         Duration::from_millis(1500),
-        |s| healthy(s) == 1,
+        |s| healthy_instances(s) == 1,
     );
     eprintln!("instance removed after {:?}", t.elapsed());
     assert_eq!(vnet1_to_onprem(&lab, 100), 100);
-    let c2 = counts(&lab);
+    let c2 = firewall_counts(&lab);
     assert!(c2[idle].0 >= 100, "flow moved to fw{}: {c2:?}", idle + 1);
 
     // Fail-closed: with no instance left, steered traffic is dropped, not bypassed.
@@ -154,7 +122,7 @@ fn steered_flows_cross_one_firewall_both_ways_and_fail_over() {
         &agent,
         "no instance left",
         Duration::from_millis(1500),
-        |s| healthy(s) == 0,
+        |s| healthy_instances(s) == 0,
     );
     let dropped = agent.status().reason("drop_fail_closed");
     assert_eq!(vnet1_to_onprem(&lab, 50), 0);
@@ -167,7 +135,7 @@ fn steered_flows_cross_one_firewall_both_ways_and_fail_over() {
         lab.ns(&format!("fw{k}"))
     ));
     wait_until(&agent, "instance back", Duration::from_secs(3), |s| {
-        healthy(s) == 1
+        healthy_instances(s) == 1
     });
     let got = vnet1_to_onprem(&lab, 50);
     let s = agent.status();

@@ -475,6 +475,46 @@ pub fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
 }
 
 /// IPv4 UDP from the vnet1 workload to the on-prem workload: how many of `n` arrived.
+/// The two firewall ports of `Lab::create_with_firewalls(_, 2)` in segment "prod" and the
+/// service "fw" of their two instances (config text).
+pub const FIREWALL_SERVICE: &str = r#"
+[[interfaces]]
+name = "fw1"
+segment = "prod"
+role = "firewall"
+
+[[interfaces]]
+name = "fw2"
+segment = "prod"
+role = "firewall"
+
+[[services]]
+name = "fw"
+failure_mode = "closed"
+health = { kind = "icmp", interval_ms = 200, threshold = 2 }
+instances = [
+  { name = "fw1", interface = "fw1", via = "10.0.11.2" },
+  { name = "fw2", interface = "fw2", via = "10.0.12.2" },
+]
+"#;
+
+/// Firewall instances up in `s`.
+pub fn healthy_instances(s: &Status) -> usize {
+    s.services
+        .iter()
+        .flat_map(|x| &x.instances)
+        .filter(|i| i.health == "up")
+        .count()
+}
+
+/// (VNet→on-prem, on-prem→VNet) packets each of the lab's two firewalls forwarded.
+pub fn firewall_counts(lab: &Lab) -> [(u64, u64); 2] {
+    [
+        lab.firewall_counts(1).unwrap(),
+        lab.firewall_counts(2).unwrap(),
+    ]
+}
+
 pub fn vnet1_to_onprem(lab: &Lab, n: usize) -> usize {
     udp(
         lab,
