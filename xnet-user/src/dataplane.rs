@@ -36,16 +36,7 @@ use xnet_common::policy::{
 /// The XDP object, embedded at build time by `cargo xtask build` (see build.rs).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xnet.bpf.o"));
 
-/// The ifindex of a next hop that is an IPsec tunnel (its `via`: the tunnel's remote
-/// endpoint): XDP hands such packets to the kernel.
-pub const TUNNEL: u32 = 0;
-
-/// A next hop as callers name it: egress interface and gateway address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-pub struct NhKey {
-    pub ifindex: u32,
-    pub via: IpAddr,
-}
+pub use crate::routing::{NhKey, TUNNEL};
 
 struct NhState {
     id: u32,

@@ -17,6 +17,7 @@ pub mod lab;
 pub mod lpm;
 pub mod policy;
 pub mod restart;
+pub mod routing;
 pub mod status;
 #[cfg(test)]
 mod testutil;
