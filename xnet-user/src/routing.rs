@@ -104,6 +104,8 @@ pub struct Change {
     pub segment: u32,
     pub net: IpNet,
     pub route: Option<(Source, Hops)>,
+    /// The source of the route it replaces.
+    pub previous: Option<Source>,
 }
 
 type ListId = u32;
@@ -417,7 +419,8 @@ impl Core {
             }
             return;
         }
-        let resolving_before = old.as_ref().is_some_and(|(s, _)| *s != Source::Bgp);
+        let previous = old.as_ref().map(|(s, _)| *s);
+        let resolving_before = previous.is_some_and(|s| s != Source::Bgp);
         let resolving_after = best.as_ref().is_some_and(|(s, _)| *s != Source::Bgp);
         let e = self.entries.get_mut(&key).unwrap();
         e.selected = best.clone();
@@ -428,6 +431,7 @@ impl Core {
             segment: key.0,
             net: key.1,
             route: best.clone(),
+            previous,
         });
         if resolving_before || resolving_after {
             self.resolver_changed(key, best.filter(|(s, _)| *s != Source::Bgp), out);

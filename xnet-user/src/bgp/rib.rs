@@ -8,6 +8,7 @@ use std::sync::Arc;
 use ipnet::IpNet;
 
 use super::packet::Attrs;
+use crate::routing::{self, RankedHop};
 
 /// Where paths came from: one per session, shared by all its paths.
 #[derive(Debug, PartialEq, Eq)]
@@ -234,6 +235,30 @@ impl Rib {
             .chain(candidates.take_while(|(p, _)| p.rank(top) == Ordering::Equal))
             .take(self.multipath)
             .for_each(|(p, t)| each(p, t));
+    }
+
+    /// The paths of `net` as the routing core takes them: next hops best first, each with
+    /// the better paths it ranks equal to (for multipath). At most 32 paths: more peers
+    /// than that for one prefix is not a CXP's case; the rest are left out.
+    pub fn ranked(&self, segment: u32, net: &IpNet) -> Option<routing::Paths> {
+        let v = self.paths.get(&(segment, *net))?;
+        let v = &v[..v.len().min(32)];
+        Some(routing::Paths::Ranked {
+            paths: v
+                .iter()
+                .enumerate()
+                .map(|(j, p)| RankedHop {
+                    next_hop: p.next_hop(),
+                    ebgp: p.src.ebgp,
+                    equal_to: v[..j]
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, q)| p.rank(q) == Ordering::Equal)
+                        .fold(0, |m, (i, _)| m | 1 << i),
+                })
+                .collect(),
+            multipath: self.multipath.min(u8::MAX as usize) as u8,
+        })
     }
 
     /// The first `FIRST` (segment, prefix) keys in order.

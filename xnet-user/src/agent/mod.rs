@@ -1,0 +1,550 @@
+//! The agent: one loop that takes inputs (signals, BGP and IKE events, probes, the
+//! neighbour poll, status requests), hands routes to the routing core and applies what it
+//! returns (`forwarding`). It applies a config at start, reloads routes on SIGHUP, and
+//! undoes everything on SIGINT/SIGTERM; SIGUSR1 exits for a graceful restart instead:
+//! forwarding goes on and BGP peers keep our routes until the next agent takes over
+//! (`handover`).
+
+mod bgp;
+mod forwarding;
+mod handover;
+mod services;
+mod status;
+mod tunnels;
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use ipnet::IpNet;
+use log::{error, info, warn};
+use tokio::io::AsyncWriteExt;
+use tokio::net::UnixListener;
+use tokio::signal::unix::{signal, SignalKind};
+
+use tokio::sync::mpsc;
+use xnet_common::{IF_F_DEFAULT_DENY, IF_F_FIREWALL};
+
+use std::sync::Arc;
+
+use crate::bgp::fsm::Event;
+use crate::bgp::graceful::Stale;
+use crate::bgp::rib::Rib;
+use crate::bgp::Speaker;
+use crate::config::{Config, DefaultAction, Role, XdpMode};
+use crate::dataplane::{Dataplane, NhKey};
+use crate::health;
+use crate::kernel::{Kernel, MAIN_TABLE, RULE_PRIORITY};
+use crate::routing::Core;
+
+/// Static routes: (segment id, prefix) → next hops.
+type RouteSet = crate::fastmap::Map<(u32, IpNet), Arc<[NhKey]>>;
+
+struct Agent {
+    path: PathBuf,
+    config: Config,
+    kernel: Kernel,
+    dp: Dataplane,
+    /// Interface name → (ifindex, MAC).
+    links: HashMap<String, (u32, [u8; 6])>,
+    /// Selects a route per prefix among the sources; `apply` writes what it returns.
+    core: Core,
+    /// The config's static routes, as given to the core.
+    statics: RouteSet,
+    managed: crate::fastmap::Set<(u32, IpAddr)>,
+    /// Next hops whose neighbour entry the operator made permanent: left alone.
+    operator_neighbours: crate::fastmap::Set<(u32, IpAddr)>,
+    rules: Vec<String>,
+    /// Per service, per instance: health as the data plane uses it.
+    health: Vec<Vec<services::InstanceHealth>>,
+    probes: Option<mpsc::Receiver<health::Probe>>,
+    /// Hits of each `log = true` rule when last logged.
+    logged_hits: HashMap<usize, u64>,
+    bgp: Option<Speaker>,
+    rib: Rib,
+    /// The kernel-FIB writer (with `agent.kernel_fib`).
+    fib: Option<forwarding::FibWriter>,
+    /// Graceful restart, new agent: the XDP links the previous agent left (ifindex, pin),
+    /// taken over once routes are selected; and when we started.
+    handover: Vec<(u32, PathBuf)>,
+    started: Instant,
+    /// Peers whose initial routes are all in (End-of-RIB, or no graceful restart).
+    converged: HashSet<IpAddr>,
+    /// Graceful restart, helper side: routes of restarting peers.
+    stale: Stale,
+    /// Restart time each peer announced (graceful restart negotiated).
+    peer_restart_time: HashMap<IpAddr, u16>,
+    ike: Option<crate::ike::daemon::IkeHandle>,
+    /// Routes into IPsec tunnels that are up: connector index → (segment, prefix).
+    tunnel_routes: HashMap<usize, Vec<(u32, IpNet)>>,
+    /// Host routes in the main table to BGP peers inside a tunnel, by connector.
+    tunnel_peers: HashMap<usize, Vec<IpNet>>,
+    /// How the kernel FIB reaches each tunnel that is up: (ifindex, gateway; unspecified
+    /// for a device route), by the data plane's key of the tunnel (`tunnels::tunnel_key`,
+    /// one per family).
+    tunnel_kernel_hops: HashMap<IpAddr, (u32, IpAddr)>,
+    /// Route-based connectors: index → (xfrm interface, its ifindex).
+    xfrm_links: HashMap<usize, (String, u32)>,
+}
+
+/// Runs the agent on `path` until SIGINT or SIGTERM.
+pub async fn run(path: &Path) -> Result<()> {
+    let config = Config::load(path)?;
+    let kernel = Kernel::connect()?;
+    // Resolve every interface before touching anything, so a typo changes nothing.
+    let mut links = HashMap::new();
+    for (i, itf) in config.interfaces.iter().enumerate() {
+        let l = kernel
+            .link(&itf.name)
+            .await
+            .with_context(|| format!("{}: interfaces[{i}].name", path.display()))?;
+        links.insert(itf.name.clone(), (l.ifindex, l.mac));
+    }
+    let routes = route_set(&config, &links);
+    let dp = Dataplane::load(config.agent.route_table_groups)?;
+    let mut agent = Agent {
+        path: path.to_path_buf(),
+        config,
+        kernel,
+        dp,
+        links,
+        core: Core::new(),
+        statics: RouteSet::default(),
+        managed: Default::default(),
+        operator_neighbours: Default::default(),
+        rules: Vec::new(),
+        health: Vec::new(),
+        probes: None,
+        logged_hits: HashMap::new(),
+        bgp: None,
+        rib: Rib::new(1),
+        fib: None,
+        handover: Vec::new(),
+        started: Instant::now(),
+        converged: HashSet::new(),
+        stale: Stale::default(),
+        peer_restart_time: HashMap::new(),
+        ike: None,
+        tunnel_routes: HashMap::new(),
+        xfrm_links: HashMap::new(),
+        tunnel_peers: HashMap::new(),
+        tunnel_kernel_hops: HashMap::new(),
+    };
+    let result = match agent.start(routes).await {
+        Ok(()) => agent.serve().await,
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(Exit::Restart) => agent.exit_for_restart().await,
+        _ => agent.stop().await,
+    }
+    result.map(|_| ())
+}
+
+/// How the agent leaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Exit {
+    /// Undo everything.
+    Stop,
+    /// Leave forwarding running for the next agent (SIGUSR1).
+    Restart,
+}
+
+fn route_set(config: &Config, links: &HashMap<String, (u32, [u8; 6])>) -> RouteSet {
+    config
+        .routes
+        .iter()
+        .map(|r| {
+            let seg = config.segment_id(&r.segment).expect("validated");
+            let hops = r
+                .next_hops
+                .iter()
+                .map(|h| NhKey {
+                    ifindex: links[&h.interface].0,
+                    via: h.via,
+                })
+                .collect();
+            ((seg, r.prefix), hops)
+        })
+        .collect()
+}
+
+async fn recv(rx: &mut Option<mpsc::Receiver<health::Probe>>) -> Option<health::Probe> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The `[bgp]` settings a reload cannot change (everything but the neighbours).
+fn bgp_globals(c: &Config) -> Option<(u32, std::net::Ipv4Addr, u16, usize)> {
+    c.bgp
+        .as_ref()
+        .map(|b| (b.asn, b.router_id, b.port, b.multipath))
+}
+
+async fn recv_tunnel(
+    ike: &mut Option<crate::ike::daemon::IkeHandle>,
+) -> Option<crate::ike::daemon::TunnelEvent> {
+    match ike {
+        Some(h) => h.events.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn recv_bgp(s: &mut Option<Speaker>) -> Option<(u64, Event)> {
+    match s {
+        Some(s) => s.events.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Agent {
+    fn segment_name(&self, id: u32) -> &str {
+        self.config
+            .segments
+            .get(id as usize - 1)
+            .map(|s| s.name.as_str())
+            .unwrap_or("?")
+    }
+
+    fn link_name(&self, ifindex: u32) -> String {
+        self.links
+            .iter()
+            .find(|(_, (i, _))| *i == ifindex)
+            .map(|(n, _)| n.clone())
+            .unwrap_or_else(|| ifindex.to_string())
+    }
+
+    async fn start(&mut self, routes: RouteSet) -> Result<()> {
+        let c = self.config.clone();
+        self.find_handover();
+        for (i, _) in c.segments.iter().enumerate() {
+            self.dp.add_segment(i as u32 + 1)?;
+        }
+        for itf in &c.interfaces {
+            let (ifindex, mac) = self.links[&itf.name];
+            let seg = c.segments.iter().find(|s| s.name == itf.segment).unwrap();
+            let mut flags = 0;
+            if itf.role == Role::Firewall {
+                flags |= IF_F_FIREWALL;
+            }
+            if seg.default_action == DefaultAction::Deny {
+                flags |= IF_F_DEFAULT_DENY;
+            }
+            self.dp
+                .set_interface(ifindex, c.segment_id(&itf.segment).unwrap(), mac, flags)?;
+        }
+        if c.agent.kernel_fib {
+            self.fib = Some(forwarding::FibWriter::spawn()?);
+        }
+        self.set_statics(routes).await?;
+        if let Some(f) = &self.fib {
+            // The slow path has the static routes before the first packet meets XDP.
+            f.flush().await;
+        }
+        self.start_services().await?;
+        self.apply_policy()?;
+        self.start_bgp().await?;
+        self.create_xfrm_interfaces().await?;
+        let if_ids = self
+            .xfrm_links
+            .keys()
+            .map(|&i| (i, crate::ike::daemon::reqid(i)))
+            .collect();
+        self.ike =
+            crate::ike::daemon::start(&self.config, &self.path.display().to_string(), &if_ids)
+                .await?;
+        self.sync_kernel_state().await?;
+        self.tunnel_policy()?;
+        // Maps are complete before the first packet meets the program.
+        let generic = c.agent.xdp_mode == XdpMode::Generic;
+        if generic {
+            warn!("xdp_mode = \"generic\": XDP runs after the kernel allocates an skb; expect far lower throughput than native mode");
+        }
+        for itf in &c.interfaces {
+            let (ifindex, _) = self.links[&itf.name];
+            if self.handover.iter().any(|(i, _)| *i == ifindex) {
+                continue;
+            }
+            self.dp.attach(ifindex, generic).with_context(|| {
+                format!("{}: interfaces: {} (set agent.xdp_mode = \"generic\" if its driver has no native XDP)", self.path.display(), itf.name)
+            })?;
+            info!(
+                "attached XDP to {} (ifindex {ifindex}, {} mode, segment {})",
+                itf.name,
+                if generic { "generic" } else { "native" },
+                itf.segment
+            );
+        }
+        if c.agent.kernel_fib {
+            for itf in &c.interfaces {
+                let table = c
+                    .segments
+                    .iter()
+                    .find(|s| s.name == itf.segment)
+                    .unwrap()
+                    .table;
+                self.kernel
+                    .add_segment_rules(&itf.name, table, RULE_PRIORITY)
+                    .await?;
+                self.rules.push(itf.name.clone());
+            }
+        }
+        if self.handover.is_empty() {
+            // A crashed agent may have left routes in the kernel.
+            self.sweep_kernel_routes().await;
+        }
+        info!(
+            "xnet agent running: {} interfaces, {} routes, status on {}",
+            c.interfaces.len(),
+            self.statics.len(),
+            c.agent.socket.display()
+        );
+        Ok(())
+    }
+
+    /// Compiles the policies and swaps them in atomically.
+    fn apply_policy(&mut self) -> Result<()> {
+        let dp = &self.dp;
+        let services = &self.config.services;
+        let compiled = crate::policy::compile(
+            &self.config,
+            &|seg| dp.segment_roots(seg).unwrap_or((0, 0)),
+            &|name| services.iter().position(|s| s.name == name).unwrap_or(0) as u32,
+        )
+        .map_err(|e| anyhow::anyhow!("{}: policies: {e}", self.path.display()))?;
+        self.dp.set_policy(&compiled)?;
+        if !self.config.policies.is_empty() {
+            info!(
+                "policy: {} rules in {} tuples, {} entries",
+                self.config.policies.len(),
+                compiled.tuples.len(),
+                compiled.entries.len()
+            );
+        }
+        Ok(())
+    }
+
+    /// Logs new hits of the rules marked `log = true` (every rule is counted anyway; the
+    /// log gives a trail without a per-packet cost in XDP).
+    fn log_rule_hits(&mut self) {
+        let logged: Vec<usize> = self
+            .config
+            .policies
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.log)
+            .map(|(i, _)| i)
+            .collect();
+        if logged.is_empty() {
+            return;
+        }
+        let Ok(hits) = self.dp.rule_counters(self.config.policies.len()) else {
+            return;
+        };
+        for i in logged {
+            let now = hits[i].packets;
+            let before = self.logged_hits.insert(i, now).unwrap_or(0);
+            if now > before {
+                let p = &self.config.policies[i];
+                info!(
+                    "policy {:?} (segment {}, {:?}): {} new packets, {} in all",
+                    p.name,
+                    p.segment,
+                    p.action,
+                    now - before,
+                    now
+                );
+            }
+        }
+    }
+
+    /// SIGHUP: re-reads the config and applies route changes. An invalid file, or one that
+    /// changes interfaces, segments or agent settings (which need a restart), changes nothing.
+    async fn reload(&mut self) {
+        let new = match Config::load(&self.path) {
+            Ok(c) => c,
+            Err(e) => {
+                error!("reload rejected, nothing changed: {e}");
+                return;
+            }
+        };
+        if new.interfaces != self.config.interfaces
+            || new.segments != self.config.segments
+            || new.agent != self.config.agent
+            || new.services != self.config.services
+            || bgp_globals(&new) != bgp_globals(&self.config)
+            || new.ipsec != self.config.ipsec
+        {
+            error!("reload rejected, nothing changed: {}: interfaces, segments, services, [[ipsec]] connectors, [agent] and the [bgp] settings other than neighbors only change with a restart", self.path.display());
+            return;
+        }
+        // Neighbours' passwords are read now, so a missing one changes nothing.
+        let keys = match &new.bgp {
+            Some(b) => match crate::bgp::md5::load_all(b, &self.path.display().to_string()) {
+                Ok(k) => k,
+                Err(e) => {
+                    error!("reload rejected, nothing changed: {e:#}");
+                    return;
+                }
+            },
+            None => Default::default(),
+        };
+        let want = route_set(&new, &self.links);
+        let old = std::mem::replace(&mut self.config, new);
+        if let Err(e) = self.apply_policy() {
+            error!("reload rejected, nothing changed: {e:#}");
+            self.config = old;
+            return;
+        }
+        match self.set_statics(want).await {
+            Ok(()) => info!(
+                "reloaded {}: {} routes",
+                self.path.display(),
+                self.statics.len()
+            ),
+            Err(e) => error!("reload: {e:#}"),
+        }
+        // Neighbours: only the removed or changed ones restart.
+        let stopped = match self.bgp.as_mut() {
+            Some(b) => b.reconcile(&self.config, keys),
+            None => Vec::new(),
+        };
+        let mut changed = Vec::new();
+        for peer in stopped {
+            changed.extend(self.rib.peer_down(peer));
+        }
+        if let Err(e) = self.bgp_changed(changed).await {
+            warn!("bgp: {e:#}");
+        }
+        for seg in 1..=self.config.segments.len() as u32 {
+            self.readvertise(seg);
+        }
+    }
+
+    async fn serve(&mut self) -> Result<Exit> {
+        let socket = self.config.agent.socket.clone();
+        if let Some(dir) = socket.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        // A socket left by an agent that did not stop cleanly.
+        handover::remove_pin(&socket);
+        let listener = UnixListener::bind(&socket)
+            .with_context(|| format!("status socket {}", socket.display()))?;
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        let mut usr1 = signal(SignalKind::user_defined1())?;
+        let mut tick =
+            tokio::time::interval(Duration::from_millis(self.config.agent.neighbour_poll_ms));
+        let mut log_tick = tokio::time::interval(Duration::from_secs(5));
+        let exit = loop {
+            tokio::select! {
+                _ = term.recv() => { info!("SIGTERM: stopping"); break Exit::Stop; }
+                _ = int.recv() => { info!("SIGINT: stopping"); break Exit::Stop; }
+                _ = usr1.recv() => { info!("SIGUSR1: exiting for a graceful restart"); break Exit::Restart; }
+                _ = hup.recv() => self.reload().await,
+                Some(ev) = recv_tunnel(&mut self.ike) => self.on_tunnel(ev).await,
+                Some(ev) = recv_bgp(&mut self.bgp) => {
+                    self.on_bgp(ev).await;
+                    self.maybe_finish_restart().await;
+                }
+                Some(p) = recv(&mut self.probes) => {
+                    if let Err(e) = self.on_probe(p).await {
+                        warn!("health: {e:#}");
+                    }
+                }
+                _ = log_tick.tick() => self.log_rule_hits(),
+                _ = tick.tick() => {
+                    self.dp.flush_logs();
+                    if let Err(e) = self.sync_kernel_state().await {
+                        warn!("reading neighbours and addresses: {e:#}");
+                    }
+                    self.expire_stale().await;
+                    self.maybe_finish_restart().await;
+                }
+                conn = listener.accept() => {
+                    if let Ok((mut stream, _)) = conn {
+                        let body = match self.status() {
+                            Ok(s) => serde_json::to_vec(&s)?,
+                            Err(e) => { warn!("status: {e:#}"); continue; }
+                        };
+                        // A client that does not read cannot stall the agent for long.
+                        match tokio::time::timeout(Duration::from_secs(1), stream.write_all(&body)).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => log::debug!("status client: {e}"),
+                            Err(_) => warn!("status client did not read its answer within 1 s: dropped"),
+                        }
+                    }
+                }
+            }
+        };
+        handover::remove_pin(&socket);
+        Ok(exit)
+    }
+
+    /// Undoes what start() did, in reverse: BGP peers are told first (so they move traffic
+    /// away), then XDP goes, so no packet meets half-removed state.
+    async fn stop(&mut self) {
+        if let Some(b) = &mut self.bgp {
+            b.shutdown().await;
+        }
+        if let Some(ike) = self.ike.take() {
+            ike.shutdown().await;
+        }
+        for host in self
+            .tunnel_peers
+            .drain()
+            .flat_map(|(_, r)| r)
+            .collect::<Vec<_>>()
+        {
+            if let Err(e) = self.kernel.delete_route(MAIN_TABLE, host).await {
+                warn!("{e:#}");
+            }
+        }
+        // A graceful restart in progress: the previous agent's program goes too.
+        for (_, pin) in std::mem::take(&mut self.handover) {
+            handover::remove_pin(&pin);
+        }
+        self.dp.detach_all();
+        self.dp.detach_tunnel_in();
+        for name in std::mem::take(&mut self.rules) {
+            if let Err(e) = self.kernel.delete_segment_rules(&name).await {
+                warn!("removing ip rules of {name}: {e:#}");
+            }
+        }
+        if let Some(f) = self.fib.take() {
+            // What is still queued first, then every route selected goes.
+            f.flush().await;
+            let ours: Vec<(u32, IpNet)> = self
+                .core
+                .selected_routes()
+                .map(|(seg, net, _, _)| (self.config.segments[seg as usize - 1].table, net))
+                .collect();
+            let mut failed = 0;
+            for (table, net) in ours {
+                if let Err(e) = self.kernel.delete_route(table, net).await {
+                    log::debug!("{e:#}");
+                    failed += 1;
+                }
+            }
+            if failed > 0 {
+                warn!("{failed} kernel routes could not be removed (see the debug log)");
+            }
+        }
+        for (ifindex, ip) in std::mem::take(&mut self.managed) {
+            if let Err(e) = self.kernel.forget_neighbour(ifindex, ip).await {
+                warn!("{e:#}");
+            }
+        }
+        for (_, (name, _)) in std::mem::take(&mut self.xfrm_links) {
+            if let Err(e) = self.kernel.delete_link(&name).await {
+                warn!("{e:#}");
+            }
+        }
+        info!("xnet agent stopped: XDP detached, kernel routes and rules removed");
+    }
+}

@@ -1,0 +1,235 @@
+//! The agent's IPsec side: xfrm interfaces for route-based connectors, policy on
+//! decrypted traffic, and the routes of tunnels that are up.
+
+use std::net::IpAddr;
+
+use anyhow::{Context, Result};
+use ipnet::IpNet;
+use log::{info, warn};
+use xnet_common::IF_F_DEFAULT_DENY;
+
+use super::Agent;
+use crate::config::DefaultAction;
+use crate::dataplane::{NhKey, TUNNEL};
+use crate::ike::daemon::TunnelEvent;
+use crate::kernel::{unspecified, MAIN_TABLE, RULE_PRIORITY};
+use crate::routing::{Paths, Source};
+
+/// The data plane's key for a tunnel's routes of `net`'s family: its remote address, or
+/// for inner prefixes of the other family, that address mapped into it (IPv4-mapped IPv6;
+/// an IPv6 underlay's IPv4 routes use its last 32 bits). Only a key: XDP passes tunnel
+/// traffic to the kernel.
+pub(super) fn tunnel_key(remote: IpAddr, net: &IpNet) -> IpAddr {
+    match (remote, net) {
+        (IpAddr::V4(a), IpNet::V6(_)) => IpAddr::V6(a.to_ipv6_mapped()),
+        (IpAddr::V6(a), IpNet::V4(_)) => {
+            let o = a.octets();
+            IpAddr::from([o[12], o[13], o[14], o[15]])
+        }
+        _ => remote,
+    }
+}
+
+impl Agent {
+    /// Route-based connectors get their xfrm interface, and with the kernel FIB, the
+    /// segment's `ip rule` for it (decrypted traffic is routed in its segment). A kernel
+    /// without xfrm interfaces leaves the connector policy-based, said in the log.
+    pub(super) async fn create_xfrm_interfaces(&mut self) -> Result<()> {
+        for (i, c) in self.config.ipsec.clone().iter().enumerate() {
+            let Some(name) = &c.interface else { continue };
+            let if_id = crate::ike::daemon::reqid(i);
+            match self.kernel.create_xfrm_interface(name, if_id).await {
+                Ok(ifindex) => {
+                    if self.config.agent.kernel_fib {
+                        let seg = self.config.segment_id(&c.segment).expect("validated");
+                        let table = self.config.segments[seg as usize - 1].table;
+                        self.kernel
+                            .add_segment_rules(name, table, RULE_PRIORITY)
+                            .await?;
+                        self.rules.push(name.clone());
+                    }
+                    info!(
+                        "ipsec {}: route-based: xfrm interface {name} (if_id 0x{if_id:x}) in segment {}",
+                        c.name, c.segment
+                    );
+                    self.xfrm_links.insert(i, (name.clone(), ifindex));
+                }
+                Err(e) => warn!(
+                    "ipsec {}: {e:#}: the tunnel is policy-based instead (its traffic selectors decide what enters it)",
+                    c.name
+                ),
+            }
+        }
+        Ok(())
+    }
+
+    /// Decrypted traffic meets the same policy as the rest: each connector's packets are
+    /// put in its segment (`TUNNELS`), and the TC program that picks them out runs where
+    /// they re-enter the stack: the xfrm interfaces (route-based) and the config's
+    /// interfaces (policy-based tunnels' packets come back in where their ESP arrived).
+    pub(super) fn tunnel_policy(&mut self) -> Result<()> {
+        let c = self.config.clone();
+        if c.ipsec.is_empty() {
+            return Ok(());
+        }
+        for (i, t) in c.ipsec.iter().enumerate() {
+            let seg = c.segment_id(&t.segment).expect("validated");
+            let deny = c.segments[seg as usize - 1].default_action == DefaultAction::Deny;
+            self.dp
+                .set_tunnel(i as u32, seg, if deny { IF_F_DEFAULT_DENY } else { 0 })
+                .with_context(|| format!("ipsec {}", t.name))?;
+        }
+        let names: Vec<String> = self
+            .xfrm_links
+            .values()
+            .map(|(n, _)| n.clone())
+            .chain(c.interfaces.iter().map(|i| i.name.clone()))
+            .collect();
+        for name in names {
+            self.dp.attach_tunnel_in(&name)?;
+        }
+        info!("decrypted IPsec traffic goes through policy (TC ingress on the xfrm interfaces and the underlay)");
+        Ok(())
+    }
+
+    /// An IPsec connector's tunnel came up or went down: its prefixes are routed into it
+    /// (XDP passes them to the kernel, whose XFRM policies encrypt; the segment's kernel
+    /// table sends them toward the tunnel endpoint) or taken out again, through the
+    /// routing core: BGP routes whose next hop lies in the tunnel follow.
+    pub(super) async fn on_tunnel(&mut self, ev: TunnelEvent) {
+        match ev {
+            TunnelEvent::Up(i) => self.tunnel_up(i).await,
+            TunnelEvent::Down(i) => self.tunnel_down(i).await,
+        }
+    }
+
+    async fn tunnel_up(&mut self, i: usize) {
+        let Some(c) = self.config.ipsec.get(i).cloned() else {
+            return;
+        };
+        let seg = self.config.segment_id(&c.segment).expect("validated");
+        let underlay = match self.kernel.route_to(c.remote_address).await {
+            Ok((oif, gw)) => Some((oif, gw.unwrap_or(c.remote_address))),
+            Err(e) => {
+                warn!(
+                    "ipsec {}: {e:#}: the slow path will not route into the tunnel",
+                    c.name
+                );
+                None
+            }
+        };
+        // How the kernel reaches the tunnel: into its xfrm interface (route-based: a
+        // device route, its policies encrypt), or toward the endpoint (policy-based: XFRM
+        // policies catch it there). Inner prefixes of the other family than the underlay
+        // get a device route, XFRM does the rest; the data plane keys them by the
+        // endpoint mapped into their family (`tunnel_key`).
+        let kernel_hop = match (self.xfrm_links.get(&i), underlay) {
+            (Some((_, xi)), _) => Some((*xi, unspecified(c.remote_address))),
+            (None, hop) => hop,
+        };
+        if let Some((oif, gw)) = kernel_hop {
+            for family in [
+                IpNet::from(IpAddr::from([0u8; 4])),
+                IpNet::from(IpAddr::from([0u8; 16])),
+            ] {
+                let key = tunnel_key(c.remote_address, &family);
+                let hop = if key.is_ipv4() == gw.is_ipv4() {
+                    (oif, gw)
+                } else {
+                    (oif, unspecified(key))
+                };
+                self.tunnel_kernel_hops.insert(key, hop);
+            }
+        }
+        let prefixes = if c.routes.is_empty() {
+            c.remote_ts.clone()
+        } else {
+            c.routes.clone()
+        };
+        let mut out = Vec::new();
+        for net in &prefixes {
+            let hop = NhKey {
+                ifindex: TUNNEL,
+                via: tunnel_key(c.remote_address, net),
+            };
+            self.core.set(
+                Source::Tunnel(i as u32),
+                seg,
+                *net,
+                Paths::direct(&[hop]),
+                &mut out,
+            );
+        }
+        if let Err(e) = self.apply(out).await {
+            warn!("ipsec {}: {e:#}", c.name);
+        }
+        // BGP peers inside the tunnel (a VPN gateway's or a vWAN hub's BGP address): our
+        // own session packets follow the main table, so each gets a host route into the
+        // tunnel there.
+        let peers: Vec<IpNet> = self
+            .config
+            .bgp
+            .iter()
+            .flat_map(|b| &b.neighbors)
+            .filter(|n| {
+                n.segment == c.segment && prefixes.iter().any(|net| net.contains(&n.address))
+            })
+            .map(|n| IpNet::from(n.address))
+            .collect();
+        for host in &peers {
+            if let Some(h) = kernel_hop {
+                if let Err(e) = self.kernel.replace_route(MAIN_TABLE, *host, &[h]).await {
+                    warn!("ipsec {}: {e:#}", c.name);
+                }
+            }
+            info!(
+                "ipsec {}: BGP peer {} is reached through the tunnel",
+                c.name,
+                host.addr()
+            );
+        }
+        self.tunnel_peers.insert(i, peers);
+        info!(
+            "ipsec {}: tunnel up: {} routed into it in segment {}",
+            c.name,
+            prefixes
+                .iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            c.segment
+        );
+        self.tunnel_routes
+            .insert(i, prefixes.into_iter().map(|n| (seg, n)).collect());
+    }
+
+    async fn tunnel_down(&mut self, i: usize) {
+        for host in self.tunnel_peers.remove(&i).unwrap_or_default() {
+            if let Err(e) = self.kernel.delete_route(MAIN_TABLE, host).await {
+                warn!("removing the host route to BGP peer {}: {e:#}", host.addr());
+            }
+        }
+        let Some(routes) = self.tunnel_routes.remove(&i) else {
+            return;
+        };
+        let mut out = Vec::new();
+        for (seg, net) in routes {
+            self.core
+                .withdraw(Source::Tunnel(i as u32), seg, net, &mut out);
+        }
+        // Routes learned over the tunnel lose their next hop with it (next-hop tracking).
+        if let Err(e) = self.apply(out).await {
+            warn!("{e:#}");
+        }
+        if let Some(c) = self.config.ipsec.get(i) {
+            for family in [
+                IpNet::from(IpAddr::from([0u8; 4])),
+                IpNet::from(IpAddr::from([0u8; 16])),
+            ] {
+                self.tunnel_kernel_hops
+                    .remove(&tunnel_key(c.remote_address, &family));
+            }
+            info!("ipsec {}: tunnel down: its routes are gone", c.name);
+        }
+    }
+}
