@@ -479,7 +479,8 @@ pub(crate) fn compile_rules(
         default_action: Default::default(),
     });
     config.policies = rules;
-    crate::policy::compile(&config, &|_| (0, 0), &|_| service).map_err(anyhow::Error::msg)
+    crate::policy::compile(&config.rules(), &config, &|_| (0, 0), &|_| service)
+        .map_err(anyhow::Error::msg)
 }
 
 /// Policy classification cost as the rule count grows, with the full table loaded: the

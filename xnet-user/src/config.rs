@@ -11,6 +11,14 @@ use serde::{Deserialize, Serialize};
 
 use xnet_common::MAX_ECMP;
 
+// Each domain owns its section's types; the config composes them.
+pub use crate::bgp::config::{Advertise, Bgp, Neighbor};
+pub use crate::health::{Health, HealthKind};
+pub use crate::ike::config::{Ipsec, DEFAULT_ESP_PROPOSALS, DEFAULT_IKE_PROPOSALS};
+pub use crate::policy::config::{
+    Action, FailureMode, Group, Instance, Policy, PortRange, Protocol, Service,
+};
+
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -34,245 +42,6 @@ pub struct Config {
     /// Site-to-site IPsec connectors (IKEv2, ESP in kernel XFRM).
     #[serde(default)]
     pub ipsec: Vec<Ipsec>,
-}
-
-/// One IPsec connector: an IKEv2 peer and the CHILD SA between the given selectors.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Ipsec {
-    pub name: String,
-    pub segment: String,
-    /// Our tunnel endpoint (IKE listens on UDP 500 there).
-    pub local_address: std::net::IpAddr,
-    pub remote_address: std::net::IpAddr,
-    /// The pre-shared key: a file whose first line it is, or an environment variable.
-    /// The config never holds the key itself.
-    pub psk_file: Option<PathBuf>,
-    pub psk_env: Option<String>,
-    /// Certificate authentication instead of a PSK (RSA or ECDSA, RFC 7427): our
-    /// certificate and its unencrypted PKCS#8 key (PEM files; the key is never logged) and
-    /// the CA certificates that issue the peer's. The peer's ID (`remote_id`: a DN in the
-    /// certificate's order, as "O=Example, CN=gw.example.net", an FQDN or an address)
-    /// must be in its certificate; without `remote_id` any certificate of those CAs is
-    /// accepted.
-    pub cert_file: Option<PathBuf>,
-    pub key_file: Option<PathBuf>,
-    pub ca_file: Option<PathBuf>,
-    /// Start the IKE SA (true) or wait for the peer to.
-    #[serde(default = "default_true")]
-    pub initiate: bool,
-    /// "azure": the Azure VPN gateway's default IKEv2/IPsec policy, for proposals left
-    /// out.
-    pub profile: Option<String>,
-    /// strongSwan-style names, in order of preference.
-    #[serde(default)]
-    pub ike_proposals: Vec<String>,
-    #[serde(default)]
-    pub esp_proposals: Vec<String>,
-    /// Perfect forward secrecy for CHILD SA rekeys: the D-H group added to every ESP
-    /// proposal that names none. Azure's custom-policy names ("None", "PFS2048", "PFS14",
-    /// "ECP256", "ECP384", "PFSMM": the group of the first IKE proposal) or ours
-    /// ("modp2048", "ecp256", "ecp384", "ecp521", "curve25519").
-    pub pfs_group: Option<String>,
-    /// Traffic selectors: our side's prefixes and the peer's.
-    pub local_ts: Vec<IpNet>,
-    pub remote_ts: Vec<IpNet>,
-    /// IKE identities; default: the addresses. An address or a name (FQDN).
-    pub local_id: Option<String>,
-    pub remote_id: Option<String>,
-    /// Idle seconds before a liveness check (DPD); 0: none.
-    #[serde(default = "default_dpd")]
-    pub dpd_seconds: u64,
-    /// Encapsulate ESP in UDP 4500 even without a NAT (paths that drop IP protocol 50).
-    #[serde(default)]
-    pub force_encap: bool,
-    /// Prefixes routed into the tunnel in the segment while it is up (default: remote_ts).
-    #[serde(default)]
-    pub routes: Vec<IpNet>,
-    /// Seconds after which we rekey the CHILD SA and the IKE SA (make-before-break).
-    /// Default 3,600 and 14,400; with `profile = "azure"` 27,000 and 28,800.
-    pub child_lifetime: Option<u64>,
-    pub ike_lifetime: Option<u64>,
-    /// Route-based tunnel: the agent creates an xfrm interface of this name (if_id
-    /// 0x100 + the connector's index) and routes `routes` into it; the SAs and policies
-    /// are bound to it, so routes, not selectors, decide what is encrypted. Without it,
-    /// or on a kernel without xfrm interfaces, the tunnel is policy-based.
-    pub interface: Option<String>,
-}
-
-fn default_dpd() -> u64 {
-    30
-}
-
-/// Proposals used when a connector names neither a profile nor its own.
-pub const DEFAULT_IKE_PROPOSALS: &[&str] =
-    &["aes256gcm16-prfsha384-ecp384", "aes256-sha256-modp2048"];
-pub const DEFAULT_ESP_PROPOSALS: &[&str] = &["aes256gcm16", "aes256-sha256"];
-
-impl Ipsec {
-    /// (CHILD SA, IKE SA) lifetimes in effect.
-    pub fn lifetimes(&self) -> (u64, u64) {
-        let azure = self.profile.as_deref() == Some("azure");
-        let (c, i) = if azure {
-            (
-                crate::ike::proposal::AZURE_CHILD_LIFETIME,
-                crate::ike::proposal::AZURE_IKE_LIFETIME,
-            )
-        } else {
-            (3600, 14400)
-        };
-        (
-            self.child_lifetime.unwrap_or(c),
-            self.ike_lifetime.unwrap_or(i),
-        )
-    }
-
-    /// Proposals in effect: its own, else its profile's, else the defaults.
-    fn in_effect(&self, own: &[String], profile: &[&str], default: &[&str]) -> Vec<String> {
-        if !own.is_empty() {
-            own.to_vec()
-        } else if self.profile.as_deref() == Some("azure") {
-            profile.iter().map(|s| s.to_string()).collect()
-        } else {
-            default.iter().map(|s| s.to_string()).collect()
-        }
-    }
-
-    /// The (IKE, ESP) proposals in effect, ESP with the `pfs_group` added.
-    pub fn proposals(&self) -> (Vec<String>, Vec<String>) {
-        let ike = self.in_effect(
-            &self.ike_proposals,
-            crate::ike::proposal::AZURE_IKE,
-            DEFAULT_IKE_PROPOSALS,
-        );
-        let mut esp = self.in_effect(
-            &self.esp_proposals,
-            crate::ike::proposal::AZURE_ESP,
-            DEFAULT_ESP_PROPOSALS,
-        );
-        // Validated: an unknown group is an error there.
-        if let Ok(Some(g)) = self.pfs_with(&ike) {
-            for e in &mut esp {
-                if crate::ike::proposal::Suite::parse(e, false).is_ok_and(|s| s.dh.is_none()) {
-                    e.push('-');
-                    e.push_str(&g);
-                }
-            }
-        }
-        (ike, esp)
-    }
-
-    /// `pfs_group` as a group name of ours (None: no PFS).
-    pub fn pfs(&self) -> Result<Option<String>, String> {
-        self.pfs_with(&self.proposals().0)
-    }
-
-    /// `pfs_group` with `ike` the IKE proposals in effect (PFSMM follows the first).
-    fn pfs_with(&self, ike: &[String]) -> Result<Option<String>, String> {
-        let Some(name) = &self.pfs_group else {
-            return Ok(None);
-        };
-        let first_ike = ike
-            .first()
-            .and_then(|n| crate::ike::proposal::Suite::parse(n, true).ok())
-            .and_then(|s| s.dh);
-        crate::ike::proposal::pfs_group(name, first_ike)
-            .map(|g| g.map(|g| crate::ike::proposal::group_name(g).to_string()))
-    }
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Bgp {
-    pub asn: u32,
-    pub router_id: std::net::Ipv4Addr,
-    /// TCP port to listen on and to connect to.
-    #[serde(default = "default_bgp_port")]
-    pub port: u16,
-    /// Equal paths installed together (ECMP width).
-    #[serde(default = "default_multipath")]
-    pub multipath: usize,
-    /// Graceful restart (RFC 4724): keep a restarting peer's routes, and restart the
-    /// agent (SIGUSR1, then start it again) without peers dropping ours or traffic
-    /// stopping.
-    #[serde(default = "default_true")]
-    pub graceful_restart: bool,
-    /// Seconds peers keep our routes while the agent restarts; also how long a restarted
-    /// agent waits for its peers' End-of-RIB before it selects routes anyway.
-    #[serde(default = "default_restart_time")]
-    pub restart_time: u16,
-    #[serde(default)]
-    pub neighbors: Vec<Neighbor>,
-}
-
-fn default_true() -> bool {
-    true
-}
-fn default_restart_time() -> u16 {
-    120
-}
-
-fn default_bgp_port() -> u16 {
-    179
-}
-fn default_multipath() -> usize {
-    1
-}
-fn default_hold_time() -> u16 {
-    90
-}
-
-/// What a neighbour is sent.
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Advertise {
-    #[default]
-    None,
-    /// A default route (0.0.0.0/0 or ::/0): greenfield connectors.
-    Default,
-    /// The `prefixes` listed: brownfield connectors.
-    Custom,
-    /// Every route of the segment (static and learned).
-    All,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Neighbor {
-    pub name: String,
-    pub segment: String,
-    /// The peer's address: IPv4 sessions carry IPv4 routes, IPv6 sessions IPv6 routes.
-    pub address: IpAddr,
-    pub remote_asn: u32,
-    /// Wait for the peer to connect.
-    #[serde(default)]
-    pub passive: bool,
-    #[serde(default = "default_hold_time")]
-    pub hold_time: u16,
-    #[serde(default)]
-    pub advertise: Advertise,
-    #[serde(default)]
-    pub prefixes: Vec<IpNet>,
-    /// Tear the session down (NOTIFICATION Cease 1) when the peer announces more.
-    pub max_prefixes: Option<usize>,
-    /// Log a warning when the peer announces more (the session stays).
-    pub warn_prefixes: Option<usize>,
-    /// Ignore routes from this external peer whose AS_PATH does not start with its AS
-    /// (RFC 4271 §6.3). Off only for a route server that does not prepend its own AS.
-    #[serde(default = "default_true")]
-    pub enforce_first_as: bool,
-    /// TCP-MD5 (RFC 2385) password: a file whose first line it is, or an environment
-    /// variable. The config never holds the password itself.
-    pub password_file: Option<PathBuf>,
-    pub password_env: Option<String>,
-    /// Our address for the session (eBGP multihop from a loopback, say).
-    pub local_address: Option<IpAddr>,
-    /// What is accepted from the peer, and how it is changed.
-    #[serde(default)]
-    pub import: crate::bgp::policy::Import,
-    /// How what we send is changed.
-    #[serde(default)]
-    pub export: crate::bgp::policy::Export,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
@@ -351,175 +120,6 @@ pub enum Role {
     /// Faces firewall instances: what comes back from them is routed, not classified
     /// again.
     Firewall,
-}
-
-/// A named set of prefixes: a VNet's subnets, an on-prem range, "internet".
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Group {
-    pub name: String,
-    pub prefixes: Vec<IpNet>,
-}
-
-/// A pool of firewall instances that `steer` policies send traffic through.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Service {
-    pub name: String,
-    /// With no healthy instance: "open" routes traffic around the firewall, "closed"
-    /// drops it.
-    pub failure_mode: FailureMode,
-    #[serde(default)]
-    pub health: Health,
-    pub instances: Vec<Instance>,
-}
-
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum FailureMode {
-    Open,
-    Closed,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct Health {
-    pub kind: HealthKind,
-    /// TCP port for `kind = "tcp"`.
-    pub port: Option<u16>,
-    pub interval_ms: u64,
-    /// Consecutive failures that take an instance out (and successes that put it back).
-    pub threshold: u32,
-}
-
-impl Default for Health {
-    fn default() -> Self {
-        Self {
-            kind: HealthKind::Icmp,
-            port: None,
-            interval_ms: 500,
-            threshold: 3,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum HealthKind {
-    Icmp,
-    Tcp,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Instance {
-    pub name: String,
-    /// A `role = "firewall"` interface.
-    pub interface: String,
-    pub via: IpAddr,
-}
-
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum Action {
-    Allow,
-    Deny,
-    Steer,
-}
-
-/// One rule. Fields left out match anything.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Policy {
-    pub name: String,
-    /// The segment the traffic arrives in.
-    pub segment: String,
-    /// A group name or a prefix.
-    pub source: Option<String>,
-    pub destination: Option<String>,
-    /// "tcp", "udp", "icmp", "icmpv6" or a protocol number.
-    pub protocol: Option<Protocol>,
-    /// "443" or "1024-65535".
-    pub source_ports: Option<PortRange>,
-    pub destination_ports: Option<PortRange>,
-    pub action: Action,
-    /// For `steer`: the service.
-    pub service: Option<String>,
-    /// For `allow`: route in this segment instead of the ingress one (inter-segment
-    /// traffic is denied unless a policy allows it like this).
-    pub to_segment: Option<String>,
-    /// Log the rule's hits (they are counted in any case).
-    #[serde(default)]
-    pub log: bool,
-}
-
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
-pub struct Protocol(pub u8);
-
-impl<'de> Deserialize<'de> for Protocol {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Num(u8),
-            Name(String),
-        }
-        Ok(Protocol(match Raw::deserialize(d)? {
-            Raw::Num(n) => n,
-            Raw::Name(s) => match s.as_str() {
-                "tcp" => 6,
-                "udp" => 17,
-                "icmp" => 1,
-                "icmpv6" => 58,
-                other => other.parse().map_err(|_| {
-                    serde::de::Error::custom(format!(
-                        "unknown protocol {other:?} (tcp, udp, icmp, icmpv6 or a number)"
-                    ))
-                })?,
-            },
-        }))
-    }
-}
-
-/// An inclusive port range.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
-pub struct PortRange {
-    pub first: u16,
-    pub last: u16,
-}
-
-impl PortRange {
-    pub fn contains(&self, o: &PortRange) -> bool {
-        self.first <= o.first && o.last <= self.last
-    }
-}
-
-impl<'de> Deserialize<'de> for PortRange {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Num(u16),
-            Text(String),
-        }
-        let bad = |s: &str| {
-            serde::de::Error::custom(format!(
-                "{s:?} is not a port or a range like \"1024-65535\""
-            ))
-        };
-        match Raw::deserialize(d)? {
-            Raw::Num(n) => Ok(PortRange { first: n, last: n }),
-            Raw::Text(s) => {
-                let (a, b) = s.split_once('-').unwrap_or((&s, &s));
-                let first: u16 = a.trim().parse().map_err(|_| bad(&s))?;
-                let last: u16 = b.trim().parse().map_err(|_| bad(&s))?;
-                if first > last {
-                    return Err(bad(&s));
-                }
-                Ok(PortRange { first, last })
-            }
-        }
-    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -604,20 +204,21 @@ impl Config {
     /// The prefixes a policy endpoint names: a group's, or the one it spells; `None` for
     /// "any".
     pub fn endpoint(&self, e: &Option<String>) -> Option<Vec<IpNet>> {
-        let e = e.as_ref()?;
-        match e.parse::<IpNet>() {
-            Ok(n) => Some(vec![n]),
-            Err(_) => self
-                .groups
-                .iter()
-                .find(|g| &g.name == e)
-                .map(|g| g.prefixes.clone()),
+        self.rules().endpoint(e)
+    }
+
+    /// The sections policy reads.
+    pub fn rules(&self) -> crate::policy::config::Rules<'_> {
+        crate::policy::config::Rules {
+            policies: &self.policies,
+            groups: &self.groups,
+            services: &self.services,
         }
     }
 
     fn validate(&self) -> Result<(), (String, String)> {
         self.validate_routing()?;
-        crate::policy::validate(self)?;
+        crate::policy::validate(&self.rules(), self)?;
         self.validate_bgp()?;
         self.validate_ipsec()
     }
@@ -969,6 +570,19 @@ impl Config {
             }
         }
         Ok(())
+    }
+}
+
+/// What policy needs to know of the rest of the config.
+impl crate::policy::config::Names for Config {
+    fn segment_id(&self, name: &str) -> Option<u32> {
+        Config::segment_id(self, name)
+    }
+    fn interface(&self, name: &str) -> Option<(&str, bool)> {
+        self.interfaces
+            .iter()
+            .find(|i| i.name == name)
+            .map(|i| (i.segment.as_str(), i.role == Role::Firewall))
     }
 }
 

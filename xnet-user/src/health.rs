@@ -7,7 +7,7 @@ use std::time::Duration;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::mpsc;
 
-use crate::config::{Health, HealthKind};
+use serde::{Deserialize, Serialize};
 
 /// A probe's result for (service index, instance index).
 #[derive(Debug, Clone, Copy)]
@@ -160,4 +160,33 @@ mod tests {
         assert!(one(HealthKind::Icmp, "127.0.0.1".parse().unwrap(), None).await);
         assert!(one(HealthKind::Icmp, "::1".parse().unwrap(), None).await);
     }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Health {
+    pub kind: HealthKind,
+    /// TCP port for `kind = "tcp"`.
+    pub port: Option<u16>,
+    pub interval_ms: u64,
+    /// Consecutive failures that take an instance out (and successes that put it back).
+    pub threshold: u32,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self {
+            kind: HealthKind::Icmp,
+            port: None,
+            interval_ms: 500,
+            threshold: 3,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthKind {
+    Icmp,
+    Tcp,
 }

@@ -15,6 +15,7 @@ pub mod ike;
 pub mod kernel;
 pub mod lab;
 pub mod lpm;
+pub mod peer_config;
 pub mod policy;
 pub mod restart;
 pub mod routing;

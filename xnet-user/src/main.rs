@@ -93,7 +93,7 @@ enum Command {
         #[arg(short, long)]
         config: PathBuf,
         #[arg(long, value_enum, default_value = "strongswan")]
-        format: xnet_user::ike::peer_config::Format,
+        format: xnet_user::peer_config::Format,
         /// Print the pre-shared key (or with `--format bird`, the TCP-MD5 password) itself
         /// instead of where it is kept.
         #[arg(long)]
@@ -218,7 +218,7 @@ async fn real_main() -> Result<()> {
             let file = config.display().to_string();
             let psk = if !include_psk {
                 None
-            } else if format == xnet_user::ike::peer_config::Format::Bird {
+            } else if format == xnet_user::peer_config::Format::Bird {
                 // The BGP neighbour's TCP-MD5 password.
                 let neighbors = c.bgp.iter().flat_map(|b| b.neighbors.iter());
                 match neighbors.enumerate().find(|(_, n)| n.name == connector) {
@@ -227,7 +227,7 @@ async fn real_main() -> Result<()> {
                     None => None,
                 }
             } else {
-                let conns = xnet_user::ike::daemon::conns(&c, &file)?;
+                let conns = xnet_user::ike::daemon::conns(&c.ipsec, &file)?;
                 let i = c.ipsec.iter().position(|x| x.name == connector);
                 i.and_then(|i| match &conns[i].auth {
                     xnet_user::ike::sa::Auth::Psk(k) => {
@@ -238,7 +238,7 @@ async fn real_main() -> Result<()> {
             };
             print!(
                 "{}",
-                xnet_user::ike::peer_config::render(&c, &connector, format, psk.as_deref())?
+                xnet_user::peer_config::render(&c, &connector, format, psk.as_deref())?
             );
             Ok(())
         }

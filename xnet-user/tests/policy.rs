@@ -129,6 +129,7 @@ impl Lab {
         let dp = &self.dp;
         let services = self.config.services.clone();
         let compiled = xnet_user::policy::compile(
+            &self.config.rules(),
             &self.config,
             &|seg| dp.segment_roots(seg).unwrap(),
             &|name| services.iter().position(|s| s.name == name).unwrap() as u32,

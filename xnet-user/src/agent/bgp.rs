@@ -32,8 +32,10 @@ impl Agent {
         let mut out = Vec::new();
         self.core.set_connected(in_segments, &mut out);
         self.apply(out).await?;
+        let config = &self.config;
         self.bgp = Speaker::start(
-            &self.config,
+            config.bgp.as_ref(),
+            &|name| config.segment_id(name),
             &self.path.display().to_string(),
             !self.handover.is_empty(),
             own,

@@ -254,9 +254,13 @@ impl Agent {
             .keys()
             .map(|&i| (i, crate::ike::daemon::reqid(i)))
             .collect();
-        self.ike =
-            crate::ike::daemon::start(&self.config, &self.path.display().to_string(), &if_ids)
-                .await?;
+        self.ike = crate::ike::daemon::start(
+            &self.config.ipsec,
+            self.config.agent.ike_cookie_threshold,
+            &self.path.display().to_string(),
+            &if_ids,
+        )
+        .await?;
         self.sync_kernel_state().await?;
         self.tunnel_policy()?;
         // Maps are complete before the first packet meets the program.
@@ -311,6 +315,7 @@ impl Agent {
         let dp = &self.dp;
         let services = &self.config.services;
         let compiled = crate::policy::compile(
+            &self.config.rules(),
             &self.config,
             &|seg| dp.segment_roots(seg).unwrap_or((0, 0)),
             &|name| services.iter().position(|s| s.name == name).unwrap_or(0) as u32,
@@ -410,7 +415,10 @@ impl Agent {
         }
         // Neighbours: only the removed or changed ones restart.
         let stopped = match self.bgp.as_mut() {
-            Some(b) => b.reconcile(&self.config, keys),
+            Some(b) => {
+                let config = &self.config;
+                b.reconcile(config.bgp.as_ref(), &|name| config.segment_id(name), keys)
+            }
             None => Vec::new(),
         };
         let mut changed = Vec::new();

@@ -3,10 +3,10 @@
 
 use std::net::IpAddr;
 
+use super::config::{Advertise, Neighbor};
 use super::fsm::Advert;
 use super::packet::Attrs;
 use super::SegmentRoute;
-use crate::config::{Advertise, Neighbor};
 
 /// The routes for neighbour `n` of AS `local_asn`. `routes`: the segment's routes with
 /// the peer and attributes of learned ones; `internal(peer)`: that peer is an iBGP one.

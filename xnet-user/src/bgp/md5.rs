@@ -9,7 +9,7 @@ use std::os::fd::AsRawFd;
 
 use anyhow::{bail, Context, Result};
 
-use crate::config::Neighbor;
+use super::config::{Bgp, Neighbor};
 
 /// Linux's TCP_MD5SIG_MAXKEYLEN.
 pub const MAX_KEY_LEN: usize = 80;
@@ -55,7 +55,7 @@ pub fn load(n: &Neighbor, i: usize, file: &str) -> Result<Option<Key>> {
 }
 
 /// Every neighbour's key (or none) by address, read once per start or reload.
-pub fn load_all(bgp: &crate::config::Bgp, file: &str) -> Result<Keys> {
+pub fn load_all(bgp: &Bgp, file: &str) -> Result<Keys> {
     bgp.neighbors
         .iter()
         .enumerate()

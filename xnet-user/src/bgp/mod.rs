@@ -1,12 +1,12 @@
 //! BGP: the wire codec (`packet`), the per-neighbour session state machine (`fsm`), the
 //! RIB with best-path selection (`rib`) and what is advertised to whom (`policy`).
 pub mod advertise;
+pub mod config;
 pub mod fsm;
 pub mod graceful;
 pub mod inbound;
 pub mod md5;
 pub mod packet;
-pub mod peer_config;
 pub mod rib;
 
 use std::collections::HashMap;
@@ -20,7 +20,10 @@ use log::{info, warn};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
-use crate::config::{Advertise, Bgp, Config, Neighbor};
+use config::{Advertise, Bgp, Neighbor};
+
+/// A segment's id by name (the config knows them).
+pub type SegmentIds<'a> = &'a dyn Fn(&str) -> Option<u32>;
 use fsm::{Advert, Control, Event, GrLocal, SessionConfig, SharedState};
 use packet::AsSegment;
 
@@ -108,12 +111,13 @@ impl Speaker {
     /// them (connections from unknown addresses are closed). `restarted`: the agent took
     /// over a forwarding data plane and is restarting gracefully.
     pub async fn start(
-        config: &Config,
+        bgp: Option<&Bgp>,
+        segment_ids: SegmentIds<'_>,
         file: &str,
         restarted: bool,
         local_addrs: Vec<IpAddr>,
     ) -> Result<Option<Speaker>> {
-        let Some(b) = &config.bgp else {
+        let Some(b) = bgp else {
             return Ok(None);
         };
         let (tx, events) = mpsc::channel(4096);
@@ -138,7 +142,7 @@ impl Speaker {
         let mut keys = md5::load_all(b, file)?;
         for n in &b.neighbors {
             let key = keys.remove(&n.address).flatten();
-            speaker.spawn(config, n, key, None)?;
+            speaker.spawn(segment_ids, n, key, None)?;
         }
         info!(
             "bgp: AS {}, router id {}, listening on port {}, {} neighbours",
@@ -170,7 +174,7 @@ impl Speaker {
     /// connection for a restart and never see the NOTIFICATION).
     fn spawn(
         &mut self,
-        config: &Config,
+        segment_ids: SegmentIds<'_>,
         n: &Neighbor,
         password: Option<md5::Key>,
         after: Option<tokio::sync::oneshot::Receiver<()>>,
@@ -191,7 +195,7 @@ impl Speaker {
         let state: SharedState = Default::default();
         let session = self.next_session;
         self.next_session += 1;
-        let segment = config.segment_id(&n.segment).unwrap();
+        let segment = segment_ids(&n.segment).expect("validated");
         let cfg = SessionConfig {
             id: session,
             name: n.name.clone(),
@@ -245,8 +249,13 @@ impl Speaker {
     /// Returns the addresses whose sessions stopped. Settings of `[bgp]` itself (AS,
     /// router id, port) need a restart: the caller rejects such changes.
     /// `keys`: the neighbours' TCP-MD5 keys as read for this config (`md5::load_all`).
-    pub fn reconcile(&mut self, config: &Config, mut keys: md5::Keys) -> Vec<IpAddr> {
-        let Some(b) = &config.bgp else {
+    pub fn reconcile(
+        &mut self,
+        bgp: Option<&Bgp>,
+        segment_ids: SegmentIds<'_>,
+        mut keys: md5::Keys,
+    ) -> Vec<IpAddr> {
+        let Some(b) = bgp else {
             return Vec::new();
         };
         let mut stopped = Vec::new();
@@ -310,7 +319,7 @@ impl Speaker {
         for n in &new {
             info!("bgp {} ({}): starting", n.name, n.address);
             let key = keys.remove(&n.address).flatten();
-            if let Err(e) = self.spawn(config, n, key, replaced.remove(&n.address)) {
+            if let Err(e) = self.spawn(segment_ids, n, key, replaced.remove(&n.address)) {
                 warn!("bgp {} ({}): not started: {e:#}", n.name, n.address);
             }
         }

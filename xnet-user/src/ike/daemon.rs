@@ -18,6 +18,7 @@ use log::{info, warn};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 
+use super::config::Ipsec;
 use super::crypto::Secret;
 use super::packet::{
     decode_payloads, encode_payloads, id_of, Header, Payload, Payloads, TrafficSelector,
@@ -25,9 +26,8 @@ use super::packet::{
 };
 use super::proposal::Suite;
 use super::sa::{Auth, ChildSa, Conn, IkeSa, Output, State};
+use super::status::{IpsecChildStatus, IpsecStatus};
 use super::xfrm::{self, Xfrm};
-use crate::config::{Config, Ipsec};
-use crate::status::{IpsecChildStatus, IpsecStatus};
 
 pub const IKE_PORT: u16 = 500;
 /// NAT-T: IKE behind a 4-octet non-ESP marker, and ESP in UDP (RFC 3948).
@@ -126,9 +126,8 @@ fn load_psk(c: &Ipsec, i: usize, file: &str) -> Result<Secret> {
 
 /// The state machine's view of the configured connectors; the PSKs are read here, so a
 /// missing key fails the start with the field that names it.
-pub fn conns(config: &Config, file: &str) -> Result<Vec<Arc<Conn>>> {
-    config
-        .ipsec
+pub fn conns(ipsec: &[Ipsec], file: &str) -> Result<Vec<Arc<Conn>>> {
+    ipsec
         .iter()
         .enumerate()
         .map(|(i, c)| {
@@ -266,14 +265,15 @@ pub fn reqid(i: usize) -> u32 {
 /// Starts the daemon for the config's connectors (None without any). `if_ids`: the
 /// route-based connectors (by index) whose xfrm interface exists.
 pub async fn start(
-    config: &Config,
+    ipsec: &[Ipsec],
+    cookie_threshold: usize,
     file: &str,
     if_ids: &HashMap<usize, u32>,
 ) -> Result<Option<IkeHandle>> {
-    if config.ipsec.is_empty() {
+    if ipsec.is_empty() {
         return Ok(None);
     }
-    let conns = conns(config, file)?;
+    let conns = conns(ipsec, file)?;
     let mut sockets = HashMap::new();
     let (tx, rx) = mpsc::channel::<Datagram>(1024);
     for c in &conns {
@@ -345,7 +345,7 @@ pub async fn start(
     let now = Instant::now();
     let connectors = conns
         .into_iter()
-        .zip(&config.ipsec)
+        .zip(ipsec)
         .enumerate()
         .map(|(i, (conn, c))| Connector {
             conn,
@@ -376,7 +376,7 @@ pub async fn start(
         dropped: 0,
         esp_missing_logged: false,
         cookies: Default::default(),
-        cookie_threshold: config.agent.ike_cookie_threshold,
+        cookie_threshold,
         cookies_sent: 0,
         events: ev_tx,
         counters: HashMap::new(),

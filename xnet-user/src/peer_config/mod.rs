@@ -3,12 +3,14 @@
 //! selectors and, when the segment has BGP neighbours at the peer's tunnel address, the
 //! BGP settings.
 
+pub mod bird;
+
 use std::fmt::Write;
 
 use anyhow::{bail, Context, Result};
 
-use super::proposal::Suite;
 use crate::config::{Config, Ipsec};
+use crate::ike::proposal::Suite;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -37,7 +39,7 @@ fn psk_line(c: &Ipsec, psk: Option<&str>) -> String {
 /// the operator asked for it (`--include-psk`).
 pub fn render(config: &Config, name: &str, format: Format, psk: Option<&str>) -> Result<String> {
     if format == Format::Bird {
-        return crate::bgp::peer_config::bird(config, name, psk);
+        return bird::bird(config, name, psk);
     }
     let Some(c) = config.ipsec.iter().find(|c| c.name == name) else {
         bail!(
@@ -95,7 +97,7 @@ pub fn render(config: &Config, name: &str, format: Format, psk: Option<&str>) ->
             let der = <x509_cert::Certificate as der::DecodePem>::from_pem(pem.as_bytes())
                 .map_err(|e| anyhow::anyhow!("cert_file {}: {e}", f.display()))?;
             let subject = der::Encode::to_der(der.tbs_certificate().subject())?;
-            Some(super::cert::dn_asn1_order(&subject))
+            Some(crate::ike::cert::dn_asn1_order(&subject))
         }
         None => None,
     };
@@ -353,7 +355,7 @@ pub fn render(config: &Config, name: &str, format: Format, psk: Option<&str>) ->
 /// An Azure custom IPsec policy (the names of its connection's `ipsecPolicies`) for one
 /// IKE and one ESP proposal; what Azure cannot express is said in a comment.
 fn azure_policy(i: &Suite, e: &Suite) -> String {
-    use super::crypto::{DhGroup, Encr, Integ, Prf};
+    use crate::ike::crypto::{DhGroup, Encr, Integ, Prf};
     let encr = |x: Encr| match x {
         Encr::AesCbc(b) => format!("AES{b}"),
         Encr::AesGcm16(b) => format!("GCMAES{b}"),
@@ -394,15 +396,15 @@ fn cisco_hash(len: Option<usize>) -> &'static str {
 
 fn cisco_encr(s: &Suite) -> String {
     match s.encr {
-        super::crypto::Encr::AesCbc(b) => format!("aes-cbc-{b}"),
-        super::crypto::Encr::AesGcm16(b) => format!("aes-gcm-{b}"),
+        crate::ike::crypto::Encr::AesCbc(b) => format!("aes-cbc-{b}"),
+        crate::ike::crypto::Encr::AesGcm16(b) => format!("aes-gcm-{b}"),
     }
 }
 
 fn cisco_esp(s: &Suite) -> String {
     match (s.encr, s.integ) {
-        (super::crypto::Encr::AesGcm16(b), _) => format!("esp-gcm {b}"),
-        (super::crypto::Encr::AesCbc(b), i) => format!(
+        (crate::ike::crypto::Encr::AesGcm16(b), _) => format!("esp-gcm {b}"),
+        (crate::ike::crypto::Encr::AesCbc(b), i) => format!(
             "esp-aes {b} esp-{}-hmac",
             i.map(|i| cisco_hash(Some(i.key_len()))).unwrap_or("sha256")
         ),
@@ -411,8 +413,8 @@ fn cisco_esp(s: &Suite) -> String {
 
 fn junos_encr(s: &Suite) -> String {
     match s.encr {
-        super::crypto::Encr::AesCbc(b) => format!("aes-{b}-cbc"),
-        super::crypto::Encr::AesGcm16(b) => format!("aes-{b}-gcm"),
+        crate::ike::crypto::Encr::AesCbc(b) => format!("aes-{b}-cbc"),
+        crate::ike::crypto::Encr::AesGcm16(b) => format!("aes-{b}-gcm"),
     }
 }
 

@@ -1,6 +1,8 @@
 //! Policies: validation against the rest of the config, and compilation into the XDP
 //! program's tuple-space tables (layout in `xnet_common::policy`).
 
+pub mod config;
+
 use std::collections::{HashMap, HashSet};
 
 use ipnet::IpNet;
@@ -9,13 +11,13 @@ use xnet_common::policy::{
     MAX_TUPLES, STAY,
 };
 
-use crate::config::{Action, Config, PortRange, Role};
+use config::{Action, Names, Policy, PortRange, Rules};
 
 type Check = Result<(), (String, String)>;
 
 /// Checks groups, services and policies: names exist, fields fit the action, steering
 /// cannot loop, and no rule is made unreachable by an earlier one.
-pub fn validate(c: &Config) -> Check {
+pub fn validate(c: &Rules, ctx: &dyn Names) -> Check {
     let err = |f: String, r: String| Err((f, r));
     let mut names = HashSet::new();
     for (i, g) in c.groups.iter().enumerate() {
@@ -61,7 +63,7 @@ pub fn validate(c: &Config) -> Check {
                 ),
             );
         }
-        if s.health.kind == crate::config::HealthKind::Tcp && s.health.port.is_none() {
+        if s.health.kind == crate::health::HealthKind::Tcp && s.health.port.is_none() {
             return err(f("health.port"), "a tcp health check needs a port".into());
         }
         if !(50..=60_000).contains(&s.health.interval_ms)
@@ -76,7 +78,7 @@ pub fn validate(c: &Config) -> Check {
         let mut segment = None;
         for (j, inst) in s.instances.iter().enumerate() {
             let g = |sub: &str| format!("services[{i}].instances[{j}].{sub}");
-            let Some(itf) = c.interfaces.iter().find(|x| x.name == inst.interface) else {
+            let Some((itf_segment, firewall)) = ctx.interface(&inst.interface) else {
                 return err(
                     g("interface"),
                     format!("{:?} is not in [[interfaces]]", inst.interface),
@@ -84,16 +86,16 @@ pub fn validate(c: &Config) -> Check {
             };
             // Traffic back from a firewall must not be classified again, or it would be
             // steered in a loop: only firewall-facing ports may lead to instances.
-            if itf.role != Role::Firewall {
+            if !firewall {
                 return err(g("interface"), format!("{:?} must have role = \"firewall\", or traffic coming back from the firewall would be steered again (a loop)", inst.interface));
             }
-            if segment.is_some_and(|s| s != &itf.segment) {
+            if segment.is_some_and(|s| s != itf_segment) {
                 return err(
                     g("interface"),
                     "all instances of a service must be in one segment".into(),
                 );
             }
-            segment = Some(&itf.segment);
+            segment = Some(itf_segment);
         }
     }
     let ends: Vec<Endpoints> = c
@@ -103,7 +105,7 @@ pub fn validate(c: &Config) -> Check {
         .collect();
     for (i, p) in c.policies.iter().enumerate() {
         let f = |sub: &str| format!("policies[{i}].{sub}");
-        if c.segment_id(&p.segment).is_none() {
+        if ctx.segment_id(&p.segment).is_none() {
             return err(f("segment"), format!("unknown segment {:?}", p.segment));
         }
         for (field, e) in [("source", &p.source), ("destination", &p.destination)] {
@@ -135,13 +137,10 @@ pub fn validate(c: &Config) -> Check {
                 let Some(svc) = c.services.iter().find(|x| &x.name == s) else {
                     return err(f("service"), format!("unknown service {s:?}"));
                 };
-                let seg = &c
-                    .interfaces
-                    .iter()
-                    .find(|x| x.name == svc.instances[0].interface)
-                    .unwrap()
-                    .segment;
-                if seg != &p.segment {
+                let (seg, _) = ctx
+                    .interface(&svc.instances[0].interface)
+                    .expect("checked above");
+                if seg != p.segment {
                     return err(
                         f("service"),
                         format!(
@@ -163,7 +162,7 @@ pub fn validate(c: &Config) -> Check {
                     "only action \"allow\" takes to_segment".into(),
                 );
             }
-            if c.segment_id(t).is_none() {
+            if ctx.segment_id(t).is_none() {
                 return err(f("to_segment"), format!("unknown segment {t:?}"));
             }
         }
@@ -174,7 +173,7 @@ pub fn validate(c: &Config) -> Check {
     if c.policies.len() > MAX_RULES as usize {
         return err("policies".into(), format!("at most {MAX_RULES} rules"));
     }
-    compile(c, &|_| (0, 0), &|_| 0)
+    compile(c, ctx, &|_| (0, 0), &|_| 0)
         .map(|_| ())
         .map_err(|e| ("policies".into(), e))
 }
@@ -183,7 +182,7 @@ pub fn validate(c: &Config) -> Check {
 type Endpoints = (Option<Vec<IpNet>>, Option<Vec<IpNet>>);
 
 /// Does rule `a` match everything rule `b` matches?
-fn covers(c: &Config, ends: &[Endpoints], a: usize, b: usize) -> bool {
+fn covers(c: &Rules, ends: &[Endpoints], a: usize, b: usize) -> bool {
     let (pa, pb) = (&c.policies[a], &c.policies[b]);
     let net_covers = |x: &Option<Vec<IpNet>>, y: &Option<Vec<IpNet>>| match (x, y) {
         (None, _) => true,
@@ -293,7 +292,8 @@ fn port_classes(ranges: &[PortRange]) -> Result<Vec<u16>, String> {
 /// Compiles the policies. `roots(segment id)` gives a segment's table roots and
 /// `service(name)` the service's id in the data plane.
 pub fn compile(
-    c: &Config,
+    c: &Rules,
+    names: &dyn Names,
     roots: &dyn Fn(u32) -> (u32, u32),
     service: &dyn Fn(&str) -> u32,
 ) -> Result<Compiled, String> {
@@ -303,9 +303,9 @@ pub fn compile(
     let mut tuples: Vec<Tuple> = Vec::new();
     let mut entries: HashMap<RuleKey, RuleValue> = HashMap::new();
     for (prio, p) in c.policies.iter().enumerate() {
-        let segment = c.segment_id(&p.segment).unwrap();
+        let segment = names.segment_id(&p.segment).expect("validated");
         let (to4, to6) = match &p.to_segment {
-            Some(t) => roots(c.segment_id(t).unwrap()),
+            Some(t) => roots(names.segment_id(t).expect("validated")),
             None => (STAY, STAY),
         };
         let value = RuleValue {
@@ -413,7 +413,7 @@ pub fn compile(
         .collect();
     let tuples = order.into_iter().map(|i| tuples[i]).collect();
     let mut prefixes: [HashSet<IpNet>; 2] = Default::default();
-    for p in &c.policies {
+    for p in c.policies {
         for (i, e) in [&p.source, &p.destination].into_iter().enumerate() {
             prefixes[i].extend(
                 c.endpoint(e)
@@ -424,9 +424,8 @@ pub fn compile(
             );
         }
     }
-    let ranges = |f: fn(&crate::config::Policy) -> Option<PortRange>| {
-        c.policies.iter().filter_map(f).collect::<Vec<_>>()
-    };
+    let ranges =
+        |f: fn(&Policy) -> Option<PortRange>| c.policies.iter().filter_map(f).collect::<Vec<_>>();
     let port_classes = [
         port_classes(&ranges(|p| p.source_ports))?,
         port_classes(&ranges(|p| p.destination_ports))?,
