@@ -11,8 +11,8 @@ use ipnet::IpNet;
 use log::{info, warn};
 
 use super::Agent;
-use crate::bgp::fsm::Event;
 use crate::bgp::rib::{self, Rib};
+use crate::bgp::session::Event;
 use crate::bgp::Speaker;
 use crate::routing::{Hops, Source};
 

@@ -29,9 +29,9 @@ use xnet_common::{IF_F_DEFAULT_DENY, IF_F_FIREWALL};
 
 use std::sync::Arc;
 
-use crate::bgp::fsm::Event;
 use crate::bgp::graceful::Stale;
 use crate::bgp::rib::Rib;
+use crate::bgp::session::Event;
 use crate::bgp::Speaker;
 use crate::config::{Config, DefaultAction, Role, XdpMode};
 use crate::dataplane::{Dataplane, NhKey};

@@ -4,8 +4,8 @@
 use std::net::IpAddr;
 
 use super::config::{Advertise, Neighbor};
-use super::fsm::Advert;
 use super::packet::Attrs;
+use super::session::Advert;
 use super::SegmentRoute;
 
 /// The routes for neighbour `n` of AS `local_asn`. `routes`: the segment's routes with

@@ -2,12 +2,13 @@
 //! RIB with best-path selection (`rib`) and what is advertised to whom (`policy`).
 pub mod advertise;
 pub mod config;
-pub mod fsm;
+pub mod driver;
 pub mod graceful;
 pub mod inbound;
 pub mod md5;
 pub mod packet;
 pub mod rib;
+pub mod session;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -24,7 +25,7 @@ use config::{Advertise, Bgp, Neighbor};
 
 /// A segment's id by name (the config knows them).
 pub type SegmentIds<'a> = &'a dyn Fn(&str) -> Option<u32>;
-use fsm::{Advert, Control, Event, GrLocal, SessionConfig, SharedState};
+use driver::{Advert, Control, Event, GrLocal, SessionConfig, SharedState};
 use packet::AsSegment;
 
 /// One configured neighbour and the handles to its session task.
@@ -219,7 +220,7 @@ impl Speaker {
             }),
             restarting: self.restarting.clone(),
         };
-        let run = fsm::run(cfg, self.tx.clone(), in_rx, adv_rx, ctl_rx, state.clone());
+        let run = driver::run(cfg, self.tx.clone(), in_rx, adv_rx, ctl_rx, state.clone());
         let task = tokio::spawn(async move {
             if let Some(after) = after {
                 let _ = after.await;
