@@ -295,24 +295,9 @@ mod tests {
     /// A session to a scripted peer on loopback `port`.
     fn test_config(port: u16, hold_time: u16) -> SessionConfig {
         SessionConfig {
-            id: 1,
-            name: "t".into(),
-            segment: 1,
-            local_asn: 65000,
-            router_id: "10.0.0.5".parse().unwrap(),
             peer: "127.0.0.1".parse().unwrap(),
             port,
-            remote_asn: 65010,
-            hold_time,
-            passive: false,
-            max_prefixes: None,
-            warn_prefixes: None,
-            enforce_first_as: true,
-            local_addrs: Default::default(),
-            password: None,
-            local_address: None,
-            graceful_restart: None,
-            restarting: Default::default(),
+            ..crate::bgp::session::tests::config(hold_time)
         }
     }
 

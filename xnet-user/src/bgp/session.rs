@@ -1028,7 +1028,7 @@ impl PrefixLimits {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     //! RFC 4271 §8 as tables: each test feeds the machine events at chosen times and checks
     //! what it sends, reports and waits for. No sockets, no sleeps.
     use super::*;
@@ -1040,7 +1040,7 @@ mod tests {
         Duration::from_secs(n)
     }
 
-    fn config(hold_time: u16) -> SessionConfig {
+    pub(crate) fn config(hold_time: u16) -> SessionConfig {
         SessionConfig {
             id: 1,
             name: "t".into(),
