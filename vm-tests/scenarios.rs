@@ -7,15 +7,13 @@
 //! The lab (`xnet_user::lab`): the CXP namespace `cxp` between hosts `vnet1` (10.1.0.0/16),
 //! `vnet2` and `onprem`; here `onprem` (10.0.3.2, its subnet 192.168.10.0/24) plays the
 //! remote VNet's VPN gateway.
-#[path = "../xnet-user/tests/common/mod.rs"]
-mod common;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::*;
-use xnet_user::charon::Charon;
-use xnet_user::lab::Lab;
+use xnet_lab::charon::Charon;
+use xnet_lab::lab::Lab;
+use xnet_lab::testkit::*;
 
 /// Whether this kernel can run the scenarios; prints why not.
 fn vm_kernel(test: &str) -> bool {
@@ -122,7 +120,7 @@ fn underlay_counts(ns: &str, dev: &str) -> (u64, u64) {
 /// The demo config without its static route to on-prem: what lies behind the gateway is
 /// learned over the tunnel.
 fn without_onprem_route() -> String {
-    let cfg = xnet_user::lab::DEMO_CONFIG;
+    let cfg = xnet_lab::lab::DEMO_CONFIG;
     let block = "[[routes]]\nsegment = \"prod\"\nprefix = \"192.168.0.0/16\"\nnext_hops = [{ via = \"10.0.3.2\", interface = \"onprem\" }]\n";
     assert!(cfg.contains(block), "the demo config changed");
     cfg.replace(block, "")
@@ -331,7 +329,7 @@ local_address = "10.0.2.1"
 remote_asn = 65030
 advertise = "none"
 "#,
-        xnet_user::lab::DEMO_CONFIG
+        xnet_lab::lab::DEMO_CONFIG
     );
     let _bird = Bird::in_host(
         &lab,

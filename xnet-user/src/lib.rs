@@ -1,19 +1,13 @@
-//! The xnet agent as a library: the binary (`xnet`), the tests and the benchmarks share it.
+//! The xnet agent as a library: the binary (`xnet`) is built on it; the lab (`xnet-lab`:
+//! tests, demo, benchmarks) uses it from outside.
 pub mod agent;
-pub mod bench;
-pub mod bench_bgp;
-pub mod bench_fwd;
-pub mod bench_ike;
 pub mod bgp;
-pub mod charon;
 pub mod config;
 pub mod dataplane;
-pub mod demo;
 pub mod fastmap;
 pub mod health;
 pub mod ike;
 pub mod kernel;
-pub mod lab;
 pub mod lpm;
 pub mod peer_config;
 pub mod policy;

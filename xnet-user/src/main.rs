@@ -33,39 +33,6 @@ enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
-    /// The demo lab: namespaces with two VNets and an on-prem host around a CXP running
-    /// this agent, traffic across, live counters; Ctrl-C tears it down. Needs root.
-    Demo {
-        /// Stop after this many seconds instead of waiting for Ctrl-C.
-        #[arg(long)]
-        duration: Option<u64>,
-    },
-    /// Benchmarks (what `cargo xtask bench` runs): XDP ns/packet with the full Internet
-    /// table, beside a parse-only baseline and the kernel's LPM trie. Needs root.
-    Bench {
-        /// Directory with routeviews-v4.txt.gz and routeviews-v6.txt.gz; without it a
-        /// synthetic table with the same prefix-length mix is used.
-        #[arg(long)]
-        table_dir: Option<PathBuf>,
-        /// Distinct packets (destinations) per family.
-        #[arg(long, default_value_t = 8192)]
-        packets: usize,
-        /// Rounds over all packets; the median round is reported.
-        #[arg(long, default_value_t = 5)]
-        rounds: usize,
-        /// Only the BGP ingest benchmark.
-        #[arg(long)]
-        bgp_only: bool,
-        /// Only the IKE setup benchmark.
-        #[arg(long)]
-        ike_only: bool,
-        /// Only the forwarding benchmark (packets per second through veths).
-        #[arg(long)]
-        fwd_only: bool,
-        /// IKE SAs the IKE setup benchmark establishes.
-        #[arg(long, default_value_t = 1000)]
-        tunnels: usize,
-    },
     /// Show a running agent's BGP sessions (state, uptime, prefixes received and sent) and
     /// routes with their attributes and which path was chosen.
     Bgp {
@@ -148,46 +115,6 @@ async fn real_main() -> Result<()> {
             );
             Ok(())
         }
-        Command::Bench {
-            table_dir,
-            packets,
-            rounds,
-            bgp_only,
-            ike_only,
-            fwd_only,
-            tunnels,
-        } => {
-            if fwd_only {
-                let opts = xnet_user::bench::Options {
-                    table_dir,
-                    packets,
-                    rounds: rounds.max(1),
-                };
-                return std::thread::spawn(move || xnet_user::bench::run_fwd(opts))
-                    .join()
-                    .map_err(|_| anyhow::anyhow!("benchmark thread panicked"))?;
-            }
-            if ike_only {
-                return tokio::task::spawn_blocking(move || xnet_user::bench_ike::run(tunnels))
-                    .await?;
-            }
-            let (v4, v6) = if bgp_only {
-                xnet_user::bench::tables(table_dir.as_deref())?
-            } else {
-                let opts = xnet_user::bench::Options {
-                    table_dir,
-                    packets,
-                    rounds: rounds.max(1),
-                };
-                // The XDP benchmarks move their thread into a private namespace: not this one.
-                std::thread::spawn(move || xnet_user::bench::run(opts))
-                    .join()
-                    .map_err(|_| anyhow::anyhow!("benchmark thread panicked"))??
-            };
-            tokio::task::spawn_blocking(move || xnet_user::bench_bgp::run(&v4, &v6)).await??;
-            tokio::task::spawn_blocking(move || xnet_user::bench_ike::run(tunnels)).await?
-        }
-        Command::Demo { duration } => xnet_user::demo::run(duration).await,
         Command::Bgp { socket, json } => {
             let s = status::fetch(&socket).await?;
             if json {

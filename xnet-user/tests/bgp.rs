@@ -1,11 +1,10 @@
 //! BGP against a real peer: BIRD 2 in the lab's on-prem namespace, the agent in cxp.
-mod common;
 
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
-use xnet_user::lab::Lab;
+use xnet_lab::lab::Lab;
+use xnet_lab::testkit::*;
 use xnet_user::status::Status;
 
 const XNET_BGP: &str = r#"
@@ -74,10 +73,7 @@ fn bird_sessions_routes_withdrawals_and_exports() {
     }
     let lab = lab("bgp");
     let bird = Bird::with_config(&lab, BIRD_CONF, "172.16.0.1");
-    let agent = Agent::start(
-        &lab,
-        &format!("{}\n{XNET_BGP}", xnet_user::lab::DEMO_CONFIG),
-    );
+    let agent = Agent::start(&lab, &format!("{}\n{XNET_BGP}", xnet_lab::lab::DEMO_CONFIG));
     let up = Duration::from_secs(20);
     wait_until(&agent, "IPv4 and IPv6 sessions established", up, |s| {
         established(s) == 2
@@ -266,7 +262,7 @@ fn max_prefix_limit_tears_the_session_down() {
         "advertise = \"default\"",
         "advertise = \"default\"\nmax_prefixes = 1",
     );
-    let agent = Agent::start(&lab, &format!("{}\n{cfg}", xnet_user::lab::DEMO_CONFIG));
+    let agent = Agent::start(&lab, &format!("{}\n{cfg}", xnet_lab::lab::DEMO_CONFIG));
     wait_until(
         &agent,
         "the session torn down at the limit",
@@ -329,7 +325,7 @@ address = "192.168.10.1"
 local_address = "10.0.3.1"
 remote_asn = 65010
 "#;
-    let agent = Agent::start(&lab, &format!("{}\n{cfg}", xnet_user::lab::DEMO_CONFIG));
+    let agent = Agent::start(&lab, &format!("{}\n{cfg}", xnet_lab::lab::DEMO_CONFIG));
     wait_until(
         &agent,
         "multihop session with the route installed",
@@ -403,7 +399,7 @@ fn graceful_restart_of_the_agent_and_of_bird() {
     let mut bird = Bird::with_config(&lab, &conf, "172.16.0.1");
     let cfg = format!(
         "{}\n{}",
-        xnet_user::lab::DEMO_CONFIG.replace(
+        xnet_lab::lab::DEMO_CONFIG.replace(
             "[agent]\n",
             &format!("[agent]\npin_dir = \"{}\"\n", pins.0.display())
         ),

@@ -3,11 +3,10 @@
 //! (FRR connects to our listener on one session, we connect to FRR on the other), iBGP
 //! with FRR as route reflector and xnet as its client, and a removed neighbour seen by
 //! FRR as Cease/Peer De-configured.
-mod common;
 
 use std::time::Duration;
 
-use common::*;
+use xnet_lab::testkit::*;
 
 /// FRR's paths for `prefix` in `afi`, as JSON (empty when it has none).
 fn frr_paths(frr: &Frr, afi: &str, prefix: &str) -> Vec<serde_json::Value> {
@@ -83,7 +82,7 @@ fn frr_ebgp_v4_and_v6_with_tcp_md5_both_ways() {
     let frr = Frr::in_host(&lab, "onprem", FRR_EBGP, "172.16.0.1");
     let agent = Agent::start_with_env(
         &lab,
-        &format!("{}\n{}", xnet_user::lab::DEMO_CONFIG, xnet_ebgp(&dir)),
+        &format!("{}\n{}", xnet_lab::lab::DEMO_CONFIG, xnet_ebgp(&dir)),
         &[("FRR6_PASSWORD", "v6-s3cret")],
     );
     wait_until(
@@ -202,7 +201,7 @@ fn frr_route_reflector_with_xnet_as_client_and_neighbour_removal() {
     let frr = Frr::in_host(&lab, "onprem", FRR_REFLECTOR, "172.16.0.1");
     let agent = Agent::start(
         &lab,
-        &format!("{}\n{XNET_CLIENT}", xnet_user::lab::DEMO_CONFIG),
+        &format!("{}\n{XNET_CLIENT}", xnet_lab::lab::DEMO_CONFIG),
     );
     wait_until(
         &agent,

@@ -7,15 +7,14 @@
 //! agree on SPIs, algorithms and keys (charon logs its keys at level 4; the agent writes
 //! its own to XNET_IKE_KEYLOG), and the agent's XFRM policies are in the kernel. The
 //! encrypted data path is tested in the VM (vm-tests).
-mod common;
 
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
-use xnet_user::charon::Charon;
-use xnet_user::lab::Lab;
+use xnet_lab::charon::Charon;
+use xnet_lab::lab::Lab;
+use xnet_lab::testkit::*;
 use xnet_user::status::{IpsecStatus, Status};
 
 /// strongswan.conf settings of the test peers: quick retransmissions, userspace ESP.
@@ -107,7 +106,7 @@ dpd_seconds = 2
 force_encap = true
 {extra}
 "#,
-        xnet_user::lab::DEMO_CONFIG,
+        xnet_lab::lab::DEMO_CONFIG,
         psk.display(),
         list(ike),
         list(esp)
@@ -623,7 +622,7 @@ local_ts = ["10.1.0.0/16"]
 remote_ts = ["192.168.60.0/24"]
 dpd_seconds = 5
 "#,
-        xnet_user::lab::DEMO_CONFIG,
+        xnet_lab::lab::DEMO_CONFIG,
         psk.display()
     );
     let keys = dir.join("ike.keys");

@@ -1,11 +1,10 @@
 //! End to end in network namespaces: the agent binary runs in the lab's `cxp` namespace,
 //! where IP forwarding is off, so every packet that crosses was forwarded by XDP.
-mod common;
 
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use xnet_lab::testkit::*;
 use xnet_user::status::Status;
 
 #[test]
@@ -22,7 +21,7 @@ fn xdp_forwards_udp_and_tcp_with_kernel_forwarding_off() {
         .trim(),
         "0"
     );
-    let agent = Agent::start(&lab, xnet_user::lab::DEMO_CONFIG);
+    let agent = Agent::start(&lab, xnet_lab::lab::DEMO_CONFIG);
     let before = agent.status();
     assert_eq!(vnet1_to_onprem(&lab, 200), 200, "IPv4 UDP vnet1 → onprem");
     let got = udp(
@@ -92,7 +91,7 @@ fn segments_are_isolated() {
         return;
     }
     let lab = lab("seg");
-    let agent = Agent::start(&lab, xnet_user::lab::DEMO_CONFIG);
+    let agent = Agent::start(&lab, xnet_lab::lab::DEMO_CONFIG);
     let before = agent.status().reason("pass_no_route");
     // vnet2 is in segment dev, which has no route to vnet1's prefix.
     assert_eq!(
@@ -120,7 +119,7 @@ fn route_change_on_sighup_applies_without_reloading_the_program() {
         return;
     }
     let lab = lab("hup");
-    let agent = Agent::start(&lab, xnet_user::lab::DEMO_CONFIG);
+    let agent = Agent::start(&lab, xnet_lab::lab::DEMO_CONFIG);
     let prog = xdp_prog_id(&lab, "vnet1").expect("XDP attached to vnet1");
     let cfg = std::fs::read_to_string(&agent.config).unwrap();
     let route = "[[routes]]\nsegment = \"prod\"\nprefix = \"192.168.0.0/16\"\nnext_hops = [{ via = \"10.0.3.2\", interface = \"onprem\" }]\n";
@@ -168,7 +167,7 @@ fn new_neighbour_becomes_fast_path_within_a_second() {
         return;
     }
     let lab = lab("nbr");
-    let agent = Agent::start(&lab, xnet_user::lab::DEMO_CONFIG);
+    let agent = Agent::start(&lab, xnet_lab::lab::DEMO_CONFIG);
     let cxp = lab.ns("cxp");
     // The on-prem router's MAC changes (a replaced box): the agent follows the kernel.
     let mac = "02:00:00:00:99:01";
@@ -198,7 +197,7 @@ fn stop_detaches_and_removes_kernel_state() {
         return;
     }
     let lab = lab("stop");
-    let mut agent = Agent::start(&lab, xnet_user::lab::DEMO_CONFIG);
+    let mut agent = Agent::start(&lab, xnet_lab::lab::DEMO_CONFIG);
     assert!(xdp_prog_id(&lab, "onprem").is_some());
     let status = agent.stop();
     assert!(status.success(), "clean exit on SIGTERM: {}", agent.log());
@@ -280,7 +279,7 @@ fn an_operators_permanent_neighbour_entry_is_kept() {
     sh(&format!(
         "ip -n {cxp} neigh replace 10.0.3.2 dev onprem lladdr {onprem_mac} nud permanent"
     ));
-    let mut agent = Agent::start(&lab, xnet_user::lab::DEMO_CONFIG);
+    let mut agent = Agent::start(&lab, xnet_lab::lab::DEMO_CONFIG);
     assert!(
         agent
             .log()

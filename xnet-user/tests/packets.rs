@@ -1,9 +1,8 @@
 //! Real packets through the loaded XDP program with `BPF_PROG_TEST_RUN`: the action, the
 //! exact bytes out, and the counters, for forwarding and for every reason to pass.
-mod common;
 
-use common::*;
 use xnet_common::{csum, Reason};
+use xnet_lab::testkit::*;
 use xnet_user::dataplane::{Dataplane, NhKey};
 
 const XDP_DROP: u32 = 1;

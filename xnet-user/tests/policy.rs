@@ -1,9 +1,8 @@
 //! Policy classification and steering in the XDP program, with real packets through
 //! `BPF_PROG_TEST_RUN`.
-mod common;
 
-use common::*;
 use xnet_common::Reason;
+use xnet_lab::testkit::*;
 use xnet_user::config::Config;
 use xnet_user::dataplane::{Dataplane, NhKey};
 

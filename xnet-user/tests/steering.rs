@@ -1,11 +1,10 @@
 //! Firewall steering end to end: the lab with two firewall namespaces (nftables counters)
 //! behind the CXP; policies steer VNet ⇄ on-prem UDP through them.
-mod common;
 
 use std::time::{Duration, Instant};
 
-use common::*;
-use xnet_user::lab::Lab;
+use xnet_lab::lab::Lab;
+use xnet_lab::testkit::*;
 
 /// VNet ⇄ on-prem UDP steered through service "fw" (`FIREWALL_SERVICE`).
 const STEER_POLICIES: &str = r#"
@@ -38,7 +37,7 @@ fn steered_flows_cross_one_firewall_both_ways_and_fail_over() {
         &lab,
         &format!(
             "{}\n{FIREWALL_SERVICE}\n{STEER_POLICIES}",
-            xnet_user::lab::DEMO_CONFIG
+            xnet_lab::lab::DEMO_CONFIG
         ),
     );
     wait_until(

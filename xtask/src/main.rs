@@ -111,12 +111,10 @@ fn real_main() -> Result<()> {
         Cmd::Build => build(&root).map(|_| ()),
         Cmd::Run { args } => {
             let xnet = build(&root)?;
-            let args = if args.is_empty() {
-                vec!["demo".into()]
-            } else {
-                prepend("run", args)
-            };
-            run(Command::new(xnet).args(args))
+            if args.is_empty() {
+                return run(Command::new(lab_binary(&xnet)).arg("demo"));
+            }
+            run(Command::new(xnet).args(prepend("run", args)))
         }
         Cmd::Test { args } => {
             build(&root)?;
@@ -145,7 +143,7 @@ fn real_main() -> Result<()> {
         } => vm_test(&root, scenario, exec, Duration::from_secs(timeout)),
         Cmd::Bench { args } => {
             let xnet = build(&root)?;
-            let mut cmd = Command::new(xnet);
+            let mut cmd = Command::new(lab_binary(&xnet));
             cmd.arg("bench");
             // The real table ships with the repository (bench-data/README.md).
             let data = root.join("bench-data");
@@ -155,6 +153,11 @@ fn real_main() -> Result<()> {
             run(cmd.args(args))
         }
     }
+}
+
+/// The lab's binary (demo, benchmarks), built beside the agent.
+fn lab_binary(xnet: &Path) -> PathBuf {
+    xnet.with_file_name("xnet-lab")
 }
 
 fn prepend(first: &str, rest: Vec<OsString>) -> Vec<OsString> {
@@ -473,10 +476,10 @@ fn build(root: &Path) -> Result<PathBuf> {
         .args(["build", "--release"])
         .env("PATH", path);
     run(&mut cmd)?;
-    step("building the agent (xnet-user)");
+    step("building the agent (xnet-user) and the lab (xnet-lab)");
     let mut cmd = cargo(USER_TOOLCHAIN);
     cmd.current_dir(root)
-        .args(["build", "--release", "-p", "xnet-user"])
+        .args(["build", "--release", "-p", "xnet-user", "-p", "xnet-lab"])
         .env("XNET_EBPF_OBJ", ebpf_object(root));
     run(&mut cmd)?;
     Ok(root.join("target/release/xnet"))

@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use ipnet::IpNet;
 
 use crate::lab::{netns_exec, Lab};
-use crate::status;
+use xnet_user::status;
 
 struct Proc(Child);
 
@@ -277,7 +277,7 @@ pub fn run(v4: &[IpNet], v6: &[IpNet]) -> Result<()> {
            [[bgp.neighbors]]\nname = \"onprem\"\nsegment = \"prod\"\naddress = \"10.0.3.2\"\nremote_asn = 65010\n\
            [[bgp.neighbors]]\nname = \"onprem6\"\nsegment = \"prod\"\naddress = \"fd00:3::2\"\nremote_asn = 65010\n";
     std::fs::write(&agent_conf, config)?;
-    let exe = std::env::current_exe()?;
+    let exe = crate::agent_binary()?;
     let agent = Proc(
         Command::new("ip")
             .args(["netns", "exec", &cxp])

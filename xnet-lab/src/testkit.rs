@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use xnet_user::lab::Lab;
+use crate::lab::Lab;
 use xnet_user::status::{self, Status};
 
 use xnet_common::csum;
@@ -158,8 +158,31 @@ pub fn udp6(src: &str, dst: &str, hop_limit: u8, sport: u16, dport: u16) -> Vec<
 
 // ---- The agent in the lab, and traffic between the lab's hosts. ----
 
-pub const XNET: &str = env!("CARGO_BIN_EXE_xnet");
+/// The agent binary the tests run (`xnet`, built beside them): a path that formats with
+/// `{XNET}` and goes straight into `Command::new`.
+pub struct Xnet;
+pub const XNET: Xnet = Xnet;
 
+impl Xnet {
+    pub fn path(&self) -> &'static std::path::Path {
+        static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+        PATH.get_or_init(|| {
+            crate::agent_binary().expect("the xnet binary (cargo xtask test builds it)")
+        })
+    }
+}
+
+impl std::fmt::Display for Xnet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.path().display().fmt(f)
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for Xnet {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        self.path().as_os_str()
+    }
+}
 /// Runs `f` on a thread that has entered namespace `ns`.
 pub fn in_netns<R: Send + 'static>(ns: &str, f: impl FnOnce() -> R + Send + 'static) -> R {
     let path = format!("/run/netns/{ns}");
@@ -185,15 +208,9 @@ pub fn agent_command(lab: &Lab, path: &std::path::Path) -> Command {
 /// `xnet run --config PATH` in namespace `ns`.
 pub fn agent_command_in(ns: &str, path: &std::path::Path) -> Command {
     let mut c = Command::new("ip");
-    c.args([
-        "netns",
-        "exec",
-        ns,
-        XNET,
-        "run",
-        "--config",
-        path.to_str().unwrap(),
-    ]);
+    c.args(["netns", "exec", ns])
+        .arg(XNET)
+        .args(["run", "--config", path.to_str().unwrap()]);
     c
 }
 

@@ -1,4 +1,4 @@
-//! `xnet bench` (run by `cargo xtask bench`): the XDP program's cost per packet with the
+//! `xnet-lab bench` (run by `cargo xtask bench`): the XDP program's cost per packet with the
 //! whole Internet table loaded, beside a baseline program (parse + `XDP_TX`) and the
 //! kernel's `BPF_MAP_TYPE_LPM_TRIE` holding the same table, all in one run.
 //!
@@ -18,7 +18,7 @@ use aya::maps::Array;
 use ipnet::IpNet;
 use xnet_common::names;
 
-use crate::dataplane::{Dataplane, NhKey};
+use xnet_user::dataplane::{Dataplane, NhKey};
 
 const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
@@ -449,10 +449,10 @@ pub(crate) fn rule(
     destination: Option<String>,
     protocol: Option<u8>,
     destination_ports: Option<(u16, u16)>,
-    action: crate::config::Action,
-) -> crate::config::Policy {
-    use crate::config::{Action, PortRange, Protocol};
-    crate::config::Policy {
+    action: xnet_user::config::Action,
+) -> xnet_user::config::Policy {
+    use xnet_user::config::{Action, PortRange, Protocol};
+    xnet_user::config::Policy {
         name,
         segment: "bench".into(),
         source,
@@ -469,17 +469,17 @@ pub(crate) fn rule(
 
 /// `rules` compiled in a config with the one segment "bench", service "fw" as id `service`.
 pub(crate) fn compile_rules(
-    rules: Vec<crate::config::Policy>,
+    rules: Vec<xnet_user::config::Policy>,
     service: u32,
-) -> Result<crate::policy::Compiled> {
-    let mut config = crate::config::Config::default();
-    config.segments.push(crate::config::Segment {
+) -> Result<xnet_user::policy::Compiled> {
+    let mut config = xnet_user::config::Config::default();
+    config.segments.push(xnet_user::config::Segment {
         name: "bench".into(),
         table: 100,
         default_action: Default::default(),
     });
     config.policies = rules;
-    crate::policy::compile(&config.rules(), &config, &|_| (0, 0), &|_| service)
+    xnet_user::policy::compile(&config.rules(), &config, &|_| (0, 0), &|_| service)
         .map_err(anyhow::Error::msg)
 }
 
@@ -494,7 +494,7 @@ fn policy_bench(
     opts: &Options,
     rng: &mut Rng,
 ) -> Result<()> {
-    use crate::config::Action;
+    use xnet_user::config::Action;
     let pkts: Vec<Vec<u8>> = (0..opts.packets)
         .map(|_| packet(inside(&v4[(rng.next() % v4.len() as u64) as usize], rng)))
         .collect();
@@ -544,7 +544,7 @@ fn policy_bench(
             compiled.entries.len()
         );
     }
-    dp.set_policy(&crate::policy::Compiled::default())?;
+    dp.set_policy(&xnet_user::policy::Compiled::default())?;
     Ok(())
 }
 

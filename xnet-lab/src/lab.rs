@@ -1,5 +1,5 @@
 //! The demo lab in network namespaces: two "VNet" hosts and an "on-prem" host around a
-//! `cxp` namespace, joined by veth pairs. `xnet demo` and the end-to-end tests build it;
+//! `cxp` namespace, joined by veth pairs. `xnet-lab demo` and the end-to-end tests build it;
 //! it is torn down when dropped.
 //!
 //! ```text
@@ -23,7 +23,7 @@ pub const HOSTS: [(&str, u8, &str, &str); 3] = [
 ];
 
 /// The demo config shipped with the agent.
-pub const DEMO_CONFIG: &str = include_str!("../config/demo-lab.toml");
+pub const DEMO_CONFIG: &str = include_str!("../../xnet-user/config/demo-lab.toml");
 
 pub struct Lab {
     pub prefix: String,

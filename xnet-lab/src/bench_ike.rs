@@ -18,11 +18,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 
 use crate::charon::Charon;
-use crate::ike::crypto::Secret;
-use crate::ike::packet::{id_of, Header, TrafficSelector, ID_FQDN};
-use crate::ike::proposal::Suite;
-use crate::ike::sa::{Conn, IkeSa, Output, State};
 use crate::lab::Lab;
+use xnet_user::ike::crypto::Secret;
+use xnet_user::ike::packet::{id_of, Header, TrafficSelector, ID_FQDN};
+use xnet_user::ike::proposal::Suite;
+use xnet_user::ike::sa::{Conn, IkeSa, Output, State};
 
 const PSK: &str = "bench-ike-setup-0123456789";
 const IKE: &str = "aes128gcm16-prfsha256-curve25519";
@@ -79,7 +79,7 @@ fn conn(i: usize) -> Arc<Conn> {
         name: "bench".into(),
         local,
         remote,
-        auth: crate::ike::sa::Auth::Psk(Secret::new(PSK.as_bytes().to_vec())),
+        auth: xnet_user::ike::sa::Auth::Psk(Secret::new(PSK.as_bytes().to_vec())),
         local_id: (ID_FQDN, id.into_bytes()),
         remote_id: Some(id_of(remote)),
         ike: vec![Suite::parse(IKE, true).unwrap()],

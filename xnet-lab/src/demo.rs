@@ -1,4 +1,4 @@
-//! `xnet demo` (what `cargo xtask run` starts): builds the lab, runs the agent in its `cxp`
+//! `xnet-lab demo` (what `cargo xtask run` starts): builds the lab, runs the agent in its `cxp`
 //! namespace with the shipped config, sends traffic across, and shows the data plane's
 //! counters until Ctrl-C (or `--duration`), then tears everything down.
 
@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::lab::Lab;
-use crate::status;
+use xnet_user::status;
 
 const PREFIX: &str = "xnet-demo";
 
@@ -43,17 +43,17 @@ pub async fn run(duration: Option<u64>) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("the demo builds network namespaces and loads XDP: run it as root");
     }
-    println!("xnet demo: building the lab (namespaces {PREFIX}-cxp, -vnet1, -vnet2, -onprem)");
+    println!("xnet-lab demo: building the lab (namespaces {PREFIX}-cxp, -vnet1, -vnet2, -onprem)");
     let lab = Lab::create(PREFIX)?;
     let dir = Path::new("/run/xnet");
     std::fs::create_dir_all(dir)?;
     let socket = dir.join("demo.sock");
     let config = dir.join("demo-lab.toml");
     std::fs::write(&config, lab.config(&socket.display().to_string()))?;
-    let exe = std::env::current_exe()?;
+    let exe = crate::agent_binary()?;
     let mut children = Children(Vec::new());
     println!(
-        "xnet demo: starting the agent in {} with {}",
+        "xnet-lab demo: starting the agent in {} with {}",
         lab.ns("cxp"),
         config.display()
     );
@@ -87,7 +87,7 @@ pub async fn run(duration: Option<u64>) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    println!("xnet demo: traffic: vnet1 ⇄ onprem over IPv4 and IPv6 (segment prod, forwarded by XDP); vnet2 → vnet1 (segment dev: no route, handed to the kernel)");
+    println!("xnet-lab demo: traffic: vnet1 ⇄ onprem over IPv4 and IPv6 (segment prod, forwarded by XDP); vnet2 → vnet1 (segment dev: no route, handed to the kernel)");
     let vnet1 = lab.ns("vnet1");
     let vnet2 = lab.ns("vnet2");
     children.0.push(spawn_in(
@@ -105,7 +105,7 @@ pub async fn run(duration: Option<u64>) -> Result<()> {
         &["ping", "-q", "-i", "0.5", "-I", "10.2.0.1", "10.1.0.1"],
         true,
     )?);
-    println!("xnet demo: press Ctrl-C to stop and tear down\n");
+    println!("xnet-lab demo: press Ctrl-C to stop and tear down\n");
 
     let deadline = duration.map(|d| Instant::now() + Duration::from_secs(d));
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
@@ -130,14 +130,14 @@ pub async fn run(duration: Option<u64>) -> Result<()> {
             }
         }
     }
-    println!("\nxnet demo: stopping the agent and removing the lab");
+    println!("\nxnet-lab demo: stopping the agent and removing the lab");
     drop(children);
     drop(lab);
     let _ = std::fs::remove_file(&config);
     match last {
         Some(s) if s.reason("forwarded") > 0 => {
             println!(
-                "xnet demo: done: XDP forwarded {} packets",
+                "xnet-lab demo: done: XDP forwarded {} packets",
                 s.reason("forwarded")
             );
             Ok(())

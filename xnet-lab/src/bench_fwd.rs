@@ -29,8 +29,8 @@ use ipnet::IpNet;
 use xnet_common::{names, BenchGen, NextHop, BENCH_FRAME, IF_F_FIREWALL};
 
 use crate::bench::{compile_rules, ifindex, inside, rule, Rng};
-use crate::config::Action;
-use crate::dataplane::{Dataplane, NhKey};
+use xnet_user::config::Action;
+use xnet_user::dataplane::{Dataplane, NhKey};
 
 /// Where the generated frames go: kernel and xnet route it toward the sink.
 const DST_NET: &str = "198.18.0.0/15";
@@ -208,9 +208,9 @@ struct Bench {
     dp: Dataplane,
     v: Veths,
     attached: Vec<(u32, &'static str, aya::programs::xdp::XdpLinkId)>,
-    rules: crate::policy::Compiled,
-    steer: crate::policy::Compiled,
-    steer_xdp: crate::policy::Compiled,
+    rules: xnet_user::policy::Compiled,
+    steer: xnet_user::policy::Compiled,
+    steer_xdp: xnet_user::policy::Compiled,
 }
 
 impl Bench {
@@ -249,7 +249,8 @@ impl Bench {
         self.detach_forwarders()?;
         let _ = sh(&format!("ip rule del iif xin lookup {FW_TABLE}"));
         let _ = sh(&format!("ip rule del iif xin lookup {FWX_TABLE}"));
-        self.dp.set_policy(&crate::policy::Compiled::default())?;
+        self.dp
+            .set_policy(&xnet_user::policy::Compiled::default())?;
         match f {
             Fwd::Kernel => {}
             Fwd::KernelSteer => sh(&format!("ip rule add iif xin lookup {FW_TABLE}"))?,
@@ -354,7 +355,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// 10,000 `allow` rules that the generated frames do not match, in many match shapes:
 /// source and destination prefixes of 5 lengths each, plus port ranges. Returns the
 /// compiled set.
-pub fn many_shapes(n: usize, v4: &[IpNet], seed: u64) -> Result<crate::policy::Compiled> {
+pub fn many_shapes(n: usize, v4: &[IpNet], seed: u64) -> Result<xnet_user::policy::Compiled> {
     let mut rng = Rng(seed);
     const LENS: [u8; 5] = [8, 16, 20, 24, 32];
     let mut rules = Vec::with_capacity(n);
@@ -391,7 +392,7 @@ pub fn many_shapes(n: usize, v4: &[IpNet], seed: u64) -> Result<crate::policy::C
 }
 
 /// One steer rule for every generated frame, to service `service` (0 "fw" or 1 "fwx").
-fn steer_rule(service: u32) -> Result<crate::policy::Compiled> {
+fn steer_rule(service: u32) -> Result<xnet_user::policy::Compiled> {
     let steer = rule(
         "steer".into(),
         Some("10.8.0.0/24".into()),
