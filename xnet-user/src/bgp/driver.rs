@@ -117,6 +117,9 @@ pub async fn run(
     let mut pending: Option<TcpStream> = None;
     let mut dialing: Option<Connecting> = None;
     let mut buf = vec![0u8; 64 * 1024];
+    // The listener hands over to a replacement session by dropping our inbox: a session
+    // still connected then finishes as the agent says (its Cease), it does not vanish.
+    let mut inbox_open = true;
     loop {
         // Do what the machine said; what that brings (a write failing, the switch to
         // the peer's connection) goes back into it.
@@ -201,8 +204,14 @@ pub async fn run(
                 }
                 None
             }
-            other = incoming.recv() => {
-                let Some(other) = other else { return };
+            other = incoming.recv(), if inbox_open => {
+                let Some(other) = other else {
+                    if stream.is_none() {
+                        return;
+                    }
+                    inbox_open = false;
+                    continue;
+                };
                 if stream.is_some() {
                     if pending.is_some() {
                         // One colliding connection at a time.
