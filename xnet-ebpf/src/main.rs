@@ -236,19 +236,19 @@ fn control_plane(proto: u8, sport: u16, dport: u16) -> Option<Reason> {
 /// Parse stage for IPv4 (a subprogram).
 #[inline(never)]
 fn parse_v4<P: Packet>(ctx: &P, segment: u32, l3: usize, flow: &mut [RuleKey; 2]) -> u64 {
-    let Some(h) = read::<[u8; IPV4_HLEN], P>(ctx, l3) else {
+    let Some(h) = read::<[u8; IPV4_HLEN], P>(ctx, l3).map(Ipv4) else {
         return MALFORMED.pack();
     };
-    if h[0] >> 4 != 4 || h[0] & 0x0f < 5 {
+    if h.version() != 4 || h.ihl() < 5 {
         return MALFORMED.pack();
     }
-    if h[0] & 0x0f != 5 {
+    if h.ihl() != 5 {
         return Verdict::Pass(Reason::PassIpOptions).pack();
     }
-    if u16::from_be_bytes([h[6], h[7]]) & 0x3fff != 0 {
+    if h.fragment() != 0 {
         return Verdict::Pass(Reason::PassFragment).pack();
     }
-    let dst = [h[16], h[17], h[18], h[19]];
+    let dst = h.dst();
     let dst_words = words(&dst);
     // SAFETY: plain value, only tested for presence.
     if maybe_local(&dst_words) && unsafe { LOCAL_V4.get(&dst) }.is_some() {
@@ -258,13 +258,13 @@ fn parse_v4<P: Packet>(ctx: &P, segment: u32, l3: usize, flow: &mut [RuleKey; 2]
     if dst[0] >= 224 || (dst[0] == 169 && dst[1] == 254) {
         return Verdict::Pass(Reason::PassMulticast).pack();
     }
-    let src = words(&[h[12], h[13], h[14], h[15]]);
+    let src = words(&h.src());
     transport(
         ctx,
         segment,
         4,
-        h[9],
-        h[8],
+        h.protocol(),
+        h.ttl(),
         l3 + IPV4_HLEN,
         flow,
         src,
@@ -275,19 +275,19 @@ fn parse_v4<P: Packet>(ctx: &P, segment: u32, l3: usize, flow: &mut [RuleKey; 2]
 /// Parse stage for IPv6 (a subprogram).
 #[inline(never)]
 fn parse_v6<P: Packet>(ctx: &P, segment: u32, l3: usize, flow: &mut [RuleKey; 2]) -> u64 {
-    let Some(h) = read::<[u8; 8], P>(ctx, l3) else {
+    let Some(h) = read::<[u8; 8], P>(ctx, l3).map(Ipv6) else {
         return MALFORMED.pack();
     };
     let (Some(src), Some(dst)) = (
-        read::<[u8; 16], P>(ctx, l3 + 8),
-        read::<[u8; 16], P>(ctx, l3 + 24),
+        read::<[u8; 16], P>(ctx, l3 + Ipv6::SRC),
+        read::<[u8; 16], P>(ctx, l3 + Ipv6::DST),
     ) else {
         return MALFORMED.pack();
     };
-    if h[0] >> 4 != 6 {
+    if h.version() != 6 {
         return MALFORMED.pack();
     }
-    let proto = h[6];
+    let proto = h.next_header();
     if proto == IPPROTO_HOPOPTS {
         return Verdict::Pass(Reason::PassHopByHop).pack();
     }
@@ -313,7 +313,7 @@ fn parse_v6<P: Packet>(ctx: &P, segment: u32, l3: usize, flow: &mut [RuleKey; 2]
         segment,
         6,
         proto,
-        h[7],
+        h.hop_limit(),
         l3 + IPV6_HLEN,
         flow,
         words(&src),

@@ -47,6 +47,10 @@ pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_ESP: u8 = 50;
 pub const IPPROTO_ICMPV6: u8 = 58;
 
+/// Ethernet header fields: destination and source MAC, EtherType.
+pub const ETH_DST: usize = 0;
+pub const ETH_SRC: usize = 6;
+pub const ETH_TYPE: usize = 12;
 pub const ETH_HLEN: usize = 14;
 pub const VLAN_HLEN: usize = 4;
 pub const IPV4_HLEN: usize = 20;
@@ -69,6 +73,70 @@ pub fn read<T: Copy, P: Packet>(ctx: &P, off: usize) -> Option<T> {
     ptr_at::<T, P>(ctx, off).map(|p| unsafe { p.read_unaligned() })
 }
 
+/// The IPv4 header without options (RFC 791 §3.1), fields by name.
+#[derive(Clone, Copy)]
+pub struct Ipv4(pub [u8; IPV4_HLEN]);
+
+impl Ipv4 {
+    pub const TTL: usize = 8;
+    pub const CHECKSUM: usize = 10;
+
+    #[inline(always)]
+    pub fn version(&self) -> u8 {
+        self.0[0] >> 4
+    }
+    /// Header length in 32-bit words (5 without options).
+    #[inline(always)]
+    pub fn ihl(&self) -> u8 {
+        self.0[0] & 0x0f
+    }
+    /// The More Fragments flag and the fragment offset: non-zero for a fragment.
+    #[inline(always)]
+    pub fn fragment(&self) -> u16 {
+        u16::from_be_bytes([self.0[6], self.0[7]]) & 0x3fff
+    }
+    #[inline(always)]
+    pub fn ttl(&self) -> u8 {
+        self.0[Self::TTL]
+    }
+    #[inline(always)]
+    pub fn protocol(&self) -> u8 {
+        self.0[9]
+    }
+    #[inline(always)]
+    pub fn src(&self) -> [u8; 4] {
+        [self.0[12], self.0[13], self.0[14], self.0[15]]
+    }
+    #[inline(always)]
+    pub fn dst(&self) -> [u8; 4] {
+        [self.0[16], self.0[17], self.0[18], self.0[19]]
+    }
+}
+
+/// The IPv6 header's first 8 bytes (RFC 8200 §3): version to hop limit; the addresses
+/// follow at `SRC` and `DST`.
+#[derive(Clone, Copy)]
+pub struct Ipv6(pub [u8; 8]);
+
+impl Ipv6 {
+    pub const HOP_LIMIT: usize = 7;
+    pub const SRC: usize = 8;
+    pub const DST: usize = 24;
+
+    #[inline(always)]
+    pub fn version(&self) -> u8 {
+        self.0[0] >> 4
+    }
+    #[inline(always)]
+    pub fn next_header(&self) -> u8 {
+        self.0[6]
+    }
+    #[inline(always)]
+    pub fn hop_limit(&self) -> u8 {
+        self.0[Self::HOP_LIMIT]
+    }
+}
+
 /// Layer 3 as found after the Ethernet header (and at most one VLAN tag).
 pub struct L2 {
     pub ethertype: u16,
@@ -78,7 +146,7 @@ pub struct L2 {
 
 #[inline(always)]
 pub fn ethernet<P: Packet>(ctx: &P) -> Option<L2> {
-    let mut ethertype = u16::from_be(read::<u16, P>(ctx, 12)?);
+    let mut ethertype = u16::from_be(read::<u16, P>(ctx, ETH_TYPE)?);
     let mut l3 = ETH_HLEN;
     if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
         ethertype = u16::from_be(read::<u16, P>(ctx, ETH_HLEN + 2)?);

@@ -4,21 +4,26 @@
 use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::TcContext, programs::XdpContext};
 use xnet_common::{csum, NextHop};
 
-use crate::parse::{ptr_at, Packet, ETH_HLEN, VLAN_HLEN};
+use crate::parse::{
+    ptr_at, Ipv4, Ipv6, Packet, ETH_DST, ETH_HLEN, ETH_SRC, ETH_TYPE, VLAN_HLEN,
+};
 
 /// Decrements the IPv4 TTL at `l3` and updates the header checksum incrementally.
 #[inline(always)]
 pub fn ipv4_ttl<P: Packet>(ctx: &P, l3: usize) -> Option<()> {
     let h = ptr_at::<[u8; 12], P>(ctx, l3)?;
     // SAFETY: ptr_at checked that 12 bytes at l3 are inside the packet.
+    // The checksum covers the TTL as the high byte of a 16-bit word with the protocol.
+    const TTL: usize = Ipv4::TTL;
+    const CHECK: usize = Ipv4::CHECKSUM;
     unsafe {
-        let old = u16::from_be_bytes([(*h)[8], (*h)[9]]);
-        (*h)[8] -= 1;
-        let new = u16::from_be_bytes([(*h)[8], (*h)[9]]);
-        let check = csum::replace16(u16::from_be_bytes([(*h)[10], (*h)[11]]), old, new);
+        let old = u16::from_be_bytes([(*h)[TTL], (*h)[TTL + 1]]);
+        (*h)[TTL] -= 1;
+        let new = u16::from_be_bytes([(*h)[TTL], (*h)[TTL + 1]]);
+        let check = csum::replace16(u16::from_be_bytes([(*h)[CHECK], (*h)[CHECK + 1]]), old, new);
         let c = check.to_be_bytes();
-        (*h)[10] = c[0];
-        (*h)[11] = c[1];
+        (*h)[CHECK] = c[0];
+        (*h)[CHECK + 1] = c[1];
     }
     Some(())
 }
@@ -28,7 +33,7 @@ pub fn ipv4_ttl<P: Packet>(ctx: &P, l3: usize) -> Option<()> {
 pub fn ipv6_hop_limit<P: Packet>(ctx: &P, l3: usize) -> Option<()> {
     let h = ptr_at::<[u8; 8], P>(ctx, l3)?;
     // SAFETY: bounds checked above.
-    unsafe { (*h)[7] -= 1 };
+    unsafe { (*h)[Ipv6::HOP_LIMIT] -= 1 };
     Some(())
 }
 
@@ -56,8 +61,8 @@ pub fn ethernet(ctx: &XdpContext, l3: usize, nh: &NextHop) -> Option<()> {
     let eth = ptr_at::<[u8; 12], XdpContext>(ctx, 0)?;
     // SAFETY: bounds checked above.
     let eth = unsafe { &mut *eth };
-    eth[..6].copy_from_slice(&nh.dmac);
-    eth[6..].copy_from_slice(&nh.smac);
+    eth[ETH_DST..ETH_SRC].copy_from_slice(&nh.dmac);
+    eth[ETH_SRC..].copy_from_slice(&nh.smac);
     Some(())
 }
 
@@ -72,8 +77,8 @@ pub fn tc_ethernet(ctx: &TcContext, l3: usize, nh: &NextHop, ethertype: u16) -> 
     let eth = ptr_at::<[u8; ETH_HLEN], TcContext>(ctx, 0)?;
     // SAFETY: bounds checked above.
     let eth = unsafe { &mut *eth };
-    eth[..6].copy_from_slice(&nh.dmac);
-    eth[6..12].copy_from_slice(&nh.smac);
-    eth[12..].copy_from_slice(&ethertype.to_be_bytes());
+    eth[ETH_DST..ETH_SRC].copy_from_slice(&nh.dmac);
+    eth[ETH_SRC..ETH_TYPE].copy_from_slice(&nh.smac);
+    eth[ETH_TYPE..].copy_from_slice(&ethertype.to_be_bytes());
     Some(())
 }

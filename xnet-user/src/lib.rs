@@ -16,3 +16,4 @@ pub mod routing;
 pub mod status;
 #[cfg(test)]
 mod testutil;
+pub mod wire;

@@ -87,46 +87,39 @@ fn syntax(reason: impl Into<String>) -> Error {
     }
 }
 
-/// A bounds-checked cursor.
-struct Reader<'a> {
-    buf: &'a [u8],
-    pos: usize,
-}
+/// The shared bounds-checked reader (`crate::wire`), each read naming what it reads for
+/// the error.
+struct Reader<'a>(crate::wire::Reader<'a>);
 
 impl<'a> Reader<'a> {
     fn new(buf: &'a [u8]) -> Self {
-        Reader { buf, pos: 0 }
+        Reader(crate::wire::Reader::new(buf))
+    }
+    fn pos(&self) -> usize {
+        self.0.pos()
     }
     fn left(&self) -> usize {
-        self.buf.len() - self.pos
+        self.0.left()
     }
     fn bytes(&mut self, n: usize, what: &str) -> Result<&'a [u8], Error> {
-        if self.left() < n {
-            return Err(syntax(format!(
-                "{what}: {n} octets needed, {} left",
-                self.left()
-            )));
-        }
-        let b = &self.buf[self.pos..self.pos + n];
-        self.pos += n;
-        Ok(b)
+        self.0.bytes(n).map_err(|s| short(what, s))
     }
     fn u8(&mut self, what: &str) -> Result<u8, Error> {
-        Ok(self.bytes(1, what)?[0])
+        self.0.u8().map_err(|s| short(what, s))
     }
     fn u16(&mut self, what: &str) -> Result<u16, Error> {
-        let b = self.bytes(2, what)?;
-        Ok(u16::from_be_bytes([b[0], b[1]]))
+        self.0.u16().map_err(|s| short(what, s))
     }
     fn u32(&mut self, what: &str) -> Result<u32, Error> {
-        let b = self.bytes(4, what)?;
-        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        self.0.u32().map_err(|s| short(what, s))
     }
     fn rest(&mut self) -> &'a [u8] {
-        let b = &self.buf[self.pos..];
-        self.pos = self.buf.len();
-        b
+        self.0.rest()
     }
+}
+
+fn short(what: &str, s: crate::wire::Short) -> Error {
+    syntax(format!("{what}: {} octets needed, {} left", s.need, s.left))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -477,7 +470,7 @@ pub fn decode_payloads(
     let mut r = Reader::new(buf);
     let mut out = Vec::new();
     while next != PT_NONE {
-        let start = r.pos;
+        let start = r.pos();
         let following = r.u8("payload header")?;
         let critical = r.u8("payload header")? & 0x80 != 0;
         let len = r.u16("payload length")? as usize;

@@ -244,7 +244,7 @@ fn decode_update(body: &[u8], four_octet: bool) -> Result<Update, BgpError> {
     let withdrawn = decode_prefixes(&mut Reader::new(wbuf, ERR_UPDATE, 1), AFI_IPV4)?;
     let alen = r.u16()? as usize;
     let abuf = r.bytes(alen)?;
-    let nlri = decode_prefixes(&mut Reader::new(&body[r.pos..], ERR_UPDATE, 10), AFI_IPV4)?;
+    let nlri = decode_prefixes(&mut Reader::new(&body[r.pos()..], ERR_UPDATE, 10), AFI_IPV4)?;
     let mut u = Update {
         withdrawn,
         nlri,

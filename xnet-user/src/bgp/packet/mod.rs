@@ -49,46 +49,43 @@ pub fn err(code: u8, subcode: u8, reason: impl Into<String>) -> BgpError {
     }
 }
 
-/// A bounds-checked reader over a byte slice.
+/// The shared bounds-checked reader (`crate::wire`), running out of data as the error
+/// `code`/`subcode` says.
 pub(crate) struct Reader<'a> {
-    pub buf: &'a [u8],
-    pub pos: usize,
-    /// The error to report when the data runs out.
+    r: crate::wire::Reader<'a>,
     code: (u8, u8),
 }
 
 impl<'a> Reader<'a> {
     pub fn new(buf: &'a [u8], code: u8, subcode: u8) -> Self {
         Self {
-            buf,
-            pos: 0,
+            r: crate::wire::Reader::new(buf),
             code: (code, subcode),
         }
     }
+    pub fn pos(&self) -> usize {
+        self.r.pos()
+    }
     pub fn left(&self) -> usize {
-        self.buf.len() - self.pos
+        self.r.left()
+    }
+    fn short(&self, s: crate::wire::Short) -> BgpError {
+        err(
+            self.code.0,
+            self.code.1,
+            format!("truncated: need {} bytes, have {}", s.need, s.left),
+        )
     }
     pub fn bytes(&mut self, n: usize) -> Result<&'a [u8], BgpError> {
-        if self.left() < n {
-            return Err(err(
-                self.code.0,
-                self.code.1,
-                format!("truncated: need {n} bytes, have {}", self.left()),
-            ));
-        }
-        let s = &self.buf[self.pos..self.pos + n];
-        self.pos += n;
-        Ok(s)
+        self.r.bytes(n).map_err(|s| self.short(s))
     }
     pub fn u8(&mut self) -> Result<u8, BgpError> {
-        Ok(self.bytes(1)?[0])
+        self.r.u8().map_err(|s| self.short(s))
     }
     pub fn u16(&mut self) -> Result<u16, BgpError> {
-        let b = self.bytes(2)?;
-        Ok(u16::from_be_bytes([b[0], b[1]]))
+        self.r.u16().map_err(|s| self.short(s))
     }
     pub fn u32(&mut self) -> Result<u32, BgpError> {
-        let b = self.bytes(4)?;
-        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        self.r.u32().map_err(|s| self.short(s))
     }
 }
