@@ -233,3 +233,25 @@ impl Agent {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::tunnel_key;
+
+    #[test]
+    fn a_tunnels_key_takes_the_family_of_the_prefix() {
+        let v4 = "203.0.113.1".parse().unwrap();
+        let v6 = "2001:db8::c0a8:101".parse().unwrap();
+        let (n4, n6) = ("10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap());
+        assert_eq!(tunnel_key(v4, &n4), v4);
+        assert_eq!(
+            tunnel_key(v4, &n6),
+            "::ffff:203.0.113.1".parse::<std::net::IpAddr>().unwrap()
+        );
+        assert_eq!(tunnel_key(v6, &n6), v6);
+        assert_eq!(
+            tunnel_key(v6, &n4),
+            "192.168.1.1".parse::<std::net::IpAddr>().unwrap()
+        );
+    }
+}
