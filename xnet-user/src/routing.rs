@@ -30,7 +30,7 @@ use ipnet::IpNet;
 use serde::Serialize;
 use smallvec::SmallVec;
 
-use crate::fastmap::{Map, Set};
+use crate::fastmap::Map;
 
 /// The ifindex of a next hop that is an IPsec tunnel (its `via`: the tunnel's remote
 /// endpoint, or that address mapped into the other family): XDP hands such packets to the
@@ -118,7 +118,8 @@ struct List {
     /// the path selected.
     resolved: Option<Hops>,
     distance: u8,
-    members: Set<IpNet>,
+    /// Its prefixes; each candidate knows its index here (removal swaps the last in).
+    members: Vec<IpNet>,
 }
 
 /// A recursive next hop being tracked.
@@ -127,9 +128,17 @@ struct Tracked {
     lists: SmallVec<[ListId; 2]>,
 }
 
+/// A source's route for a prefix: its path list, and its index among the list's members.
+#[derive(Clone, Copy)]
+struct Candidate {
+    source: Source,
+    list: ListId,
+    pos: u32,
+}
+
 #[derive(Default)]
 struct Entry {
-    candidates: SmallVec<[(Source, ListId); 1]>,
+    candidates: SmallVec<[Candidate; 1]>,
     selected: Option<(Source, Hops)>,
 }
 
@@ -139,6 +148,8 @@ pub struct Core {
     lists: Vec<Option<List>>,
     free_lists: Vec<ListId>,
     list_ids: Map<(u32, Paths), ListId>,
+    /// The list interned last: consecutive prefixes of one UPDATE share it.
+    last: Option<(u32, Paths, ListId)>,
     nht: Map<(u32, IpAddr), Tracked>,
     /// Connected subnets: (segment, ifindex, prefix).
     connected: Vec<(u32, u32, IpNet)>,
@@ -155,7 +166,8 @@ impl Core {
         Self::default()
     }
 
-    /// Adds or replaces `source`'s route for `net` in `segment`.
+    /// Adds or replaces `source`'s route for `net` in `segment`. One lookup of the
+    /// prefix: a full table comes through here.
     pub fn set(
         &mut self,
         source: Source,
@@ -164,34 +176,48 @@ impl Core {
         paths: Paths,
         out: &mut Vec<Change>,
     ) {
-        let key = (segment, net);
-        let old = self.entries.get(&key).and_then(|e| {
-            e.candidates
-                .iter()
-                .find(|(s, _)| *s == source)
-                .map(|(_, l)| *l)
-        });
-        if old.is_some_and(|l| self.list(l).paths == paths) {
-            return;
-        }
         let id = self.intern(segment, paths);
-        let list = self.lists[id as usize].as_mut().unwrap();
-        list.members.insert(net);
-        if source == Source::Bgp && list.resolved.is_some() {
-            self.bgp_usable += 1;
-        }
+        let key = (segment, net);
         let e = self.entries.entry(key).or_default();
-        match e.candidates.iter_mut().find(|(s, _)| *s == source) {
-            Some(c) => c.1 = id,
-            None => {
-                e.candidates.push((source, id));
-                e.candidates.sort_unstable();
+        let join = |lists: &mut Vec<Option<List>>, bgp_usable: &mut usize| {
+            let list = lists[id as usize].as_mut().expect("live list");
+            list.members.push(net);
+            if source == Source::Bgp && list.resolved.is_some() {
+                *bgp_usable += 1;
             }
+            (list.members.len() - 1) as u32
+        };
+        let old = match e.candidates.iter_mut().find(|c| c.source == source) {
+            Some(c) if c.list == id => return,
+            Some(c) => {
+                let old = *c;
+                c.list = id;
+                c.pos = join(&mut self.lists, &mut self.bgp_usable);
+                Some(old)
+            }
+            None => {
+                let pos = join(&mut self.lists, &mut self.bgp_usable);
+                e.candidates.push(Candidate {
+                    source,
+                    list: id,
+                    pos,
+                });
+                e.candidates.sort_unstable_by_key(|c| c.source);
+                None
+            }
+        };
+        let best = Self::best(&e.candidates, &self.lists);
+        let previous = e.selected.as_ref().map(|(s, _)| *s);
+        let changed = !Self::same(&e.selected, &best);
+        if changed {
+            e.selected = best.clone();
         }
         if let Some(old) = old {
-            self.leave(source, old, net);
+            self.leave(old, net);
         }
-        self.reselect(key, out);
+        if changed {
+            self.changed(key, previous, best, out);
+        }
     }
 
     /// Withdraws `source`'s route for `net` in `segment`, if it has one.
@@ -200,11 +226,11 @@ impl Core {
         let Some(e) = self.entries.get_mut(&key) else {
             return;
         };
-        let Some(i) = e.candidates.iter().position(|(s, _)| *s == source) else {
+        let Some(i) = e.candidates.iter().position(|c| c.source == source) else {
             return;
         };
-        let (_, id) = e.candidates.remove(i);
-        self.leave(source, id, net);
+        let old = e.candidates.remove(i);
+        self.leave(old, net);
         self.reselect(key, out);
     }
 
@@ -227,7 +253,7 @@ impl Core {
         self.entries.get(&(segment, *net)).is_some_and(|e| {
             e.candidates
                 .iter()
-                .any(|(s, l)| *s == source && self.list(*l).resolved.is_some())
+                .any(|c| c.source == source && self.list(c.list).resolved.is_some())
         })
     }
 
@@ -269,7 +295,13 @@ impl Core {
     }
 
     fn intern(&mut self, segment: u32, paths: Paths) -> ListId {
+        if let Some((s, p, id)) = &self.last {
+            if *s == segment && *p == paths {
+                return *id;
+            }
+        }
         if let Some(id) = self.list_ids.get(&(segment, paths.clone())) {
+            self.last = Some((segment, paths, *id));
             return *id;
         }
         let id = match self.free_lists.pop() {
@@ -299,28 +331,50 @@ impl Core {
         }
         let (resolved, distance) = self.resolve_list(segment, &paths);
         self.list_ids.insert((segment, paths.clone()), id);
+        self.last = Some((segment, paths.clone(), id));
         self.lists[id as usize] = Some(List {
             segment,
             paths,
             resolved,
             distance,
-            members: Set::default(),
+            members: Vec::new(),
         });
         id
     }
 
-    /// `net` no longer uses list `id` (for `source`); a list without prefixes goes, and
-    /// so does the tracking of next hops only it used.
-    fn leave(&mut self, source: Source, id: ListId, net: IpNet) {
-        let list = self.lists[id as usize].as_mut().unwrap();
-        if list.members.remove(&net) && source == Source::Bgp && list.resolved.is_some() {
+    /// Candidate `c` of `net` is gone: `net` leaves its list (the last member takes its
+    /// place); a list without prefixes goes, and so does the tracking of next hops only it
+    /// used.
+    fn leave(&mut self, c: Candidate, net: IpNet) {
+        let id = c.list;
+        let list = self.lists[id as usize].as_mut().expect("live list");
+        let gone = list.members.swap_remove(c.pos as usize);
+        debug_assert_eq!(gone, net);
+        if c.source == Source::Bgp && list.resolved.is_some() {
             self.bgp_usable -= 1;
         }
-        if !list.members.is_empty() {
+        let last = list.members.len() as u32;
+        if c.pos < last {
+            // The member that was last is at `c.pos` now: its candidate says so.
+            let moved = list.members[c.pos as usize];
+            if let Some(e) = self.entries.get_mut(&(list.segment, moved)) {
+                if let Some(m) = e
+                    .candidates
+                    .iter_mut()
+                    .find(|m| m.list == id && m.pos == last)
+                {
+                    m.pos = c.pos;
+                }
+            }
+        }
+        if last > 0 {
             return;
         }
-        let list = self.lists[id as usize].take().unwrap();
+        let list = self.lists[id as usize].take().expect("live list");
         self.list_ids.remove(&(list.segment, list.paths.clone()));
+        if self.last.as_ref().is_some_and(|(_, _, l)| *l == id) {
+            self.last = None;
+        }
         self.free_lists.push(id);
         if let Paths::Ranked { paths, .. } = &list.paths {
             for h in paths {
@@ -390,43 +444,61 @@ impl Core {
         }
     }
 
-    /// Selects the route for `key` again; says what changed, and when the selected static
-    /// or tunnel route changed, re-resolves the next hops under it.
-    fn reselect(&mut self, key: (u32, IpNet), out: &mut Vec<Change>) {
-        let Some(e) = self.entries.get(&key) else {
-            return;
-        };
-        let best = e
-            .candidates
+    /// The candidate to use: the lowest distance among those that resolve, then the
+    /// source's order.
+    fn best(candidates: &[Candidate], lists: &[Option<List>]) -> Option<(Source, Hops)> {
+        if let [c] = candidates {
+            // The usual case: one source.
+            let list = lists[c.list as usize].as_ref().expect("live list");
+            return list.resolved.as_ref().map(|h| (c.source, h.clone()));
+        }
+        candidates
             .iter()
-            .filter_map(|(s, l)| {
-                let list = self.list(*l);
+            .filter_map(|c| {
+                let list = lists[c.list as usize].as_ref().expect("live list");
                 let hops = list.resolved.as_ref()?;
-                Some(((Self::distance(*s, list), *s), hops))
+                Some(((Self::distance(c.source, list), c.source), hops))
             })
             .min_by_key(|(rank, _)| *rank)
-            .map(|((_, s), h)| (s, h.clone()));
-        let old = &e.selected;
-        let same = match (old, &best) {
+            .map(|((_, s), h)| (s, h.clone()))
+    }
+
+    fn same(a: &Option<(Source, Hops)>, b: &Option<(Source, Hops)>) -> bool {
+        match (a, b) {
             (None, None) => true,
             (Some((s1, h1)), Some((s2, h2))) => s1 == s2 && (Arc::ptr_eq(h1, h2) || h1 == h2),
             _ => false,
-        };
-        let empty = e.candidates.is_empty();
-        if same {
-            if empty {
-                self.entries.remove(&key);
-            }
-            return;
         }
-        let previous = old.as_ref().map(|(s, _)| *s);
-        let resolving_before = previous.is_some_and(|s| s != Source::Bgp);
-        let resolving_after = best.as_ref().is_some_and(|(s, _)| *s != Source::Bgp);
-        let e = self.entries.get_mut(&key).unwrap();
+    }
+
+    /// Selects the route for `key` again (its entry goes with its last candidate).
+    fn reselect(&mut self, key: (u32, IpNet), out: &mut Vec<Change>) {
+        let Some(e) = self.entries.get_mut(&key) else {
+            return;
+        };
+        let best = Self::best(&e.candidates, &self.lists);
+        let previous = e.selected.as_ref().map(|(s, _)| *s);
+        let changed = !Self::same(&e.selected, &best);
         e.selected = best.clone();
-        if empty {
+        if e.candidates.is_empty() {
             self.entries.remove(&key);
         }
+        if changed {
+            self.changed(key, previous, best, out);
+        }
+    }
+
+    /// Says what changed; when the selected static or tunnel route changed, the next hops
+    /// under it resolve again.
+    fn changed(
+        &mut self,
+        key: (u32, IpNet),
+        previous: Option<Source>,
+        best: Option<(Source, Hops)>,
+        out: &mut Vec<Change>,
+    ) {
+        let resolving_before = previous.is_some_and(|s| s != Source::Bgp);
+        let resolving_after = best.as_ref().is_some_and(|(s, _)| *s != Source::Bgp);
         out.push(Change {
             segment: key.0,
             net: key.1,
@@ -511,7 +583,7 @@ impl Core {
             list.resolved = resolved;
             list.distance = distance;
             let seg = list.segment;
-            let members: Vec<IpNet> = list.members.iter().copied().collect();
+            let members = list.members.clone();
             for net in members {
                 self.reselect((seg, net), out);
             }
@@ -935,5 +1007,41 @@ mod tests {
         assert_eq!(out.len(), 201);
         assert!(out.iter().all(|o| !o.net.to_string().starts_with("10.2.")));
         assert_eq!(c.bgp_usable(), 300);
+    }
+
+    #[test]
+    fn prefixes_leave_and_rejoin_lists_in_any_order_and_nothing_is_left() {
+        let mut c = Core::new();
+        let mut out = Vec::new();
+        c.set_connected(vec![(1, 2, net("10.0.0.0/24"))], &mut out);
+        let nets: Vec<IpNet> = (0..50u8).map(|i| net(&format!("10.9.{i}.0/24"))).collect();
+        for n in &nets {
+            c.set(Source::Bgp, 1, *n, bgp(&["10.0.0.1"], false, 1), &mut out);
+        }
+        // Withdraw from the front (each swaps the last member in), move some to another
+        // list, back again, then withdraw everything.
+        for n in nets.iter().step_by(3) {
+            c.withdraw(Source::Bgp, 1, *n, &mut out);
+        }
+        for n in nets.iter().skip(1).step_by(4) {
+            c.set(Source::Bgp, 1, *n, bgp(&["10.0.0.2"], false, 1), &mut out);
+        }
+        for n in nets.iter().skip(1).step_by(8) {
+            c.set(Source::Bgp, 1, *n, bgp(&["10.0.0.1"], false, 1), &mut out);
+        }
+        for n in &nets {
+            let usable = c.usable(Source::Bgp, 1, n);
+            assert_eq!(usable, c.selected(1, n).is_some(), "{n}");
+        }
+        // Withdrawn (every third) unless set again (every fourth from the second).
+        let gone = (0..nets.len()).filter(|i| i % 3 == 0 && i % 4 != 1).count();
+        assert_eq!(c.bgp_usable(), nets.len() - gone);
+        for n in nets.iter().rev() {
+            c.withdraw(Source::Bgp, 1, *n, &mut out);
+        }
+        assert_eq!(c.bgp_usable(), 0);
+        assert_eq!(c.path_lists(), 0);
+        assert!(c.entries.is_empty() && c.nht.is_empty());
+        assert!(c.lists.iter().all(|l| l.is_none()));
     }
 }

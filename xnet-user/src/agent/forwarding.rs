@@ -83,11 +83,14 @@ impl Agent {
         let mut failed = None;
         for c in changes {
             let table = self.config.segments[c.segment as usize - 1].table;
-            let seg = self.segment_name(c.segment).to_string();
             match &c.route {
                 Some((source, hops)) => {
                     if let Err(e) = self.dp.set_route(c.segment, c.net, hops) {
-                        let e = e.context(format!("route {} in segment {seg}", c.net));
+                        let e = e.context(format!(
+                            "route {} in segment {}",
+                            c.net,
+                            self.segment_name(c.segment)
+                        ));
                         warn!("{e:#}");
                         failed.get_or_insert(e);
                         continue;
@@ -95,8 +98,8 @@ impl Agent {
                     for h in hops.iter().filter(|h| h.ifindex != TUNNEL) {
                         self.manage_neighbour(h.ifindex, h.via).await;
                     }
-                    let kh = self.kernel_hops(hops);
                     if let Some(f) = &self.fib {
+                        let kh = self.kernel_hops(hops);
                         f.send(if kh.is_empty() {
                             FibOp::Delete(table, c.net)
                         } else {
@@ -105,8 +108,9 @@ impl Agent {
                     }
                     if *source == Source::Static || c.previous == Some(Source::Static) {
                         info!(
-                            "route {} in segment {seg} via {}",
+                            "route {} in segment {} via {}",
                             c.net,
+                            self.segment_name(c.segment),
                             hops.iter()
                                 .map(|h| format!("{} dev {}", h.via, self.link_name(h.ifindex)))
                                 .collect::<Vec<_>>()
@@ -116,14 +120,22 @@ impl Agent {
                 }
                 None => {
                     if let Err(e) = self.dp.remove_route(c.segment, c.net) {
-                        warn!("removing route {} in segment {seg}: {e:#}", c.net);
+                        warn!(
+                            "removing route {} in segment {}: {e:#}",
+                            c.net,
+                            self.segment_name(c.segment)
+                        );
                         failed.get_or_insert(e);
                     }
                     if let Some(f) = &self.fib {
                         f.send(FibOp::Delete(table, c.net));
                     }
                     if c.previous == Some(Source::Static) {
-                        info!("route {} removed from segment {seg}", c.net);
+                        info!(
+                            "route {} removed from segment {}",
+                            c.net,
+                            self.segment_name(c.segment)
+                        );
                     }
                 }
             }
