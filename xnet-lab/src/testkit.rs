@@ -214,6 +214,38 @@ pub fn agent_command_in(ns: &str, path: &std::path::Path) -> Command {
     c
 }
 
+/// Where each thread of process `pid` waits, from /proc: its name, its state, the kernel
+/// function it sleeps in and its kernel stack. A stalled agent's report says whether it
+/// waits in a netlink or socket call or runs.
+pub fn where_it_waits(pid: u32) -> String {
+    let mut out = format!("threads of {pid}:");
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return format!("{out} gone");
+    };
+    for t in tasks.flatten() {
+        let d = t.path();
+        let read = |f: &str| std::fs::read_to_string(d.join(f)).unwrap_or_default();
+        let stat = read("stat");
+        let state = stat
+            .rsplit(") ")
+            .next()
+            .and_then(|r| r.split(' ').next())
+            .unwrap_or("?");
+        out += &format!(
+            "\n  {} {} state {state} wchan {}\n{}",
+            t.file_name().to_string_lossy(),
+            read("comm").trim(),
+            read("wchan").trim(),
+            read("stack")
+                .lines()
+                .map(|l| format!("    {l}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    out
+}
+
 pub struct Agent {
     pub child: Option<Child>,
     /// The namespace it runs in.
@@ -278,8 +310,9 @@ impl Agent {
             }
             assert!(
                 start.elapsed() < Duration::from_secs(10),
-                "agent not ready in 10 s: {}",
-                agent.log()
+                "agent not ready in 10 s: {}\n{}",
+                agent.log(),
+                where_it_waits(agent.child.as_ref().unwrap().id())
             );
             std::thread::sleep(Duration::from_millis(100));
         }

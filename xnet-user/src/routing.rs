@@ -136,10 +136,11 @@ struct Candidate {
     pos: u32,
 }
 
+/// A prefix's candidates, by source. What is selected is not kept: it follows from the
+/// candidates and their lists (one entry per prefix of a full table: kept small).
 #[derive(Default)]
 struct Entry {
     candidates: SmallVec<[Candidate; 1]>,
-    selected: Option<(Source, Hops)>,
 }
 
 #[derive(Default)]
@@ -179,6 +180,7 @@ impl Core {
         let id = self.intern(segment, paths);
         let key = (segment, net);
         let e = self.entries.entry(key).or_default();
+        let before = Self::pick(&e.candidates, &self.lists);
         let join = |lists: &mut Vec<Option<List>>, bgp_usable: &mut usize| {
             let list = lists[id as usize].as_mut().expect("live list");
             list.members.push(net);
@@ -206,17 +208,14 @@ impl Core {
                 None
             }
         };
-        let best = Self::best(&e.candidates, &self.lists);
-        let previous = e.selected.as_ref().map(|(s, _)| *s);
-        let changed = !Self::same(&e.selected, &best);
-        if changed {
-            e.selected = best.clone();
-        }
+        let after = Self::pick(&e.candidates, &self.lists);
+        // Decided before the old list may go with its last member.
+        let change = self.change_of(before, after);
         if let Some(old) = old {
             self.leave(old, net);
         }
-        if changed {
-            self.changed(key, previous, best, out);
+        if let Some(best) = change {
+            self.changed(key, before.map(|(s, _)| s), best, out);
         }
     }
 
@@ -229,9 +228,17 @@ impl Core {
         let Some(i) = e.candidates.iter().position(|c| c.source == source) else {
             return;
         };
+        let before = Self::pick(&e.candidates, &self.lists);
         let old = e.candidates.remove(i);
+        let after = Self::pick(&e.candidates, &self.lists);
+        if e.candidates.is_empty() {
+            self.entries.remove(&key);
+        }
+        let change = self.change_of(before, after);
         self.leave(old, net);
-        self.reselect(key, out);
+        if let Some(best) = change {
+            self.changed(key, before.map(|(s, _)| s), best, out);
+        }
     }
 
     /// Sets the connected subnets, (segment, ifindex, prefix): next hops inside them
@@ -243,8 +250,8 @@ impl Core {
     }
 
     /// The route selected for `net` in `segment`.
-    pub fn selected(&self, segment: u32, net: &IpNet) -> Option<&(Source, Hops)> {
-        self.entries.get(&(segment, *net))?.selected.as_ref()
+    pub fn selected(&self, segment: u32, net: &IpNet) -> Option<(Source, Hops)> {
+        Self::best(&self.entries.get(&(segment, *net))?.candidates, &self.lists)
     }
 
     /// Whether `source`'s candidate for `net` resolves (it would be used without better
@@ -284,10 +291,10 @@ impl Core {
     }
 
     /// Routes selected, by source.
-    pub fn selected_routes(&self) -> impl Iterator<Item = (u32, IpNet, Source, &Hops)> {
-        self.entries
-            .iter()
-            .filter_map(|((seg, net), e)| e.selected.as_ref().map(|(s, h)| (*seg, *net, *s, h)))
+    pub fn selected_routes(&self) -> impl Iterator<Item = (u32, IpNet, Source, Hops)> + '_ {
+        self.entries.iter().filter_map(|((seg, net), e)| {
+            Self::best(&e.candidates, &self.lists).map(|(s, h)| (*seg, *net, s, h))
+        })
     }
 
     fn list(&self, id: ListId) -> &List {
@@ -447,20 +454,47 @@ impl Core {
     /// The candidate to use: the lowest distance among those that resolve, then the
     /// source's order.
     fn best(candidates: &[Candidate], lists: &[Option<List>]) -> Option<(Source, Hops)> {
+        Self::pick(candidates, lists).map(|(s, l)| (s, Self::hops_of(lists, l).clone()))
+    }
+
+    /// `best` as (source, its list), without touching the shared hops.
+    fn pick(candidates: &[Candidate], lists: &[Option<List>]) -> Option<(Source, ListId)> {
         if let [c] = candidates {
             // The usual case: one source.
             let list = lists[c.list as usize].as_ref().expect("live list");
-            return list.resolved.as_ref().map(|h| (c.source, h.clone()));
+            return list.resolved.is_some().then_some((c.source, c.list));
         }
         candidates
             .iter()
             .filter_map(|c| {
                 let list = lists[c.list as usize].as_ref().expect("live list");
-                let hops = list.resolved.as_ref()?;
-                Some(((Self::distance(c.source, list), c.source), hops))
+                list.resolved.as_ref()?;
+                Some(((Self::distance(c.source, list), c.source), c.list))
             })
             .min_by_key(|(rank, _)| *rank)
-            .map(|((_, s), h)| (s, h.clone()))
+            .map(|((_, s), l)| (s, l))
+    }
+
+    fn hops_of(lists: &[Option<List>], id: ListId) -> &Hops {
+        lists[id as usize]
+            .as_ref()
+            .and_then(|l| l.resolved.as_ref())
+            .expect("a picked list resolves")
+    }
+
+    /// What the forwarding tables must change from `before` to `after` (None: nothing;
+    /// two lists that resolve to the same next hops are no change).
+    fn change_of(
+        &self,
+        before: Option<(Source, ListId)>,
+        after: Option<(Source, ListId)>,
+    ) -> Option<Option<(Source, Hops)>> {
+        if before == after {
+            return None;
+        }
+        let after = after.map(|(s, l)| (s, Self::hops_of(&self.lists, l).clone()));
+        let before = before.map(|(s, l)| (s, Self::hops_of(&self.lists, l).clone()));
+        (!Self::same(&before, &after)).then_some(after)
     }
 
     fn same(a: &Option<(Source, Hops)>, b: &Option<(Source, Hops)>) -> bool {
@@ -468,23 +502,6 @@ impl Core {
             (None, None) => true,
             (Some((s1, h1)), Some((s2, h2))) => s1 == s2 && (Arc::ptr_eq(h1, h2) || h1 == h2),
             _ => false,
-        }
-    }
-
-    /// Selects the route for `key` again (its entry goes with its last candidate).
-    fn reselect(&mut self, key: (u32, IpNet), out: &mut Vec<Change>) {
-        let Some(e) = self.entries.get_mut(&key) else {
-            return;
-        };
-        let best = Self::best(&e.candidates, &self.lists);
-        let previous = e.selected.as_ref().map(|(s, _)| *s);
-        let changed = !Self::same(&e.selected, &best);
-        e.selected = best.clone();
-        if e.candidates.is_empty() {
-            self.entries.remove(&key);
-        }
-        if changed {
-            self.changed(key, previous, best, out);
         }
     }
 
@@ -580,12 +597,19 @@ impl Core {
                     _ => {}
                 }
             }
-            list.resolved = resolved;
-            list.distance = distance;
             let seg = list.segment;
             let members = list.members.clone();
-            for net in members {
-                self.reselect((seg, net), out);
+            // What each member had selected, before the list changes under it.
+            let before: Vec<Option<(Source, Hops)>> =
+                members.iter().map(|n| self.selected(seg, n)).collect();
+            let list = self.lists[id as usize].as_mut().unwrap();
+            list.resolved = resolved;
+            list.distance = distance;
+            for (net, before) in members.into_iter().zip(before) {
+                let best = self.selected(seg, &net);
+                if !Self::same(&before, &best) {
+                    self.changed((seg, net), before.map(|(s, _)| s), best, out);
+                }
             }
         }
     }

@@ -11,6 +11,7 @@ mod handover;
 mod services;
 mod status;
 mod tunnels;
+mod watchdog;
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -103,7 +104,14 @@ pub async fn run(path: &Path) -> Result<()> {
         links.insert(itf.name.clone(), (l.ifindex, l.mac));
     }
     let routes = route_set(&config, &links);
+    let t0 = Instant::now();
     let dp = Dataplane::load(config.agent.route_table_groups)?;
+    info!(
+        "XDP object loaded and its programs verified in {} ms",
+        t0.elapsed().as_millis()
+    );
+    // From here on the loop must keep running (nothing else has started before).
+    watchdog::start();
     let mut agent = Agent {
         path: path.to_path_buf(),
         config,
@@ -302,10 +310,11 @@ impl Agent {
             self.sweep_kernel_routes().await;
         }
         info!(
-            "xnet agent running: {} interfaces, {} routes, status on {}",
+            "xnet agent running: {} interfaces, {} routes, status on {} (programmed in {} ms)",
             c.interfaces.len(),
             self.statics.len(),
-            c.agent.socket.display()
+            c.agent.socket.display(),
+            self.started.elapsed().as_millis()
         );
         Ok(())
     }
