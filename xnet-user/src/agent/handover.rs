@@ -3,7 +3,6 @@
 //! running for the next agent (see `crate::restart`).
 
 use std::collections::HashSet;
-use std::path::Path;
 use std::time::Duration;
 
 use log::{error, info, warn};
@@ -11,15 +10,6 @@ use log::{error, info, warn};
 use super::Agent;
 use crate::config::XdpMode;
 use crate::dataplane::Dataplane;
-
-/// Removes a pinned link (which detaches its program); one already gone is fine.
-pub(super) fn remove_pin(pin: &Path) {
-    match std::fs::remove_file(pin) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => warn!("removing {}: {e}", pin.display()),
-    }
-}
 
 impl Agent {
     /// A previous agent's XDP links (graceful restart): ours are taken over once routes
@@ -74,7 +64,7 @@ impl Agent {
             if let Err(e) = self.dp.take_over(ifindex, &pin) {
                 // Never leave an interface without XDP: drop the old one, attach ours.
                 warn!("{name}: {e:#}: detaching the previous agent's XDP and attaching ours");
-                remove_pin(&pin);
+                super::remove_if_present(&pin);
                 if let Err(e) = self.dp.attach(ifindex, generic) {
                     error!("{name}: attaching XDP: {e:#}");
                 }

@@ -209,6 +209,16 @@ async fn recv_bgp(s: &mut Option<Speaker>) -> Option<(u64, Event)> {
     }
 }
 
+/// Removes a file the agent made (a pinned XDP link, which detaches its program; the
+/// status socket); one already gone is fine, any other failure is logged.
+fn remove_if_present(path: &Path) {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => warn!("removing {}: {e}", path.display()),
+    }
+}
+
 impl Agent {
     fn segment_name(&self, id: u32) -> &str {
         self.config
@@ -448,7 +458,7 @@ impl Agent {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
         // A socket left by an agent that did not stop cleanly.
-        handover::remove_pin(&socket);
+        remove_if_present(&socket);
         let listener = UnixListener::bind(&socket)
             .with_context(|| format!("status socket {}", socket.display()))?;
         let mut term = signal(SignalKind::terminate())?;
@@ -499,7 +509,7 @@ impl Agent {
                 }
             }
         };
-        handover::remove_pin(&socket);
+        remove_if_present(&socket);
         Ok(exit)
     }
 
@@ -524,7 +534,7 @@ impl Agent {
         }
         // A graceful restart in progress: the previous agent's program goes too.
         for (_, pin) in std::mem::take(&mut self.handover) {
-            handover::remove_pin(&pin);
+            remove_if_present(&pin);
         }
         self.dp.detach_all();
         self.dp.detach_tunnel_in();

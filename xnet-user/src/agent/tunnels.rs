@@ -30,6 +30,14 @@ pub(super) fn tunnel_key(remote: IpAddr, net: &IpNet) -> IpAddr {
     }
 }
 
+/// A tunnel's keys in both families (`tunnel_key` of an IPv4 and of an IPv6 prefix).
+fn tunnel_keys(remote: IpAddr) -> [IpAddr; 2] {
+    [
+        tunnel_key(remote, &IpNet::from(IpAddr::from([0u8; 4]))),
+        tunnel_key(remote, &IpNet::from(IpAddr::from([0u8; 16]))),
+    ]
+}
+
 impl Agent {
     /// Route-based connectors get their xfrm interface, and with the kernel FIB, the
     /// segment's `ip rule` for it (decrypted traffic is routed in its segment). A kernel
@@ -128,11 +136,7 @@ impl Agent {
             (None, hop) => hop,
         };
         if let Some((oif, gw)) = kernel_hop {
-            for family in [
-                IpNet::from(IpAddr::from([0u8; 4])),
-                IpNet::from(IpAddr::from([0u8; 16])),
-            ] {
-                let key = tunnel_key(c.remote_address, &family);
+            for key in tunnel_keys(c.remote_address) {
                 let hop = if key.is_ipv4() == gw.is_ipv4() {
                     (oif, gw)
                 } else {
@@ -222,12 +226,8 @@ impl Agent {
             warn!("{e:#}");
         }
         if let Some(c) = self.config.ipsec.get(i) {
-            for family in [
-                IpNet::from(IpAddr::from([0u8; 4])),
-                IpNet::from(IpAddr::from([0u8; 16])),
-            ] {
-                self.tunnel_kernel_hops
-                    .remove(&tunnel_key(c.remote_address, &family));
+            for key in tunnel_keys(c.remote_address) {
+                self.tunnel_kernel_hops.remove(&key);
             }
             info!("ipsec {}: tunnel down: its routes are gone", c.name);
         }

@@ -284,21 +284,9 @@ mod tests {
         decode(&buf, true, MAX_LEN).unwrap()
     }
 
-    fn open(id: &str) -> Vec<u8> {
-        open_with_hold(id, 90)
-    }
-
+    /// The scripted peer's OPEN (AS 65010, no graceful restart).
     fn open_with_hold(id: &str, hold_time: u16) -> Vec<u8> {
-        encode_open(&Open {
-            asn: 65010,
-            hold_time,
-            router_id: id.parse().unwrap(),
-            families: vec![(AFI_IPV4, SAFI_UNICAST)],
-            four_octet: true,
-            route_refresh: true,
-            extended_message: false,
-            graceful_restart: None,
-        })
+        crate::bgp::session::tests::open(65010, id, hold_time, false)
     }
 
     /// A session to a scripted peer on loopback `port`.
@@ -489,7 +477,10 @@ mod tests {
         );
         // The session goes on over the peer's connection.
         assert!(matches!(read_msg(&mut theirs).await, Message::Open(_)));
-        theirs.write_all(&open("10.0.0.9")).await.unwrap();
+        theirs
+            .write_all(&open_with_hold("10.0.0.9", 90))
+            .await
+            .unwrap();
         assert_eq!(read_msg(&mut theirs).await, Message::Keepalive);
         theirs.write_all(&encode_keepalive()).await.unwrap();
         let (_, ev) = events.recv().await.unwrap();

@@ -1,4 +1,5 @@
-//! BGP: the wire codec (`packet`), the per-neighbour session state machine (`fsm`), the
+//! BGP: the wire codec (`packet`), the per-neighbour session (`session`, the sans-IO state
+//! machine, run by `driver`), the
 //! RIB with best-path selection (`rib`) and what is advertised to whom (`policy`).
 pub mod advertise;
 pub mod config;
@@ -22,11 +23,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
 use config::{Advertise, Bgp, Neighbor};
+use driver::{Advert, Control, Event, GrLocal, SessionConfig, SharedState};
+use packet::AsSegment;
 
 /// A segment's id by name (the config knows them).
 pub type SegmentIds<'a> = &'a dyn Fn(&str) -> Option<u32>;
-use driver::{Advert, Control, Event, GrLocal, SessionConfig, SharedState};
-use packet::AsSegment;
 
 /// One configured neighbour and the handles to its session task.
 pub struct Peer {

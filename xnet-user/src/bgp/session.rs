@@ -1073,7 +1073,7 @@ pub(crate) mod tests {
         }
     }
 
-    fn open(asn: u32, id: &str, hold_time: u16, gr: bool) -> Vec<u8> {
+    pub(crate) fn open(asn: u32, id: &str, hold_time: u16, gr: bool) -> Vec<u8> {
         encode_open(&Open {
             asn,
             hold_time,
@@ -1407,7 +1407,6 @@ pub(crate) mod tests {
         assert!(matches!(&sent(&out)[..], [Message::RouteRefresh { .. }]));
         // A peer without the capability: Cease 6, session reset.
         let mut s = open_sent(config(90), t);
-        let mut o = open(65010, "10.0.0.9", 90, false);
         let no_rr = encode_open(&Open {
             asn: 65010,
             hold_time: 90,
@@ -1418,8 +1417,7 @@ pub(crate) mod tests {
             extended_message: false,
             graceful_restart: None,
         });
-        o.clone_from(&no_rr);
-        s.step(Input::Received(&o), t);
+        s.step(Input::Received(&no_rr), t);
         s.step(Input::Received(&encode_keepalive()), t);
         let out = s.step(Input::Control(Control::Refresh), t);
         assert_eq!(
