@@ -1,6 +1,7 @@
 //! The xnet agent as a library: the binary (`xnet`) is built on it; the lab (`xnet-lab`:
 //! tests, demo, benchmarks) uses it from outside.
 pub mod agent;
+pub mod bfd;
 pub mod bgp;
 pub mod config;
 pub mod dataplane;
