@@ -21,6 +21,7 @@ use aya::programs::{SchedClassifier, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use ipnet::IpNet;
 use serde::Serialize;
+use smallvec::SmallVec;
 use xnet_common::route::GROUP_SIZE;
 use xnet_common::{
     names, IfConfig, IfStats, NextHop, NhGroup, Outcome, Reason, MAX_ECMP, NH_F_KERNEL, NH_F_VALID,
@@ -184,6 +185,9 @@ pub struct Dataplane {
     /// holds for its prefix: the trie's prefix index is the one record of the routes.
     group_members: crate::fastmap::Map<u32, Vec<u32>>,
     group_ids: Ids,
+    /// Next-hop addresses known dead (BFD, a tunnel or session down) before the routes
+    /// that use them have moved: groups skip them (`group_value`).
+    dead: crate::fastmap::Set<IpAddr>,
     neighbours: HashMap<(u32, IpAddr), [u8; 6]>,
     locals: Vec<IpAddr>,
     attached: Vec<(u32, aya::programs::xdp::XdpLinkId)>,
@@ -285,6 +289,7 @@ impl Dataplane {
             groups: Default::default(),
             group_members: Default::default(),
             group_ids: Ids::new(xnet_common::limits::NH_GROUPS),
+            dead: Default::default(),
             neighbours: HashMap::new(),
             locals: Vec::new(),
             attached: Vec::new(),
@@ -1085,11 +1090,7 @@ impl Dataplane {
             return Ok(id);
         }
         let id = self.group_ids.alloc("next-hop group")?;
-        let mut value = NhGroup {
-            count: members.len() as u32,
-            ..Default::default()
-        };
-        value.members[..members.len()].copy_from_slice(members);
+        let value = self.group_value(members);
         let mut arr: Array<_, NhGroup> = self.map_mut(names::MAP_NH_GROUPS)?;
         if let Err(e) = arr.set(id, &value, 0) {
             self.group_ids.release(id);
@@ -1099,6 +1100,76 @@ impl Dataplane {
             .insert(members.to_vec(), GroupState { id, refs: 1 });
         self.group_members.insert(id, members.to_vec());
         Ok(id)
+    }
+
+    /// A group's map value: its members, each dead one replaced by a live one in turn.
+    /// The count stays, so flows on live members keep their next hop; a group with no
+    /// live member keeps them all (nothing better until the routes move).
+    fn group_value(&self, members: &[u32]) -> NhGroup {
+        let mut value = NhGroup {
+            count: members.len() as u32,
+            ..Default::default()
+        };
+        value.members[..members.len()].copy_from_slice(members);
+        if self.dead.is_empty() {
+            return value;
+        }
+        let is_dead = |m: &u32| {
+            self.nh_by_id
+                .get(m)
+                .is_some_and(|k| self.dead.contains(&k.via))
+        };
+        let live: SmallVec<[u32; MAX_ECMP]> =
+            members.iter().copied().filter(|m| !is_dead(m)).collect();
+        if live.is_empty() {
+            return value;
+        }
+        let mut next = live.iter().cycle();
+        for slot in value.members[..members.len()].iter_mut() {
+            if is_dead(slot) {
+                *slot = *next.next().expect("not empty");
+            }
+        }
+        value
+    }
+
+    /// Prefix-independent convergence: next hop `via` died (`alive` false) or is back.
+    /// Every group that holds it is rewritten in place — one map write per group, however
+    /// many prefixes use it — so packets stop going there before the routes move.
+    /// Returns how many groups changed.
+    pub fn set_nexthop_alive(&mut self, via: IpAddr, alive: bool) -> Result<usize> {
+        let changed = if alive {
+            self.dead.remove(&via)
+        } else {
+            self.dead.insert(via)
+        };
+        if !changed {
+            return Ok(0);
+        }
+        let groups: Vec<(u32, NhGroup)> = self
+            .group_members
+            .iter()
+            .filter(|(_, m)| {
+                m.iter()
+                    .any(|id| self.nh_by_id.get(id).is_some_and(|k| k.via == via))
+            })
+            .map(|(g, m)| (*g, self.group_value(m)))
+            .collect();
+        let mut arr: Array<_, NhGroup> = self.map_mut(names::MAP_NH_GROUPS)?;
+        for (g, value) in &groups {
+            arr.set(*g, value, 0)?;
+        }
+        Ok(groups.len())
+    }
+
+    /// The next hops of group `id` as packets use them now (for tests and status).
+    pub fn group_in_use(&self, id: u32) -> Result<Vec<NhKey>> {
+        let arr: Array<_, NhGroup> = self.map(names::MAP_NH_GROUPS)?;
+        let g = arr.get(&id, 0)?;
+        Ok(g.members[..g.count as usize]
+            .iter()
+            .filter_map(|m| self.nh_by_id.get(m).copied())
+            .collect())
     }
 
     fn release_group(&mut self, id: u32) {

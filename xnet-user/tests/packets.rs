@@ -436,3 +436,71 @@ fn route_and_neighbour_changes_apply_to_the_next_packet() {
         assert_eq!(action, XDP_PASS);
     });
 }
+
+#[test]
+fn a_dead_next_hop_leaves_every_group_at_once_and_only_its_flows_move() {
+    if !require_root("a_dead_next_hop_leaves_every_group_at_once_and_only_its_flows_move") {
+        return;
+    }
+    in_private_netns(|| {
+        let mut lab = lab();
+        let (a, b) = (lab.a, lab.b);
+        let hops: Vec<NhKey> = (1..=3)
+            .map(|i| nh(b, &format!("10.0.2.{}", 10 + i)))
+            .collect();
+        for (i, h) in hops.iter().enumerate() {
+            lab.dp
+                .set_neighbour(b, h.via, Some([0x02, 0, 0, 0, 0x11, i as u8]))
+                .unwrap();
+        }
+        // 2,000 prefixes over the three hops (one group) and 100 over the first two.
+        for p in 0..2000u32 {
+            let net = format!("10.{}.{}.0/24", 100 + p / 256, p % 256);
+            lab.dp.set_route(1, net.parse().unwrap(), &hops).unwrap();
+        }
+        for p in 0..100u32 {
+            let net = format!("10.200.{p}.0/24");
+            lab.dp
+                .set_route(1, net.parse().unwrap(), &hops[..2])
+                .unwrap();
+        }
+        let flows: Vec<Vec<u8>> = (0..600u16)
+            .map(|port| udp4("10.1.0.5", "10.101.7.1", 64, 10000 + port, 443))
+            .collect();
+        let hop_of = |lab: &mut Lab, pkt: &[u8]| {
+            let (action, out, _) = lab.dp.test_run_ingress(FWD, pkt, a).unwrap();
+            assert_eq!(action, XDP_REDIRECT);
+            out[5]
+        };
+        let before: Vec<u8> = flows.iter().map(|p| hop_of(&mut lab, p)).collect();
+        assert!(before.contains(&1), "some flows use the second hop");
+        // The second hop dies: two groups rewritten (not 2,100 prefixes).
+        let groups = lab.dp.set_nexthop_alive(hops[1].via, false).unwrap();
+        assert_eq!(groups, 2);
+        for (pkt, was) in flows.iter().zip(&before) {
+            let now = hop_of(&mut lab, pkt);
+            assert_ne!(now, 1, "no packet goes to the dead hop");
+            if *was != 1 {
+                assert_eq!(now, *was, "flows on live hops stay where they were");
+            }
+        }
+        for port in 0..200u16 {
+            let p = udp4("10.1.0.5", "10.200.5.1", 64, 20000 + port, 443);
+            assert_eq!(
+                hop_of(&mut lab, &p),
+                0,
+                "the two-hop group has one live hop"
+            );
+        }
+        // A new route over the same hops while it is dead avoids it too.
+        lab.dp
+            .set_route(1, "10.201.0.0/16".parse().unwrap(), &hops[1..])
+            .unwrap();
+        let p = udp4("10.1.0.5", "10.201.0.1", 64, 1, 443);
+        assert_eq!(hop_of(&mut lab, &p), 2);
+        // Back: the groups are as they were.
+        lab.dp.set_nexthop_alive(hops[1].via, true).unwrap();
+        let after: Vec<u8> = flows.iter().map(|p| hop_of(&mut lab, p)).collect();
+        assert_eq!(after, before);
+    });
+}

@@ -384,6 +384,15 @@ impl Speaker {
         self.peers.clear();
     }
 
+    /// Resets the session with `peer` (Cease `subcode`); it connects again by itself.
+    pub fn reset(&self, peer: IpAddr, subcode: u8) {
+        for p in self.peers.iter().filter(|p| p.address == peer) {
+            if p.control.send(Control::Reset(subcode)).is_err() {
+                log::debug!("bgp {peer}: session task gone");
+            }
+        }
+    }
+
     /// Drops every session without a NOTIFICATION: to graceful-restart peers this is a
     /// restart, and they keep our routes for `restart_time`.
     pub fn close_for_restart(&mut self) {

@@ -67,6 +67,9 @@ pub enum Control {
     /// Shutdown, 3 Peer De-configured, 6 Other Configuration Change), so the peer drops our
     /// routes at once instead of keeping them for a graceful restart.
     Shutdown(u8),
+    /// Close with a NOTIFICATION Cease of this subcode and connect again after the usual
+    /// back-off: the path to the peer failed (BFD, RFC 5882 §4.3), the routes go at once.
+    Reset(u8),
     /// Ask the peer to send its routes again (ROUTE-REFRESH, RFC 2918): the import policy
     /// changed. A peer without the capability gets its session reset instead.
     Refresh,
@@ -475,7 +478,7 @@ impl Session {
     /// our routes now; the session is over.
     fn shutdown(&mut self, why: Control, out: &mut Vec<Output>) {
         let subcode = match why {
-            Control::Shutdown(s) => s,
+            Control::Shutdown(s) | Control::Reset(s) => s,
             Control::Refresh => CEASE_ADMIN_SHUTDOWN,
         };
         if self.conn.take().is_some() {
@@ -514,6 +517,13 @@ impl Session {
             }
             // Not established: the routes come anyway.
             (Control::Refresh, _) => {}
+            (Control::Reset(subcode), _) if self.conn.is_some() => {
+                let e = err(ERR_CEASE, subcode, "the path to the peer failed (BFD)");
+                let e = self.notify(&e, out);
+                self.end(e, now, out);
+            }
+            // No connection: nothing to reset.
+            (Control::Reset(_), _) => {}
             (c @ Control::Shutdown(_), _) => self.shutdown(c, out),
         }
     }

@@ -39,6 +39,8 @@ pub const CEASE_ADMIN_SHUTDOWN: u8 = 2;
 pub const CEASE_PEER_DECONFIGURED: u8 = 3;
 pub const CEASE_OTHER_CONFIG_CHANGE: u8 = 6;
 pub const CEASE_COLLISION: u8 = 7;
+/// RFC 9384: the session went down because BFD said the path failed.
+pub const CEASE_BFD_DOWN: u8 = 10;
 
 pub fn err(code: u8, subcode: u8, reason: impl Into<String>) -> BgpError {
     BgpError {
