@@ -146,6 +146,10 @@ pub struct Route {
 pub struct NextHop {
     pub via: IpAddr,
     pub interface: String,
+    /// BFD to the next hop: while its session is down (after it was up), the next hop
+    /// leaves the route's group and the route goes when it was the last.
+    #[serde(default, deserialize_with = "crate::bfd::config::setting")]
+    pub bfd: Option<crate::bfd::config::Bfd>,
 }
 
 /// A config error: where and why.
@@ -238,6 +242,21 @@ impl Config {
         let mut pairs = HashSet::new();
         for (i, c) in self.ipsec.iter().enumerate() {
             let f = |sub: &str| format!("ipsec[{i}].{sub}");
+            if let Some(bfd) = &c.bfd {
+                bfd.validate(&f("bfd"), true)?;
+                let routed = if c.routes.is_empty() {
+                    &c.remote_ts
+                } else {
+                    &c.routes
+                };
+                let peer = bfd.peer.expect("validated");
+                if !routed.iter().any(|n| n.contains(&peer)) {
+                    return Err((
+                        f("bfd.peer"),
+                        format!("{peer} is not in the prefixes routed into the tunnel"),
+                    ));
+                }
+            }
             if c.name.is_empty() || !names.insert(c.name.clone()) {
                 return Err((f("name"), format!("{:?} is empty or used twice", c.name)));
             }
@@ -363,6 +382,9 @@ impl Config {
         let mut seen = HashSet::new();
         for (i, n) in b.neighbors.iter().enumerate() {
             let f = |sub: &str| format!("bgp.neighbors[{i}].{sub}");
+            if let Some(bfd) = &n.bfd {
+                bfd.validate(&f("bfd"), false)?;
+            }
             if self.segment_id(&n.segment).is_none() {
                 return err(f("segment"), format!("unknown segment {:?}", n.segment));
             }
@@ -531,6 +553,9 @@ impl Config {
             let mut seen = HashSet::new();
             for (j, nh) in r.next_hops.iter().enumerate() {
                 let g = |sub: &str| format!("routes[{i}].next_hops[{j}].{sub}");
+                if let Some(bfd) = &nh.bfd {
+                    bfd.validate(&g("bfd"), false)?;
+                }
                 if nh.via.is_ipv4() != r.prefix.addr().is_ipv4() {
                     return err(
                         g("via"),

@@ -42,6 +42,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show a running agent's BFD sessions: state, discriminators, negotiated intervals,
+    /// last diagnostic, flaps; and the last failover with its switch and convergence times.
+    Bfd {
+        #[arg(short, long, default_value = "/run/xnet/xnet.sock")]
+        socket: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show a running agent's policies with their hits and its firewall services with
     /// their instances' health.
     Policy {
@@ -122,6 +131,16 @@ async fn real_main() -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 print!("{}", s.render_bgp());
+            }
+            Ok(())
+        }
+        Command::Bfd { socket, json } => {
+            let s = status::fetch(&socket).await?;
+            if json {
+                let v = serde_json::json!({ "sessions": s.bfd, "failover": s.failover });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", s.render_bfd());
             }
             Ok(())
         }

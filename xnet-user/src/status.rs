@@ -35,6 +35,25 @@ pub struct Status {
     pub bgp_in_data_plane: usize,
     #[serde(default)]
     pub ipsec: Vec<IpsecStatus>,
+    #[serde(default)]
+    pub bfd: Vec<crate::bfd::driver::Status>,
+    /// The last failure BFD detected and how fast forwarding and routes followed.
+    #[serde(default)]
+    pub failover: Option<Failover>,
+}
+
+/// The last failure BFD detected, with how long each step took.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Failover {
+    pub peer: std::net::IpAddr,
+    /// When the BFD thread declared the session down (Unix milliseconds).
+    pub detected_unix_ms: f64,
+    /// Next-hop groups rewritten, and how long from detection until they were: from then
+    /// on no packet takes the dead next hop.
+    pub groups: usize,
+    pub switch_ms: f64,
+    /// From detection until the routes had moved (the RIB and every prefix).
+    pub converge_ms: Option<f64>,
 }
 
 impl Status {
@@ -286,6 +305,47 @@ impl Status {
 }
 
 impl Status {
+    /// The BFD view: one line per session, then the last failover.
+    pub fn render_bfd(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "PEER                     LOCAL            HOPS   STATE       REMOTE      DISCR (L/R)             TX ms  DETECT ms  FLAPS  LAST DIAG");
+        for b in &self.bfd {
+            let _ = writeln!(
+                s,
+                "{:<24} {:<16} {:<6} {:<11} {:<11} {:>10}/{:<10} {:>8.0} {:>10.0} {:>6}  {}{}",
+                b.peer,
+                b.local.map(|l| l.to_string()).unwrap_or_else(|| "-".into()),
+                if b.multihop { "multi" } else { "single" },
+                b.state,
+                b.remote_state,
+                b.local_discr,
+                b.remote_discr,
+                b.tx_ms,
+                b.detect_ms,
+                b.flaps,
+                b.last_diag,
+                if b.remote_diag != "none" {
+                    format!(" (peer: {})", b.remote_diag)
+                } else {
+                    String::new()
+                }
+            );
+        }
+        if let Some(f) = &self.failover {
+            let _ = writeln!(
+                s,
+                "\nlast failover: {} — {} next-hop groups switched {:.2} ms after detection; routes converged {}",
+                f.peer,
+                f.groups,
+                f.switch_ms,
+                f.converge_ms
+                    .map(|c| format!("{c:.0} ms after detection"))
+                    .unwrap_or_else(|| "not yet".into())
+            );
+        }
+        s
+    }
+
     /// The BGP view: sessions, then routes with their paths (`*` chosen).
     pub fn render_bgp(&self) -> String {
         let mut s = String::new();

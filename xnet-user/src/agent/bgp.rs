@@ -119,6 +119,10 @@ impl Agent {
             .as_ref()
             .map(|b| b.restart_time)
             .unwrap_or(0);
+        let down = match &ev {
+            Event::Down { peer, .. } => Some(*peer),
+            _ => None,
+        };
         let changed = match ev {
             Event::Established {
                 peer,
@@ -126,6 +130,9 @@ impl Agent {
                 ..
             } => {
                 info!("bgp: {peer} established");
+                if let Err(e) = self.dp.set_nexthop_alive(peer, true) {
+                    warn!("bgp: {peer}: {e:#}");
+                }
                 let family = if peer.is_ipv4() { (1, 1) } else { (2, 1) };
                 let kept = graceful_restart
                     .as_ref()
@@ -176,6 +183,11 @@ impl Agent {
                         Vec::new()
                     }
                     _ => {
+                        // Packets stop going to it before its routes move, one write per
+                        // next-hop group.
+                        if let Err(e) = self.dp.set_nexthop_alive(peer, false) {
+                            warn!("bgp: {peer}: {e:#}");
+                        }
                         self.stale.take(peer);
                         let changed = self.rib.peer_down(peer);
                         info!(
@@ -195,6 +207,9 @@ impl Agent {
         };
         if let Err(e) = self.bgp_changed(changed).await {
             warn!("bgp: {e:#}");
+        }
+        if down.is_some() && down == self.last_failover.as_ref().map(|f| f.peer) {
+            self.failover_converged();
         }
     }
 

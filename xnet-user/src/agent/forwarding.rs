@@ -144,7 +144,22 @@ impl Agent {
     }
 
     /// Makes the static routes equal to `want` (the config's `[[routes]]`).
-    pub(super) async fn set_statics(&mut self, want: RouteSet) -> Result<()> {
+    pub(super) async fn set_statics(&mut self, mut want: RouteSet) -> Result<()> {
+        // Next hops whose BFD session failed stay out; a route with none left goes.
+        let failed = self.failed_next_hops();
+        if !failed.is_empty() {
+            want = want
+                .into_iter()
+                .filter_map(|(k, hops)| {
+                    let live: std::sync::Arc<[NhKey]> = hops
+                        .iter()
+                        .filter(|h| !failed.contains(h))
+                        .copied()
+                        .collect();
+                    (!live.is_empty()).then_some((k, live))
+                })
+                .collect();
+        }
         let mut out = Vec::new();
         for (seg, net) in self.statics.keys() {
             if !want.contains_key(&(*seg, *net)) {

@@ -91,6 +91,8 @@ impl Agent {
     /// BGP sessions close without a NOTIFICATION, so graceful-restart peers keep our
     /// routes for `restart_time`. If the links cannot be pinned, stops cleanly instead.
     pub(super) async fn exit_for_restart(&mut self) {
+        // AdminDown: to the peers our going is not a failure (RFC 5882 §3.2).
+        self.stop_bfd();
         let base = self.config.agent.pin_dir.clone();
         // Still restarting ourselves: the previous agent's program is in place and pinned.
         if self.handover.is_empty() {

@@ -5,6 +5,7 @@
 //! forwarding goes on and BGP peers keep our routes until the next agent takes over
 //! (`handover`).
 
+mod bfd;
 mod bgp;
 mod forwarding;
 mod handover;
@@ -88,6 +89,14 @@ struct Agent {
     tunnel_kernel_hops: HashMap<IpAddr, (u32, IpAddr)>,
     /// Route-based connectors: index → (xfrm interface, its ifindex).
     xfrm_links: HashMap<usize, (String, u32)>,
+    /// BFD: the sessions' thread, who each session serves, and the sessions that failed
+    /// (Up, then down for a reason other than the peer's AdminDown) and are not back.
+    bfd: Option<crate::bfd::driver::Bfd>,
+    bfd_clients: bfd::Wanted,
+    bfd_failed: HashSet<crate::bfd::driver::Key>,
+    /// The last failure BFD detected, and when, until its routes have converged.
+    last_failover: Option<bfd::Failover>,
+    failover_started: Option<Instant>,
 }
 
 /// Runs the agent on `path` until SIGINT or SIGTERM.
@@ -139,6 +148,11 @@ pub async fn run(path: &Path) -> Result<()> {
         xfrm_links: HashMap::new(),
         tunnel_peers: HashMap::new(),
         tunnel_kernel_hops: HashMap::new(),
+        bfd: None,
+        bfd_clients: Default::default(),
+        bfd_failed: HashSet::new(),
+        last_failover: None,
+        failover_started: None,
     };
     let result = match agent.start(routes).await {
         Ok(()) => agent.serve().await,
@@ -202,6 +216,13 @@ async fn recv_tunnel(
     }
 }
 
+async fn recv_bfd(b: &mut Option<crate::bfd::driver::Bfd>) -> Option<crate::bfd::driver::Event> {
+    match b {
+        Some(b) => b.events.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn recv_bgp(s: &mut Option<Speaker>) -> Option<(u64, Event)> {
     match s {
         Some(s) => s.events.recv().await,
@@ -258,6 +279,7 @@ impl Agent {
         if c.agent.kernel_fib {
             self.fib = Some(forwarding::FibWriter::spawn()?);
         }
+        self.reconcile_bfd()?;
         self.set_statics(routes).await?;
         if let Some(f) = &self.fib {
             // The slow path has the static routes before the first packet meets XDP.
@@ -424,6 +446,9 @@ impl Agent {
             self.config = old;
             return;
         }
+        if let Err(e) = self.reconcile_bfd() {
+            error!("reload: bfd: {e:#}");
+        }
         match self.set_statics(want).await {
             Ok(()) => info!(
                 "reloaded {}: {} routes",
@@ -474,6 +499,7 @@ impl Agent {
                 _ = int.recv() => { info!("SIGINT: stopping"); break Exit::Stop; }
                 _ = usr1.recv() => { info!("SIGUSR1: exiting for a graceful restart"); break Exit::Restart; }
                 _ = hup.recv() => self.reload().await,
+                Some(ev) = recv_bfd(&mut self.bfd) => self.on_bfd(ev).await,
                 Some(ev) = recv_tunnel(&mut self.ike) => self.on_tunnel(ev).await,
                 Some(ev) = recv_bgp(&mut self.bgp) => {
                     self.on_bgp(ev).await;
@@ -516,6 +542,7 @@ impl Agent {
     /// Undoes what start() did, in reverse: BGP peers are told first (so they move traffic
     /// away), then XDP goes, so no packet meets half-removed state.
     async fn stop(&mut self) {
+        self.stop_bfd();
         if let Some(b) = &mut self.bgp {
             b.shutdown().await;
         }

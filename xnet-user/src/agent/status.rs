@@ -184,6 +184,8 @@ impl Agent {
         if let Some(ike) = &self.ike {
             s.ipsec = ike.status.lock().unwrap().clone();
         }
+        s.bfd = self.bfd_status();
+        s.failover = self.last_failover.clone();
         s.reasons = counters
             .reasons
             .iter()

@@ -31,7 +31,7 @@ pub(super) fn tunnel_key(remote: IpAddr, net: &IpNet) -> IpAddr {
 }
 
 /// A tunnel's keys in both families (`tunnel_key` of an IPv4 and of an IPv6 prefix).
-fn tunnel_keys(remote: IpAddr) -> [IpAddr; 2] {
+pub(super) fn tunnel_keys(remote: IpAddr) -> [IpAddr; 2] {
     [
         tunnel_key(remote, &IpNet::from(IpAddr::from([0u8; 4]))),
         tunnel_key(remote, &IpNet::from(IpAddr::from([0u8; 16]))),
@@ -150,23 +150,14 @@ impl Agent {
         } else {
             c.routes.clone()
         };
-        let mut out = Vec::new();
-        for net in &prefixes {
-            let hop = NhKey {
-                ifindex: TUNNEL,
-                via: tunnel_key(c.remote_address, net),
-            };
-            self.core.set(
-                Source::Tunnel(i as u32),
-                seg,
-                *net,
-                Paths::direct(&[hop]),
-                &mut out,
-            );
+        for key in tunnel_keys(c.remote_address) {
+            if let Err(e) = self.dp.set_nexthop_alive(key, true) {
+                warn!("ipsec {}: {e:#}", c.name);
+            }
         }
-        if let Err(e) = self.apply(out).await {
-            warn!("ipsec {}: {e:#}", c.name);
-        }
+        self.tunnel_routes
+            .insert(i, prefixes.iter().map(|n| (seg, *n)).collect());
+        self.set_tunnel_routes(i).await;
         // BGP peers inside the tunnel (a VPN gateway's or a vWAN hub's BGP address): our
         // own session packets follow the main table, so each gets a host route into the
         // tunnel there.
@@ -203,8 +194,44 @@ impl Agent {
                 .join(", "),
             c.segment
         );
-        self.tunnel_routes
-            .insert(i, prefixes.into_iter().map(|n| (seg, n)).collect());
+    }
+
+    /// Routes a connector's prefixes into its tunnel while it is up and its BFD session
+    /// (if any) has not failed; takes them out otherwise.
+    pub(super) async fn set_tunnel_routes(&mut self, i: usize) {
+        let Some(c) = self.config.ipsec.get(i) else {
+            return;
+        };
+        let (name, remote) = (c.name.clone(), c.remote_address);
+        let Some(routes) = self.tunnel_routes.get(&i).cloned() else {
+            return;
+        };
+        let held = self.bfd_holds_connector(i);
+        let mut out = Vec::new();
+        for (seg, net) in routes {
+            if held {
+                self.core
+                    .withdraw(Source::Tunnel(i as u32), seg, net, &mut out);
+            } else {
+                let hop = NhKey {
+                    ifindex: TUNNEL,
+                    via: tunnel_key(remote, &net),
+                };
+                self.core.set(
+                    Source::Tunnel(i as u32),
+                    seg,
+                    net,
+                    Paths::direct(&[hop]),
+                    &mut out,
+                );
+            }
+        }
+        if let Err(e) = self.apply(out).await {
+            warn!("ipsec {name}: {e:#}");
+        }
+        if held {
+            info!("ipsec {name}: BFD over the tunnel is down: its routes are out");
+        }
     }
 
     async fn tunnel_down(&mut self, i: usize) {
@@ -216,6 +243,14 @@ impl Agent {
         let Some(routes) = self.tunnel_routes.remove(&i) else {
             return;
         };
+        // Packets stop going into it first, whatever the number of routes.
+        if let Some(c) = self.config.ipsec.get(i) {
+            for key in tunnel_keys(c.remote_address) {
+                if let Err(e) = self.dp.set_nexthop_alive(key, false) {
+                    warn!("ipsec {}: {e:#}", c.name);
+                }
+            }
+        }
         let mut out = Vec::new();
         for (seg, net) in routes {
             self.core

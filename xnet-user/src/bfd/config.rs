@@ -19,6 +19,9 @@ pub struct Bfd {
     /// RFC 5883 (UDP 4784, no TTL check) instead of RFC 5881 (UDP 3784, TTL 255); default:
     /// multihop when the peer is not on one of our subnets.
     pub multihop: Option<bool>,
+    /// IPsec connectors only: the peer's address inside the tunnel, and ours.
+    pub peer: Option<std::net::IpAddr>,
+    pub local: Option<std::net::IpAddr>,
 }
 
 impl Default for Bfd {
@@ -27,6 +30,8 @@ impl Default for Bfd {
             interval_ms: DEFAULT_INTERVAL_MS,
             multiplier: DEFAULT_MULTIPLIER,
             multihop: None,
+            peer: None,
+            local: None,
         }
     }
 }
@@ -39,8 +44,36 @@ impl Bfd {
         }
     }
 
-    /// The field's problem, if any (`field` names it in the message).
-    pub fn validate(&self, field: &str) -> Result<(), (String, String)> {
+    /// The field's problem, if any (`field` names it in the message); `tunnel`: the
+    /// setting of an IPsec connector, which names the peer inside the tunnel.
+    pub fn validate(&self, field: &str, tunnel: bool) -> Result<(), (String, String)> {
+        match (tunnel, self.peer) {
+            (true, None) => {
+                return Err((
+                    format!("{field}.peer"),
+                    "a connector's BFD needs the peer's address inside the tunnel".into(),
+                ))
+            }
+            (false, Some(_)) => {
+                return Err((
+                    format!("{field}.peer"),
+                    "only a connector's BFD names its peer (here it is the neighbour or next hop)"
+                        .into(),
+                ))
+            }
+            _ => {}
+        }
+        if !tunnel && self.local.is_some() {
+            return Err((
+                format!("{field}.local"),
+                "only for a connector's BFD".into(),
+            ));
+        }
+        if let (Some(p), Some(l)) = (self.peer, self.local) {
+            if p.is_ipv4() != l.is_ipv4() {
+                return Err((format!("{field}.local"), "not the family of peer".into()));
+            }
+        }
         // 10 ms: below that a 2-core host cannot keep the promise; 60 s: RFC 5880's
         // intervals are 32-bit microseconds, and beyond a minute BFD is pointless.
         if !(10..=60_000).contains(&self.interval_ms) {
@@ -62,6 +95,10 @@ struct Table {
     multiplier: u8,
     #[serde(default)]
     multihop: Option<bool>,
+    #[serde(default)]
+    peer: Option<std::net::IpAddr>,
+    #[serde(default)]
+    local: Option<std::net::IpAddr>,
 }
 
 fn interval() -> u32 {
@@ -89,6 +126,8 @@ pub fn setting<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Bfd>, D:
                 interval_ms: t.interval_ms,
                 multiplier: t.multiplier,
                 multihop: t.multihop,
+                peer: t.peer,
+                local: t.local,
             }))
         }
     }
@@ -131,9 +170,16 @@ mod tests {
             interval_ms: 5,
             ..b
         }
-        .validate("x")
+        .validate("x", false)
         .is_err());
-        assert!(Bfd { multiplier: 0, ..b }.validate("x").is_err());
-        assert!(b.validate("x").is_ok());
+        assert!(Bfd { multiplier: 0, ..b }.validate("x", false).is_err());
+        assert!(b.validate("x", false).is_ok());
+        assert_eq!(b.validate("x", true).unwrap_err().0, "x.peer");
+        let t = Bfd {
+            peer: Some("169.254.21.1".parse().unwrap()),
+            ..b
+        };
+        assert!(t.validate("x", true).is_ok());
+        assert_eq!(t.validate("x", false).unwrap_err().0, "x.peer");
     }
 }

@@ -92,6 +92,10 @@ pub struct Neighbor {
     pub password_env: Option<String>,
     /// Our address for the session (eBGP multihop from a loopback, say).
     pub local_address: Option<IpAddr>,
+    /// BFD to the neighbour: its session going down takes the BGP session down at once
+    /// (RFC 5882 §4.3) instead of after the hold time.
+    #[serde(default, deserialize_with = "crate::bfd::config::setting")]
+    pub bfd: Option<crate::bfd::config::Bfd>,
     /// What is accepted from the peer, and how it is changed.
     #[serde(default)]
     pub import: super::policy::Import,

@@ -71,6 +71,10 @@ pub struct Ipsec {
     /// are bound to it, so routes, not selectors, decide what is encrypted. Without it,
     /// or on a kernel without xfrm interfaces, the tunnel is policy-based.
     pub interface: Option<String>,
+    /// BFD over the tunnel to the peer's inside address (`peer`; multihop by default):
+    /// the tunnel's routes leave when it goes down, without waiting for DPD.
+    #[serde(default, deserialize_with = "crate::bfd::config::setting")]
+    pub bfd: Option<crate::bfd::config::Bfd>,
 }
 
 fn default_dpd() -> u64 {
