@@ -576,6 +576,18 @@ pub fn vnet1_to_onprem(lab: &Lab, n: usize) -> usize {
     )
 }
 
+/// UDP from the VNet to 172.16.0.1 on-prem (a prefix the BGP tests' peers announce).
+pub fn to_onprem_172(lab: &Lab, n: usize) -> usize {
+    udp(
+        lab,
+        "vnet1",
+        "10.1.0.1:5000",
+        "onprem",
+        "172.16.0.1:9000",
+        n,
+    )
+}
+
 /// Polls the agent's status until `cond` holds, failing after `limit`.
 pub fn wait_until(agent: &Agent, what: &str, limit: Duration, cond: impl Fn(&Status) -> bool) {
     let t = Instant::now();
@@ -867,6 +879,7 @@ impl Flows {
 pub struct Frr {
     zebra: Child,
     bgpd: Child,
+    bfdd: Option<Child>,
     dir: PathBuf,
     ns: String,
 }
@@ -875,6 +888,16 @@ impl Frr {
     /// FRR in lab host `host` with `bgpd.conf` text `conf`; the namespace gets `address`
     /// on lo.
     pub fn in_host(lab: &Lab, host: &str, conf: &str, address: &str) -> Frr {
+        Self::start(lab, host, conf, None, address)
+    }
+
+    /// `in_host` with FRR's BFD daemon too, configured with `bfdd_conf` (its `bfd` block:
+    /// peers, profiles); bgpd's `neighbor … bfd` reaches it through zebra.
+    pub fn with_bfdd(lab: &Lab, host: &str, conf: &str, bfdd_conf: &str, address: &str) -> Frr {
+        Self::start(lab, host, conf, Some(bfdd_conf), address)
+    }
+
+    fn start(lab: &Lab, host: &str, conf: &str, bfdd: Option<&str>, address: &str) -> Frr {
         let dir = std::env::temp_dir().join(format!("{}-frr-{host}", lab.prefix));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -882,6 +905,9 @@ impl Frr {
         sh(&format!("ip -n {ns} addr add {address}/32 dev lo"));
         std::fs::write(dir.join("zebra.conf"), "hostname zebra\n").unwrap();
         std::fs::write(dir.join("bgpd.conf"), conf).unwrap();
+        if let Some(b) = bfdd {
+            std::fs::write(dir.join("bfdd.conf"), b).unwrap();
+        }
         // FRR drops to its own user: it must reach its files.
         sh(&format!(
             "chown -R frr:frr {0} && chmod 755 {0}",
@@ -895,9 +921,11 @@ impl Frr {
                 .args(["-f", &format!("{d}/{name}.conf")])
                 .args(["-i", &format!("{d}/{name}.pid")])
                 .args(["-z", &zserv, "--vty_socket", &d, "-P", "0"])
-                .args(["--log", &format!("file:{d}/{name}.log")])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
+                .args(["--log", &format!("file:{d}/{name}.log")]);
+            if name == "bfdd" {
+                c.args(["--bfdctl", &format!("{d}/bfdd.sock")]);
+            }
+            c.stdout(Stdio::null()).stderr(Stdio::null());
             c.spawn()
                 .expect("FRR (Debian frr) is installed by cargo xtask setup")
         };
@@ -906,10 +934,12 @@ impl Frr {
         while !std::path::Path::new(&zserv).exists() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
         }
+        let bfdd = bfdd.map(|_| daemon("bfdd"));
         let bgpd = daemon("bgpd");
         let frr = Frr {
             zebra,
             bgpd,
+            bfdd,
             dir,
             ns,
         };
@@ -969,11 +999,22 @@ impl Frr {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("bgpd.log")).unwrap_or_default()
     }
+
+    /// Stops bfdd without a word to its peers (SIGKILL): to them the path is dead.
+    pub fn kill_bfdd(&mut self) {
+        if let Some(mut c) = self.bfdd.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 impl Drop for Frr {
     fn drop(&mut self) {
-        for c in [&mut self.bgpd, &mut self.zebra] {
+        for c in [&mut self.bgpd, &mut self.zebra]
+            .into_iter()
+            .chain(self.bfdd.as_mut())
+        {
             let _ = c.kill();
             let _ = c.wait();
         }

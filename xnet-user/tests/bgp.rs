@@ -55,17 +55,6 @@ fn uptime(agent: &Agent, name: &str) -> u64 {
     s.bgp.iter().find(|b| b.name == name).unwrap().uptime_secs
 }
 
-fn to_onprem_172(lab: &Lab, n: usize) -> usize {
-    udp(
-        lab,
-        "vnet1",
-        "10.1.0.1:5000",
-        "onprem",
-        "172.16.0.1:9000",
-        n,
-    )
-}
-
 #[test]
 fn bird_sessions_routes_withdrawals_and_exports() {
     if !require_root("bird_sessions_routes_withdrawals_and_exports") {

@@ -186,7 +186,7 @@ impl Bfd {
             .values()
             .cloned()
             .collect();
-        v.sort_by(|a, b| (a.peer, a.local, a.multihop).cmp(&(b.peer, b.local, b.multihop)));
+        v.sort_by_key(|s| (s.peer, s.local, s.multihop));
         v
     }
 
@@ -194,10 +194,10 @@ impl Bfd {
     /// thread. Blocks for as long as that takes (a few milliseconds).
     pub fn stop(&mut self) {
         let (tx, rx) = std::sync::mpsc::channel();
-        if self.commands.send(Command::Stop(tx)).is_ok() {
-            if rx.recv_timeout(Duration::from_secs(1)).is_err() {
-                warn!("bfd: AdminDown not confirmed sent within 1 s");
-            }
+        if self.commands.send(Command::Stop(tx)).is_ok()
+            && rx.recv_timeout(Duration::from_secs(1)).is_err()
+        {
+            warn!("bfd: AdminDown not confirmed sent within 1 s");
         }
         if let Some(t) = self.thread.take() {
             if t.join().is_err() {

@@ -463,7 +463,7 @@ mod tests {
         while t < t0 + Duration::from_secs(20) {
             // Keep the session alive.
             let mut out = Vec::new();
-            if t.duration_since(t0).as_millis() % 200 == 0 {
+            if t.duration_since(t0).as_millis().is_multiple_of(200) {
                 out = s.receive(&peer(State::Up, 7, 200, 500), t);
             }
             out.extend(s.timer(t));

@@ -1438,6 +1438,37 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_bfd_reset_sends_cease_10_drops_routes_and_connects_again() {
+        let t = t0();
+        let mut s = established(config(90), 90, true, t);
+        let out = s.step(Input::Control(Control::Reset(CEASE_BFD_DOWN)), t);
+        // RFC 9384: NOTIFICATION Cease (6) subcode BFD Down (10), exactly.
+        let sent: Vec<&Vec<u8>> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::Send(b) => Some(b),
+                _ => None,
+            })
+            .collect();
+        let mut want = vec![0xff; 16];
+        want.extend([0, 21, 3, 6, 10]);
+        assert_eq!(sent, [&want]);
+        // Not graceful: the agent drops the peer's routes now, even with GR.
+        let (_, graceful) = down(&out).expect("a Down event");
+        assert!(!graceful);
+        assert!(!out.iter().any(|o| matches!(o, Output::Stop)), "it goes on");
+        // It connects again after the back-off.
+        let again = s.step(Input::Timer, t + secs(31));
+        assert!(
+            again.iter().any(|o| matches!(o, Output::Connect)),
+            "{again:?}"
+        );
+        // Not connected: nothing to reset.
+        let (mut s, _) = Session::new(config(90), t);
+        assert!(s.step(Input::Control(Control::Reset(10)), t).is_empty());
+    }
+
+    #[test]
     fn a_shutdown_sends_its_cease_drains_and_stops() {
         let t = t0();
         let mut s = established(config(90), 90, false, t);
