@@ -14,7 +14,7 @@ use ipnet::IpNet;
 use crate::lab::{netns_exec, Lab};
 use xnet_user::status;
 
-struct Proc(Child);
+pub(crate) struct Proc(pub(crate) Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -24,7 +24,7 @@ impl Drop for Proc {
     }
 }
 
-fn spawn(ns: &str, args: &[&str]) -> Result<Proc> {
+pub(crate) fn spawn(ns: &str, args: &[&str]) -> Result<Proc> {
     let child = Command::new("ip")
         .args(["netns", "exec", ns])
         .args(args)
@@ -35,7 +35,7 @@ fn spawn(ns: &str, args: &[&str]) -> Result<Proc> {
     Ok(Proc(child))
 }
 
-fn birdc(ns: &str, sock: &Path, cmd: &str) -> String {
+pub(crate) fn birdc(ns: &str, sock: &Path, cmd: &str) -> String {
     netns_exec(ns, &format!("birdc -s {} {cmd}", sock.display())).unwrap_or_default()
 }
 
@@ -65,7 +65,7 @@ fn bird_counts(ns: &str, sock: &Path) -> (usize, usize) {
 }
 
 /// Routes in BIRD's table, from `show route count` ("N of M routes for K networks…").
-fn bird_routes(ns: &str, sock: &Path) -> usize {
+pub(crate) fn bird_routes(ns: &str, sock: &Path) -> usize {
     birdc(ns, sock, "show route count")
         .lines()
         .filter_map(|l| l.split_whitespace().next()?.parse::<usize>().ok())
@@ -73,7 +73,7 @@ fn bird_routes(ns: &str, sock: &Path) -> usize {
 }
 
 /// Polls `done` every `every` until it holds; returns when it did.
-fn wait(
+pub(crate) fn wait(
     what: &str,
     limit: Duration,
     every: Duration,
@@ -82,7 +82,7 @@ fn wait(
     let start = Instant::now();
     while !done() {
         if start.elapsed() > limit {
-            bail!("bench bgp_ingest: {what} not reached in {limit:?}");
+            bail!("bench: {what} not reached in {limit:?}");
         }
         std::thread::sleep(every);
     }
@@ -90,7 +90,7 @@ fn wait(
 }
 
 /// A process's CPU time so far (user + system), in seconds.
-fn cpu_secs(pid: u32) -> f64 {
+pub(crate) fn cpu_secs(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command's closing parenthesis; utime and stime are 14th and 15th.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
@@ -196,15 +196,16 @@ fn peak_rss_mib(pid: u32) -> f64 {
 /// Wakes the announcing BIRD. Its event loop can sleep up to 3 s in poll() with the
 /// last UPDATE of a table unsent (seen here: the last 99 prefixes and End-of-RIB 2.9 s
 /// after the rest); a CLI request is I/O that ends the sleep. Both receivers get the same.
-fn poke(ns: &str, sock: &Path) {
+pub(crate) fn poke(ns: &str, sock: &Path) {
     birdc(ns, sock, "show status");
 }
 
-const FAST: Duration = Duration::from_millis(50);
+pub(crate) const FAST: Duration = Duration::from_millis(50);
 /// `show route count` walks BIRD's whole table: poll it gently.
-const GENTLE: Duration = Duration::from_millis(500);
+pub(crate) const GENTLE: Duration = Duration::from_millis(500);
 
-const BIRD_TIMERS: &str = "connect delay time 1; connect retry time 1; error wait time 1, 2;";
+pub(crate) const BIRD_TIMERS: &str =
+    "connect delay time 1; connect retry time 1; error wait time 1, 2;";
 
 pub fn run(v4: &[IpNet], v6: &[IpNet]) -> Result<()> {
     if Command::new("bird").arg("--version").output().is_err() {

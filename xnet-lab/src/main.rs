@@ -40,6 +40,9 @@ enum Command {
         /// Only the IKE setup benchmark.
         #[arg(long)]
         ike_only: bool,
+        /// Only the failover benchmark (BFD, prefix-independent convergence).
+        #[arg(long)]
+        failover_only: bool,
         /// Only the forwarding benchmark (packets per second through veths).
         #[arg(long)]
         fwd_only: bool,
@@ -68,6 +71,7 @@ async fn real_main() -> Result<()> {
             rounds,
             bgp_only,
             ike_only,
+            failover_only,
             fwd_only,
             tunnels,
         } => {
@@ -85,6 +89,13 @@ async fn real_main() -> Result<()> {
                 return tokio::task::spawn_blocking(move || xnet_lab::bench_ike::run(tunnels))
                     .await?;
             }
+            if failover_only {
+                let (v4, v6) = xnet_lab::bench::tables(table_dir.as_deref())?;
+                return tokio::task::spawn_blocking(move || {
+                    xnet_lab::bench_failover::run(&v4, &v6)
+                })
+                .await?;
+            }
             let (v4, v6) = if bgp_only {
                 xnet_lab::bench::tables(table_dir.as_deref())?
             } else {
@@ -98,7 +109,14 @@ async fn real_main() -> Result<()> {
                     .join()
                     .map_err(|_| anyhow::anyhow!("benchmark thread panicked"))??
             };
-            tokio::task::spawn_blocking(move || xnet_lab::bench_bgp::run(&v4, &v6)).await??;
+            let (v4, v6) = tokio::task::spawn_blocking(move || {
+                xnet_lab::bench_bgp::run(&v4, &v6).map(|()| (v4, v6))
+            })
+            .await??;
+            if !bgp_only {
+                tokio::task::spawn_blocking(move || xnet_lab::bench_failover::run(&v4, &v6))
+                    .await??;
+            }
             tokio::task::spawn_blocking(move || xnet_lab::bench_ike::run(tunnels)).await?
         }
         Command::Demo { duration } => xnet_lab::demo::run(duration).await,

@@ -22,9 +22,11 @@ use aya::{Ebpf, EbpfLoader};
 use ipnet::IpNet;
 use serde::Serialize;
 use smallvec::SmallVec;
+
+use crate::nexthop_groups::{Member, SharedGroups};
 use xnet_common::route::GROUP_SIZE;
 use xnet_common::{
-    names, IfConfig, IfStats, NextHop, NhGroup, Outcome, Reason, MAX_ECMP, NH_F_KERNEL, NH_F_VALID,
+    names, IfConfig, IfStats, NextHop, Outcome, Reason, MAX_ECMP, NH_F_KERNEL, NH_F_VALID,
 };
 
 use crate::lpm::{LpmUsage, NodeMemory, RouteTables, TableId};
@@ -185,9 +187,8 @@ pub struct Dataplane {
     /// holds for its prefix: the trie's prefix index is the one record of the routes.
     group_members: crate::fastmap::Map<u32, Vec<u32>>,
     group_ids: Ids,
-    /// Next-hop addresses known dead (BFD, a tunnel or session down) before the routes
-    /// that use them have moved: groups skip them (`group_value`).
-    dead: crate::fastmap::Set<IpAddr>,
+    /// `NH_GROUPS` as packets see them, shared with the BFD thread.
+    shared_groups: SharedGroups,
     neighbours: HashMap<(u32, IpAddr), [u8; 6]>,
     locals: Vec<IpAddr>,
     attached: Vec<(u32, aya::programs::xdp::XdpLinkId)>,
@@ -265,6 +266,10 @@ impl Dataplane {
             Some(aya::maps::Map::Array(data)) => NodeMap::new(data, entries)?,
             _ => bail!("map {} missing from the XDP object", names::MAP_ROUTE_NODES),
         };
+        let shared_groups = match ebpf.map(names::MAP_NH_GROUPS) {
+            Some(aya::maps::Map::Array(data)) => SharedGroups::new(data)?,
+            _ => bail!("map {} missing from the XDP object", names::MAP_NH_GROUPS),
+        };
         let p: &mut Xdp = ebpf
             .program_mut(names::PROG_FORWARD)
             .context(names::PROG_FORWARD)?
@@ -289,7 +294,7 @@ impl Dataplane {
             groups: Default::default(),
             group_members: Default::default(),
             group_ids: Ids::new(xnet_common::limits::NH_GROUPS),
-            dead: Default::default(),
+            shared_groups,
             neighbours: HashMap::new(),
             locals: Vec::new(),
             attached: Vec::new(),
@@ -1090,11 +1095,11 @@ impl Dataplane {
             return Ok(id);
         }
         let id = self.group_ids.alloc("next-hop group")?;
-        let value = self.group_value(members);
-        let mut arr: Array<_, NhGroup> = self.map_mut(names::MAP_NH_GROUPS)?;
-        if let Err(e) = arr.set(id, &value, 0) {
+        let with_addrs: SmallVec<[Member; MAX_ECMP]> =
+            members.iter().map(|m| (*m, self.nh_by_id[m].via)).collect();
+        if let Err(e) = self.shared_groups.lock().write(id, &with_addrs) {
             self.group_ids.release(id);
-            return Err(e.into());
+            return Err(e);
         }
         self.groups
             .insert(members.to_vec(), GroupState { id, refs: 1 });
@@ -1102,74 +1107,16 @@ impl Dataplane {
         Ok(id)
     }
 
-    /// A group's map value: its members, each dead one replaced by a live one in turn.
-    /// The count stays, so flows on live members keep their next hop; a group with no
-    /// live member keeps them all (nothing better until the routes move).
-    fn group_value(&self, members: &[u32]) -> NhGroup {
-        let mut value = NhGroup {
-            count: members.len() as u32,
-            ..Default::default()
-        };
-        value.members[..members.len()].copy_from_slice(members);
-        if self.dead.is_empty() {
-            return value;
-        }
-        let is_dead = |m: &u32| {
-            self.nh_by_id
-                .get(m)
-                .is_some_and(|k| self.dead.contains(&k.via))
-        };
-        let live: SmallVec<[u32; MAX_ECMP]> =
-            members.iter().copied().filter(|m| !is_dead(m)).collect();
-        if live.is_empty() {
-            return value;
-        }
-        let mut next = live.iter().cycle();
-        for slot in value.members[..members.len()].iter_mut() {
-            if is_dead(slot) {
-                *slot = *next.next().expect("not empty");
-            }
-        }
-        value
+    /// Prefix-independent convergence: next hop `via` died (`alive` false) or is back;
+    /// see `nexthop_groups`. Returns how many groups were rewritten.
+    pub fn set_nexthop_alive(&self, via: IpAddr, alive: bool) -> Result<usize> {
+        self.shared_groups.lock().set_alive(via, alive)
     }
 
-    /// Prefix-independent convergence: next hop `via` died (`alive` false) or is back.
-    /// Every group that holds it is rewritten in place — one map write per group, however
-    /// many prefixes use it — so packets stop going there before the routes move.
-    /// Returns how many groups changed.
-    pub fn set_nexthop_alive(&mut self, via: IpAddr, alive: bool) -> Result<usize> {
-        let changed = if alive {
-            self.dead.remove(&via)
-        } else {
-            self.dead.insert(via)
-        };
-        if !changed {
-            return Ok(0);
-        }
-        let groups: Vec<(u32, NhGroup)> = self
-            .group_members
-            .iter()
-            .filter(|(_, m)| {
-                m.iter()
-                    .any(|id| self.nh_by_id.get(id).is_some_and(|k| k.via == via))
-            })
-            .map(|(g, m)| (*g, self.group_value(m)))
-            .collect();
-        let mut arr: Array<_, NhGroup> = self.map_mut(names::MAP_NH_GROUPS)?;
-        for (g, value) in &groups {
-            arr.set(*g, value, 0)?;
-        }
-        Ok(groups.len())
-    }
-
-    /// The next hops of group `id` as packets use them now (for tests and status).
-    pub fn group_in_use(&self, id: u32) -> Result<Vec<NhKey>> {
-        let arr: Array<_, NhGroup> = self.map(names::MAP_NH_GROUPS)?;
-        let g = arr.get(&id, 0)?;
-        Ok(g.members[..g.count as usize]
-            .iter()
-            .filter_map(|m| self.nh_by_id.get(m).copied())
-            .collect())
+    /// The next-hop groups as packets see them, for whoever learns of a dead next hop
+    /// first (the BFD thread).
+    pub fn shared_groups(&self) -> SharedGroups {
+        self.shared_groups.clone()
     }
 
     fn release_group(&mut self, id: u32) {
@@ -1181,6 +1128,7 @@ impl Dataplane {
         if g.refs == 0 {
             let members = self.group_members.remove(&id).unwrap();
             self.groups.remove(&members);
+            self.shared_groups.lock().forget(id);
             self.group_ids.release(id);
             for m in members {
                 self.release_nexthop(m);

@@ -43,7 +43,7 @@ enum Command {
         json: bool,
     },
     /// Show a running agent's BFD sessions: state, discriminators, negotiated intervals,
-    /// last diagnostic, flaps; and the last failover with its switch and convergence times.
+    /// last diagnostic, flaps; and the latest failovers with their switch and convergence times.
     Bfd {
         #[arg(short, long, default_value = "/run/xnet/xnet.sock")]
         socket: PathBuf,
@@ -137,7 +137,7 @@ async fn real_main() -> Result<()> {
         Command::Bfd { socket, json } => {
             let s = status::fetch(&socket).await?;
             if json {
-                let v = serde_json::json!({ "sessions": s.bfd, "failover": s.failover });
+                let v = serde_json::json!({ "sessions": s.bfd, "failovers": s.failovers });
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 print!("{}", s.render_bfd());

@@ -37,9 +37,10 @@ pub struct Status {
     pub ipsec: Vec<IpsecStatus>,
     #[serde(default)]
     pub bfd: Vec<crate::bfd::driver::Status>,
-    /// The last failure BFD detected and how fast forwarding and routes followed.
+    /// The latest failures BFD detected (the last one last) and how fast forwarding and
+    /// routes followed.
     #[serde(default)]
-    pub failover: Option<Failover>,
+    pub failovers: Vec<Failover>,
 }
 
 /// The last failure BFD detected, with how long each step took.
@@ -305,7 +306,7 @@ impl Status {
 }
 
 impl Status {
-    /// The BFD view: one line per session, then the last failover.
+    /// The BFD view: one line per session, then the latest failovers.
     pub fn render_bfd(&self) -> String {
         let mut s = String::new();
         let _ = writeln!(s, "PEER                     LOCAL            HOPS   STATE       REMOTE      DISCR (L/R)             TX ms  DETECT ms  FLAPS  LAST DIAG");
@@ -331,10 +332,13 @@ impl Status {
                 }
             );
         }
-        if let Some(f) = &self.failover {
+        if !self.failovers.is_empty() {
+            let _ = writeln!(s, "\nfailovers (latest last):");
+        }
+        for f in &self.failovers {
             let _ = writeln!(
                 s,
-                "\nlast failover: {} — {} next-hop groups switched {:.2} ms after detection; routes converged {}",
+                "  {} — {} next-hop groups switched {:.2} ms after detection; routes converged {}",
                 f.peer,
                 f.groups,
                 f.switch_ms,

@@ -160,7 +160,11 @@ fn bird_single_hop_bfd_takes_bgp_and_its_routes_down_within_a_second_and_back() 
     println!("bfd single hop: peer cut → session down and routes gone in {gap:?}");
     assert!(gap <= Duration::from_millis(1500), "{gap:?}");
     let s = agent.status();
-    let f = s.failover.clone().expect("the failover is recorded");
+    let f = s
+        .failovers
+        .last()
+        .cloned()
+        .expect("the failover is recorded");
     assert_eq!(f.peer.to_string(), "10.0.3.2");
     assert!(f.switch_ms < 10.0, "{f:?}");
     assert!(f.converge_ms.is_some(), "{f:?}");
@@ -307,7 +311,7 @@ fn frr_bfdd_admin_down_is_not_a_failure_and_a_dead_bfdd_is() {
         bgp_up_with_routes(&s),
         "BGP stays up on the peer's AdminDown"
     );
-    assert!(s.failover.is_none(), "{:?}", s.failover);
+    assert!(s.failovers.is_empty(), "{:?}", s.failovers);
     frr.configure(&["bfd", "profile fast", "no shutdown"]);
     wait_until(&agent, "BFD up again", Duration::from_secs(10), bfd_up);
 

@@ -484,7 +484,7 @@ fn graceful_restart(bfd: bool) {
         wait_until(&agent2, "BFD up with the new agent", up, |s| {
             s.bfd.iter().any(|b| b.state == "up")
         });
-        assert!(agent2.status().failover.is_none());
+        assert!(agent2.status().failovers.is_empty());
         // A peer's control-plane restart is not told apart from a dead path: with BFD
         // on, its routes go at once (the point of BFD), so part 2 is for BFD off.
         return;

@@ -35,6 +35,9 @@ pub(super) type Wanted = BTreeMap<Key, (Timers, Vec<Client>)>;
 
 pub use crate::status::Failover;
 
+/// Failovers shown in status, the latest last.
+const FAILOVERS_KEPT: usize = 16;
+
 /// The sessions `config` asks for. A neighbour's session is single hop unless the setting
 /// says multihop or the neighbour sits inside an IPsec connector's prefixes; a next hop's
 /// is single hop; a connector's is multihop (the peer is beyond the tunnel). Two clients
@@ -109,7 +112,7 @@ impl Agent {
             return Ok(());
         }
         if self.bfd.is_none() {
-            self.bfd = Some(Bfd::start()?);
+            self.bfd = Some(Bfd::start(Some(self.dp.shared_groups()))?);
         }
         let bfd = self.bfd.as_ref().expect("started");
         for key in self.bfd_clients.keys() {
@@ -117,8 +120,8 @@ impl Agent {
                 bfd.remove(*key);
             }
         }
-        for (key, (timers, _)) in &want {
-            bfd.add(*key, *timers);
+        for (key, (timers, clients)) in &want {
+            bfd.add(*key, *timers, self.bfd_vias(key, clients));
         }
         self.bfd_failed.retain(|k| want.contains_key(k));
         self.bfd_clients = want;
@@ -164,15 +167,9 @@ impl Agent {
         let Some((_, clients)) = self.bfd_clients.get(&ev.key).cloned() else {
             return;
         };
-        let vias = self.bfd_vias(&ev.key, &clients);
         if ev.to == State::Up {
             if !self.bfd_failed.remove(&ev.key) {
                 return;
-            }
-            for via in vias {
-                if let Err(e) = self.dp.set_nexthop_alive(via, true) {
-                    warn!("bfd {}: {e:#}", ev.key);
-                }
             }
             info!("bfd {}: up again: its clients use the path", ev.key);
             self.bfd_clients_follow(&clients, false).await;
@@ -182,28 +179,25 @@ impl Agent {
             return;
         }
         self.bfd_failed.insert(ev.key);
-        // The data plane first: one write per next-hop group, whatever the prefixes.
-        let mut groups = 0;
-        for via in vias {
-            match self.dp.set_nexthop_alive(via, false) {
-                Ok(n) => groups += n,
-                Err(e) => warn!("bfd {}: {e:#}", ev.key),
-            }
-        }
-        let switch_ms = ev.at.elapsed().as_secs_f64() * 1e3;
+        // The BFD thread has taken the next hop out of the data plane's groups already.
+        let (groups, switch_ms) = (ev.groups, ev.switched_after.as_secs_f64() * 1e3);
         info!(
-            "bfd {}: down ({}): {groups} next-hop groups stopped using it {switch_ms:.2} ms after detection",
+            "bfd {}: down ({}): {groups} next-hop groups stopped using it {switch_ms:.2} ms after detection; {:.1} ms until the agent heard",
             ev.key,
-            ev.diag.name()
+            ev.diag.name(),
+            ev.at.elapsed().as_secs_f64() * 1e3
         );
-        self.last_failover = Some(Failover {
+        if self.failovers.len() == FAILOVERS_KEPT {
+            self.failovers.pop_front();
+        }
+        self.failovers.push_back(Failover {
             peer: ev.key.peer,
             detected_unix_ms: unix_ms(ev.at),
             groups,
             switch_ms,
             converge_ms: None,
         });
-        self.failover_started = Some(ev.at);
+        self.failover_started.insert(ev.key.peer, ev.at);
         self.bfd_clients_follow(&clients, true).await;
     }
 
@@ -231,13 +225,23 @@ impl Agent {
         }
         if down && !clients.iter().any(|c| matches!(c, Client::Neighbor(_))) {
             // Statics and tunnels have converged now; BGP when its session is down.
-            self.failover_converged();
+            if let Some(peer) = self.failover_started.keys().next().copied() {
+                self.failover_converged(peer);
+            }
         }
     }
 
-    /// The routes of the last failure have all moved.
-    pub(super) fn failover_converged(&mut self) {
-        if let (Some(t), Some(f)) = (self.failover_started.take(), &mut self.last_failover) {
+    /// The routes of the failure of `peer` have all moved.
+    pub(super) fn failover_converged(&mut self, peer: IpAddr) {
+        let Some(t) = self.failover_started.remove(&peer) else {
+            return;
+        };
+        let f = self
+            .failovers
+            .iter_mut()
+            .rev()
+            .find(|f| f.peer == peer && f.converge_ms.is_none());
+        if let Some(f) = f {
             let ms = t.elapsed().as_secs_f64() * 1e3;
             f.converge_ms = Some(ms);
             info!(

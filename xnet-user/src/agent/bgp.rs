@@ -208,8 +208,8 @@ impl Agent {
         if let Err(e) = self.bgp_changed(changed).await {
             warn!("bgp: {e:#}");
         }
-        if down.is_some() && down == self.last_failover.as_ref().map(|f| f.peer) {
-            self.failover_converged();
+        if let Some(peer) = down {
+            self.failover_converged(peer);
         }
     }
 

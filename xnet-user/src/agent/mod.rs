@@ -94,9 +94,9 @@ struct Agent {
     bfd: Option<crate::bfd::driver::Bfd>,
     bfd_clients: bfd::Wanted,
     bfd_failed: HashSet<crate::bfd::driver::Key>,
-    /// The last failure BFD detected, and when, until its routes have converged.
-    last_failover: Option<bfd::Failover>,
-    failover_started: Option<Instant>,
+    /// The latest failures BFD detected, and when, per peer, until its routes moved.
+    failovers: std::collections::VecDeque<bfd::Failover>,
+    failover_started: HashMap<IpAddr, Instant>,
 }
 
 /// Runs the agent on `path` until SIGINT or SIGTERM.
@@ -151,8 +151,8 @@ pub async fn run(path: &Path) -> Result<()> {
         bfd: None,
         bfd_clients: Default::default(),
         bfd_failed: HashSet::new(),
-        last_failover: None,
-        failover_started: None,
+        failovers: Default::default(),
+        failover_started: HashMap::new(),
     };
     let result = match agent.start(routes).await {
         Ok(()) => agent.serve().await,

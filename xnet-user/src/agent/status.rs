@@ -185,7 +185,7 @@ impl Agent {
             s.ipsec = ike.status.lock().unwrap().clone();
         }
         s.bfd = self.bfd_status();
-        s.failover = self.last_failover.clone();
+        s.failovers = self.failovers.iter().cloned().collect();
         s.reasons = counters
             .reasons
             .iter()

@@ -23,6 +23,7 @@ use tokio::sync::mpsc;
 
 use super::packet::{Control, Diag, State};
 use super::session::{Output, Session, Timers};
+use crate::nexthop_groups::SharedGroups;
 
 pub const PORT_SINGLE_HOP: u16 = 3784;
 pub const PORT_MULTIHOP: u16 = 4784;
@@ -50,7 +51,9 @@ impl std::fmt::Display for Key {
 }
 
 enum Command {
-    Add(Key, Timers),
+    /// A session, and the next-hop addresses its failure takes out of the data plane's
+    /// next-hop groups.
+    Add(Key, Timers, Vec<IpAddr>),
     Remove(Key),
     /// AdminDown to every peer, then the thread ends.
     Stop(std::sync::mpsc::Sender<()>),
@@ -67,6 +70,10 @@ pub struct Event {
     /// clients take the path as dead.
     pub failure: bool,
     pub at: Instant,
+    /// On a failure: the next-hop groups this thread rewrote at once, and how long after
+    /// detection that was done.
+    pub groups: usize,
+    pub switched_after: Duration,
 }
 
 /// What `xnet bfd` shows of a session.
@@ -102,6 +109,9 @@ struct Entry {
     /// The worst delay of a periodic packet against its timer.
     late_max: Duration,
     send_errors: u64,
+    vias: Vec<IpAddr>,
+    /// Its next hops are marked dead in the groups (after a failure, until Up).
+    marked_dead: bool,
 }
 
 /// The agent's handle: commands in, events out, status to read.
@@ -114,7 +124,9 @@ pub struct Bfd {
 
 impl Bfd {
     /// Binds the listeners and starts the thread.
-    pub fn start() -> Result<Bfd> {
+    /// `groups`: the data plane's next-hop groups, which a failure rewrites from this
+    /// thread, before the agent hears of it.
+    pub fn start(groups: Option<SharedGroups>) -> Result<Bfd> {
         let (commands, rx) = mpsc::unbounded_channel();
         let (events_tx, events) = mpsc::unbounded_channel();
         let status = Arc::new(Mutex::new(HashMap::new()));
@@ -144,6 +156,7 @@ impl Bfd {
                                 events: events_tx,
                                 status: st,
                                 next_port: 49152,
+                                groups,
                             }
                             .run(rx)
                             .await
@@ -166,8 +179,8 @@ impl Bfd {
         })
     }
 
-    pub fn add(&self, key: Key, timers: Timers) {
-        if self.commands.send(Command::Add(key, timers)).is_err() {
+    pub fn add(&self, key: Key, timers: Timers, vias: Vec<IpAddr>) {
+        if self.commands.send(Command::Add(key, timers, vias)).is_err() {
             warn!("bfd: the BFD thread has ended; session to {key} not started");
         }
     }
@@ -297,6 +310,7 @@ struct Driver {
     events: mpsc::UnboundedSender<Event>,
     status: Arc<Mutex<HashMap<Key, Status>>>,
     next_port: u16,
+    groups: Option<SharedGroups>,
 }
 
 impl Driver {
@@ -320,7 +334,7 @@ impl Driver {
                 r = recv_on(&self.listeners.multi4, &mut b3) => self.received(r, &b3, true),
                 r = recv_on(&self.listeners.multi6, &mut b4) => self.received(r, &b4, true),
                 c = commands.recv() => match c {
-                    Some(Command::Add(k, t)) => self.add(k, t),
+                    Some(Command::Add(k, t, vias)) => self.add(k, t, vias),
                     Some(Command::Remove(k)) => self.remove(k),
                     Some(Command::Stop(done)) => {
                         self.admin_down_all();
@@ -336,8 +350,9 @@ impl Driver {
         }
     }
 
-    fn add(&mut self, key: Key, timers: Timers) {
+    fn add(&mut self, key: Key, timers: Timers, vias: Vec<IpAddr>) {
         if let Some(e) = self.sessions.get_mut(&key) {
+            e.vias = vias.clone();
             if e.timers != timers {
                 // New intervals: a new session (its state restarts; clients hold on while
                 // it comes up again, as at start).
@@ -375,6 +390,8 @@ impl Driver {
                 since: now,
                 late_max: Duration::ZERO,
                 send_errors: 0,
+                vias,
+                marked_dead: false,
             },
         );
         self.publish(key);
@@ -383,6 +400,9 @@ impl Driver {
 
     fn remove(&mut self, key: Key) {
         if let Some(mut e) = self.sessions.remove(&key) {
+            if e.marked_dead {
+                self.mark(&e.vias, true);
+            }
             let now = Instant::now();
             for o in e.session.admin_down(now) {
                 if let Output::Send(c) = o {
@@ -526,15 +546,40 @@ impl Driver {
         }
     }
 
+    /// Marks next hops dead or alive in the data plane's groups; how many groups changed.
+    fn mark(&self, vias: &[IpAddr], alive: bool) -> usize {
+        let Some(g) = &self.groups else { return 0 };
+        let mut g = g.lock();
+        vias.iter()
+            .map(|v| match g.set_alive(*v, alive) {
+                Ok(n) => n,
+                Err(e) => {
+                    warn!("bfd: next-hop groups via {v}: {e:#}");
+                    0
+                }
+            })
+            .sum()
+    }
+
     fn outputs(&mut self, key: Key, out: Vec<Output>, now: Instant) {
-        let e = self.sessions.get_mut(&key).expect("present");
         for o in out {
+            let e = self.sessions.get_mut(&key).expect("present");
             match o {
                 Output::Send(c) => send(e, &c, &key),
                 Output::State { from, to, diag } => {
                     e.since = now;
                     let remote = e.session.remote_state();
                     let failure = Session::is_failure(from, to, remote);
+                    // Packets stop going to a dead next hop before anyone else hears.
+                    let (mut groups, vias) = (0, e.vias.clone());
+                    if failure && !e.marked_dead {
+                        e.marked_dead = true;
+                        groups = self.mark(&vias, false);
+                    } else if to == State::Up && e.marked_dead {
+                        e.marked_dead = false;
+                        self.mark(&vias, true);
+                    }
+                    let switched_after = now.elapsed();
                     let why = if to == State::Down {
                         format!(" ({})", diag.name())
                     } else {
@@ -550,6 +595,8 @@ impl Driver {
                             diag,
                             failure,
                             at: now,
+                            groups,
+                            switched_after,
                         })
                         .is_err()
                     {
