@@ -672,6 +672,13 @@ impl Bird {
         self.child = Self::spawn(&self.ns, &self.conf, &self.socket, true);
     }
 
+    /// Replaces BIRD's config with `conf` and has it reread (`birdc configure`).
+    pub fn reconfigure(&self, conf: &str) {
+        std::fs::write(&self.conf, conf).unwrap();
+        let out = self.cmd("configure");
+        assert!(out.contains("Reconfigured"), "birdc configure: {out}");
+    }
+
     pub fn cmd(&self, args: &str) -> String {
         sh(&format!(
             "ip netns exec {} birdc -s {} {args}",

@@ -179,6 +179,31 @@ fn bird_single_hop_bfd_takes_bgp_and_its_routes_down_within_a_second_and_back() 
         bfd_up(s) && bgp_up_with_routes(s)
     });
     assert_eq!(to_onprem_172(&lab, 20), 20);
+
+    // BFD off by reload: the BGP session stays as it is, the BFD session goes.
+    let before = agent
+        .status()
+        .bgp
+        .iter()
+        .map(|b| b.uptime_secs)
+        .next()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    // BIRD first (it would take our AdminDown for a failure: see the restart test).
+    bird.reconfigure(&bird_conf(
+        "",
+        r#"interface "eth0" { min rx interval 300 ms; min tx interval 300 ms; multiplier 3; };"#,
+    ));
+    reconfigure(&agent, "bfd = true", "bfd = false");
+    wait_until(&agent, "BFD session removed", Duration::from_secs(5), |s| {
+        s.bfd.is_empty()
+    });
+    let s = agent.status();
+    assert!(bgp_up_with_routes(&s));
+    assert!(
+        s.bgp[0].uptime_secs > before,
+        "the BGP session was not reset"
+    );
 }
 
 #[test]
@@ -331,4 +356,51 @@ fn frr_bfdd_admin_down_is_not_a_failure_and_a_dead_bfdd_is() {
         },
         || frr.cmd("show bgp neighbors 10.0.3.1"),
     );
+}
+
+#[test]
+fn a_static_next_hop_with_bfd_leaves_its_route_while_the_session_is_down() {
+    if !require_root("a_static_next_hop_with_bfd_leaves_its_route_while_the_session_is_down") {
+        return;
+    }
+    let lab = lab("bfd4");
+    // BIRD as a plain BFD responder for the next hop (no routing protocol).
+    let _bird = Bird::with_config(
+        &lab,
+        r#"
+router id 10.0.3.2;
+protocol device {}
+protocol bfd {
+  interface "eth0" { interval 300 ms; multiplier 3; };
+  neighbor 10.0.3.1 dev "eth0";
+}
+"#,
+        "172.16.0.1",
+    );
+    let hop = r#"{ via = "10.0.3.2", interface = "onprem" }"#;
+    let config = xnet_lab::lab::DEMO_CONFIG.replacen(
+        hop,
+        r#"{ via = "10.0.3.2", interface = "onprem", bfd = true }"#,
+        1,
+    );
+    let agent = Agent::start(&lab, &config);
+    let routed = |s: &Status| s.routes.iter().any(|r| r.prefix == "192.168.0.0/16");
+    wait_until(
+        &agent,
+        "BFD up with the next hop",
+        Duration::from_secs(20),
+        bfd_up,
+    );
+    assert_eq!(vnet1_to_onprem(&lab, 20), 20);
+    cut(&lab, "all");
+    let gap = time_until(&agent, "the route gone", Duration::from_secs(5), |s| {
+        !routed(s)
+    });
+    println!("bfd static next hop: cut → route gone in {gap:?}");
+    assert!(gap <= Duration::from_millis(1500), "{gap:?}");
+    heal(&lab);
+    wait_until(&agent, "the route back", Duration::from_secs(20), |s| {
+        bfd_up(s) && routed(s)
+    });
+    assert_eq!(vnet1_to_onprem(&lab, 20), 20);
 }

@@ -262,6 +262,17 @@ impl Speaker {
         };
         let mut stopped = Vec::new();
         for p in &mut self.peers {
+            // Only BFD changed: the agent's BFD follows; the session stays as it is.
+            if let Some(n) = b.neighbors.iter().find(|n| {
+                n.address == p.address
+                    && n.bfd != p.neighbor.bfd
+                    && Neighbor {
+                        bfd: n.bfd,
+                        ..p.neighbor.clone()
+                    } == **n
+            }) {
+                p.neighbor = n.clone();
+            }
             // Only the import policy changed: keep the session, ask for the routes again.
             let refreshed = b.neighbors.iter().find(|n| {
                 n.address == p.address
