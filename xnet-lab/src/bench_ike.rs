@@ -86,7 +86,7 @@ fn conn(i: usize) -> Arc<Conn> {
         esp: vec![Suite::parse(ESP, false).unwrap()],
         local_ts: vec![TrafficSelector::from_net(ts.parse().unwrap())],
         remote_ts: vec![TrafficSelector::from_net("192.168.0.0/16".parse().unwrap())],
-        dpd: Duration::ZERO,
+        dpd: xnet_user::ike::sa::Dpd::OFF,
         force_encap: true,
         child_lifetime: Duration::from_secs(3600),
         ike_lifetime: Duration::from_secs(14400),

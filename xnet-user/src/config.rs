@@ -242,6 +242,12 @@ impl Config {
         let mut pairs = HashSet::new();
         for (i, c) in self.ipsec.iter().enumerate() {
             let f = |sub: &str| format!("ipsec[{i}].{sub}");
+            if !(1..=3600).contains(&c.dpd_retransmit_seconds) {
+                return Err((f("dpd_retransmit_seconds"), "must be 1 to 3600".into()));
+            }
+            if c.dpd_retries > 20 {
+                return Err((f("dpd_retries"), "at most 20".into()));
+            }
             if let Some(bfd) = &c.bfd {
                 bfd.validate(&f("bfd"), true)?;
                 let routed = if c.routes.is_empty() {

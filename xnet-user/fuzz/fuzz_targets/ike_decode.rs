@@ -28,7 +28,7 @@ fn conn() -> Arc<Conn> {
             esp: vec![Suite::parse("aes128gcm16", false).unwrap()],
             local_ts: vec![TrafficSelector::from_net("10.0.0.0/8".parse().unwrap())],
             remote_ts: vec![TrafficSelector::from_net("10.0.0.0/8".parse().unwrap())],
-            dpd: Duration::ZERO,
+            dpd: xnet_user::ike::sa::Dpd::OFF,
             force_encap: false,
             child_lifetime: Duration::from_secs(3600),
             ike_lifetime: Duration::from_secs(14400),

@@ -56,6 +56,14 @@ pub struct Ipsec {
     /// Idle seconds before a liveness check (DPD); 0: none.
     #[serde(default = "default_dpd")]
     pub dpd_seconds: u64,
+    /// A liveness check unanswered is sent again every `dpd_retransmit_seconds`, up to
+    /// `dpd_retries` times; then the peer is dead and the tunnel's routes leave. A silent
+    /// peer is declared dead within dpd_seconds + dpd_retransmit_seconds × (dpd_retries
+    /// + 1): 40 s by default (Azure's gateways: a DPD timeout of 45 s by default).
+    #[serde(default = "default_dpd_retransmit")]
+    pub dpd_retransmit_seconds: u64,
+    #[serde(default = "default_dpd_retries")]
+    pub dpd_retries: u32,
     /// Encapsulate ESP in UDP 4500 even without a NAT (paths that drop IP protocol 50).
     #[serde(default)]
     pub force_encap: bool,
@@ -80,6 +88,12 @@ pub struct Ipsec {
 fn default_dpd() -> u64 {
     30
 }
+fn default_dpd_retransmit() -> u64 {
+    2
+}
+fn default_dpd_retries() -> u32 {
+    4
+}
 
 /// Proposals used when a connector names neither a profile nor its own.
 pub const DEFAULT_IKE_PROPOSALS: &[&str] =
@@ -88,6 +102,15 @@ pub const DEFAULT_ESP_PROPOSALS: &[&str] = &["aes256gcm16", "aes256-sha256"];
 
 impl Ipsec {
     /// (CHILD SA, IKE SA) lifetimes in effect.
+    /// Dead-peer detection as the IKE SA runs it.
+    pub fn dpd(&self) -> super::sa::Dpd {
+        super::sa::Dpd {
+            interval: std::time::Duration::from_secs(self.dpd_seconds),
+            retransmit: std::time::Duration::from_secs(self.dpd_retransmit_seconds),
+            retries: self.dpd_retries,
+        }
+    }
+
     pub fn lifetimes(&self) -> (u64, u64) {
         let azure = self.profile.as_deref() == Some("azure");
         let (c, i) = if azure {

@@ -178,7 +178,7 @@ pub fn conns(ipsec: &[Ipsec], file: &str) -> Result<Vec<Arc<Conn>>> {
                     .iter()
                     .map(|n| TrafficSelector::from_net(*n))
                     .collect(),
-                dpd: Duration::from_secs(c.dpd_seconds),
+                dpd: c.dpd(),
                 force_encap: c.force_encap,
                 child_lifetime: Duration::from_secs(c.lifetimes().0),
                 ike_lifetime: Duration::from_secs(c.lifetimes().1),
@@ -388,6 +388,19 @@ pub async fn start(
         "ipsec: {} connectors, IKE on UDP {IKE_PORT}",
         d.connectors.len()
     );
+    for c in &d.connectors {
+        let dpd = c.conn.dpd;
+        if !dpd.interval.is_zero() {
+            info!(
+                "ipsec {}: DPD after {} s idle, {} retries {} s apart: a silent peer is declared dead within {} s",
+                c.conn.name,
+                dpd.interval.as_secs(),
+                dpd.retries,
+                dpd.retransmit.as_secs(),
+                dpd.bound().as_secs()
+            );
+        }
+    }
     let (stop_tx, stop_rx) = oneshot::channel();
     let task = tokio::spawn(async move { d.run(rx, stop_rx).await });
     Ok(Some(IkeHandle {
@@ -1135,6 +1148,11 @@ impl Daemon {
                 segment: c.segment.clone(),
                 local: c.conn.local.to_string(),
                 remote: c.conn.remote.to_string(),
+                dpd_bound_secs: if c.conn.dpd.interval.is_zero() {
+                    0
+                } else {
+                    c.conn.dpd.bound().as_secs()
+                },
                 state: match sa.map(|s| s.state) {
                     None => "down".into(),
                     // Up means carrying traffic: an IKE SA alone does not.

@@ -41,8 +41,8 @@ pub struct Conn {
     pub esp: Vec<Suite>,
     pub local_ts: Vec<TrafficSelector>,
     pub remote_ts: Vec<TrafficSelector>,
-    /// Idle time after which we check the peer is alive (0: never).
-    pub dpd: Duration,
+    /// Liveness checks (DPD).
+    pub dpd: Dpd,
     /// Use UDP encapsulation (port 4500) even without a NAT, by making our NAT detection
     /// hash not match (what strongSwan's `encap = yes` does): for paths that drop ESP.
     pub force_encap: bool,
@@ -51,6 +51,31 @@ pub struct Conn {
     pub ike_lifetime: Duration,
     /// We start this connector (and so re-create its CHILD SA when it has none).
     pub initiate: bool,
+}
+
+/// Dead-peer detection: after `interval` without a word from the peer we send an empty
+/// INFORMATIONAL, resent every `retransmit` up to `retries` times; no answer to any of
+/// them and the peer is dead (RFC 7296 §2.4). Azure's gateways have no BFD: this is how a
+/// dead one is noticed, within `bound()`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dpd {
+    /// Zero: no liveness checks.
+    pub interval: Duration,
+    pub retransmit: Duration,
+    pub retries: u32,
+}
+
+impl Dpd {
+    pub const OFF: Dpd = Dpd {
+        interval: Duration::ZERO,
+        retransmit: Duration::from_secs(2),
+        retries: 4,
+    };
+
+    /// The longest a silent peer can go before we declare it dead.
+    pub fn bound(&self) -> Duration {
+        self.interval + self.retransmit * (self.retries + 1)
+    }
 }
 
 impl Conn {
@@ -166,6 +191,9 @@ struct Pending {
     msg: Vec<u8>,
     sent: Instant,
     tries: u32,
+    /// A liveness check: resent at the connector's DPD interval and count, not with the
+    /// back-off of other requests.
+    liveness: bool,
 }
 
 /// Sends of a request before the peer counts as dead: after 0.5, 1, 2, 4 and 8 s.
@@ -472,6 +500,7 @@ impl IkeSa {
             msg: msg.clone(),
             sent: now,
             tries: 0,
+            liveness: false,
         });
         vec![Output::Send(msg)]
     }
@@ -1299,9 +1328,13 @@ impl IkeSa {
     /// Retransmissions and liveness checks; call about once a second.
     pub fn on_tick(&mut self, now: Instant) -> Vec<Output> {
         if let Some(p) = &mut self.pending {
-            let wait = Duration::from_millis(500 << p.tries.min(5));
+            let (wait, tries) = if p.liveness {
+                (self.conn.dpd.retransmit, self.conn.dpd.retries + 1)
+            } else {
+                (Duration::from_millis(500 << p.tries.min(5)), TRIES)
+            };
             if now.duration_since(p.sent) >= wait {
-                if p.tries + 1 >= TRIES {
+                if p.tries + 1 >= tries {
                     return self.close("peer not answering (retransmissions exhausted)".into());
                 }
                 p.tries += 1;
@@ -1327,13 +1360,17 @@ impl IkeSa {
             }
         }
         if self.state == State::Established
-            && !self.conn.dpd.is_zero()
-            && now.duration_since(self.last_heard) >= self.conn.dpd
+            && !self.conn.dpd.interval.is_zero()
+            && now.duration_since(self.last_heard) >= self.conn.dpd.interval
         {
             let id = self.next_id;
             self.next_id += 1;
             let msg = self.encrypted(INFORMATIONAL, false, id, &[]);
-            return self.request(id, msg, now);
+            let out = self.request(id, msg, now);
+            if let Some(p) = &mut self.pending {
+                p.liveness = true;
+            }
+            return out;
         }
         // A responder whose initiator never sent IKE_AUTH.
         if self.state == State::InitDone
@@ -1374,7 +1411,10 @@ mod tests {
                 .collect(),
             local_ts: vec![TrafficSelector::from_net(lts.parse().unwrap())],
             remote_ts: vec![TrafficSelector::from_net(rts.parse().unwrap())],
-            dpd: Duration::from_secs(10),
+            dpd: Dpd {
+                interval: Duration::from_secs(10),
+                ..Dpd::OFF
+            },
             force_encap: false,
             child_lifetime: Duration::from_secs(3600),
             ike_lifetime: Duration::from_secs(14400),
@@ -1550,6 +1590,39 @@ mod tests {
     }
 
     #[test]
+    fn a_silent_peer_is_declared_dead_within_the_dpd_bound() {
+        let (a, b) = pair(&["aes128-sha256-modp2048"], &["aes128-sha256"], "s", "s");
+        let dpd = Dpd {
+            interval: Duration::from_secs(10),
+            retransmit: Duration::from_secs(3),
+            retries: 2,
+        };
+        assert_eq!(dpd.bound(), Duration::from_secs(19));
+        let a = Arc::new(Conn {
+            dpd,
+            ..(*a).clone()
+        });
+        let (mut i, _r, _, _) = handshake(a, b);
+        let t0 = i.last_heard;
+        // Nothing heard: a check at 10 s, resent at 13 and 16 s, dead at 19 s, not before.
+        let mut sends = Vec::new();
+        let mut dead = None;
+        for ms in (0..30_000).step_by(100) {
+            let t = t0 + Duration::from_millis(ms);
+            let out = i.on_tick(t);
+            if out.iter().any(|o| matches!(o, Output::Send(_))) {
+                sends.push(ms);
+            }
+            if out.iter().any(|o| matches!(o, Output::Closed(_))) {
+                dead = Some(ms);
+                break;
+            }
+        }
+        assert_eq!(sends, [10_000, 13_000, 16_000]);
+        assert_eq!(dead, Some(19_000));
+    }
+
+    #[test]
     fn dpd_delete_retransmission_and_tampering() {
         let (a, b) = pair(&["aes128-sha256-modp2048"], &["aes128-sha256"], "s", "s");
         let (mut i, mut r, i_out, _) = handshake(a, b);
@@ -1581,6 +1654,7 @@ mod tests {
             assert!(t < t0 + Duration::from_secs(120));
         };
         assert!(closed.contains("not answering"), "{closed}");
+        // The liveness check and 4 retransmissions 2 s apart (the defaults).
         assert_eq!(sends, 4);
         // DELETE of a CHILD SA from the responder: both sides drop it.
         let (a, b) = pair(&["aes128-sha256-modp2048"], &["aes128-sha256"], "s", "s");

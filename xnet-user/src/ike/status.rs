@@ -20,6 +20,9 @@ pub struct IpsecStatus {
     pub last_error: Option<String>,
     /// IKE messages dropped (malformed, not authentic, unexpected), all connectors.
     pub dropped: u64,
+    /// The longest a silent peer goes before DPD declares it dead (0: no DPD).
+    #[serde(default)]
+    pub dpd_bound_secs: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
