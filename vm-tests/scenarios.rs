@@ -976,10 +976,11 @@ fn primary_dies(primary: &mut Agent, peers: [&str; 2], moved: impl Fn() -> bool)
 
 /// After a failover to `backup`: stops `flows` (3 s on), checks that each resumed and
 /// that its gap stayed under 20 s; the gaps, for the report.
-fn failover_gaps(flows: [(&str, Flows); 2], backup: &Agent) -> String {
+fn failover_gaps(flows: [(&str, Flows); 2], backup: &Agent) -> (String, Vec<Duration>) {
     std::thread::sleep(Duration::from_secs(3));
     let since = std::time::Instant::now() - Duration::from_secs(2);
     let mut report = Vec::new();
+    let mut gaps = Vec::new();
     for (way, f) in flows {
         let f = &f.stop()[0];
         assert!(
@@ -992,8 +993,9 @@ fn failover_gaps(flows: [(&str, Flows); 2], backup: &Agent) -> String {
         let gap = f.longest_gap();
         assert!(gap < Duration::from_secs(20), "{way}: gap {gap:?}");
         report.push(format!("{way} {} ms ({} lost)", gap.as_millis(), f.lost()));
+        gaps.push(gap);
     }
-    report.join(", ")
+    (report.join(", "), gaps)
 }
 
 /// What both CXPs of scenario 2 have: one segment, the links to each side.
@@ -1017,7 +1019,14 @@ segment = "prod"
 /// A CXP of scenario 2's pair: eBGP with the VNet's route server and the on-prem router,
 /// everything learned advertised on; the backup prepends its AS `prepend` times, so
 /// both peers prefer the primary while it lives.
-fn pair_config(router_id: &str, vnet_peer: &str, onprem_peer: &str, prepend: u8) -> String {
+fn pair_config(
+    router_id: &str,
+    vnet_peer: &str,
+    onprem_peer: &str,
+    prepend: u8,
+    bfd: bool,
+) -> String {
+    let bfd = if bfd { "bfd = true" } else { "" };
     format!(
         r#"{PAIR_BASE}
 [bgp]
@@ -1034,6 +1043,7 @@ address = "{vnet_peer}"
 remote_asn = 65515
 advertise = "all"
 export = {{ prepend = {prepend} }}
+{bfd}
 
 [[bgp.neighbors]]
 name = "onprem"
@@ -1042,24 +1052,40 @@ address = "{onprem_peer}"
 remote_asn = 65010
 advertise = "all"
 export = {{ prepend = {prepend} }}
+{bfd}
 "#
     )
 }
 
 /// BIRD for one side of scenario 2's pair: AS `asn` announcing `net`, a session to the
-/// primary CXP and one to the backup (hold time 6 s), the best path into the kernel.
-fn pair_peer(asn: u32, net: &str, primary: (&str, &str), backup: (&str, &str)) -> String {
+/// primary CXP and one to the backup (hold time 6 s), the best path into the kernel;
+/// with `bfd`, BFD at 300 ms × 3 on both sessions (what ExpressRoute runs).
+fn pair_peer(
+    asn: u32,
+    net: &str,
+    primary: (&str, &str),
+    backup: (&str, &str),
+    bfd: bool,
+) -> String {
+    let (proto, on) = if bfd {
+        (
+            "protocol bfd { interface \"*\" { interval 300 ms; multiplier 3; }; }\n",
+            "bfd on;",
+        )
+    } else {
+        ("", "")
+    };
     format!(
         "router id {};
 protocol device {{}}
-protocol static own {{ ipv4; route {net} blackhole; }}
+{proto}protocol static own {{ ipv4; route {net} blackhole; }}
 protocol kernel {{ ipv4 {{ export where source = RTS_BGP; }}; }}
 protocol bgp cxp_primary {{
-  local {} as {asn}; neighbor {} as 65001; hold time 6;
+  local {} as {asn}; neighbor {} as 65001; hold time 6; error wait time 1, 5; {on}
   ipv4 {{ import all; export where proto = \"own\"; }};
 }}
 protocol bgp cxp_backup {{
-  local {} as {asn}; neighbor {} as 65001; hold time 6;
+  local {} as {asn}; neighbor {} as 65001; hold time 6; error wait time 1, 5; {on}
   ipv4 {{ import all; export where proto = \"own\"; }};
 }}
 ",
@@ -1070,14 +1096,28 @@ protocol bgp cxp_backup {{
 /// Scenario 2, second half: a failover CXP. A second CXP (`cxp2`, another region) has
 /// its own links to the VNet and to on-prem and the same BGP peers, but prepends its
 /// AS, so both sides route through the primary. Then the primary dies silently (its
-/// agent killed, its links dark: only BGP's hold timer can tell): both sides move to
-/// the backup, whose XDP forwards the traffic on. The gap each way is measured.
+/// agent killed, its links dark): both sides move to the backup, whose XDP forwards the
+/// traffic on — told by BFD (300 ms × 3) within a second, or without BFD by BGP's hold
+/// timer (6 s). The gap each way is measured. Then the primary comes back and the
+/// traffic returns to it without loss.
 #[test]
 fn s2_failover_cxp_takes_over_when_the_primary_dies() {
     if !require_root("s2_failover_cxp_takes_over_when_the_primary_dies") {
         return;
     }
-    let lab = lab("s2f");
+    failover_cxp(true);
+}
+
+#[test]
+fn s2_failover_cxp_without_bfd_waits_for_the_hold_timer() {
+    if !require_root("s2_failover_cxp_without_bfd_waits_for_the_hold_timer") {
+        return;
+    }
+    failover_cxp(false);
+}
+
+fn failover_cxp(bfd: bool) {
+    let lab = lab(if bfd { "s2f" } else { "s2h" });
     let (vnet, onprem) = (lab.ns("vnet1"), lab.ns("onprem"));
     let cxp2 = Netns(lab.ns("cxp2"));
     sh(&format!("ip netns add {}", cxp2.0));
@@ -1096,6 +1136,7 @@ fn s2_failover_cxp_takes_over_when_the_primary_dies() {
             "10.1.0.0/16",
             ("10.0.1.2", "10.0.1.1"),
             ("10.0.6.2", "10.0.6.1"),
+            bfd,
         ),
         "10.1.0.254",
     );
@@ -1107,28 +1148,33 @@ fn s2_failover_cxp_takes_over_when_the_primary_dies() {
             "192.168.10.0/24",
             ("10.0.3.2", "10.0.3.1"),
             ("10.0.5.2", "10.0.5.1"),
+            bfd,
         ),
         "192.168.10.254",
     );
-    let mut primary = Agent::start(&lab, &pair_config("10.0.1.1", "10.0.1.2", "10.0.3.2", 0));
+    let primary_cfg = pair_config("10.0.1.1", "10.0.1.2", "10.0.3.2", 0, bfd);
+    let mut primary = Agent::start(&lab, &primary_cfg);
     let backup = Agent::start_in(
         &lab,
         "cxp2",
-        &pair_config("10.0.6.1", "10.0.6.2", "10.0.5.2", 3),
+        &pair_config("10.0.6.1", "10.0.6.2", "10.0.5.2", 3, bfd),
         &[],
     );
     for agent in [&primary, &backup] {
         wait_until(agent, "both sessions", Duration::from_secs(60), |s| {
-            established(s) == 2 && s.bgp_routes.iter().filter(|r| r.in_data_plane).count() == 2
+            established(s) == 2
+                && s.bgp_routes.iter().filter(|r| r.in_data_plane).count() == 2
+                && (!bfd || s.bfd.iter().filter(|b| b.state == "up").count() == 2)
         });
     }
+    let through_primary = || {
+        route_via(&vnet, "192.168.10.0/24", "via 10.0.1.1 ")
+            && route_via(&onprem, "10.1.0.0/16", "via 10.0.3.1 ")
+    };
     wait_for(
         "both sides routed through the primary",
         Duration::from_secs(30),
-        || {
-            route_via(&vnet, "192.168.10.0/24", "via 10.0.1.1 ")
-                && route_via(&onprem, "10.1.0.0/16", "via 10.0.3.1 ")
-        },
+        through_primary,
     );
     let flows = both_ways(&lab, 9800, ["VNet to on-prem", "on-prem to VNet"]);
     std::thread::sleep(Duration::from_secs(3));
@@ -1144,22 +1190,66 @@ fn s2_failover_cxp_takes_over_when_the_primary_dies() {
         route_via(&vnet, "192.168.10.0/24", "via 10.0.6.1 ")
             && route_via(&onprem, "10.1.0.0/16", "via 10.0.5.1 ")
     });
-    let report = failover_gaps(flows, &backup);
+    let (report, gaps) = failover_gaps(flows, &backup);
     let forwarded = backup.status().reason("forwarded");
     assert!(
         forwarded >= b + 1000,
         "the backup's XDP forwards: {forwarded}"
     );
     println!(
-        "s2 failover CXP: peers moved to the backup {} ms after the primary died (BGP hold time 6 s); gap {}",
+        "s2 failover CXP ({}): peers moved to the backup {} ms after the primary died; gap {}",
+        if bfd {
+            "BFD 300 ms x 3"
+        } else {
+            "BGP hold time 6 s, no BFD"
+        },
         moved.as_millis(),
         report
+    );
+    if bfd {
+        for g in gaps {
+            assert!(g <= Duration::from_millis(1500), "gap {g:?} with BFD");
+        }
+    }
+
+    // The primary comes back: the traffic returns to it, without loss.
+    for ns in [&vnet, &onprem] {
+        sh(&format!("ip netns exec {ns} nft delete table inet dark"));
+    }
+    let flows = both_ways(&lab, 9850, ["VNet to on-prem", "on-prem to VNet"]);
+    let primary = Agent::start(&lab, &primary_cfg);
+    wait_for(
+        "both sides back through the primary",
+        Duration::from_secs(60),
+        through_primary,
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let mut lost = Vec::new();
+    for (way, f) in flows {
+        let f = &f.stop()[0];
+        lost.push(format!("{way} {} of {}", f.lost(), f.sent));
+        assert_eq!(
+            f.lost(),
+            0,
+            "{way}: lost on the way back to the primary (of {}, gap {:?})\n{}",
+            f.sent,
+            f.longest_gap(),
+            primary.log()
+        );
+    }
+    assert!(
+        primary.status().reason("forwarded") > 100,
+        "the primary forwards again"
+    );
+    println!(
+        "s2 failover CXP: back through the primary, lost {}",
+        lost.join(", ")
     );
     hold(
         &lab,
         &backup,
         &format!(
-            "the primary is dead; the backup ({0}) forwards.\ntry: ip -n {vnet} route; ip -n {onprem} route\n     ip netns exec {vnet} ping -c3 -I 10.1.0.1 192.168.10.1\n     ip netns exec {0} {XNET} bgp --socket {1}",
+            "the primary is back.\ntry: ip -n {vnet} route; ip -n {onprem} route\n     ip netns exec {vnet} ping -c3 -I 10.1.0.1 192.168.10.1\n     ip netns exec {0} {XNET} bfd --socket {1}",
             cxp2.0,
             backup.socket.display()
         ),
@@ -1296,6 +1386,7 @@ protocol bgp cxp2 {
             "10.1.0.0/16",
             ("10.0.1.2", "10.0.1.1"),
             ("10.0.6.2", "10.0.6.1"),
+            true,
         ),
         "10.1.0.254",
     );
@@ -1330,7 +1421,7 @@ protocol bgp cxp2 {
         route_via(&vnet, "192.168.10.0/24", "via 10.0.6.1 ")
             && route_via(&gw, "10.1.0.0/16", "dev xi2 ")
     });
-    let report = failover_gaps(flows, &backup);
+    let (report, _gaps) = failover_gaps(flows, &backup);
     println!(
         "s2 failover CXP over IPsec: peers moved to the backup {} ms after the primary died (BGP hold time 6 s); gap {}",
         moved.as_millis(),

@@ -81,6 +81,7 @@ impl Agent {
     /// Every change is tried; the first failure is returned (each is logged).
     pub(super) async fn apply(&mut self, changes: Vec<Change>) -> Result<()> {
         let mut failed = None;
+        let managed = self.managed.len();
         for c in changes {
             let table = self.config.segments[c.segment as usize - 1].table;
             match &c.route {
@@ -138,6 +139,14 @@ impl Agent {
                         );
                     }
                 }
+            }
+        }
+        if self.managed.len() > managed {
+            // A new next hop: its MAC now, not at the next neighbour poll, so that the
+            // routes through it are on the fast path before they are advertised (a peer
+            // that moves its traffic here meets a data plane that forwards it).
+            if let Err(e) = self.sync_kernel_state().await {
+                warn!("reading neighbours: {e:#}");
             }
         }
         failed.map_or(Ok(()), Err)
