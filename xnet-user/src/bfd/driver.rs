@@ -104,7 +104,10 @@ pub struct Status {
 struct Entry {
     session: Session,
     timers: Timers,
+    /// Bound to the session's source port; not connected, so a peer that has no route
+    /// yet (a tunnel not up) does not stop the session from starting.
     socket: UdpSocket,
+    to: SocketAddr,
     since: Instant,
     /// The worst delay of a periodic packet against its timer.
     late_max: Duration,
@@ -361,6 +364,14 @@ impl Driver {
                 return;
             }
         }
+        let to = SocketAddr::new(
+            key.peer,
+            if key.multihop {
+                PORT_MULTIHOP
+            } else {
+                PORT_SINGLE_HOP
+            },
+        );
         let socket = match self.sender(&key) {
             Ok(s) => s,
             Err(e) => {
@@ -387,6 +398,7 @@ impl Driver {
                 session: Session::new(timers, discr, now),
                 timers,
                 socket,
+                to,
                 since: now,
                 late_max: Duration::ZERO,
                 send_errors: 0,
@@ -474,7 +486,6 @@ impl Driver {
                 Err(e) => return Err(e).with_context(|| format!("bind {local} port {port}")),
             }
         }
-        s.connect(&peer.into())?;
         Ok(UdpSocket::from_std(s.into())?)
     }
 
@@ -643,7 +654,7 @@ impl Driver {
 fn send(e: &mut Entry, c: &Control, key: &Key) {
     // A datagram socket that is writable in practice: try_send does not wait. A failure
     // (no route, ICMP unreachable) is the peer being away: BFD's own timers deal with it.
-    if let Err(err) = e.socket.try_send(&c.encode()) {
+    if let Err(err) = e.socket.try_send_to(&c.encode(), e.to) {
         e.send_errors += 1;
         if e.send_errors.is_power_of_two() {
             debug!("bfd {key}: send: {err} ({} so far)", e.send_errors);
