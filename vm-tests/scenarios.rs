@@ -1399,7 +1399,7 @@ remote_asn = 65010
 hold_time = 6
 advertise = "all"
 export = {{ prepend = {prepend} }}
-bfd = { interval_ms = 200 }
+bfd = {{ interval_ms = 200 }}
 
 [[bgp.neighbors]]
 name = "vnet-gw"
@@ -1410,7 +1410,7 @@ remote_asn = 65515
 hold_time = 6
 advertise = "all"
 export = {{ prepend = {prepend} }}
-bfd = { interval_ms = 200 }
+bfd = {{ interval_ms = 200 }}
 
 [[ipsec]]
 name = "vnet-gw"
