@@ -404,3 +404,51 @@ protocol bfd {
     });
     assert_eq!(vnet1_to_onprem(&lab, 20), 20);
 }
+
+/// RFC 5881 §5: a single-hop Control packet must arrive with TTL 255 (it cannot have
+/// crossed a router); anything less is discarded before it reaches a session.
+#[test]
+fn a_single_hop_packet_with_ttl_below_255_is_discarded() {
+    if !require_root("a_single_hop_packet_with_ttl_below_255_is_discarded") {
+        return;
+    }
+    let lab = lab("bfd5");
+    // No BGP peer: only BFD matters here.
+    let agent = Agent::start(
+        &lab,
+        &format!("{}\n{XNET_BGP_BFD}", xnet_lab::lab::DEMO_CONFIG),
+    );
+    wait_until(&agent, "the BFD session", Duration::from_secs(5), |s| {
+        session(s).is_some()
+    });
+    // Down, My Discriminator 77, Your Discriminator 0, 1 s / 300 ms.
+    let packet: [u8; 24] = [
+        0x20, 0x40, 3, 24, 0, 0, 0, 77, 0, 0, 0, 0, 0, 0x0f, 0x42, 0x40, 0, 0x04, 0x93, 0xe0, 0, 0,
+        0, 0,
+    ];
+    let send = |ttl: u32| {
+        in_netns(&lab.ns("onprem"), move || {
+            let s = std::net::UdpSocket::bind("10.0.3.2:49999").unwrap();
+            s.set_ttl(ttl).unwrap();
+            for _ in 0..3 {
+                s.send_to(&packet, "10.0.3.1:3784").unwrap();
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    send(254);
+    std::thread::sleep(Duration::from_millis(500));
+    let b = session(&agent.status()).unwrap().clone();
+    assert_eq!(
+        (b.state.as_str(), b.remote_discr),
+        ("down", 0),
+        "TTL 254 ignored: {b:?}"
+    );
+    send(255);
+    wait_until(
+        &agent,
+        "TTL 255 taken: Down → Init",
+        Duration::from_secs(2),
+        |s| session(s).is_some_and(|b| b.state == "init" && b.remote_discr == 77),
+    );
+}

@@ -3,8 +3,9 @@
 //! kernel FIB sweep — delays a BFD packet or a detection. The agent adds and removes
 //! sessions by command and hears state changes as events.
 //!
-//! Sockets: one listener per port and family (3784 single hop with IP_MINTTL 255, as RFC
-//! 5881 §5 requires a TTL of 255 on receipt; 4784 multihop, RFC 5883), and one sending
+//! Sockets: one listener per port and family (3784 single hop, where RFC 5881 §5 requires
+//! a TTL of 255 on receipt: each datagram's TTL comes with it (IP_RECVTTL; UDP sockets
+//! ignore IP_MINTTL); 4784 multihop, RFC 5883, no TTL check), and one sending
 //! socket per session from a source port in 49152–65535 that no other session uses
 //! (RFC 5881 §4), with TTL 255. Received packets find their session by Your
 //! Discriminator, or while that is zero by the peer's address and the port they came to.
@@ -257,16 +258,15 @@ fn set_int(fd: &impl AsRawFd, level: i32, name: i32, v: i32) -> std::io::Result<
     }
 }
 
-fn listener(addr: SocketAddr, min_ttl: bool) -> Result<UdpSocket> {
+fn listener(addr: SocketAddr) -> Result<UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    // Every datagram's TTL / hop limit comes with it (a control message).
     if addr.is_ipv6() {
         s.set_only_v6(true)?;
-        if min_ttl {
-            set_int(&s, libc::IPPROTO_IPV6, libc::IPV6_MINHOPCOUNT, 255)?;
-        }
-    } else if min_ttl {
-        set_int(&s, libc::IPPROTO_IP, libc::IP_MINTTL, 255)?;
+        set_int(&s, libc::IPPROTO_IPV6, libc::IPV6_RECVHOPLIMIT, 1)?;
+    } else {
+        set_int(&s, libc::IPPROTO_IP, libc::IP_RECVTTL, 1)?;
     }
     s.set_reuse_address(true)?;
     s.set_nonblocking(true)?;
@@ -279,9 +279,9 @@ impl Listeners {
     fn bind() -> Result<Listeners> {
         let v4 = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
         let v6 = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
-        let single4 = listener(SocketAddr::new(v4, PORT_SINGLE_HOP), true)
+        let single4 = listener(SocketAddr::new(v4, PORT_SINGLE_HOP))
             .context("BFD single-hop listener (UDP 3784)")?;
-        let multi4 = listener(SocketAddr::new(v4, PORT_MULTIHOP), false)
+        let multi4 = listener(SocketAddr::new(v4, PORT_MULTIHOP))
             .context("BFD multihop listener (UDP 4784)")?;
         let v6_ok = |r: Result<UdpSocket>| match r {
             Ok(s) => Some(s),
@@ -292,18 +292,83 @@ impl Listeners {
         };
         Ok(Listeners {
             single4: Some(single4),
-            single6: v6_ok(listener(SocketAddr::new(v6, PORT_SINGLE_HOP), true)),
+            single6: v6_ok(listener(SocketAddr::new(v6, PORT_SINGLE_HOP))),
             multi4: Some(multi4),
-            multi6: v6_ok(listener(SocketAddr::new(v6, PORT_MULTIHOP), false)),
+            multi6: v6_ok(listener(SocketAddr::new(v6, PORT_MULTIHOP))),
         })
     }
 }
 
-async fn recv_on(s: &Option<UdpSocket>, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
+/// A datagram, where it came from, and the TTL (hop limit) it arrived with.
+type Received = (usize, SocketAddr, Option<u8>);
+
+async fn recv_on(s: &Option<UdpSocket>, buf: &mut [u8]) -> std::io::Result<Received> {
     match s {
-        Some(s) => s.recv_from(buf).await,
+        Some(s) => {
+            s.async_io(tokio::io::Interest::READABLE, || recv_with_ttl(s, buf))
+                .await
+        }
         None => std::future::pending().await,
     }
+}
+
+/// recvmsg(2) with the IP_TTL / IPV6_HOPLIMIT control message.
+fn recv_with_ttl(s: &UdpSocket, buf: &mut [u8]) -> std::io::Result<Received> {
+    // SAFETY: plain C structs, zero is a valid start for each.
+    let mut from: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut control = [0u64; 8];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: as above.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = &mut from as *mut _ as *mut libc::c_void;
+    msg.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+    msg.msg_controllen = std::mem::size_of_val(&control);
+    // SAFETY: every pointer in msg points at live buffers of the stated sizes.
+    let n = unsafe { libc::recvmsg(s.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut ttl = None;
+    // SAFETY: the CMSG macros walk the control buffer recvmsg filled, within its length.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            let (level, kind) = ((*c).cmsg_level, (*c).cmsg_type);
+            if (level == libc::IPPROTO_IP && kind == libc::IP_TTL)
+                || (level == libc::IPPROTO_IPV6 && kind == libc::IPV6_HOPLIMIT)
+            {
+                let v = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::c_int);
+                ttl = u8::try_from(v).ok();
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    let from = match from.ss_family as i32 {
+        libc::AF_INET => {
+            // SAFETY: the family says it is a sockaddr_in.
+            let a = unsafe { &*(&from as *const _ as *const libc::sockaddr_in) };
+            SocketAddr::new(
+                Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)).into(),
+                u16::from_be(a.sin_port),
+            )
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says it is a sockaddr_in6.
+            let a = unsafe { &*(&from as *const _ as *const libc::sockaddr_in6) };
+            SocketAddr::new(
+                Ipv6Addr::from(a.sin6_addr.s6_addr).into(),
+                u16::from_be(a.sin6_port),
+            )
+        }
+        f => return Err(std::io::Error::other(format!("address family {f}"))),
+    };
+    Ok((n as usize, from, ttl))
 }
 
 struct Driver {
@@ -489,14 +554,19 @@ impl Driver {
         Ok(UdpSocket::from_std(s.into())?)
     }
 
-    fn received(&mut self, r: std::io::Result<(usize, SocketAddr)>, buf: &[u8], multihop: bool) {
-        let (n, from) = match r {
+    fn received(&mut self, r: std::io::Result<Received>, buf: &[u8], multihop: bool) {
+        let (n, from, ttl) = match r {
             Ok(x) => x,
             Err(e) => {
                 debug!("bfd: receive: {e}");
                 return;
             }
         };
+        // RFC 5881 §5: single hop means TTL 255 on arrival (GTSM); else it crossed a router.
+        if !multihop && ttl != Some(255) {
+            debug!("bfd: from {from}: discarded: TTL {ttl:?}, not 255");
+            return;
+        }
         let c = match Control::decode(&buf[..n]) {
             Ok(c) => c,
             Err(e) => {
