@@ -180,7 +180,7 @@ fn bird_single_hop_bfd_takes_bgp_and_its_routes_down_within_a_second_and_back() 
     });
     assert_eq!(to_onprem_172(&lab, 20), 20);
 
-    // BFD off by reload: the BGP session stays as it is, the BFD session goes.
+    // Reloads — new intervals, then BFD off: the BGP session stays as it is.
     let before = agent
         .status()
         .bgp
@@ -189,12 +189,26 @@ fn bird_single_hop_bfd_takes_bgp_and_its_routes_down_within_a_second_and_back() 
         .next()
         .unwrap();
     std::thread::sleep(Duration::from_secs(1));
-    // BIRD first (it would take our AdminDown for a failure: see the restart test).
+    // New intervals by reload: the same session, Up throughout, told by Poll/Final.
+    reconfigure(&agent, "bfd = true", "bfd = { interval_ms = 500 }");
+    wait_until(&agent, "500 ms negotiated", Duration::from_secs(5), |s| {
+        session(s).is_some_and(|b| b.tx_ms == 500.0 && b.detect_ms == 1500.0)
+    });
+    let b = session(&agent.status()).unwrap().clone();
+    assert_eq!((b.state.as_str(), b.flaps), ("up", 1), "{b:?}");
+    let view = bird.cmd("show bfd sessions");
+    assert!(
+        view.lines()
+            .any(|l| l.starts_with("10.0.3.1") && l.contains("Up") && l.contains("1.500")),
+        "BIRD: {view}"
+    );
+    // BFD off: BIRD first (it would take our AdminDown for a failure: see the restart
+    // test), then us; the BFD session goes.
     bird.reconfigure(&bird_conf(
         "",
         r#"interface "eth0" { min rx interval 300 ms; min tx interval 300 ms; multiplier 3; };"#,
     ));
-    reconfigure(&agent, "bfd = true", "bfd = false");
+    reconfigure(&agent, "bfd = { interval_ms = 500 }", "bfd = false");
     wait_until(&agent, "BFD session removed", Duration::from_secs(5), |s| {
         s.bfd.is_empty()
     });

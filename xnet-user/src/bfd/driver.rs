@@ -420,14 +420,20 @@ impl Driver {
 
     fn add(&mut self, key: Key, timers: Timers, vias: Vec<IpAddr>) {
         if let Some(e) = self.sessions.get_mut(&key) {
-            e.vias = vias.clone();
+            e.vias = vias;
             if e.timers != timers {
-                // New intervals: a new session (its state restarts; clients hold on while
-                // it comes up again, as at start).
-                self.remove(key);
-            } else {
-                return;
+                // New intervals: the session stays Up, the peer learns them by Poll.
+                info!(
+                    "bfd {key}: now {} ms × {}",
+                    timers.interval.as_millis(),
+                    timers.multiplier
+                );
+                e.timers = timers;
+                e.session.set_timers(timers, Instant::now());
+                self.publish(key);
+                self.timers();
             }
+            return;
         }
         let to = SocketAddr::new(
             key.peer,
@@ -445,7 +451,8 @@ impl Driver {
             }
         };
         let discr = loop {
-            let d = getrandom::u32().unwrap_or(0x5eed_0001);
+            // Without randomness (never seen), still unique.
+            let d = getrandom::u32().unwrap_or(self.by_discr.len() as u32 + 1);
             if d != 0 && !self.by_discr.contains_key(&d) {
                 break d;
             }

@@ -187,6 +187,18 @@ impl Session {
         out.push(Output::State { from, to, diag });
     }
 
+    /// The operator changed the intervals (a reload): the session stays, the peer learns
+    /// them by a Poll Sequence (§6.8.3); while not Up, one packet a second still.
+    pub fn set_timers(&mut self, timers: Timers, now: Instant) {
+        self.timers = timers;
+        let tx = if self.state == State::Up {
+            timers.interval
+        } else {
+            SLOW.max(timers.interval)
+        };
+        self.change_timers(tx, timers.interval, now);
+    }
+
     /// New advertised intervals: a Poll Sequence tells the peer (§6.8.3).
     fn change_timers(&mut self, tx: Duration, rx: Duration, now: Instant) {
         if tx == self.desired_min_tx && rx == self.required_min_rx {
@@ -555,6 +567,35 @@ mod tests {
             }
             assert!(sent(&s.timer(t0 + MS(ms))).is_empty(), "at {ms} ms");
         }
+    }
+
+    #[test]
+    fn new_intervals_on_a_live_session_go_by_poll_without_a_flap() {
+        let (mut s, t0) = up();
+        let mut fin = peer(State::Up, 7, 300, 300);
+        fin.fin = true;
+        s.receive(&fin, t0);
+        let t = Timers {
+            interval: MS(100),
+            multiplier: 5,
+        };
+        s.set_timers(t, t0 + MS(10));
+        let p = sent(&s.timer(t0 + MS(10)));
+        assert_eq!(p.len(), 1);
+        assert!(p[0].poll);
+        assert_eq!(
+            (p[0].desired_min_tx, p[0].required_min_rx),
+            (MS(100), MS(100))
+        );
+        assert_eq!(p[0].detect_mult, 5);
+        // A faster receive rate keeps the old detection time until Final.
+        assert_eq!(s.intervals().1, MS(900));
+        fin = peer(State::Up, 7, 100, 100);
+        fin.fin = true;
+        s.receive(&fin, t0 + MS(20));
+        assert_eq!(s.intervals(), (MS(100), MS(300)));
+        assert_eq!(s.state(), State::Up);
+        assert_eq!(s.flaps, 0);
     }
 
     #[test]
