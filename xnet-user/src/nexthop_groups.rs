@@ -91,12 +91,6 @@ impl Groups {
         Ok(rewrite.len())
     }
 
-    /// The next-hop ids of group `id` as packets pick them now.
-    pub fn in_use(&self, id: u32) -> Result<Vec<u32>> {
-        let g = self.map.get(&id, 0)?;
-        Ok(g.members[..(g.count as usize).min(MAX_ECMP)].to_vec())
-    }
-
     fn value(&self, members: &[Member]) -> NhGroup {
         let mut value = NhGroup {
             count: members.len() as u32,

@@ -112,7 +112,7 @@ impl Agent {
             return Ok(());
         }
         if self.bfd.is_none() {
-            self.bfd = Some(Bfd::start(Some(self.dp.shared_groups()))?);
+            self.bfd = Some(Bfd::start(self.dp.shared_groups())?);
         }
         let bfd = self.bfd.as_ref().expect("started");
         for key in self.bfd_clients.keys() {
@@ -199,6 +199,10 @@ impl Agent {
         });
         self.failover_started.insert(ev.key.peer, ev.at);
         self.bfd_clients_follow(&clients, true).await;
+        if !clients.iter().any(|c| matches!(c, Client::Neighbor(_))) {
+            // Statics and tunnels have converged now; BGP when its session is down.
+            self.failover_converged(ev.key.peer);
+        }
     }
 
     /// The clients take the path as dead (`down`) or usable again.
@@ -221,12 +225,6 @@ impl Agent {
             let want = super::route_set(&self.config, &self.links);
             if let Err(e) = self.set_statics(want).await {
                 warn!("bfd: static routes: {e:#}");
-            }
-        }
-        if down && !clients.iter().any(|c| matches!(c, Client::Neighbor(_))) {
-            // Statics and tunnels have converged now; BGP when its session is down.
-            if let Some(peer) = self.failover_started.keys().next().copied() {
-                self.failover_converged(peer);
             }
         }
     }

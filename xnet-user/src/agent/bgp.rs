@@ -123,6 +123,8 @@ impl Agent {
             Event::Down { peer, .. } => Some(*peer),
             _ => None,
         };
+        // Its routes leave without a graceful restart: packets stop going to it first.
+        let mut dead = None;
         let changed = match ev {
             Event::Established {
                 peer,
@@ -130,9 +132,6 @@ impl Agent {
                 ..
             } => {
                 info!("bgp: {peer} established");
-                if let Err(e) = self.dp.set_nexthop_alive(peer, true) {
-                    warn!("bgp: {peer}: {e:#}");
-                }
                 let family = if peer.is_ipv4() { (1, 1) } else { (2, 1) };
                 let kept = graceful_restart
                     .as_ref()
@@ -185,8 +184,9 @@ impl Agent {
                     _ => {
                         // Packets stop going to it before its routes move, one write per
                         // next-hop group.
-                        if let Err(e) = self.dp.set_nexthop_alive(peer, false) {
-                            warn!("bgp: {peer}: {e:#}");
+                        match self.dp.set_nexthop_alive(peer, false) {
+                            Ok(_) => dead = Some(peer),
+                            Err(e) => warn!("bgp: {peer}: {e:#}"),
                         }
                         self.stale.take(peer);
                         let changed = self.rib.peer_down(peer);
@@ -207,6 +207,15 @@ impl Agent {
         };
         if let Err(e) = self.bgp_changed(changed).await {
             warn!("bgp: {e:#}");
+        }
+        // Its routes have moved. A session down is not a dead next hop for what else
+        // uses the address (a static route): the mark goes, unless BFD says it is dead.
+        if let Some(peer) = dead {
+            if !self.bfd_failed.iter().any(|k| k.peer == peer) {
+                if let Err(e) = self.dp.set_nexthop_alive(peer, true) {
+                    warn!("bgp: {peer}: {e:#}");
+                }
+            }
         }
         if let Some(peer) = down {
             self.failover_converged(peer);

@@ -130,7 +130,7 @@ impl Bfd {
     /// Binds the listeners and starts the thread.
     /// `groups`: the data plane's next-hop groups, which a failure rewrites from this
     /// thread, before the agent hears of it.
-    pub fn start(groups: Option<SharedGroups>) -> Result<Bfd> {
+    pub fn start(groups: SharedGroups) -> Result<Bfd> {
         let (commands, rx) = mpsc::unbounded_channel();
         let (events_tx, events) = mpsc::unbounded_channel();
         let status = Arc::new(Mutex::new(HashMap::new()));
@@ -378,7 +378,7 @@ struct Driver {
     events: mpsc::UnboundedSender<Event>,
     status: Arc<Mutex<HashMap<Key, Status>>>,
     next_port: u16,
-    groups: Option<SharedGroups>,
+    groups: SharedGroups,
 }
 
 impl Driver {
@@ -636,8 +636,7 @@ impl Driver {
 
     /// Marks next hops dead or alive in the data plane's groups; how many groups changed.
     fn mark(&self, vias: &[IpAddr], alive: bool) -> usize {
-        let Some(g) = &self.groups else { return 0 };
-        let mut g = g.lock();
+        let mut g = self.groups.lock();
         vias.iter()
             .map(|v| match g.set_alive(*v, alive) {
                 Ok(n) => n,
