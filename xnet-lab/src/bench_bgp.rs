@@ -35,6 +35,32 @@ pub(crate) fn spawn(ns: &str, args: &[&str]) -> Result<Proc> {
     Ok(Proc(child))
 }
 
+/// The agent under benchmark in namespace `ns` with `config`, its log (RUST_LOG from
+/// `XNET_BENCH_LOG`, else `level`) into `log`; `XNET_PROFILE_WRAP` runs it under a
+/// profiler. Stopped when dropped.
+pub(crate) fn agent_in(ns: &str, config: &Path, log: &Path, level: &str) -> Result<Proc> {
+    let child = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(
+            std::env::var("XNET_PROFILE_WRAP")
+                .ok()
+                .iter()
+                .flat_map(|w| w.split_whitespace()),
+        )
+        .arg(crate::agent_binary()?)
+        .arg("run")
+        .arg("--config")
+        .arg(config)
+        .env(
+            "RUST_LOG",
+            std::env::var("XNET_BENCH_LOG").unwrap_or(level.into()),
+        )
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log)?)
+        .spawn()?;
+    Ok(Proc(child))
+}
+
 pub(crate) fn birdc(ns: &str, sock: &Path, cmd: &str) -> String {
     netns_exec(ns, &format!("birdc -s {} {cmd}", sock.display())).unwrap_or_default()
 }
@@ -278,30 +304,7 @@ pub fn run(v4: &[IpNet], v6: &[IpNet]) -> Result<()> {
            [[bgp.neighbors]]\nname = \"onprem\"\nsegment = \"prod\"\naddress = \"10.0.3.2\"\nremote_asn = 65010\n\
            [[bgp.neighbors]]\nname = \"onprem6\"\nsegment = \"prod\"\naddress = \"fd00:3::2\"\nremote_asn = 65010\n";
     std::fs::write(&agent_conf, config)?;
-    let exe = crate::agent_binary()?;
-    let agent = Proc(
-        Command::new("ip")
-            .args(["netns", "exec", &cxp])
-            .args(
-                std::env::var("XNET_PROFILE_WRAP")
-                    .ok()
-                    .iter()
-                    .flat_map(|w| w.split_whitespace()),
-            )
-            .args([
-                exe.to_str().unwrap(),
-                "run",
-                "--config",
-                agent_conf.to_str().unwrap(),
-            ])
-            .env(
-                "RUST_LOG",
-                std::env::var("XNET_BENCH_LOG").unwrap_or("warn".into()),
-            )
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("agent.log"))?)
-            .spawn()?,
-    );
+    let agent = agent_in(&cxp, &agent_conf, &dir.join("agent.log"), "warn")?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

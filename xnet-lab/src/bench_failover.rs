@@ -11,13 +11,15 @@
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Result};
 use ipnet::IpNet;
 
-use crate::bench_bgp::{bird_routes, birdc, poke, spawn, wait, Proc, BIRD_TIMERS, FAST, GENTLE};
+use crate::bench_bgp::{
+    agent_in, bird_routes, birdc, poke, spawn, wait, Proc, BIRD_TIMERS, FAST, GENTLE,
+};
 use crate::lab::{netns_exec, Lab};
 use xnet_user::status::{self, Status};
 
@@ -114,19 +116,7 @@ pub fn run(v4: &[IpNet], v6: &[IpNet]) -> Result<()> {
     let socket = dir.join("agent.sock");
     let config = dir.join("agent.toml");
     std::fs::write(&config, agent_config(socket.to_str().unwrap()))?;
-    let _agent = Proc(
-        Command::new("ip")
-            .args(["netns", "exec", &lab.ns("cxp")])
-            .arg(crate::agent_binary()?)
-            .args(["run", "--config", config.to_str().unwrap()])
-            .env(
-                "RUST_LOG",
-                std::env::var("XNET_BENCH_LOG").unwrap_or("info".into()),
-            )
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("agent.log"))?)
-            .spawn()?,
-    );
+    let _agent = agent_in(&lab.ns("cxp"), &config, &dir.join("agent.log"), "info")?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -33,7 +33,7 @@ pub(super) enum Client {
 /// The sessions a config asks for, each with its timers and clients.
 pub(super) type Wanted = BTreeMap<Key, (Timers, Vec<Client>)>;
 
-pub use crate::status::Failover;
+use crate::status::Failover;
 
 /// Failovers shown in status, the latest last.
 const FAILOVERS_KEPT: usize = 16;

@@ -95,7 +95,7 @@ struct Agent {
     bfd_clients: bfd::Wanted,
     bfd_failed: HashSet<crate::bfd::driver::Key>,
     /// The latest failures BFD detected, and when, per peer, until its routes moved.
-    failovers: std::collections::VecDeque<bfd::Failover>,
+    failovers: std::collections::VecDeque<crate::status::Failover>,
     failover_started: HashMap<IpAddr, Instant>,
 }
 
