@@ -123,7 +123,7 @@ pub struct NhGroup {
     pub members: [u32; MAX_ECMP],
 }
 
-/// Per-interface packet counters (per CPU in the map; the agent sums them).
+/// Per-interface packet and byte counters, summed by the agent from `COUNTS`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(
@@ -135,6 +135,11 @@ pub struct IfStats {
     pub forwarded: u64,
     pub passed: u64,
     pub dropped: u64,
+    /// Bytes of the same packets, as they came in (from the Ethernet header on).
+    pub rx_bytes: u64,
+    pub forwarded_bytes: u64,
+    pub passed_bytes: u64,
+    pub dropped_bytes: u64,
 }
 
 /// A packet's fate, by its reason.

@@ -41,14 +41,16 @@ use parse::*;
 pub fn xnet_forward(ctx: XdpContext) -> u32 {
     let ifindex = ctx.ingress_ifindex() as u32;
     let Some(ifc) = INTERFACES.get(ifindex).filter(|c| c.segment != 0) else {
-        stats::count(0, Reason::PassNoInterface);
+        stats::count(0, Reason::PassNoInterface, stats::frame_len(&ctx));
         return XDP_PASS;
     };
+    // Before the rewrite: the frame as it came in.
+    let len = stats::frame_len(&ctx);
     let (action, reason) = xdp_forward(&ctx, ifindex, ifc);
     if reason == Reason::DropMalformed {
         debug!(&ctx, "drop malformed packet on ifindex {}", ifindex);
     }
-    stats::count(ifc.slot, reason);
+    stats::count(ifc.slot, reason, len);
     action
 }
 

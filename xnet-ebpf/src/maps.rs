@@ -50,10 +50,10 @@ pub static LOCAL_V6: HashMap<[u8; 16], u32> = HashMap::with_max_entries(limits::
 #[map]
 pub static LOCAL_FILTER: Array<u64> = Array::with_max_entries(xnet_common::LOCAL_FILTER_WORDS, 0);
 
-/// Packets per interface slot (`IfConfig::slot`; 0: none of ours) and reason: one counter
-/// per packet, from which the agent sums per-interface outcomes and per-reason totals.
+/// Packets and bytes per interface slot (`IfConfig::slot`; 0: none of ours) and reason,
+/// from which the agent sums per-interface outcomes and per-reason totals.
 #[map]
-pub static COUNTS: PerCpuArray<u64> =
+pub static COUNTS: PerCpuArray<Counter> =
     PerCpuArray::with_max_entries((limits::INTERFACES + 1) * Reason::COUNT, 0);
 
 /// Benchmark only: the same table in the kernel's LPM trie, for comparison.

@@ -1,14 +1,17 @@
-//! Per-CPU packet counters: one per interface slot and reason (`COUNTS`), one increment per
-//! packet.
+//! Per-CPU packet and byte counters: one per interface slot and reason (`COUNTS`), one
+//! update per packet.
 
 use xnet_common::Reason;
 
 use crate::maps::COUNTS;
 
 #[inline(always)]
-pub fn count(slot: u32, reason: Reason) {
-    if let Some(c) = COUNTS.get_ptr_mut(slot * Reason::COUNT + reason as u32) {
-        // SAFETY: per-CPU slot; XDP and TC run with preemption off, so no concurrent writer.
-        unsafe { *c += 1 };
-    }
+pub fn count(slot: u32, reason: Reason, bytes: u64) {
+    crate::policy::count(COUNTS.get_ptr_mut(slot * Reason::COUNT + reason as u32), bytes);
+}
+
+/// The frame's length on the wire as XDP sees it (from the Ethernet header on).
+#[inline(always)]
+pub fn frame_len(ctx: &aya_ebpf::programs::XdpContext) -> u64 {
+    (ctx.data_end() - ctx.data()) as u64
 }

@@ -36,11 +36,11 @@ pub fn run(ctx: &TcContext) -> i32 {
         return TC_ACT_OK as i32;
     };
     // SAFETY: the context is the kernel's __sk_buff for this run.
-    let ifindex = unsafe { (*skb).ifindex };
+    let (ifindex, len) = unsafe { ((*skb).ifindex, (*skb).len as u64) };
     let (act, reason) = verdict(ctx, skb, ifc);
     // Counted on the interface it came in on when that is one of ours (the underlay).
     let slot = INTERFACES.get(ifindex).map(|c| c.slot).unwrap_or(0);
-    stats::count(slot, reason);
+    stats::count(slot, reason, len);
     act
 }
 

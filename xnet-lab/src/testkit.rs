@@ -1038,3 +1038,122 @@ pub fn wait_for(what: &str, limit: Duration, cond: impl Fn() -> bool, detail: im
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// `GET path` from `addr` inside namespace `ns` (HTTP/1.0, the body).
+pub fn http_get(ns: &str, addr: &str, path: &str) -> std::io::Result<String> {
+    let (addr, path) = (addr.to_string(), path.to_string());
+    in_netns(ns, move || {
+        let mut s = TcpStream::connect(&addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        match out.split_once("\r\n\r\n") {
+            Some((head, body)) if head.starts_with("HTTP/1.") && head.contains(" 200 ") => {
+                Ok(body.to_string())
+            }
+            _ => Err(std::io::Error::other(format!("GET {path}: {out}"))),
+        }
+    })
+}
+
+/// A real Prometheus server (Debian's `prometheus`) in a namespace, scraping `targets`
+/// every second; stopped on drop.
+pub struct Prometheus {
+    child: Child,
+    ns: String,
+    dir: PathBuf,
+}
+
+impl Prometheus {
+    pub const LISTEN: &'static str = "127.0.0.1:19090";
+
+    pub fn start(ns: &str, job: &str, targets: &[&str]) -> Prometheus {
+        let dir = std::env::temp_dir().join(format!("{ns}-prometheus"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let targets: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
+        std::fs::write(
+            dir.join("prometheus.yml"),
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: {job}\n    static_configs:\n      - targets: [{}]\n",
+                targets.join(", ")
+            ),
+        )
+        .unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, "prometheus"])
+            .arg(format!(
+                "--config.file={}",
+                dir.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address={}", Self::LISTEN))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("prometheus.log")).unwrap())
+            .spawn()
+            .expect("prometheus (Debian package `prometheus`; cargo xtask setup installs it)");
+        Prometheus {
+            child,
+            ns: ns.to_string(),
+            dir,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("prometheus.log")).unwrap_or_default()
+    }
+
+    /// An instant query through the HTTP API: each series' labels and value.
+    pub fn query(&self, q: &str) -> Vec<(serde_json::Value, f64)> {
+        let enc: String = q
+            .bytes()
+            .map(|b| match b {
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'-' | b'.' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        let Ok(body) = http_get(
+            &self.ns,
+            Self::LISTEN,
+            &format!("/api/v1/query?query={enc}"),
+        ) else {
+            return Vec::new();
+        };
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        v["data"]["result"]
+            .as_array()
+            .map(|r| {
+                r.iter()
+                    .map(|s| {
+                        let value = s["value"][1]
+                            .as_str()
+                            .unwrap_or("NaN")
+                            .parse()
+                            .unwrap_or(f64::NAN);
+                        (s["metric"].clone(), value)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The value of a query that yields one series (None: no such series yet).
+    pub fn value(&self, q: &str) -> Option<f64> {
+        let r = self.query(q);
+        (r.len() == 1).then(|| r[0].1)
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -75,6 +75,8 @@ pub struct AgentSettings {
     /// Half-open IKE SAs (IKE_SA_INIT answered, no IKE_AUTH yet) above which new
     /// initiators must return a cookie first (RFC 7296 §2.6); 0: always.
     pub ike_cookie_threshold: usize,
+    /// Where Prometheus scrapes `/metrics` (e.g. "127.0.0.1:9469"); absent: no metrics.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl Default for AgentSettings {
@@ -87,6 +89,7 @@ impl Default for AgentSettings {
             neighbour_poll_ms: 250,
             pin_dir: PathBuf::from("/sys/fs/bpf/xnet"),
             ike_cookie_threshold: 100,
+            metrics_listen: None,
         }
     }
 }

@@ -152,7 +152,12 @@ impl Drop for NodeMap {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Counters {
     pub interfaces: Vec<(u32, IfStats)>,
+    /// Packets by reason, all interfaces together (and bytes, in `reason_bytes`).
     pub reasons: Vec<(&'static str, u64)>,
+    pub reason_bytes: Vec<(&'static str, u64)>,
+    /// Per interface, the reasons its packets met (those with any).
+    #[serde(skip)]
+    pub per_reason: Vec<(u32, Vec<(Reason, Counter)>)>,
 }
 
 impl Counters {
@@ -911,40 +916,59 @@ impl Dataplane {
 
     /// Reads every counter, summed over CPUs.
     pub fn counters(&self) -> Result<Counters> {
-        let counts: PerCpuArray<_, u64> = self.map(names::MAP_COUNTS)?;
-        let read = |slot: u32, r: Reason| -> Result<u64> {
-            Ok(counts
+        let counts: PerCpuArray<_, Counter> = self.map(names::MAP_COUNTS)?;
+        let read = |slot: u32, r: Reason| -> Result<Counter> {
+            Ok(sum(counts
                 .get(&(slot * Reason::COUNT + r as u32), 0)?
-                .iter()
-                .sum())
+                .iter()))
         };
-        let mut totals = [0u64; Reason::COUNT as usize];
+        let mut totals = [Counter::default(); Reason::COUNT as usize];
+        let add = |t: &mut Counter, c: Counter| {
+            t.packets += c.packets;
+            t.bytes += c.bytes;
+        };
         for r in Reason::ALL {
-            totals[r as usize] += read(0, r)?;
+            add(&mut totals[r as usize], read(0, r)?);
         }
         let mut interfaces = Vec::new();
+        let mut per_reason = Vec::new();
         for (&ifindex, port) in &self.ports {
             let mut s = IfStats::default();
+            let mut reasons = Vec::new();
             for r in Reason::ALL {
-                let n = read(port.slot, r)?;
-                totals[r as usize] += n;
-                s.rx += n;
-                match r.outcome() {
-                    Outcome::Forwarded => s.forwarded += n,
-                    Outcome::Passed => s.passed += n,
-                    Outcome::Dropped => s.dropped += n,
+                let c = read(port.slot, r)?;
+                add(&mut totals[r as usize], c);
+                s.rx += c.packets;
+                s.rx_bytes += c.bytes;
+                let (p, b) = match r.outcome() {
+                    Outcome::Forwarded => (&mut s.forwarded, &mut s.forwarded_bytes),
+                    Outcome::Passed => (&mut s.passed, &mut s.passed_bytes),
+                    Outcome::Dropped => (&mut s.dropped, &mut s.dropped_bytes),
+                };
+                *p += c.packets;
+                *b += c.bytes;
+                if c.packets > 0 {
+                    reasons.push((r, c));
                 }
             }
             interfaces.push((ifindex, s));
+            per_reason.push((ifindex, reasons));
         }
         interfaces.sort_by_key(|(i, _)| *i);
+        per_reason.sort_by_key(|(i, _)| *i);
         let reasons = Reason::ALL
             .iter()
-            .map(|r| (r.name(), totals[*r as usize]))
+            .map(|r| (r.name(), totals[*r as usize].packets))
+            .collect();
+        let reason_bytes = Reason::ALL
+            .iter()
+            .map(|r| (r.name(), totals[*r as usize].bytes))
             .collect();
         Ok(Counters {
             interfaces,
             reasons,
+            reason_bytes,
+            per_reason,
         })
     }
 

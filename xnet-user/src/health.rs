@@ -15,6 +15,8 @@ pub struct Probe {
     pub service: usize,
     pub instance: usize,
     pub ok: bool,
+    /// How long the answer took (the echo reply, or the TCP handshake).
+    pub rtt: Option<Duration>,
 }
 
 /// Probes `target` every `health.interval_ms` until the receiver is gone.
@@ -32,6 +34,7 @@ pub fn spawn(
         loop {
             tick.tick().await;
             seq = seq.wrapping_add(1);
+            let t0 = std::time::Instant::now();
             let ok = match health.kind {
                 HealthKind::Tcp => {
                     let addr = SocketAddr::new(target, health.port.unwrap_or(0));
@@ -46,11 +49,13 @@ pub fn spawn(
                         .unwrap_or(false)
                 }
             };
+            let rtt = ok.then(|| t0.elapsed());
             if tx
                 .send(Probe {
                     service,
                     instance,
                     ok,
+                    rtt,
                 })
                 .await
                 .is_err()

@@ -10,6 +10,7 @@ pub mod health;
 pub mod ike;
 pub mod kernel;
 pub mod lpm;
+pub mod metrics;
 pub mod nexthop_groups;
 pub mod peer_config;
 pub mod policy;

@@ -8,11 +8,14 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
 
-pub use crate::ike::status::{IpsecChildStatus, IpsecStatus};
+pub use crate::ike::status::{IpsecChildStatus, IpsecStatus, IpsecTotals};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Status {
     pub config: String,
+    /// When the agent started (Unix seconds).
+    #[serde(default)]
+    pub started_unix: f64,
     pub interfaces: Vec<InterfaceStatus>,
     pub routes: Vec<RouteStatus>,
     pub neighbours: Vec<NeighbourStatus>,
@@ -127,6 +130,15 @@ pub struct BgpSessionStatus {
     /// UPDATEs whose routes were withdrawn instead (RFC 7606, our own next hop, first AS).
     #[serde(default)]
     pub treated_as_withdraw: u64,
+    /// Times the session left Established.
+    #[serde(default)]
+    pub flaps: u64,
+    /// Prefixes announced to us since the agent started, and those refused (import
+    /// policy, our AS in the path).
+    #[serde(default)]
+    pub announced_total: u64,
+    #[serde(default)]
+    pub rejected_total: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -182,6 +194,9 @@ pub struct InstanceStatus {
     /// Packets and bytes steered to it.
     pub packets: u64,
     pub bytes: u64,
+    /// The last answered probe's round trip (milliseconds).
+    #[serde(default)]
+    pub probe_rtt_ms: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -195,6 +210,27 @@ pub struct InterfaceStatus {
     pub forwarded: u64,
     pub passed: u64,
     pub dropped: u64,
+    /// Bytes of the same packets, as they came in.
+    #[serde(default)]
+    pub rx_bytes: u64,
+    #[serde(default)]
+    pub forwarded_bytes: u64,
+    #[serde(default)]
+    pub passed_bytes: u64,
+    #[serde(default)]
+    pub dropped_bytes: u64,
+    /// Packets and bytes by reason (those that met any).
+    #[serde(default)]
+    pub reasons: Vec<ReasonCount>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ReasonCount {
+    pub reason: String,
+    /// forwarded, passed or dropped.
+    pub outcome: String,
+    pub packets: u64,
+    pub bytes: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

@@ -32,6 +32,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "libstrongswan-standard-plugins",
     "libstrongswan-extra-plugins",
     "libcharon-extra-plugins",
+    // Operations: a real Prometheus scrapes the agent's metrics; nfdump's nfcapd collects
+    // its IPFIX flows.
+    "prometheus",
+    "nfdump",
     // vm-test: QEMU, and what its initramfs and kernel unpacking use.
     "qemu-system-x86",
     "busybox-static",

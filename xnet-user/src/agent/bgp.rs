@@ -266,6 +266,7 @@ impl Agent {
         let import = (!p.import.is_identity()).then(|| p.import.clone());
         let local_asn = self.config.bgp.as_ref().map(|b| b.asn).unwrap_or(0);
         let mut changed = Vec::new();
+        let (mut announced, mut rejected) = (0u64, 0u64);
         // Only a peer back from a graceful restart has stale routes to refresh.
         let stale = self.stale.has(peer);
         let withdrawn = u
@@ -308,6 +309,7 @@ impl Agent {
                         .apply(&net, &attrs)
                         .map(|attrs| Arc::new(rib::Learned { next_hop, attrs })),
                 };
+                announced += 1;
                 let hit = match accepted {
                     Some(route) if !looped => self.rib.update(
                         seg,
@@ -317,13 +319,26 @@ impl Agent {
                             route,
                         },
                     ),
-                    _ => self.rib.withdraw(seg, net, peer),
+                    _ => {
+                        rejected += 1;
+                        self.rib.withdraw(seg, net, peer)
+                    }
                 };
                 if hit {
                     changed.push((seg, net));
                 }
             }
         }
+        let counts = self.bgp_counts.entry(peer).or_default();
+        counts.announced += announced;
+        counts.rejected += rejected;
         changed
     }
+}
+
+/// A peer's announcements since the agent started.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct Counts {
+    pub announced: u64,
+    pub rejected: u64,
 }

@@ -97,6 +97,13 @@ struct Agent {
     /// The latest failures BFD detected, and when, per peer, until its routes moved.
     failovers: std::collections::VecDeque<crate::status::Failover>,
     failover_started: HashMap<IpAddr, Instant>,
+    /// Per BGP peer: prefixes announced to us, and those import policy or an AS loop
+    /// refused (for metrics).
+    bgp_counts: HashMap<IpAddr, bgp::Counts>,
+    /// Wall-clock start, for status and metrics.
+    started_unix: f64,
+    /// Scrapes of the metrics server waiting for a status.
+    metrics: Option<mpsc::Receiver<crate::metrics::Request>>,
 }
 
 /// Runs the agent on `path` until SIGINT or SIGTERM.
@@ -153,6 +160,11 @@ pub async fn run(path: &Path) -> Result<()> {
         bfd_failed: HashSet::new(),
         failovers: Default::default(),
         failover_started: HashMap::new(),
+        bgp_counts: HashMap::new(),
+        started_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64()),
+        metrics: None,
     };
     let result = match agent.start(routes).await {
         Ok(()) => agent.serve().await,
@@ -223,6 +235,15 @@ async fn recv_bfd(b: &mut Option<crate::bfd::driver::Bfd>) -> Option<crate::bfd:
     }
 }
 
+async fn recv_metrics(
+    m: &mut Option<mpsc::Receiver<crate::metrics::Request>>,
+) -> Option<crate::metrics::Request> {
+    match m {
+        Some(m) => m.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn recv_bgp(s: &mut Option<Speaker>) -> Option<(u64, Event)> {
     match s {
         Some(s) => s.events.recv().await,
@@ -259,6 +280,13 @@ impl Agent {
 
     async fn start(&mut self, routes: RouteSet) -> Result<()> {
         let c = self.config.clone();
+        if let Some(addr) = c.agent.metrics_listen {
+            let (tx, rx) = mpsc::channel(4);
+            crate::metrics::serve(addr, tx)
+                .await
+                .with_context(|| self.path.display().to_string())?;
+            self.metrics = Some(rx);
+        }
         self.find_handover();
         for (i, _) in c.segments.iter().enumerate() {
             self.dp.add_segment(i as u32 + 1)?;
@@ -511,6 +539,10 @@ impl Agent {
                     }
                 }
                 _ = log_tick.tick() => self.log_rule_hits(),
+                Some(reply) = recv_metrics(&mut self.metrics) => match self.status_brief() {
+                    Ok(s) => { let _ = reply.send(s); }
+                    Err(e) => warn!("metrics: {e:#}"),
+                },
                 _ = tick.tick() => {
                     self.dp.flush_logs();
                     if let Err(e) = self.sync_kernel_state().await {

@@ -17,6 +17,8 @@ pub(super) struct InstanceHealth {
     pub(super) up: Option<bool>,
     /// Consecutive probes that disagree with `up`.
     streak: u32,
+    /// The last probe that was answered: how long it took.
+    pub(super) rtt: Option<std::time::Duration>,
 }
 
 impl InstanceHealth {
@@ -96,7 +98,11 @@ impl Agent {
     pub(super) async fn on_probe(&mut self, p: health::Probe) -> Result<()> {
         let svc = &self.config.services[p.service];
         let threshold = svc.health.threshold;
-        if !self.health[p.service][p.instance].observe(p.ok, threshold) {
+        let h = &mut self.health[p.service][p.instance];
+        if p.rtt.is_some() {
+            h.rtt = p.rtt;
+        }
+        if !h.observe(p.ok, threshold) {
             return Ok(());
         }
         if p.ok {

@@ -9,15 +9,27 @@ use crate::config::XdpMode;
 use crate::dataplane::NhKey;
 use crate::routing::Source;
 use crate::status::{self, Status};
+use xnet_common::Outcome;
 
 impl Agent {
     /// What `xnet status` and its friends show: read from the config, the data plane's
     /// counters, the routing core, the RIB and the IKE daemon.
     pub(super) fn status(&mut self) -> Result<Status> {
+        self.status_of(true)
+    }
+
+    /// The status without the tables that grow with routes (static routes, neighbours, the
+    /// RIB's first prefixes): what metrics and `xnet top` need, cheap with a full table.
+    pub(super) fn status_brief(&mut self) -> Result<Status> {
+        self.status_of(false)
+    }
+
+    fn status_of(&mut self, tables: bool) -> Result<Status> {
         let counters = self.dp.counters()?;
         let attached = self.dp.attached();
         let mut s = Status {
             config: self.path.display().to_string(),
+            started_unix: self.started_unix,
             ..Default::default()
         };
         for itf in &self.config.interfaces {
@@ -41,10 +53,34 @@ impl Agent {
                 forwarded: c.forwarded,
                 passed: c.passed,
                 dropped: c.dropped,
+                rx_bytes: c.rx_bytes,
+                forwarded_bytes: c.forwarded_bytes,
+                passed_bytes: c.passed_bytes,
+                dropped_bytes: c.dropped_bytes,
+                reasons: counters
+                    .per_reason
+                    .iter()
+                    .find(|(i, _)| *i == ifindex)
+                    .map(|(_, r)| {
+                        r.iter()
+                            .map(|(r, c)| status::ReasonCount {
+                                reason: r.name().to_string(),
+                                outcome: match r.outcome() {
+                                    Outcome::Forwarded => "forwarded",
+                                    Outcome::Passed => "passed",
+                                    Outcome::Dropped => "dropped",
+                                }
+                                .to_string(),
+                                packets: c.packets,
+                                bytes: c.bytes,
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
             });
         }
         let valid: HashMap<NhKey, bool> = self.dp.nexthops().into_iter().collect();
-        let mut routes: Vec<_> = self.statics.iter().collect();
+        let mut routes: Vec<_> = self.statics.iter().filter(|_| tables).collect();
         routes.sort_by_key(|((seg, net), _)| (*seg, *net));
         for ((seg, net), hops) in routes {
             s.routes.push(status::RouteStatus {
@@ -64,7 +100,7 @@ impl Agent {
             .dp
             .nexthops()
             .into_iter()
-            .filter(|(k, _)| k.ifindex != crate::dataplane::TUNNEL)
+            .filter(|(k, _)| tables && k.ifindex != crate::dataplane::TUNNEL)
         {
             s.neighbours.push(status::NeighbourStatus {
                 interface: self.link_name(key.ifindex),
@@ -109,6 +145,12 @@ impl Agent {
                     },
                     packets: c.packets,
                     bytes: c.bytes,
+                    probe_rtt_ms: self
+                        .health
+                        .get(si)
+                        .and_then(|h| h.get(ii))
+                        .and_then(|h| h.rtt)
+                        .map(|d| d.as_secs_f64() * 1e3),
                 });
             }
             s.services.push(status::ServiceStatus {
@@ -119,7 +161,7 @@ impl Agent {
         }
         if let Some(bgp) = &self.bgp {
             // The first prefixes in order: the RIB keeps them, a full table is not walked.
-            let first = self.rib.first();
+            let first = if tables { self.rib.first() } else { Vec::new() };
             for p in &bgp.peers {
                 let st = p.state.lock().unwrap().clone();
                 s.bgp.push(status::BgpSessionStatus {
@@ -138,6 +180,9 @@ impl Agent {
                     last_error: st.last_error.clone(),
                     not_negotiated: st.not_negotiated,
                     treated_as_withdraw: st.treated_as_withdraw,
+                    flaps: st.flaps,
+                    announced_total: self.bgp_counts.get(&p.address).map_or(0, |c| c.announced),
+                    rejected_total: self.bgp_counts.get(&p.address).map_or(0, |c| c.rejected),
                 });
             }
             s.bgp_routes_total = self.rib.len();

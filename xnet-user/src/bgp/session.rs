@@ -119,6 +119,8 @@ pub struct State {
     /// UPDATEs whose announcements were turned into withdrawals (RFC 7606, own next hop,
     /// first AS).
     pub treated_as_withdraw: u64,
+    /// Times the session left Established.
+    pub flaps: u64,
 }
 
 /// What happens to the session.
@@ -328,6 +330,9 @@ impl Session {
 
     fn set(&mut self, s: &'static str, now: Instant) {
         if self.status.state != s {
+            if self.status.state == "Established" {
+                self.status.flaps += 1;
+            }
             self.status.state = s;
             self.status.since = Some(now);
         }

@@ -26,7 +26,7 @@ use super::packet::{
 };
 use super::proposal::Suite;
 use super::sa::{Auth, ChildSa, Conn, IkeSa, Output, State};
-use super::status::{IpsecChildStatus, IpsecStatus};
+use super::status::{IpsecChildStatus, IpsecStatus, IpsecTotals};
 use super::xfrm::{self, Xfrm};
 
 pub const IKE_PORT: u16 = 500;
@@ -220,6 +220,21 @@ struct Connector {
     /// CHILD SAs the peer rekeyed whose outbound SA waits (inbound SPI, since): until the
     /// peer deletes the old SA it may not have installed the new inbound one yet.
     out_pending: Vec<(u32, Instant)>,
+    /// Counters over the connector's life (for metrics: they never go back).
+    totals: Totals,
+}
+
+/// A connector's counters since the agent started: rekeys, DPD failures, and the traffic of
+/// CHILD SAs that are gone (the current ones' is added when reported).
+#[derive(Default, Clone, Copy)]
+struct Totals {
+    ike_rekeys: u64,
+    child_rekeys: u64,
+    dpd_failures: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+    packets_in: u64,
+    packets_out: u64,
 }
 
 struct Datagram {
@@ -362,6 +377,7 @@ pub async fn start(
             reauth_old: None,
             retire: None,
             out_pending: Vec::new(),
+            totals: Totals::default(),
         })
         .collect();
     let status: SharedStatus = Default::default();
@@ -656,6 +672,7 @@ impl Daemon {
                     self.sas.insert(nspi, *new);
                     if let Some(ci) = ci.filter(|_| current) {
                         self.connectors[ci].sa = Some(nspi);
+                        self.connectors[ci].totals.ike_rekeys += 1;
                     }
                 }
                 Output::Adopt { spi: to, children } => {
@@ -665,6 +682,7 @@ impl Daemon {
                         new.provisional = false;
                         if let Some(ci) = ci {
                             self.connectors[ci].sa = Some(to);
+                            self.connectors[ci].totals.ike_rekeys += 1;
                         }
                     }
                 }
@@ -738,14 +756,18 @@ impl Daemon {
                         // The peer rekeyed (we answered): our new outbound SA waits
                         // for the old one's DELETE, as strongSwan's does, so nothing is
                         // sent on keys the peer has not installed yet.
-                        let defer = !c.initiator
-                            && self.connectors[ci].children.iter().any(|(o, _)| {
-                                o.local_ts == c.local_ts && o.remote_ts == c.remote_ts
-                            });
+                        let rekey = self.connectors[ci]
+                            .children
+                            .iter()
+                            .any(|(o, _)| o.local_ts == c.local_ts && o.remote_ts == c.remote_ts);
+                        let defer = !c.initiator && rekey;
                         let ok = self.install(ci, &c, encap, !defer);
                         let k = &mut self.connectors[ci];
                         if defer {
                             k.out_pending.push((c.spi_in, Instant::now()));
+                        }
+                        if rekey {
+                            k.totals.child_rekeys += 1;
                         }
                         k.children.push((c, ok));
                         if ok {
@@ -779,6 +801,9 @@ impl Daemon {
                     if let Some(ci) = ci.filter(|&ci| self.connectors[ci].sa == Some(spi)) {
                         let c = &mut self.connectors[ci];
                         c.sa = None;
+                        if why.contains("DPD") {
+                            c.totals.dpd_failures += 1;
+                        }
                         if !why.contains("deleted by us") {
                             c.last_error = Some(why);
                         }
@@ -1081,6 +1106,17 @@ impl Daemon {
         let k = &mut self.connectors[ci];
         let pos = k.children.iter().position(|(c, _)| c.spi_in == spi_in)?;
         let (c, _) = k.children.remove(pos);
+        // Its traffic stays in the connector's totals.
+        let t = &mut k.totals;
+        for (spi, bytes, packets) in [
+            (c.spi_in, &mut t.bytes_in, &mut t.packets_in),
+            (c.spi_out, &mut t.bytes_out, &mut t.packets_out),
+        ] {
+            if let Some((b, p)) = self.counters.remove(&spi) {
+                *bytes += b;
+                *packets += p;
+            }
+        }
         if k.children.is_empty() {
             let _ = self.events.send(TunnelEvent::Down(ci));
         }
@@ -1193,6 +1229,26 @@ impl Daemon {
                     .collect(),
                 last_error: c.last_error.clone(),
                 dropped: self.dropped,
+                totals: {
+                    let t = c.totals;
+                    let current = |spi: fn(&ChildSa) -> u32| {
+                        c.children.iter().fold((0, 0), |(b, p), (ch, _)| {
+                            let (cb, cp) = self.counters.get(&spi(ch)).copied().unwrap_or((0, 0));
+                            (b + cb, p + cp)
+                        })
+                    };
+                    let (bi, pi) = current(|c| c.spi_in);
+                    let (bo, po) = current(|c| c.spi_out);
+                    IpsecTotals {
+                        ike_rekeys: t.ike_rekeys,
+                        child_rekeys: t.child_rekeys,
+                        dpd_failures: t.dpd_failures,
+                        bytes_in: t.bytes_in + bi,
+                        bytes_out: t.bytes_out + bo,
+                        packets_in: t.packets_in + pi,
+                        packets_out: t.packets_out + po,
+                    }
+                },
             });
         }
         *self.status.lock().unwrap() = v;

@@ -1335,7 +1335,11 @@ impl IkeSa {
             };
             if now.duration_since(p.sent) >= wait {
                 if p.tries + 1 >= tries {
-                    return self.close("peer not answering (retransmissions exhausted)".into());
+                    // The daemon counts DPD failures by this word.
+                    let what = if p.liveness { " DPD" } else { "" };
+                    return self.close(format!(
+                        "peer not answering{what} (retransmissions exhausted)"
+                    ));
                 }
                 p.tries += 1;
                 p.sent = now;

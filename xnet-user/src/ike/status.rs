@@ -23,6 +23,23 @@ pub struct IpsecStatus {
     /// The longest a silent peer goes before DPD declares it dead (0: no DPD).
     #[serde(default)]
     pub dpd_bound_secs: u64,
+    /// Since the agent started.
+    #[serde(default)]
+    pub totals: IpsecTotals,
+}
+
+/// A connector's counters since the agent started (they never go back: a rekeyed CHILD
+/// SA's traffic stays counted).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+pub struct IpsecTotals {
+    pub ike_rekeys: u64,
+    pub child_rekeys: u64,
+    /// IKE SAs closed because the peer did not answer liveness checks.
+    pub dpd_failures: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub packets_in: u64,
+    pub packets_out: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
