@@ -41,6 +41,7 @@ pub mod names {
     pub const MAP_SERVICES: &str = "SERVICES";
     pub const MAP_NH_STATS: &str = "NH_STATS";
     pub const MAP_TUNNELS: &str = "TUNNELS";
+    pub const MAP_FLOW_SAMPLES: &str = "FLOW_SAMPLES";
     pub const PROG_TUNNEL_IN: &str = "xnet_tunnel_in";
     pub const MAP_BENCH_TRIE_V4: &str = "BENCH_TRIE_V4";
     pub const MAP_BENCH_TRIE_V6: &str = "BENCH_TRIE_V6";
@@ -85,7 +86,39 @@ pub struct IfConfig {
     pub flags: u32,
     /// Its counters' index in `IF_STATS` (0: none).
     pub slot: u32,
+    /// Flow sampling: one packet in `sample` goes to `FLOW_SAMPLES` (0: off). The
+    /// segment's `flow_sample`.
+    pub sample: u32,
 }
+
+/// A sampled packet, from XDP to the agent through the `FLOW_SAMPLES` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct FlowSample {
+    /// Addresses as `policy::words` (IPv4 in the first word).
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub ingress: u32,
+    /// The interface it was sent out of (0: not sent by XDP).
+    pub egress: u32,
+    pub segment: u32,
+    /// The policy rule it matched + 1 (0: none).
+    pub rule: u32,
+    /// The frame's length as it came in.
+    pub bytes: u32,
+    pub sport: u16,
+    pub dport: u16,
+    /// 4 or 6.
+    pub family: u8,
+    pub proto: u8,
+    /// `Reason` as its index.
+    pub reason: u8,
+    pub _pad: u8,
+}
+
+/// Room for samples between two reads by the agent (a power of two, in bytes).
+pub const FLOW_SAMPLES_BYTES: u32 = 1 << 18;
 
 /// `IfConfig::flags`: the port faces a firewall; its packets come back from one and are
 /// routed without being classified again (no steering loops).
@@ -153,7 +186,7 @@ pub enum Outcome {
 /// Why a packet was not forwarded by XDP: with the interface's slot, the index into the
 /// `COUNTS` per-CPU array (`slot * Reason::COUNT + reason`).
 #[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Reason {
     /// Forwarded by XDP (not a pass reason; counted for completeness).
     Forwarded = 0,

@@ -99,7 +99,9 @@ pub struct RuleKey {
     pub proto: u8,
     pub sport: u16,
     pub dport: u16,
-    pub _pad: u16,
+    /// Not part of any key (0 in `RULES` and in the search): in the flow record, the
+    /// rule classification matched + 1, for flow sampling.
+    pub matched: u16,
     /// Addresses as [`words`].
     pub src: [u32; 4],
     pub dst: [u32; 4],

@@ -8,6 +8,7 @@
 #![no_std]
 #![no_main]
 
+mod flows;
 mod maps;
 mod parse;
 mod policy;
@@ -46,11 +47,12 @@ pub fn xnet_forward(ctx: XdpContext) -> u32 {
     };
     // Before the rewrite: the frame as it came in.
     let len = stats::frame_len(&ctx);
-    let (action, reason) = xdp_forward(&ctx, ifindex, ifc);
+    let (action, reason, egress) = xdp_forward(&ctx, ifindex, ifc);
     if reason == Reason::DropMalformed {
         debug!(&ctx, "drop malformed packet on ifindex {}", ifindex);
     }
     stats::count(ifc.slot, reason, len);
+    flows::sample(ifc, ifindex, egress, reason, len);
     action
 }
 
@@ -100,27 +102,28 @@ impl Verdict {
 const MALFORMED: Verdict = Verdict::Drop(Reason::DropMalformed);
 
 #[inline(always)]
-fn xdp_forward(ctx: &XdpContext, ifindex: u32, ifc: &IfConfig) -> (u32, Reason) {
+/// The XDP action, the reason it is counted under, and the egress interface (0: none).
+fn xdp_forward(ctx: &XdpContext, ifindex: u32, ifc: &IfConfig) -> (u32, Reason, u32) {
     let Some(l2) = ethernet(ctx) else {
-        return (XDP_DROP, Reason::DropMalformed);
+        return (XDP_DROP, Reason::DropMalformed, 0);
     };
     let v4 = l2.ethertype == ETH_P_IP;
     match decide::<_, false>(ctx, ifc, l2.ethertype, l2.l3) {
-        Verdict::Pass(r) => (XDP_PASS, r),
-        Verdict::Drop(r) => (XDP_DROP, r),
+        Verdict::Pass(r) => (XDP_PASS, r, 0),
+        Verdict::Drop(r) => (XDP_DROP, r, 0),
         Verdict::Send(id, r) => {
             let Some(nh) = NEXTHOPS.get(id) else {
-                return (XDP_PASS, Reason::PassNoNeighbour);
+                return (XDP_PASS, Reason::PassNoNeighbour, 0);
             };
             if rewrite::ttl(ctx, l2.l3, v4).is_none() || rewrite::ethernet(ctx, l2.l3, nh).is_none()
             {
-                return (XDP_DROP, Reason::DropMalformed);
+                return (XDP_DROP, Reason::DropMalformed, 0);
             }
             match send(ifindex, nh) {
-                Some(action) => (action, r),
+                Some(action) => (action, r, nh.ifindex),
                 // Not in TX_PORTS: the agent marks such next hops invalid, so this is a
                 // race with an interface going away.
-                None => (XDP_PASS, Reason::PassNoNeighbour),
+                None => (XDP_PASS, Reason::PassNoNeighbour, 0),
             }
         }
     }
@@ -176,6 +179,8 @@ pub fn decide<P: Packet, const FROM_TUNNEL: bool>(
         match rule {
             Some(rule) => {
                 policy::count_rule(rule.rule, ctx.len());
+                // For flow sampling (`flows`): the record is this packet's own.
+                flow[0].matched = rule.rule as u16 + 1;
                 match rule.action {
                     ACTION_DENY => return Verdict::Drop(Reason::DropPolicy),
                     ACTION_STEER => {
@@ -360,7 +365,7 @@ fn transport<P: Packet>(
         proto,
         sport,
         dport,
-        _pad: 0,
+        matched: 0,
         src,
         dst,
     };

@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMap, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, DevMap, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use xnet_common::policy::{self, ClassKey, Counter, RuleKey, RuleValue, Service, Tuple};
 use xnet_common::{limits, route::GROUP_SIZE, BenchGen, IfConfig, NextHop, NhGroup, Reason};
@@ -55,6 +55,10 @@ pub static LOCAL_FILTER: Array<u64> = Array::with_max_entries(xnet_common::LOCAL
 #[map]
 pub static COUNTS: PerCpuArray<Counter> =
     PerCpuArray::with_max_entries((limits::INTERFACES + 1) * Reason::COUNT, 0);
+
+/// Sampled packets for flow export (`flows`), read by the agent.
+#[map]
+pub static FLOW_SAMPLES: RingBuf = RingBuf::with_byte_size(xnet_common::FLOW_SAMPLES_BYTES, 0);
 
 /// Benchmark only: the same table in the kernel's LPM trie, for comparison.
 #[map]

@@ -477,6 +477,7 @@ pub(crate) fn compile_rules(
         name: "bench".into(),
         table: 100,
         default_action: Default::default(),
+        flow_sample: None,
     });
     config.policies = rules;
     xnet_user::policy::compile(&config.rules(), &config, &|_| (0, 0), &|_| service)

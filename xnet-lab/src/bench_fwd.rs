@@ -193,6 +193,9 @@ enum Fwd {
     Kernel,
     Redirect,
     Xnet,
+    /// xnet sampling one packet in `SAMPLE_RATE` for flow export (the samples read as
+    /// the agent reads them).
+    XnetSampled,
     /// xnet with the rule set of `policy_rules`.
     XnetPolicy,
     /// xnet steering every frame through the firewall namespace.
@@ -251,6 +254,12 @@ impl Bench {
         let _ = sh(&format!("ip rule del iif xin lookup {FWX_TABLE}"));
         self.dp
             .set_policy(&xnet_user::policy::Compiled::default())?;
+        let rate = if f == Fwd::XnetSampled {
+            SAMPLE_RATE
+        } else {
+            0
+        };
+        self.dp.set_flow_sampling(1, rate)?;
         match f {
             Fwd::Kernel => {}
             Fwd::KernelSteer => sh(&format!("ip rule add iif xin lookup {FW_TABLE}"))?,
@@ -259,7 +268,7 @@ impl Bench {
                 self.attach(names::PROG_BENCH_PASS, self.v.xfx)?;
             }
             Fwd::Redirect => self.attach(names::PROG_BENCH_REDIRECT, self.v.xin)?,
-            Fwd::Xnet | Fwd::XnetPolicy | Fwd::XnetSteer | Fwd::XnetSteerXdp => {
+            Fwd::Xnet | Fwd::XnetSampled | Fwd::XnetPolicy | Fwd::XnetSteer | Fwd::XnetSteerXdp => {
                 match f {
                     Fwd::XnetPolicy => self.dp.set_policy(&self.rules)?,
                     Fwd::XnetSteer => self.dp.set_policy(&self.steer)?,
@@ -404,6 +413,9 @@ fn steer_rule(service: u32) -> Result<xnet_user::policy::Compiled> {
     compile_rules(vec![steer], service)
 }
 
+/// Flow sampling's rate in its case (a common production setting).
+const SAMPLE_RATE: u32 = 1000;
+
 /// Runs `bench fwd` and `bench prog` with table `v4` (the full-table cases).
 pub fn run(v4: &[IpNet], opts: &Options) -> Result<()> {
     let v = veths()?;
@@ -466,12 +478,34 @@ pub fn run(v4: &[IpNet], opts: &Options) -> Result<()> {
     let fwx_if = b.v.fwx;
     b.attach(names::PROG_BENCH_BOUNCE, fwx_if)?;
     let shapes = b.rules.tuples.len();
+    // The samples are read while the cases run, as the agent's exporter reads them.
+    let samples = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let mut ring = b.dp.flow_samples()?;
+        let (samples, stop) = (samples.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                while let Some(item) = ring.next() {
+                    std::hint::black_box(&*item);
+                    samples.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        })
+    };
 
     // (name, forwarder, flows: 0 = a new flow per frame)
     let cases: Vec<(String, Fwd, u32, Fwd)> = vec![
         ("kernel".into(), Fwd::Kernel, 0, Fwd::Kernel),
         ("redirect".into(), Fwd::Redirect, 0, Fwd::Kernel),
         ("xnet".into(), Fwd::Xnet, 0, Fwd::Kernel),
+        (
+            format!("xnet_flow_sampling_1_in_{SAMPLE_RATE}"),
+            Fwd::XnetSampled,
+            0,
+            Fwd::Kernel,
+        ),
         (
             format!("xnet_policy_10k_shapes_{shapes}_new_flows"),
             Fwd::XnetPolicy,
@@ -507,6 +541,8 @@ pub fn run(v4: &[IpNet], opts: &Options) -> Result<()> {
             rates[i].push(b.rate().with_context(|| format!("bench fwd {name}"))?);
         }
     }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = reader.join();
     let index = |f: Fwd| cases.iter().position(|c| c.1 == f && c.2 == 0).unwrap();
     let redirect = index(Fwd::Redirect);
     for (i, (name, _, _, base)) in cases.iter().enumerate() {
@@ -518,6 +554,16 @@ pub fn run(v4: &[IpNet], opts: &Options) -> Result<()> {
             ratio(k),
             ratio(redirect),
             cases[k].0
+        );
+    }
+    {
+        let (s, x) = (index(Fwd::XnetSampled), index(Fwd::Xnet));
+        let ratio = median(rates[s].iter().zip(&rates[x]).map(|(a, b)| a / b).collect());
+        println!(
+            "bench flow_sampling rate=1/{SAMPLE_RATE} mpps={:.2} unsampled_mpps={:.2} ratio_vs_unsampled={ratio:.3} samples={} (target: ratio >= 0.95)",
+            median(rates[s].clone()) / 1e6,
+            median(rates[x].clone()) / 1e6,
+            samples.load(std::sync::atomic::Ordering::Relaxed)
         );
     }
     // Warm cost of one packet (the frame repeated: TTL 64 lasts for the 50 repeats).

@@ -42,6 +42,8 @@ pub struct Config {
     /// Site-to-site IPsec connectors (IKEv2, ESP in kernel XFRM).
     #[serde(default)]
     pub ipsec: Vec<Ipsec>,
+    /// IPFIX flow export of the segments that sample (`flow_sample`).
+    pub flows: Option<crate::flows::config::Flows>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
@@ -104,6 +106,9 @@ pub struct Segment {
     /// What happens to traffic no policy matches: routed in the segment, or dropped.
     #[serde(default)]
     pub default_action: DefaultAction,
+    /// Flow export: one packet in this many is sampled (1: every packet); absent: none.
+    #[serde(default)]
+    pub flow_sample: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
@@ -227,7 +232,32 @@ impl Config {
         self.validate_routing()?;
         crate::policy::validate(&self.rules(), self)?;
         self.validate_bgp()?;
-        self.validate_ipsec()
+        self.validate_ipsec()?;
+        self.validate_flows()
+    }
+
+    fn validate_flows(&self) -> Result<(), (String, String)> {
+        for (i, s) in self.segments.iter().enumerate() {
+            match s.flow_sample {
+                Some(0) => {
+                    return Err((
+                        format!("segments[{i}].flow_sample"),
+                        "must be at least 1 (1: every packet); leave it out for none".into(),
+                    ))
+                }
+                Some(_) if self.flows.is_none() => {
+                    return Err((
+                        format!("segments[{i}].flow_sample"),
+                        "samples need somewhere to go: add [flows] with collectors".into(),
+                    ))
+                }
+                _ => {}
+            }
+        }
+        match &self.flows {
+            Some(f) => f.validate().map_err(|(f, r)| (format!("flows.{f}"), r)),
+            None => Ok(()),
+        }
     }
 
     fn validate_ipsec(&self) -> Result<(), (String, String)> {

@@ -56,6 +56,8 @@ struct Segment {
     v6: TableId,
     v4_root: u32,
     v6_root: u32,
+    /// Flow sampling: 1 in `sample` packets (0: off).
+    sample: u32,
 }
 
 struct Port {
@@ -400,11 +402,45 @@ impl Dataplane {
             v6_root: seg.v6_root,
             flags,
             slot: 0,
+            sample: 0,
         };
         let mut map: Array<_, IfConfig> = self.map_mut(names::MAP_TUNNELS)?;
         map.set(connector, &cfg, 0)
             .with_context(|| format!("TUNNELS[{connector}]"))?;
         Ok(())
+    }
+
+    /// Samples one packet in `rate` (0: none) on the segment's interfaces for flow export.
+    pub fn set_flow_sampling(&mut self, segment: u32, rate: u32) -> Result<()> {
+        let seg = self
+            .segments
+            .get_mut(&segment)
+            .with_context(|| format!("unknown segment id {segment}"))?;
+        seg.sample = rate;
+        let ports: Vec<u32> = self
+            .ports
+            .iter()
+            .filter(|(_, p)| p.segment == segment)
+            .map(|(&i, _)| i)
+            .collect();
+        let mut ifs: Array<_, IfConfig> = self.map_mut(names::MAP_INTERFACES)?;
+        for ifindex in ports {
+            {
+                let mut cfg = ifs.get(&ifindex, 0)?;
+                cfg.sample = rate;
+                ifs.set(ifindex, &cfg, 0)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The ring buffer of flow samples (once: its reader owns it).
+    pub fn flow_samples(&mut self) -> Result<aya::maps::RingBuf<MapData>> {
+        let m = self
+            .ebpf
+            .take_map(names::MAP_FLOW_SAMPLES)
+            .context("the flow samples ring buffer is taken or missing")?;
+        Ok(aya::maps::RingBuf::try_from(m)?)
     }
 
     pub fn attached(&self) -> Vec<u32> {
@@ -500,6 +536,7 @@ impl Dataplane {
                 v6,
                 v4_root,
                 v6_root,
+                sample: 0,
             },
         );
         Ok(())
@@ -538,6 +575,7 @@ impl Dataplane {
             v6_root: seg.v6_root,
             flags,
             slot,
+            sample: seg.sample,
         };
         let mut ports: DevMap<_> = self.map_mut(names::MAP_TX_PORTS)?;
         ports

@@ -6,6 +6,7 @@ pub mod bgp;
 pub mod config;
 pub mod dataplane;
 pub mod fastmap;
+pub mod flows;
 pub mod health;
 pub mod ike;
 pub mod kernel;

@@ -44,6 +44,9 @@ pub struct Status {
     /// routes followed.
     #[serde(default)]
     pub failovers: Vec<Failover>,
+    /// Flow export (with `[flows]`).
+    #[serde(default)]
+    pub flows: Option<crate::flows::exporter::FlowStats>,
 }
 
 /// The last failure BFD detected, with how long each step took.

@@ -93,6 +93,9 @@ impl Agent {
     pub(super) async fn exit_for_restart(&mut self) {
         // AdminDown: to the peers our going is not a failure (RFC 5882 §3.2).
         self.stop_bfd();
+        if let Some(f) = &mut self.flows {
+            f.stop().await;
+        }
         let base = self.config.agent.pin_dir.clone();
         // Still restarting ourselves: the previous agent's program is in place and pinned.
         if self.handover.is_empty() {

@@ -104,6 +104,8 @@ struct Agent {
     started_unix: f64,
     /// Scrapes of the metrics server waiting for a status.
     metrics: Option<mpsc::Receiver<crate::metrics::Request>>,
+    /// IPFIX flow export (with `[flows]`).
+    flows: Option<crate::flows::exporter::Exporter>,
 }
 
 /// Runs the agent on `path` until SIGINT or SIGTERM.
@@ -165,6 +167,7 @@ pub async fn run(path: &Path) -> Result<()> {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64()),
         metrics: None,
+        flows: None,
     };
     let result = match agent.start(routes).await {
         Ok(()) => agent.serve().await,
@@ -304,6 +307,7 @@ impl Agent {
             self.dp
                 .set_interface(ifindex, c.segment_id(&itf.segment).unwrap(), mac, flags)?;
         }
+        self.start_flows().await?;
         if c.agent.kernel_fib {
             self.fib = Some(forwarding::FibWriter::spawn()?);
         }
@@ -376,6 +380,27 @@ impl Agent {
             c.agent.socket.display(),
             self.started.elapsed().as_millis()
         );
+        Ok(())
+    }
+
+    /// Flow export: the segments' sampling rates into XDP, the exporter on the ring buffer.
+    async fn start_flows(&mut self) -> Result<()> {
+        let mut rates = HashMap::new();
+        for (i, s) in self.config.segments.iter().enumerate() {
+            let rate = s.flow_sample.unwrap_or(0);
+            self.dp.set_flow_sampling(i as u32 + 1, rate)?;
+            if rate > 0 {
+                rates.insert(i as u32 + 1, rate);
+                info!(
+                    "segment {}: 1 packet in {rate} sampled for flow export",
+                    s.name
+                );
+            }
+        }
+        if let Some(f) = self.config.flows.clone() {
+            let ring = self.dp.flow_samples()?;
+            self.flows = Some(crate::flows::exporter::Exporter::start(ring, &f, rates).await?);
+        }
         Ok(())
     }
 
@@ -575,6 +600,9 @@ impl Agent {
     /// away), then XDP goes, so no packet meets half-removed state.
     async fn stop(&mut self) {
         self.stop_bfd();
+        if let Some(f) = &mut self.flows {
+            f.stop().await;
+        }
         if let Some(b) = &mut self.bgp {
             b.shutdown().await;
         }

@@ -231,6 +231,7 @@ impl Agent {
         }
         s.bfd = self.bfd_status();
         s.failovers = self.failovers.iter().cloned().collect();
+        s.flows = self.flows.as_ref().map(|f| f.stats.lock().unwrap().clone());
         s.reasons = counters
             .reasons
             .iter()

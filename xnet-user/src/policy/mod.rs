@@ -373,7 +373,7 @@ pub fn compile(
                                 proto,
                                 sport: sp,
                                 dport: dp,
-                                _pad: 0,
+                                matched: 0,
                                 src: xnet_common::policy::words(&addr_bytes(&s)),
                                 dst: xnet_common::policy::words(&addr_bytes(&d)),
                             };
