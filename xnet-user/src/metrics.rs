@@ -575,6 +575,36 @@ pub fn encode(s: &Status) -> String {
         },
     );
 
+    // Flow export.
+    if let Some(f) = &s.flows {
+        for (name, help, v) in [
+            (
+                "flow_samples",
+                "Packets sampled by XDP and read by the exporter",
+                f.samples,
+            ),
+            (
+                "flow_records_exported",
+                "IPFIX flow records sent",
+                f.records_exported,
+            ),
+            (
+                "flow_samples_lost",
+                "Samples of new flows dropped: the flow cache was full (flows.max_flows)",
+                f.lost,
+            ),
+            (
+                "flow_send_errors",
+                "IPFIX messages a collector could not be sent",
+                f.send_errors,
+            ),
+        ] {
+            let c = Counter::<u64>::default();
+            c.inc_by(v);
+            r.register(name, help, c);
+        }
+    }
+
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &r).expect("writing to a String");
     out
