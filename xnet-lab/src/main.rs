@@ -119,6 +119,6 @@ async fn real_main() -> Result<()> {
             }
             tokio::task::spawn_blocking(move || xnet_lab::bench_ike::run(tunnels)).await?
         }
-        Command::Demo { duration } => xnet_lab::demo::run(duration).await,
+        Command::Demo { duration } => xnet_lab::demo::run(duration).await.map(|_| ()),
     }
 }

@@ -20,4 +20,5 @@ pub mod routing;
 pub mod status;
 #[cfg(test)]
 mod testutil;
+pub mod top;
 pub mod wire;

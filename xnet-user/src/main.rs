@@ -84,6 +84,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A live view of a running agent, refreshed every second: interface rates, passes and
+    /// drops by reason, the busiest rules, BGP and IPsec sessions, firewall instances.
+    Top {
+        #[arg(short, long, default_value = "/run/xnet/xnet.sock")]
+        socket: PathBuf,
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+        /// Print one screen (two samples an interval apart) as text and exit; what a
+        /// terminal that is not one gets.
+        #[arg(long)]
+        once: bool,
+    },
     /// Show a running agent's interfaces, routes, neighbours and data-plane counters.
     Status {
         /// The agent's status socket (agent.socket in its config).
@@ -196,6 +209,27 @@ async fn real_main() -> Result<()> {
                 print!("{}", s.render_ipsec());
             }
             Ok(())
+        }
+        Command::Top {
+            socket,
+            interval,
+            once,
+        } => {
+            use std::io::IsTerminal;
+            if !(0.1..=60.0).contains(&interval) {
+                anyhow::bail!("--interval: between 0.1 and 60 seconds");
+            }
+            let interval = std::time::Duration::from_secs_f64(interval);
+            if once || !std::io::stdout().is_terminal() {
+                let (w, h) = match ratatui::crossterm::terminal::size() {
+                    Ok((w, h)) if !once => (w, h),
+                    _ => (120, 40),
+                };
+                print!("{}", xnet_user::top::once(&socket, interval, w, h).await?);
+                Ok(())
+            } else {
+                xnet_user::top::run(&socket, interval).await
+            }
         }
         Command::Status { socket, json } => {
             let s = status::fetch(&socket).await?;

@@ -20,10 +20,7 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::status::Status;
-
-/// A scrape's request to the agent's loop: it answers with its status.
-pub type Request = oneshot::Sender<Status>;
+use crate::status::{Request, Status};
 
 /// The OpenMetrics content type (Prometheus negotiates it; the text format is a subset).
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -52,7 +49,7 @@ async fn scrape(
     use axum::http::{header, StatusCode};
     use axum::response::IntoResponse;
     let (reply, answer) = oneshot::channel();
-    let status = match tx.send(reply).await {
+    let status = match tx.send(Request { brief: true, reply }).await {
         Ok(()) => answer.await.ok(),
         Err(_) => None,
     };

@@ -478,6 +478,29 @@ pub fn mac_string(m: &[u8; 6]) -> String {
 
 /// Asks the agent listening on `socket` for its status.
 pub async fn fetch(socket: &Path) -> Result<Status> {
+    fetch_as(socket, false).await
+}
+
+/// The status without the tables that grow with routes (what `xnet top` refreshes).
+pub async fn fetch_brief(socket: &Path) -> Result<Status> {
+    fetch_as(socket, true).await
+}
+
+/// A status wanted from the agent's loop (by the status socket or the metrics server):
+/// the loop owns the state and answers on `reply`.
+pub struct Request {
+    /// Without routes, neighbours and the RIB's first prefixes.
+    pub brief: bool,
+    pub reply: tokio::sync::oneshot::Sender<Status>,
+}
+
+/// What a client writes on the status socket before it reads (then it shuts down its
+/// side): `brief` or `full`. A client that writes nothing gets the full status.
+pub const REQUEST_BRIEF: &[u8] = b"brief\n";
+pub const REQUEST_FULL: &[u8] = b"full\n";
+
+async fn fetch_as(socket: &Path, brief: bool) -> Result<Status> {
+    use tokio::io::AsyncWriteExt;
     let mut stream = tokio::net::UnixStream::connect(socket)
         .await
         .with_context(|| {
@@ -486,6 +509,10 @@ pub async fn fetch(socket: &Path) -> Result<Status> {
                 socket.display()
             )
         })?;
+    stream
+        .write_all(if brief { REQUEST_BRIEF } else { REQUEST_FULL })
+        .await?;
+    stream.shutdown().await?;
     let mut buf = Vec::new();
     stream.read_to_end(&mut buf).await?;
     serde_json::from_slice(&buf).context("the agent's answer is not valid status JSON")

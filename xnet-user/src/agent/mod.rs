@@ -102,8 +102,9 @@ struct Agent {
     bgp_counts: HashMap<IpAddr, bgp::Counts>,
     /// Wall-clock start, for status and metrics.
     started_unix: f64,
-    /// Scrapes of the metrics server waiting for a status.
-    metrics: Option<mpsc::Receiver<crate::metrics::Request>>,
+    /// Status wanted by the socket's clients and the metrics server.
+    requests: mpsc::Receiver<crate::status::Request>,
+    request_tx: mpsc::Sender<crate::status::Request>,
     /// IPFIX flow export (with `[flows]`).
     flows: Option<crate::flows::exporter::Exporter>,
 }
@@ -130,6 +131,7 @@ pub async fn run(path: &Path) -> Result<()> {
     );
     // From here on the loop must keep running (nothing else has started before).
     watchdog::start();
+    let (request_tx, requests) = mpsc::channel(16);
     let mut agent = Agent {
         path: path.to_path_buf(),
         config,
@@ -166,7 +168,8 @@ pub async fn run(path: &Path) -> Result<()> {
         started_unix: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64()),
-        metrics: None,
+        requests,
+        request_tx,
         flows: None,
     };
     let result = match agent.start(routes).await {
@@ -238,19 +241,54 @@ async fn recv_bfd(b: &mut Option<crate::bfd::driver::Bfd>) -> Option<crate::bfd:
     }
 }
 
-async fn recv_metrics(
-    m: &mut Option<mpsc::Receiver<crate::metrics::Request>>,
-) -> Option<crate::metrics::Request> {
-    match m {
-        Some(m) => m.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
 async fn recv_bgp(s: &mut Option<Speaker>) -> Option<(u64, Event)> {
     match s {
         Some(s) => s.events.recv().await,
         None => std::future::pending().await,
+    }
+}
+
+/// One client of the status socket, off the loop: its request (`brief` or `full`; nothing
+/// within 200 ms: full), the status from the loop, the answer. A client that does not read
+/// is dropped after a second.
+async fn status_client(
+    mut stream: tokio::net::UnixStream,
+    tx: mpsc::Sender<crate::status::Request>,
+) {
+    use tokio::io::AsyncReadExt;
+    let mut req = [0u8; 16];
+    let mut n = 0;
+    let _ = tokio::time::timeout(Duration::from_millis(200), async {
+        while n < req.len() {
+            match stream.read(&mut req[n..]).await {
+                Ok(0) | Err(_) => break,
+                Ok(k) => {
+                    n += k;
+                    if req[..n].contains(&b'\n') {
+                        break;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    let brief = req[..n].starts_with(crate::status::REQUEST_BRIEF);
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    if tx
+        .send(crate::status::Request { brief, reply })
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let Ok(body) = answer.await.map(|s| serde_json::to_vec(&s)) else {
+        return;
+    };
+    let Ok(body) = body else { return };
+    match tokio::time::timeout(Duration::from_secs(1), stream.write_all(&body)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => log::debug!("status client: {e}"),
+        Err(_) => warn!("status client did not read its answer within 1 s: dropped"),
     }
 }
 
@@ -284,11 +322,9 @@ impl Agent {
     async fn start(&mut self, routes: RouteSet) -> Result<()> {
         let c = self.config.clone();
         if let Some(addr) = c.agent.metrics_listen {
-            let (tx, rx) = mpsc::channel(4);
-            crate::metrics::serve(addr, tx)
+            crate::metrics::serve(addr, self.request_tx.clone())
                 .await
                 .with_context(|| self.path.display().to_string())?;
-            self.metrics = Some(rx);
         }
         self.find_handover();
         for (i, _) in c.segments.iter().enumerate() {
@@ -564,10 +600,13 @@ impl Agent {
                     }
                 }
                 _ = log_tick.tick() => self.log_rule_hits(),
-                Some(reply) = recv_metrics(&mut self.metrics) => match self.status_brief() {
-                    Ok(s) => { let _ = reply.send(s); }
-                    Err(e) => warn!("metrics: {e:#}"),
-                },
+                Some(req) = self.requests.recv() => {
+                    let s = if req.brief { self.status_brief() } else { self.status() };
+                    match s {
+                        Ok(s) => { let _ = req.reply.send(s); }
+                        Err(e) => warn!("status: {e:#}"),
+                    }
+                }
                 _ = tick.tick() => {
                     self.dp.flush_logs();
                     if let Err(e) = self.sync_kernel_state().await {
@@ -577,17 +616,8 @@ impl Agent {
                     self.maybe_finish_restart().await;
                 }
                 conn = listener.accept() => {
-                    if let Ok((mut stream, _)) = conn {
-                        let body = match self.status() {
-                            Ok(s) => serde_json::to_vec(&s)?,
-                            Err(e) => { warn!("status: {e:#}"); continue; }
-                        };
-                        // A client that does not read cannot stall the agent for long.
-                        match tokio::time::timeout(Duration::from_secs(1), stream.write_all(&body)).await {
-                            Ok(Ok(())) => {}
-                            Ok(Err(e)) => log::debug!("status client: {e}"),
-                            Err(_) => warn!("status client did not read its answer within 1 s: dropped"),
-                        }
+                    if let Ok((stream, _)) = conn {
+                        tokio::spawn(status_client(stream, self.request_tx.clone()));
                     }
                 }
             }
