@@ -58,7 +58,7 @@ remote_asn = 65010
 advertise = "default"
 "#;
 
-const BIRD_CONF: &str = r#"
+pub const BIRD_CONF: &str = r#"
 router id 10.0.3.2;
 protocol device {}
 protocol static onprem { ipv4; route 172.16.0.0/16 blackhole; route 172.17.0.0/16 blackhole; }

@@ -269,6 +269,18 @@ impl Agent {
 
     /// `start` in lab namespace `host` (a second CXP, say), with its own files.
     pub fn start_in(lab: &Lab, host: &str, config: &str, env: &[(&str, &str)]) -> Agent {
+        Self::start_wrapped(lab, host, config, env, &[])
+    }
+
+    /// `start_in` with the agent run under `wrapper` (a command that execs what follows
+    /// it: `setpriv …`, say).
+    pub fn start_wrapped(
+        lab: &Lab,
+        host: &str,
+        config: &str,
+        env: &[(&str, &str)],
+        wrapper: &[&str],
+    ) -> Agent {
         let dir = match host {
             "cxp" => std::env::temp_dir().join(&lab.prefix),
             _ => std::env::temp_dir().join(format!("{}-{host}", lab.prefix)),
@@ -282,7 +294,12 @@ impl Agent {
             config.replace("/run/xnet/demo.sock", socket.to_str().unwrap()),
         )
         .unwrap();
-        let child = agent_command_in(&lab.ns(host), &path)
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &lab.ns(host)])
+            .args(wrapper)
+            .arg(XNET)
+            .args(["run", "--config", path.to_str().unwrap()]);
+        let child = cmd
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr).unwrap())

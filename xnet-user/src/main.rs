@@ -9,7 +9,7 @@ use xnet_user::{agent, config::Config, status};
 /// xnet: a Cloud Exchange Point forwarder. An XDP fast path routes between segments' interfaces
 /// by longest-prefix match; this agent programs it from a declarative TOML config.
 #[derive(Parser)]
-#[command(version, about, long_about = None)]
+#[command(name = "xnet", version, about, long_about = None)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

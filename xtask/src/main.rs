@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod package;
 mod vm;
 
 /// Stable toolchain for the agent and its tests (aya 0.16 needs rustc ≥ 1.98).
@@ -36,6 +37,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // its IPFIX flows.
     "prometheus",
     "nfdump",
+    // The package: strip, and systemd-analyze to verify its unit (dpkg-deb is dpkg's).
+    "binutils",
+    "systemd",
     // vm-test: QEMU, and what its initramfs and kernel unpacking use.
     "qemu-system-x86",
     "busybox-static",
@@ -91,6 +95,13 @@ enum Cmd {
         #[arg(long, default_value_t = 30)]
         seconds: u64,
     },
+    /// The Debian package: target/package/xnet_<version>_amd64.deb (the agent with its
+    /// XDP object, the example config as a conffile, the systemd unit).
+    Package {
+        /// Then install it here (root), verify the unit and the example, and purge it.
+        #[arg(long)]
+        verify: bool,
+    },
     /// Benchmarks: ns/packet of the XDP program with the full Internet table.
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -139,6 +150,14 @@ fn real_main() -> Result<()> {
             vm_test(&root, None, None, Duration::from_secs(1200))
         }
         Cmd::Fuzz { seconds } => fuzz(&root, seconds),
+        Cmd::Package { verify } => {
+            let xnet = build(&root)?;
+            let deb = package::build(&root, &xnet)?;
+            if verify {
+                package::verify(&deb)?;
+            }
+            Ok(())
+        }
         Cmd::Lab { scenario } => lab(&root, &scenario),
         Cmd::VmTest {
             scenario,

@@ -173,14 +173,33 @@ pub async fn run(path: &Path) -> Result<()> {
         flows: None,
     };
     let result = match agent.start(routes).await {
-        Ok(()) => agent.serve().await,
+        Ok(()) => {
+            // systemd (Type=notify): ready once the data plane is programmed and attached.
+            notify(&[
+                sd_notify::NotifyState::Ready,
+                sd_notify::NotifyState::Status(&format!(
+                    "forwarding: {} interfaces, {} static routes",
+                    agent.config.interfaces.len(),
+                    agent.statics.len()
+                )),
+            ]);
+            agent.serve().await
+        }
         Err(e) => Err(e),
     };
+    notify(&[sd_notify::NotifyState::Stopping]);
     match result {
         Ok(Exit::Restart) => agent.exit_for_restart().await,
         _ => agent.stop().await,
     }
     result.map(|_| ())
+}
+
+/// Tells systemd (when it started us with Type=notify; a no-op otherwise).
+fn notify(state: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(false, state) {
+        log::debug!("sd_notify: {e}");
+    }
 }
 
 /// How the agent leaves.
@@ -587,7 +606,11 @@ impl Agent {
                 _ = term.recv() => { info!("SIGTERM: stopping"); break Exit::Stop; }
                 _ = int.recv() => { info!("SIGINT: stopping"); break Exit::Stop; }
                 _ = usr1.recv() => { info!("SIGUSR1: exiting for a graceful restart"); break Exit::Restart; }
-                _ = hup.recv() => self.reload().await,
+                _ = hup.recv() => {
+                    notify(&[sd_notify::NotifyState::Reloading]);
+                    self.reload().await;
+                    notify(&[sd_notify::NotifyState::Ready]);
+                }
                 Some(ev) = recv_bfd(&mut self.bfd) => self.on_bfd(ev).await,
                 Some(ev) = recv_tunnel(&mut self.ike) => self.on_tunnel(ev).await,
                 Some(ev) = recv_bgp(&mut self.bgp) => {
