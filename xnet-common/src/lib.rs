@@ -360,10 +360,11 @@ mod tests {
     fn layouts_are_fixed() {
         // The XDP program and the agent are built by different compilers for different
         // targets: pin the sizes both rely on.
-        assert_eq!(core::mem::size_of::<IfConfig>(), 20);
+        assert_eq!(core::mem::size_of::<IfConfig>(), 24);
+        assert_eq!(core::mem::size_of::<FlowSample>(), 60);
         assert_eq!(core::mem::size_of::<NextHop>(), 24);
         assert_eq!(core::mem::size_of::<NhGroup>(), 4 + 4 * MAX_ECMP);
-        assert_eq!(core::mem::size_of::<IfStats>(), 32);
+        assert_eq!(core::mem::size_of::<IfStats>(), 64);
         assert_eq!(core::mem::size_of::<policy::Tuple>(), 44);
         assert_eq!(core::mem::size_of::<policy::RuleKey>(), 44);
         assert_eq!(core::mem::size_of::<policy::RuleValue>(), 24);

@@ -45,7 +45,10 @@ name = "dev-to-prod-denied"
 segment = "dev"
 destination = "10.1.0.0/16"
 action = "deny"
+"#;
 
+/// BGP with BIRD on-prem (`BIRD_CONF`): it gets a default route.
+pub const BGP: &str = r#"
 [bgp]
 asn = 65000
 router_id = "10.0.3.1"
@@ -76,7 +79,7 @@ pub fn config(lab: &Lab, socket: &str) -> String {
         "[agent]\nmetrics_listen = \"127.0.0.1:9469\"\n",
         1,
     );
-    format!("{base}\n{DEMO_EXTRA}")
+    format!("{base}\n{DEMO_EXTRA}\n{BGP}")
 }
 
 struct Children(Vec<Child>);

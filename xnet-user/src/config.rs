@@ -44,6 +44,11 @@ pub struct Config {
     pub ipsec: Vec<Ipsec>,
     /// IPFIX flow export of the segments that sample (`flow_sample`).
     pub flows: Option<crate::flows::config::Flows>,
+    /// The data plane's id of each segment (parallel to `segments`): its position from 1
+    /// when loaded; a reload keeps the running ids (`keep_segment_ids`), so removing or
+    /// reordering segments never renumbers the others' tables.
+    #[serde(skip)]
+    segment_ids: Vec<u32>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
@@ -169,6 +174,27 @@ pub struct ConfigError {
     pub reason: String,
 }
 
+/// The field a parse error points at, from the text around `offset`: the key on its line
+/// under the table header above it (`segments[1].table`).
+fn field_at(text: &str, offset: usize) -> Option<String> {
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let key = line.split_once('=').map(|(k, _)| k.trim().to_string())?;
+    let header = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['));
+    let Some(h) = header else { return Some(key) };
+    let name = h.trim_matches(|c| c == '[' || c == ']').trim();
+    if h.starts_with("[[") {
+        let n = text[..line_start].lines().filter(|l| l.trim() == h).count();
+        Some(format!("{name}[{}].{key}", n.saturating_sub(1)))
+    } else {
+        Some(format!("{name}.{key}"))
+    }
+}
+
 impl Config {
     /// Reads, parses and validates `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -187,7 +213,10 @@ impl Config {
             let field = match e.span() {
                 Some(span) => {
                     let line = text[..span.start].matches('\n').count() + 1;
-                    format!("line {line}")
+                    match field_at(text, span.start) {
+                        Some(path) => format!("line {line} ({path})"),
+                        None => format!("line {line}"),
+                    }
                 }
                 None => "-".into(),
             };
@@ -205,12 +234,53 @@ impl Config {
         Ok(config)
     }
 
-    /// Segment ids as the data plane numbers them: position in the list, from 1.
+    /// A segment's id in the data plane (see `segment_ids`).
     pub fn segment_id(&self, name: &str) -> Option<u32> {
+        let i = self.segments.iter().position(|s| s.name == name)?;
+        Some(self.id_at(i))
+    }
+
+    fn id_at(&self, i: usize) -> u32 {
+        self.segment_ids.get(i).copied().unwrap_or(i as u32 + 1)
+    }
+
+    /// The segment with data-plane id `id`.
+    pub fn segment_by_id(&self, id: u32) -> Option<&Segment> {
+        (0..self.segments.len())
+            .find(|&i| self.id_at(i) == id)
+            .map(|i| &self.segments[i])
+    }
+
+    /// Every segment with its id.
+    pub fn segments_with_ids(&self) -> impl Iterator<Item = (u32, &Segment)> {
         self.segments
             .iter()
-            .position(|s| s.name == name)
-            .map(|i| i as u32 + 1)
+            .enumerate()
+            .map(|(i, s)| (self.id_at(i), s))
+    }
+
+    /// For a reload: segments `running` has keep their ids; new ones get ids above any
+    /// id it uses (`highest`: the highest id ever given, so a removed segment's id is not
+    /// reused while its routes may still be leaving).
+    pub fn keep_segment_ids(&mut self, running: &Config, highest: u32) {
+        let mut next = highest.max(
+            running
+                .segments_with_ids()
+                .map(|(id, _)| id)
+                .max()
+                .unwrap_or(0),
+        );
+        self.segment_ids = self
+            .segments
+            .iter()
+            .map(|s| match running.segment_id(&s.name) {
+                Some(id) => id,
+                None => {
+                    next += 1;
+                    next
+                }
+            })
+            .collect();
     }
 
     /// The prefixes a policy endpoint names: a group's, or the one it spells; `None` for
@@ -730,11 +800,11 @@ mod tests {
     fn syntax_and_unknown_fields_are_reported_with_a_line() {
         let e = error("[agent]\nxdp_mode = \"native\"\nbogus = 1\n");
         assert!(
-            e.starts_with("x.toml: line 3: unknown field `bogus`"),
+            e.starts_with("x.toml: line 3 (agent.bogus): unknown field `bogus`"),
             "{e}"
         );
-        let e = error("[[routes]]\nsegment = \"a\"\nprefix = \"10.0.0.0/33\"\nnext_hops = []\n");
-        assert!(e.starts_with("x.toml: line 3: "), "{e}");
+        let e = error("[[segments]]\nname = \"a\"\ntable = 1\n[[routes]]\nsegment = \"a\"\nprefix = \"10.0.0.0/24\"\nnext_hops = []\n[[routes]]\nsegment = \"a\"\nprefix = \"10.0.0.0/33\"\nnext_hops = []\n");
+        assert!(e.starts_with("x.toml: line 10 (routes[1].prefix): "), "{e}");
     }
 
     #[test]

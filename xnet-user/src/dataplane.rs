@@ -51,6 +51,7 @@ struct GroupState {
     refs: u32,
 }
 
+#[derive(Clone, Copy)]
 struct Segment {
     v4: TableId,
     v6: TableId,
@@ -354,6 +355,60 @@ impl Dataplane {
         }
     }
 
+    /// Detaches the forwarding program from `ifindex` (if attached).
+    pub fn detach(&mut self, ifindex: u32) -> Result<()> {
+        let Some(pos) = self.attached.iter().position(|(i, _)| *i == ifindex) else {
+            return Ok(());
+        };
+        let (_, link) = self.attached.remove(pos);
+        let p: &mut Xdp = self
+            .ebpf
+            .program_mut(names::PROG_FORWARD)
+            .unwrap()
+            .try_into()?;
+        p.detach(link)
+            .with_context(|| format!("detaching XDP from ifindex {ifindex}"))?;
+        Ok(())
+    }
+
+    /// Takes `ifindex` out of the data plane: its packets are no longer ours (XDP, if still
+    /// attached, passes them), it is no egress port; next hops through it go invalid.
+    pub fn remove_interface(&mut self, ifindex: u32) -> Result<()> {
+        let Some(port) = self.ports.remove(&ifindex) else {
+            return Ok(());
+        };
+        let mut ifs: Array<_, IfConfig> = self.map_mut(names::MAP_INTERFACES)?;
+        ifs.set(ifindex, &IfConfig::default(), 0)?;
+        let mut ports: DevMap<_> = self.map_mut(names::MAP_TX_PORTS)?;
+        let _ = ports.set(port.slot, 0, None, 0);
+        self.rewrite_nexthops_via(ifindex)
+    }
+
+    /// Next hops through `ifindex` again, after its port came or went.
+    fn rewrite_nexthops_via(&mut self, ifindex: u32) -> Result<()> {
+        let keys: Vec<NhKey> = self
+            .nexthops
+            .keys()
+            .filter(|k| k.ifindex == ifindex)
+            .copied()
+            .collect();
+        for k in keys {
+            self.write_nexthop(k)?;
+        }
+        Ok(())
+    }
+
+    fn zero_counts(&mut self, slot: u32) -> Result<()> {
+        let ncpus = aya::util::nr_cpus().map_err(|(_, e)| anyhow!("{e}"))?;
+        let mut counts: PerCpuArray<_, Counter> = self.map_mut(names::MAP_COUNTS)?;
+        for r in Reason::ALL {
+            let zero =
+                aya::maps::PerCpuValues::try_from(vec![Counter::default(); ncpus.get() as usize])?;
+            counts.set(slot * Reason::COUNT + r as u32, zero, 0)?;
+        }
+        Ok(())
+    }
+
     /// Attaches the decrypted-traffic program at TC ingress of `name` (an xfrm interface,
     /// or one where policy-based tunnels' ESP arrives). A filter of that name left by an
     /// agent that died goes first.
@@ -406,6 +461,14 @@ impl Dataplane {
         };
         let mut map: Array<_, IfConfig> = self.map_mut(names::MAP_TUNNELS)?;
         map.set(connector, &cfg, 0)
+            .with_context(|| format!("TUNNELS[{connector}]"))?;
+        Ok(())
+    }
+
+    /// Connector `connector` is gone: its decrypted packets are no longer ours.
+    pub fn clear_tunnel(&mut self, connector: u32) -> Result<()> {
+        let mut map: Array<_, IfConfig> = self.map_mut(names::MAP_TUNNELS)?;
+        map.set(connector, &IfConfig::default(), 0)
             .with_context(|| format!("TUNNELS[{connector}]"))?;
         Ok(())
     }
@@ -552,7 +615,7 @@ impl Dataplane {
         mac: [u8; 6],
         flags: u32,
     ) -> Result<()> {
-        let seg = self
+        let seg = *self
             .segments
             .get(&segment)
             .with_context(|| format!("unknown segment id {segment}"))?;
@@ -564,11 +627,17 @@ impl Dataplane {
         }
         let slot = match self.ports.get(&ifindex) {
             Some(p) => p.slot,
-            None => self.ports.len() as u32 + 1,
+            // The lowest free slot (a reload may have freed one), its counters from zero.
+            None => {
+                let used: HashSet<u32> = self.ports.values().map(|p| p.slot).collect();
+                let slot = (1..).find(|s| !used.contains(s)).unwrap();
+                if slot > xnet_common::limits::INTERFACES {
+                    bail!("more than {} interfaces", xnet_common::limits::INTERFACES);
+                }
+                self.zero_counts(slot)?;
+                slot
+            }
         };
-        if slot > xnet_common::limits::INTERFACES {
-            bail!("more than {} interfaces", xnet_common::limits::INTERFACES);
-        }
         let cfg = IfConfig {
             segment,
             v4_root: seg.v4_root,
@@ -585,16 +654,7 @@ impl Dataplane {
         ifs.set(ifindex, &cfg, 0)?;
         self.ports.insert(ifindex, Port { segment, mac, slot });
         // Next hops through this port may have become usable.
-        let keys: Vec<NhKey> = self
-            .nexthops
-            .keys()
-            .filter(|k| k.ifindex == ifindex)
-            .copied()
-            .collect();
-        for k in keys {
-            self.write_nexthop(k)?;
-        }
-        Ok(())
+        self.rewrite_nexthops_via(ifindex)
     }
 
     /// The (IPv4, IPv6) root groups of a segment's tables.
@@ -894,6 +954,18 @@ impl Dataplane {
     /// Declares firewall service `id` with its instances (next hops kept resolved like any
     /// other); none is used until `set_service_health` says it is healthy.
     pub fn set_service(&mut self, id: u32, instances: &[NhKey], fail_closed: bool) -> Result<()> {
+        self.set_service_with_health(id, instances, &[], fail_closed)
+    }
+
+    /// `set_service` with `healthy` in the pool at once (a reload keeps a service's pool
+    /// without a moment empty).
+    pub fn set_service_with_health(
+        &mut self,
+        id: u32,
+        instances: &[NhKey],
+        healthy: &[NhKey],
+        fail_closed: bool,
+    ) -> Result<()> {
         if id >= MAX_SERVICES {
             bail!("service id {id} out of range");
         }
@@ -904,7 +976,7 @@ impl Dataplane {
         if let Some(old) = self.services.insert(id, ids) {
             old.iter().for_each(|(_, n)| self.release_nexthop(*n));
         }
-        self.set_service_health(id, &[], fail_closed)
+        self.set_service_health(id, healthy, fail_closed)
     }
 
     /// The instances of service `id` that traffic may use now.
@@ -941,6 +1013,27 @@ impl Dataplane {
         (0..n as u32)
             .map(|i| Ok(sum(arr.get(&i, 0)?.iter())))
             .collect()
+    }
+
+    /// Rearranges the per-rule counters after a policy change: new rule `i` takes the
+    /// counters old rule `from[i]` had (None: from zero). Packets counted between the read
+    /// and the write (microseconds) may land on the old index.
+    pub fn move_rule_counters(&mut self, old: usize, from: &[Option<usize>]) -> Result<()> {
+        let mut arr: PerCpuArray<_, Counter> = self.map_mut(names::MAP_RULE_STATS)?;
+        let n = old.max(from.len()) as u32;
+        let mut saved = Vec::with_capacity(n as usize);
+        for i in 0..n {
+            saved.push(arr.get(&i, 0)?);
+        }
+        let ncpus = saved.first().map_or(1, |v| v.len());
+        for i in 0..n as usize {
+            let values: Vec<Counter> = match from.get(i).copied().flatten() {
+                Some(j) if j < saved.len() => saved[j].iter().copied().collect(),
+                _ => vec![Counter::default(); ncpus],
+            };
+            arr.set(i as u32, aya::maps::PerCpuValues::try_from(values)?, 0)?;
+        }
+        Ok(())
     }
 
     /// Packets `steer` sent to next hop `k` (a firewall instance).

@@ -4,6 +4,7 @@ pub mod agent;
 pub mod bfd;
 pub mod bgp;
 pub mod config;
+pub mod config_diff;
 pub mod dataplane;
 pub mod fastmap;
 pub mod flows;

@@ -28,10 +28,17 @@ enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
-    /// Validate a config without touching the system.
+    /// Validate a config without touching the system; with --diff, also show what a reload
+    /// (SIGHUP) would change in the running agent.
     Check {
         #[arg(short, long)]
         config: PathBuf,
+        /// Compare with the config the running agent applies (by section and item).
+        #[arg(long)]
+        diff: bool,
+        /// The running agent's status socket (with --diff).
+        #[arg(short, long, default_value = "/run/xnet/xnet.sock")]
+        socket: PathBuf,
     },
     /// Show a running agent's BGP sessions (state, uptime, prefixes received and sent) and
     /// routes with their attributes and which path was chosen.
@@ -123,8 +130,21 @@ async fn main() {
 async fn real_main() -> Result<()> {
     match Cli::parse().command {
         Command::Run { config } => agent::run(&config).await,
-        Command::Check { config } => {
+        Command::Check {
+            config,
+            diff,
+            socket,
+        } => {
             let c = Config::load(&config)?;
+            if diff {
+                let running = status::fetch_config(&socket).await?;
+                let d = xnet_user::config_diff::diff(&running, &c);
+                print!("{d}");
+                if let Some(why) = xnet_user::agent::reload_refusal(&d) {
+                    println!("a reload would be refused: {why}");
+                }
+                return Ok(());
+            }
             println!(
                 "{}: ok ({} segments, {} interfaces, {} routes, {} policies, {} BGP neighbours, {} IPsec connectors)",
                 config.display(),

@@ -49,7 +49,11 @@ async fn scrape(
     use axum::http::{header, StatusCode};
     use axum::response::IntoResponse;
     let (reply, answer) = oneshot::channel();
-    let status = match tx.send(Request { brief: true, reply }).await {
+    let request = Request {
+        what: crate::status::What::Brief,
+        reply,
+    };
+    let status = match tx.send(request).await {
         Ok(()) => answer.await.ok(),
         Err(_) => None,
     };

@@ -47,6 +47,10 @@ pub struct Status {
     /// Flow export (with `[flows]`).
     #[serde(default)]
     pub flows: Option<crate::flows::exporter::FlowStats>,
+    /// The config it runs, when asked for (`What::Config`; it holds no secrets, only where
+    /// they are kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running_config: Option<crate::config::Config>,
 }
 
 /// The last failure BFD detected, with how long each step took.
@@ -478,28 +482,59 @@ pub fn mac_string(m: &[u8; 6]) -> String {
 
 /// Asks the agent listening on `socket` for its status.
 pub async fn fetch(socket: &Path) -> Result<Status> {
-    fetch_as(socket, false).await
+    fetch_as(socket, What::Full).await
 }
 
 /// The status without the tables that grow with routes (what `xnet top` refreshes).
 pub async fn fetch_brief(socket: &Path) -> Result<Status> {
-    fetch_as(socket, true).await
+    fetch_as(socket, What::Brief).await
+}
+
+/// The config the agent runs (for `xnet check --diff`).
+pub async fn fetch_config(socket: &Path) -> Result<crate::config::Config> {
+    fetch_as(socket, What::Config)
+        .await?
+        .running_config
+        .context("the agent did not send its config")
+}
+
+/// What a client asks of the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum What {
+    Full,
+    /// Without routes, neighbours and the RIB's first prefixes.
+    Brief,
+    /// A brief status with the running config.
+    Config,
+}
+
+impl What {
+    /// The line a client writes on the status socket before it reads (then it shuts down
+    /// its side). A client that writes nothing gets the full status.
+    pub fn request(self) -> &'static [u8] {
+        match self {
+            What::Full => b"full\n",
+            What::Brief => b"brief\n",
+            What::Config => b"config\n",
+        }
+    }
+
+    pub fn parse(line: &[u8]) -> What {
+        [What::Brief, What::Config]
+            .into_iter()
+            .find(|w| line.starts_with(w.request()))
+            .unwrap_or(What::Full)
+    }
 }
 
 /// A status wanted from the agent's loop (by the status socket or the metrics server):
 /// the loop owns the state and answers on `reply`.
 pub struct Request {
-    /// Without routes, neighbours and the RIB's first prefixes.
-    pub brief: bool,
+    pub what: What,
     pub reply: tokio::sync::oneshot::Sender<Status>,
 }
 
-/// What a client writes on the status socket before it reads (then it shuts down its
-/// side): `brief` or `full`. A client that writes nothing gets the full status.
-pub const REQUEST_BRIEF: &[u8] = b"brief\n";
-pub const REQUEST_FULL: &[u8] = b"full\n";
-
-async fn fetch_as(socket: &Path, brief: bool) -> Result<Status> {
+async fn fetch_as(socket: &Path, what: What) -> Result<Status> {
     use tokio::io::AsyncWriteExt;
     let mut stream = tokio::net::UnixStream::connect(socket)
         .await
@@ -509,9 +544,7 @@ async fn fetch_as(socket: &Path, brief: bool) -> Result<Status> {
                 socket.display()
             )
         })?;
-    stream
-        .write_all(if brief { REQUEST_BRIEF } else { REQUEST_FULL })
-        .await?;
+    stream.write_all(what.request()).await?;
     stream.shutdown().await?;
     let mut buf = Vec::new();
     stream.read_to_end(&mut buf).await?;

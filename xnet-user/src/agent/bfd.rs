@@ -42,7 +42,12 @@ const FAILOVERS_KEPT: usize = 16;
 /// says multihop or the neighbour sits inside an IPsec connector's prefixes; a next hop's
 /// is single hop; a connector's is multihop (the peer is beyond the tunnel). Two clients
 /// of one session with different timers: the first one's apply.
-pub(super) fn wanted(config: &Config, links: &dyn Fn(&str) -> Option<u32>) -> Wanted {
+/// `connector`: the IKE daemon's index of a connector, by name.
+pub(super) fn wanted(
+    config: &Config,
+    links: &dyn Fn(&str) -> Option<u32>,
+    connector: &dyn Fn(&str) -> Option<usize>,
+) -> Wanted {
     let mut w = Wanted::new();
     let mut add = |key: Key, t: Timers, c: Client| {
         let e = w.entry(key).or_insert((t, Vec::new()));
@@ -90,8 +95,11 @@ pub(super) fn wanted(config: &Config, links: &dyn Fn(&str) -> Option<u32>) -> Wa
             );
         }
     }
-    for (i, c) in config.ipsec.iter().enumerate() {
-        if let Some(b) = &c.bfd {
+    for c in &config.ipsec {
+        let (Some(b), Some(i)) = (&c.bfd, connector(&c.name)) else {
+            continue;
+        };
+        {
             let key = Key {
                 peer: b.peer.expect("validated"),
                 local: b.local,
@@ -106,8 +114,16 @@ pub(super) fn wanted(config: &Config, links: &dyn Fn(&str) -> Option<u32>) -> Wa
 impl Agent {
     /// Starts, changes and stops sessions to match the config (at start and on reload).
     pub(super) fn reconcile_bfd(&mut self) -> anyhow::Result<()> {
-        let links = &self.links;
-        let want = wanted(&self.config, &|name| links.get(name).map(|l| l.0));
+        let (links, connectors) = (&self.links, &self.connectors);
+        let want = wanted(
+            &self.config,
+            &|name| links.get(name).map(|l| l.0),
+            &|name| {
+                connectors
+                    .iter()
+                    .position(|c| c.as_ref().is_some_and(|c| c.name == name))
+            },
+        );
         if want.is_empty() && self.bfd.is_none() {
             return Ok(());
         }
@@ -155,7 +171,7 @@ impl Agent {
         let mut v = vec![key.peer];
         for c in clients {
             if let Client::Connector(i) = c {
-                if let Some(conn) = self.config.ipsec.get(*i) {
+                if let Some(conn) = self.connector(*i) {
                     v.extend(super::tunnels::tunnel_keys(conn.remote_address));
                 }
             }
@@ -316,7 +332,9 @@ address = "10.0.1.7"
 remote_asn = 65001
 "#;
         let config = Config::parse(text, "x.toml").unwrap();
-        let w = wanted(&config, &|n| (n == "eth1").then_some(3));
+        let w = wanted(&config, &|n| (n == "eth1").then_some(3), &|n| {
+            config.ipsec.iter().position(|c| c.name == n)
+        });
         let single = |a: &str| Key {
             peer: a.parse().unwrap(),
             local: None,

@@ -23,15 +23,7 @@ impl Agent {
             return Ok(());
         };
         self.rib = Rib::new(b.multipath);
-        let connected = self.kernel.connected().await?;
-        let own = connected.iter().map(|(_, n)| n.addr()).collect();
-        let in_segments = connected
-            .into_iter()
-            .filter_map(|(ifindex, net)| Some((self.dp.segment_of(ifindex)?, ifindex, net)))
-            .collect();
-        let mut out = Vec::new();
-        self.core.set_connected(in_segments, &mut out);
-        self.apply(out).await?;
+        let own = self.refresh_connected().await?;
         let config = &self.config;
         self.bgp = Speaker::start(
             config.bgp.as_ref(),
@@ -41,10 +33,47 @@ impl Agent {
             own,
         )
         .await?;
-        for seg in 1..=self.config.segments.len() as u32 {
+        self.readvertise_all();
+        Ok(())
+    }
+
+    /// The subnets of our interfaces, by segment, into the routing core (BGP next hops
+    /// resolve through them); returns our own addresses.
+    pub(super) async fn refresh_connected(&mut self) -> Result<Vec<IpAddr>> {
+        let connected = self.kernel.connected().await?;
+        let own = connected.iter().map(|(_, n)| n.addr()).collect();
+        let in_segments = connected
+            .into_iter()
+            .filter_map(|(ifindex, net)| Some((self.dp.segment_of(ifindex)?, ifindex, net)))
+            .collect();
+        let mut out = Vec::new();
+        self.core.set_connected(in_segments, &mut out);
+        self.apply(out).await?;
+        Ok(own)
+    }
+
+    /// Stops the speaker (peers told with a Cease) and withdraws what it learned: a
+    /// reload that changes the `[bgp]` globals starts a new one.
+    pub(super) async fn stop_bgp(&mut self) {
+        let Some(mut b) = self.bgp.take() else { return };
+        let peers: Vec<IpAddr> = b.peers.iter().map(|p| p.address).collect();
+        b.shutdown().await;
+        b.close().await;
+        let mut changed = Vec::new();
+        for peer in peers {
+            self.stale.take(peer);
+            changed.extend(self.rib.peer_down(peer));
+        }
+        if let Err(e) = self.bgp_changed(changed).await {
+            warn!("bgp: {e:#}");
+        }
+    }
+
+    /// `readvertise` for every segment.
+    pub(super) fn readvertise_all(&self) {
+        for (seg, _) in self.config.segments_with_ids() {
             self.readvertise(seg);
         }
-        Ok(())
     }
 
     /// The segment's routes for advertisement: static ones, then learned ones that can be

@@ -83,7 +83,7 @@ impl Agent {
         let mut failed = None;
         let managed = self.managed.len();
         for c in changes {
-            let table = self.config.segments[c.segment as usize - 1].table;
+            let table = self.table_of(c.segment);
             match &c.route {
                 Some((source, hops)) => {
                     if let Err(e) = self.dp.set_route(c.segment, c.net, hops) {
@@ -225,10 +225,8 @@ impl Agent {
         let Some(fib) = &self.fib else { return };
         let tables: HashMap<u32, u32> = self
             .config
-            .segments
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (s.table, i as u32 + 1))
+            .segments_with_ids()
+            .map(|(id, s)| (s.table, id))
             .collect();
         let ours = match self.kernel.our_routes().await {
             Ok(r) => r,

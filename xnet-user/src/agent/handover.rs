@@ -73,9 +73,7 @@ impl Agent {
         if let Some(b) = &self.bgp {
             b.restart_done();
         }
-        for seg in 1..=self.config.segments.len() as u32 {
-            self.readvertise(seg);
-        }
+        self.readvertise_all();
         self.sweep_kernel_routes().await;
         info!(
             "graceful restart complete after {:.1} s: our XDP program forwards now ({} of {} BGP peers sent End-of-RIB, {} BGP routes)",

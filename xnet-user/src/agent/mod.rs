@@ -9,6 +9,7 @@ mod bfd;
 mod bgp;
 mod forwarding;
 mod handover;
+mod reload;
 mod services;
 mod status;
 mod tunnels;
@@ -21,13 +22,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use ipnet::IpNet;
-use log::{error, info, warn};
+use log::{info, warn};
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 
 use tokio::sync::mpsc;
-use xnet_common::{IF_F_DEFAULT_DENY, IF_F_FIREWALL};
 
 use std::sync::Arc;
 
@@ -35,11 +35,13 @@ use crate::bgp::graceful::Stale;
 use crate::bgp::rib::Rib;
 use crate::bgp::session::Event;
 use crate::bgp::Speaker;
-use crate::config::{Config, DefaultAction, Role, XdpMode};
+use crate::config::{Config, XdpMode};
 use crate::dataplane::{Dataplane, NhKey};
 use crate::health;
 use crate::kernel::{Kernel, MAIN_TABLE, RULE_PRIORITY};
 use crate::routing::Core;
+
+pub use reload::reload_refusal;
 
 /// Static routes: (segment id, prefix) → next hops.
 type RouteSet = crate::fastmap::Map<(u32, IpNet), Arc<[NhKey]>>;
@@ -102,11 +104,16 @@ struct Agent {
     bgp_counts: HashMap<IpAddr, bgp::Counts>,
     /// Wall-clock start, for status and metrics.
     started_unix: f64,
+    /// The IPsec connectors by the IKE daemon's index (a reload's removed ones: None).
+    connectors: Vec<Option<crate::config::Ipsec>>,
+    /// Kernel table of every segment id used since the start.
+    tables: HashMap<u32, u32>,
     /// Status wanted by the socket's clients and the metrics server.
     requests: mpsc::Receiver<crate::status::Request>,
     request_tx: mpsc::Sender<crate::status::Request>,
-    /// IPFIX flow export (with `[flows]`).
+    /// IPFIX flow export (with `[flows]`), and the ring buffer while there is none.
     flows: Option<crate::flows::exporter::Exporter>,
+    flow_ring: Option<aya::maps::RingBuf<aya::maps::MapData>>,
 }
 
 /// Runs the agent on `path` until SIGINT or SIGTERM.
@@ -170,7 +177,10 @@ pub async fn run(path: &Path) -> Result<()> {
             .map_or(0.0, |d| d.as_secs_f64()),
         requests,
         request_tx,
+        tables: HashMap::new(),
+        connectors: Vec::new(),
         flows: None,
+        flow_ring: None,
     };
     let result = match agent.start(routes).await {
         Ok(()) => {
@@ -237,13 +247,6 @@ async fn recv(rx: &mut Option<mpsc::Receiver<health::Probe>>) -> Option<health::
     }
 }
 
-/// The `[bgp]` settings a reload cannot change (everything but the neighbours).
-fn bgp_globals(c: &Config) -> Option<(u32, std::net::Ipv4Addr, u16, usize)> {
-    c.bgp
-        .as_ref()
-        .map(|b| (b.asn, b.router_id, b.port, b.multipath))
-}
-
 async fn recv_tunnel(
     ike: &mut Option<crate::ike::daemon::IkeHandle>,
 ) -> Option<crate::ike::daemon::TunnelEvent> {
@@ -291,10 +294,10 @@ async fn status_client(
         }
     })
     .await;
-    let brief = req[..n].starts_with(crate::status::REQUEST_BRIEF);
+    let what = crate::status::What::parse(&req[..n]);
     let (reply, answer) = tokio::sync::oneshot::channel();
     if tx
-        .send(crate::status::Request { brief, reply })
+        .send(crate::status::Request { what, reply })
         .await
         .is_err()
     {
@@ -324,10 +327,18 @@ fn remove_if_present(path: &Path) {
 impl Agent {
     fn segment_name(&self, id: u32) -> &str {
         self.config
-            .segments
-            .get(id as usize - 1)
+            .segment_by_id(id)
             .map(|s| s.name.as_str())
             .unwrap_or("?")
+    }
+
+    /// The kernel table that mirrors segment `id` (also of a segment a reload removed,
+    /// while its routes leave).
+    fn table_of(&self, id: u32) -> u32 {
+        match self.config.segment_by_id(id) {
+            Some(s) => s.table,
+            None => self.tables.get(&id).copied().unwrap_or(0),
+        }
     }
 
     fn link_name(&self, ifindex: u32) -> String {
@@ -346,19 +357,13 @@ impl Agent {
                 .with_context(|| self.path.display().to_string())?;
         }
         self.find_handover();
-        for (i, _) in c.segments.iter().enumerate() {
-            self.dp.add_segment(i as u32 + 1)?;
+        for (id, s) in c.segments_with_ids() {
+            self.dp.add_segment(id)?;
+            self.tables.insert(id, s.table);
         }
         for itf in &c.interfaces {
             let (ifindex, mac) = self.links[&itf.name];
-            let seg = c.segments.iter().find(|s| s.name == itf.segment).unwrap();
-            let mut flags = 0;
-            if itf.role == Role::Firewall {
-                flags |= IF_F_FIREWALL;
-            }
-            if seg.default_action == DefaultAction::Deny {
-                flags |= IF_F_DEFAULT_DENY;
-            }
+            let flags = reload::interface_flags(&c, itf);
             self.dp
                 .set_interface(ifindex, c.segment_id(&itf.segment).unwrap(), mac, flags)?;
         }
@@ -375,6 +380,7 @@ impl Agent {
         self.start_services().await?;
         self.apply_policy()?;
         self.start_bgp().await?;
+        self.connectors = self.config.ipsec.iter().cloned().map(Some).collect();
         self.create_xfrm_interfaces().await?;
         let if_ids = self
             .xfrm_links
@@ -441,11 +447,11 @@ impl Agent {
     /// Flow export: the segments' sampling rates into XDP, the exporter on the ring buffer.
     async fn start_flows(&mut self) -> Result<()> {
         let mut rates = HashMap::new();
-        for (i, s) in self.config.segments.iter().enumerate() {
+        for (id, s) in self.config.segments_with_ids() {
             let rate = s.flow_sample.unwrap_or(0);
-            self.dp.set_flow_sampling(i as u32 + 1, rate)?;
+            self.dp.set_flow_sampling(id, rate)?;
             if rate > 0 {
-                rates.insert(i as u32 + 1, rate);
+                rates.insert(id, rate);
                 info!(
                     "segment {}: 1 packet in {rate} sampled for flow export",
                     s.name
@@ -453,10 +459,22 @@ impl Agent {
             }
         }
         if let Some(f) = self.config.flows.clone() {
-            let ring = self.dp.flow_samples()?;
+            let ring = match self.flow_ring.take() {
+                Some(r) => r,
+                None => self.dp.flow_samples()?,
+            };
             self.flows = Some(crate::flows::exporter::Exporter::start(ring, &f, rates).await?);
         }
         Ok(())
+    }
+
+    /// A reload that changed `[flows]`: the exporter sends what it holds and a new one
+    /// starts with the new settings (or none).
+    async fn restart_flows(&mut self) -> Result<()> {
+        if let Some(mut f) = self.flows.take() {
+            self.flow_ring = f.stop().await;
+        }
+        self.start_flows().await
     }
 
     /// Compiles the policies and swaps them in atomically.
@@ -516,75 +534,6 @@ impl Agent {
         }
     }
 
-    /// SIGHUP: re-reads the config and applies route changes. An invalid file, or one that
-    /// changes interfaces, segments or agent settings (which need a restart), changes nothing.
-    async fn reload(&mut self) {
-        let new = match Config::load(&self.path) {
-            Ok(c) => c,
-            Err(e) => {
-                error!("reload rejected, nothing changed: {e}");
-                return;
-            }
-        };
-        if new.interfaces != self.config.interfaces
-            || new.segments != self.config.segments
-            || new.agent != self.config.agent
-            || new.services != self.config.services
-            || bgp_globals(&new) != bgp_globals(&self.config)
-            || new.ipsec != self.config.ipsec
-        {
-            error!("reload rejected, nothing changed: {}: interfaces, segments, services, [[ipsec]] connectors, [agent] and the [bgp] settings other than neighbors only change with a restart", self.path.display());
-            return;
-        }
-        // Neighbours' passwords are read now, so a missing one changes nothing.
-        let keys = match &new.bgp {
-            Some(b) => match crate::bgp::md5::load_all(b, &self.path.display().to_string()) {
-                Ok(k) => k,
-                Err(e) => {
-                    error!("reload rejected, nothing changed: {e:#}");
-                    return;
-                }
-            },
-            None => Default::default(),
-        };
-        let want = route_set(&new, &self.links);
-        let old = std::mem::replace(&mut self.config, new);
-        if let Err(e) = self.apply_policy() {
-            error!("reload rejected, nothing changed: {e:#}");
-            self.config = old;
-            return;
-        }
-        if let Err(e) = self.reconcile_bfd() {
-            error!("reload: bfd: {e:#}");
-        }
-        match self.set_statics(want).await {
-            Ok(()) => info!(
-                "reloaded {}: {} routes",
-                self.path.display(),
-                self.statics.len()
-            ),
-            Err(e) => error!("reload: {e:#}"),
-        }
-        // Neighbours: only the removed or changed ones restart.
-        let stopped = match self.bgp.as_mut() {
-            Some(b) => {
-                let config = &self.config;
-                b.reconcile(config.bgp.as_ref(), &|name| config.segment_id(name), keys)
-            }
-            None => Vec::new(),
-        };
-        let mut changed = Vec::new();
-        for peer in stopped {
-            changed.extend(self.rib.peer_down(peer));
-        }
-        if let Err(e) = self.bgp_changed(changed).await {
-            warn!("bgp: {e:#}");
-        }
-        for seg in 1..=self.config.segments.len() as u32 {
-            self.readvertise(seg);
-        }
-    }
-
     async fn serve(&mut self) -> Result<Exit> {
         let socket = self.config.agent.socket.clone();
         if let Some(dir) = socket.parent() {
@@ -624,7 +573,15 @@ impl Agent {
                 }
                 _ = log_tick.tick() => self.log_rule_hits(),
                 Some(req) = self.requests.recv() => {
-                    let s = if req.brief { self.status_brief() } else { self.status() };
+                    use crate::status::What;
+                    let s = match req.what {
+                        What::Full => self.status(),
+                        What::Brief => self.status_brief(),
+                        What::Config => self.status_brief().map(|mut s| {
+                            s.running_config = Some(self.config.clone());
+                            s
+                        }),
+                    };
                     match s {
                         Ok(s) => { let _ = req.reply.send(s); }
                         Err(e) => warn!("status: {e:#}"),
@@ -689,7 +646,7 @@ impl Agent {
             let ours: Vec<(u32, IpNet)> = self
                 .core
                 .selected_routes()
-                .map(|(seg, net, _, _)| (self.config.segments[seg as usize - 1].table, net))
+                .map(|(seg, net, _, _)| (self.table_of(seg), net))
                 .collect();
             let mut failed = 0;
             for (table, net) in ours {

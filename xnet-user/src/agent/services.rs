@@ -60,22 +60,44 @@ impl Agent {
     /// Declares the firewall services (no instance used until its first probe answers)
     /// and starts their health checks.
     pub(super) async fn start_services(&mut self) -> Result<()> {
+        self.start_services_keeping(Vec::new()).await
+    }
+
+    /// `start_services`, with the health in `kept` for the services that have it.
+    async fn start_services_keeping(
+        &mut self,
+        mut kept: Vec<Option<Vec<InstanceHealth>>>,
+    ) -> Result<()> {
+        self.health.clear();
         let (tx, rx) = mpsc::channel(256);
         let services = self.config.services.clone();
+        kept.resize(services.len(), None);
         for (si, svc) in services.iter().enumerate() {
             let keys: Vec<NhKey> = (0..svc.instances.len())
                 .map(|ii| self.instance_key(si, ii))
                 .collect();
-            self.dp
-                .set_service(si as u32, &keys, svc.failure_mode == FailureMode::Closed)?;
+            let health = kept[si]
+                .take()
+                .unwrap_or_else(|| vec![InstanceHealth::default(); svc.instances.len()]);
+            let healthy: Vec<NhKey> = keys
+                .iter()
+                .zip(&health)
+                .filter(|(_, h)| h.up == Some(true))
+                .map(|(k, _)| *k)
+                .collect();
+            self.dp.set_service_with_health(
+                si as u32,
+                &keys,
+                &healthy,
+                svc.failure_mode == FailureMode::Closed,
+            )?;
             for k in &keys {
                 self.manage_neighbour(k.ifindex, k.via).await;
             }
             for (ii, inst) in svc.instances.iter().enumerate() {
                 health::spawn(si, ii, inst.via, svc.health.clone(), tx.clone());
             }
-            self.health
-                .push(vec![InstanceHealth::default(); svc.instances.len()]);
+            self.health.push(health);
             info!(
                 "service {}: {} instances, fail-{}, {:?} health check every {} ms",
                 svc.name,
@@ -90,6 +112,30 @@ impl Agent {
             );
         }
         self.probes = Some(rx);
+        Ok(())
+    }
+
+    /// A reload that touched services (or interfaces): every service is declared again
+    /// and probed by new checks; a service whose settings did not change keeps its
+    /// instances' health, so its pool and counters carry on as they were.
+    pub(super) async fn restart_services(&mut self, from: &crate::config::Config) -> Result<()> {
+        let old = std::mem::take(&mut self.health);
+        let kept = self
+            .config
+            .services
+            .iter()
+            .map(|svc| {
+                let i = from.services.iter().position(|o| o == svc)?;
+                old.get(i).cloned()
+            })
+            .collect();
+        // The old services' probes end with their channel.
+        self.probes = None;
+        self.start_services_keeping(kept).await?;
+        // Ids of services that are gone: empty.
+        for si in self.config.services.len()..from.services.len() {
+            self.dp.set_service(si as u32, &[], false)?;
+        }
         Ok(())
     }
 

@@ -39,33 +39,123 @@ pub(super) fn tunnel_keys(remote: IpAddr) -> [IpAddr; 2] {
 }
 
 impl Agent {
+    /// Connector `i` (by the IKE daemon's index), unless a reload removed it.
+    pub(super) fn connector(&self, i: usize) -> Option<&crate::config::Ipsec> {
+        self.connectors.get(i).and_then(Option::as_ref)
+    }
+
     /// Route-based connectors get their xfrm interface, and with the kernel FIB, the
     /// segment's `ip rule` for it (decrypted traffic is routed in its segment). A kernel
     /// without xfrm interfaces leaves the connector policy-based, said in the log.
     pub(super) async fn create_xfrm_interfaces(&mut self) -> Result<()> {
-        for (i, c) in self.config.ipsec.clone().iter().enumerate() {
-            let Some(name) = &c.interface else { continue };
-            let if_id = crate::ike::daemon::reqid(i);
-            match self.kernel.create_xfrm_interface(name, if_id).await {
-                Ok(ifindex) => {
-                    if self.config.agent.kernel_fib {
-                        let seg = self.config.segment_id(&c.segment).expect("validated");
-                        let table = self.config.segments[seg as usize - 1].table;
-                        self.kernel
-                            .add_segment_rules(name, table, RULE_PRIORITY)
-                            .await?;
-                        self.rules.push(name.clone());
-                    }
-                    info!(
-                        "ipsec {}: route-based: xfrm interface {name} (if_id 0x{if_id:x}) in segment {}",
-                        c.name, c.segment
-                    );
-                    self.xfrm_links.insert(i, (name.clone(), ifindex));
+        for (i, c) in self.connectors.clone().iter().enumerate() {
+            if let Some(c) = c {
+                self.create_xfrm_interface(i, c).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `create_xfrm_interfaces` for connector `i`: its interface's if_id, if it has one.
+    async fn create_xfrm_interface(
+        &mut self,
+        i: usize,
+        c: &crate::config::Ipsec,
+    ) -> Result<Option<u32>> {
+        let Some(name) = &c.interface else {
+            return Ok(None);
+        };
+        let if_id = crate::ike::daemon::reqid(i);
+        match self.kernel.create_xfrm_interface(name, if_id).await {
+            Ok(ifindex) => {
+                if self.config.agent.kernel_fib {
+                    let seg = self.config.segment_id(&c.segment).expect("validated");
+                    let table = self.table_of(seg);
+                    self.kernel
+                        .add_segment_rules(name, table, RULE_PRIORITY)
+                        .await?;
+                    self.rules.push(name.clone());
                 }
-                Err(e) => warn!(
+                info!(
+                    "ipsec {}: route-based: xfrm interface {name} (if_id 0x{if_id:x}) in segment {}",
+                    c.name, c.segment
+                );
+                self.xfrm_links.insert(i, (name.clone(), ifindex));
+                Ok(Some(if_id))
+            }
+            Err(e) => {
+                warn!(
                     "ipsec {}: {e:#}: the tunnel is policy-based instead (its traffic selectors decide what enters it)",
                     c.name
-                ),
+                );
+                Ok(None)
+            }
+        }
+    }
+
+    /// A reload's connectors: removed and changed ones go (their SAs deleted, the peer
+    /// told; their routes out; their xfrm interface deleted); added and changed ones come
+    /// under a new index. Connectors whose settings did not change are not touched.
+    pub(super) async fn reconcile_connectors(&mut self) -> Result<()> {
+        let target = self.config.ipsec.clone();
+        for i in 0..self.connectors.len() {
+            let Some(c) = self.connector(i).cloned() else {
+                continue;
+            };
+            if target.contains(&c) {
+                continue;
+            }
+            self.tunnel_down(i).await;
+            if let Some(ike) = &self.ike {
+                ike.remove(i).await;
+            }
+            if let Some((name, _)) = self.xfrm_links.remove(&i) {
+                if let Some(r) = self.rules.iter().position(|r| *r == name) {
+                    self.rules.remove(r);
+                    self.kernel.delete_segment_rules(&name).await?;
+                }
+                self.kernel.delete_link(&name).await?;
+            }
+            self.dp.clear_tunnel(i as u32)?;
+            self.connectors[i] = None;
+            info!("ipsec {}: connector gone (reload)", c.name);
+        }
+        let new: Vec<crate::config::Ipsec> = target
+            .iter()
+            .filter(|t| !self.connectors.iter().flatten().any(|c| c == *t))
+            .cloned()
+            .collect();
+        if new.is_empty() {
+            return Ok(());
+        }
+        let file = self.path.display().to_string();
+        let conns = crate::ike::daemon::conns(&new, &file)?;
+        if self.ike.is_none() {
+            // No connector ran: the daemon starts with these (indices from 0).
+            debug_assert!(self.connectors.is_empty());
+            let mut if_ids = std::collections::HashMap::new();
+            for c in &new {
+                let i = self.connectors.len();
+                self.connectors.push(Some(c.clone()));
+                if let Some(id) = self.create_xfrm_interface(i, c).await? {
+                    if_ids.insert(i, id);
+                }
+            }
+            self.ike = crate::ike::daemon::start(
+                &new,
+                self.config.agent.ike_cookie_threshold,
+                &file,
+                &if_ids,
+            )
+            .await?;
+            return Ok(());
+        }
+        for (c, conn) in new.iter().zip(conns) {
+            let i = self.connectors.len();
+            self.connectors.push(Some(c.clone()));
+            let if_id = self.create_xfrm_interface(i, c).await?;
+            if let Some(ike) = &self.ike {
+                ike.add(c, conn, i, if_id).await?;
             }
         }
         Ok(())
@@ -77,12 +167,18 @@ impl Agent {
     /// interfaces (policy-based tunnels' packets come back in where their ESP arrived).
     pub(super) fn tunnel_policy(&mut self) -> Result<()> {
         let c = self.config.clone();
-        if c.ipsec.is_empty() {
+        if self.connectors.is_empty() {
             return Ok(());
         }
-        for (i, t) in c.ipsec.iter().enumerate() {
+        let connectors = self.connectors.clone();
+        for (i, t) in connectors
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| Some((i, t.as_ref()?)))
+        {
             let seg = c.segment_id(&t.segment).expect("validated");
-            let deny = c.segments[seg as usize - 1].default_action == DefaultAction::Deny;
+            let deny =
+                c.segment_by_id(seg).expect("validated").default_action == DefaultAction::Deny;
             self.dp
                 .set_tunnel(i as u32, seg, if deny { IF_F_DEFAULT_DENY } else { 0 })
                 .with_context(|| format!("ipsec {}", t.name))?;
@@ -112,7 +208,7 @@ impl Agent {
     }
 
     async fn tunnel_up(&mut self, i: usize) {
-        let Some(c) = self.config.ipsec.get(i).cloned() else {
+        let Some(c) = self.connector(i).cloned() else {
             return;
         };
         let seg = self.config.segment_id(&c.segment).expect("validated");
@@ -199,7 +295,7 @@ impl Agent {
     /// Routes a connector's prefixes into its tunnel while it is up and its BFD session
     /// (if any) has not failed; takes them out otherwise.
     pub(super) async fn set_tunnel_routes(&mut self, i: usize) {
-        let Some(c) = self.config.ipsec.get(i) else {
+        let Some(c) = self.connector(i) else {
             return;
         };
         let (name, remote) = (c.name.clone(), c.remote_address);
@@ -244,7 +340,7 @@ impl Agent {
             return;
         };
         // Packets stop going into it first, whatever the number of routes.
-        if let Some(c) = self.config.ipsec.get(i) {
+        if let Some(c) = self.connector(i) {
             for key in tunnel_keys(c.remote_address) {
                 if let Err(e) = self.dp.set_nexthop_alive(key, false) {
                     warn!("ipsec {}: {e:#}", c.name);
@@ -260,7 +356,7 @@ impl Agent {
         if let Err(e) = self.apply(out).await {
             warn!("{e:#}");
         }
-        if let Some(c) = self.config.ipsec.get(i) {
+        if let Some(c) = self.connector(i).cloned() {
             for key in tunnel_keys(c.remote_address) {
                 self.tunnel_kernel_hops.remove(&key);
             }

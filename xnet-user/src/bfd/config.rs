@@ -120,6 +120,13 @@ pub fn setting<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Bfd>, D:
         fn visit_bool<E>(self, on: bool) -> Result<Self::Value, E> {
             Ok(on.then(Bfd::default))
         }
+        // What serializing `None` gives (the running config as `xnet check --diff` reads it).
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_none<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
         fn visit_map<A: serde::de::MapAccess<'de>>(self, m: A) -> Result<Self::Value, A::Error> {
             let t = Table::deserialize(serde::de::value::MapAccessDeserializer::new(m))?;
             Ok(Some(Bfd {

@@ -106,6 +106,8 @@ pub struct Speaker {
     restarting: Arc<AtomicBool>,
     /// The agent took over a data plane that kept forwarding (the F bit).
     forwarding: bool,
+    /// The task that accepts connections (it holds the listener too).
+    accept: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Speaker {
@@ -140,6 +142,7 @@ impl Speaker {
             next_session: 1,
             restarting: Arc::new(AtomicBool::new(restarted && b.graceful_restart)),
             forwarding: restarted,
+            accept: None,
         };
         let mut keys = md5::load_all(b, file)?;
         for n in &b.neighbors {
@@ -153,7 +156,7 @@ impl Speaker {
             b.port,
             b.neighbors.len()
         );
-        tokio::spawn(async move {
+        speaker.accept = Some(tokio::spawn(async move {
             loop {
                 let Ok((stream, from)) = listener.accept().await else {
                     continue;
@@ -167,7 +170,7 @@ impl Speaker {
                     None => warn!("bgp: connection from unknown peer {ip} closed"),
                 }
             }
-        });
+        }));
         Ok(Some(speaker))
     }
 
@@ -393,6 +396,14 @@ impl Speaker {
         })
         .await;
         self.peers.clear();
+    }
+
+    /// Stops listening: the port is free once this returns (a new speaker may bind it).
+    pub async fn close(mut self) {
+        if let Some(t) = self.accept.take() {
+            t.abort();
+            let _ = t.await;
+        }
     }
 
     /// Resets the session with `peer` (Cease `subcode`); it connects again by itself.

@@ -36,7 +36,8 @@ pub struct FlowStats {
 
 pub struct Exporter {
     stop: Option<oneshot::Sender<()>>,
-    done: Option<tokio::task::JoinHandle<()>>,
+    /// The task gives the ring buffer back when it stops (for the next exporter).
+    done: Option<tokio::task::JoinHandle<RingBuf<MapData>>>,
     pub stats: Arc<Mutex<FlowStats>>,
 }
 
@@ -113,6 +114,7 @@ impl Exporter {
             // Stopping: what the cache holds goes out.
             let rest = task.cache.drain();
             task.export(&rest).await;
+            ring.into_inner()
         });
         Ok(Exporter {
             stop: Some(stop),
@@ -121,14 +123,16 @@ impl Exporter {
         })
     }
 
-    /// Exports every flow in the cache and stops.
-    pub async fn stop(&mut self) {
+    /// Exports every flow in the cache and stops; returns the ring buffer.
+    pub async fn stop(&mut self) -> Option<RingBuf<MapData>> {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
-        if let Some(d) = self.done.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(2), d).await;
-        }
+        let d = self.done.take()?;
+        tokio::time::timeout(Duration::from_secs(2), d)
+            .await
+            .ok()?
+            .ok()
     }
 }
 

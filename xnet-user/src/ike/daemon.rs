@@ -60,7 +60,8 @@ fn set_espinudp(s: &UdpSocket) {
 pub type SharedStatus = Arc<Mutex<Vec<IpsecStatus>>>;
 
 /// A connector's tunnel came up (its first CHILD SA) or went down (its last): the agent
-/// routes its prefixes into it or takes them out. By index in `config.ipsec`.
+/// routes its prefixes into it or takes them out. By the connector's index: its position
+/// in `config.ipsec` at start, then in the order a reload added it (`IkeHandle::add`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TunnelEvent {
     Up(usize),
@@ -73,9 +74,59 @@ pub struct IkeHandle {
     pub events: mpsc::UnboundedReceiver<TunnelEvent>,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+/// A reload's changes to the connectors.
+enum Command {
+    /// A new connector, index `index` (the next one); `if_id`: its xfrm interface.
+    Add {
+        ipsec: Box<Ipsec>,
+        conn: Arc<Conn>,
+        index: usize,
+        if_id: Option<u32>,
+        done: oneshot::Sender<Result<()>>,
+    },
+    /// Connector `index` goes: its SAs are deleted (the peer told) and leave XFRM; the
+    /// index is not used again.
+    Remove {
+        index: usize,
+        done: oneshot::Sender<()>,
+    },
 }
 
 impl IkeHandle {
+    /// Adds connector `ipsec` as index `index`; it initiates (or waits) at once. Fails if
+    /// its local address cannot take IKE's ports.
+    pub async fn add(
+        &self,
+        ipsec: &Ipsec,
+        conn: Arc<Conn>,
+        index: usize,
+        if_id: Option<u32>,
+    ) -> Result<()> {
+        let (done, wait) = oneshot::channel();
+        self.commands
+            .send(Command::Add {
+                ipsec: Box::new(ipsec.clone()),
+                conn,
+                index,
+                if_id,
+                done,
+            })
+            .map_err(|_| anyhow::anyhow!("the IKE daemon stopped"))?;
+        wait.await
+            .map_err(|_| anyhow::anyhow!("the IKE daemon stopped"))?
+    }
+
+    /// Removes connector `index`, deleting its SAs.
+    pub async fn remove(&self, index: usize) {
+        let (done, wait) = oneshot::channel();
+        if self.commands.send(Command::Remove { index, done }).is_ok() {
+            let _ = wait.await;
+        }
+    }
+
     /// Deletes every SA (telling the peers) and removes what was installed in XFRM.
     pub async fn shutdown(mut self) {
         if let Some(s) = self.stop.take() {
@@ -220,8 +271,34 @@ struct Connector {
     /// CHILD SAs the peer rekeyed whose outbound SA waits (inbound SPI, since): until the
     /// peer deletes the old SA it may not have installed the new inbound one yet.
     out_pending: Vec<(u32, Instant)>,
+    /// A reload removed it: no SA, never initiates or answers again.
+    retired: bool,
     /// Counters over the connector's life (for metrics: they never go back).
     totals: Totals,
+}
+
+impl Connector {
+    /// Connector `index` of config `c`, with no SA yet (an initiator tries at once).
+    fn new(conn: Arc<Conn>, c: &Ipsec, index: usize, if_id: Option<u32>, now: Instant) -> Self {
+        Connector {
+            conn,
+            initiate: c.initiate,
+            segment: c.segment.clone(),
+            reqids: Vec::new(),
+            index,
+            if_id,
+            sa: None,
+            retry_at: now,
+            backoff: Duration::from_secs(1),
+            last_error: None,
+            children: Vec::new(),
+            reauth_old: None,
+            retire: None,
+            out_pending: Vec::new(),
+            totals: Totals::default(),
+            retired: false,
+        }
+    }
 }
 
 /// A connector's counters since the agent started: rekeys, DPD failures, and the traffic of
@@ -267,10 +344,66 @@ struct Daemon {
     late_deletes: Vec<(IpAddr, u32, Instant)>,
     /// Inbound SAs installed before IKE_AUTH went out: inbound SPI → (IKE SA, the SA).
     inbound_first: HashMap<u32, (u64, xfrm::Sa)>,
+    /// For the sockets of connectors a reload adds.
+    datagrams: mpsc::Sender<Datagram>,
+    file: String,
 }
 
 /// How long an inbound SA outlives its CHILD SA.
 const INBOUND_GRACE: Duration = Duration::from_secs(5);
+
+/// Binds IKE's ports (500, 4500 with ESP-in-UDP) on connector `c`'s local address, once
+/// per address; a task per socket hands its datagrams to the daemon.
+async fn bind_ike(
+    sockets: &mut HashMap<(IpAddr, u16), Arc<UdpSocket>>,
+    tx: &mpsc::Sender<Datagram>,
+    c: &Conn,
+    file: &str,
+) -> Result<()> {
+    for port in [IKE_PORT, NATT_PORT] {
+        if sockets.contains_key(&(c.local, port)) {
+            continue;
+        }
+        let s = Arc::new(
+            UdpSocket::bind(SocketAddr::new(c.local, port))
+                .await
+                .with_context(|| format!("{file}: ipsec {}: IKE on {}:{port}", c.name, c.local))?,
+        );
+        if port == NATT_PORT {
+            set_espinudp(&s);
+        }
+        let (reader, tx, local) = (s.clone(), tx.clone(), c.local);
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            while let Ok((n, from)) = reader.recv_from(&mut buf).await {
+                let msg = if port == NATT_PORT {
+                    // IKE carries a zero non-ESP marker; a one-octet 0xff is a NAT
+                    // keepalive; anything else was ESP for the kernel.
+                    match buf.get(..4) {
+                        Some([0, 0, 0, 0]) if n > 4 => buf[4..n].to_vec(),
+                        _ => continue,
+                    }
+                } else {
+                    buf[..n].to_vec()
+                };
+                if tx
+                    .send(Datagram {
+                        local,
+                        port,
+                        from,
+                        msg,
+                    })
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        sockets.insert((c.local, port), s);
+    }
+    Ok(())
+}
 
 /// XFRM request id of connector `i` (also the if_id of its xfrm interface, if any).
 pub fn reqid(i: usize) -> u32 {
@@ -292,50 +425,7 @@ pub async fn start(
     let mut sockets = HashMap::new();
     let (tx, rx) = mpsc::channel::<Datagram>(1024);
     for c in &conns {
-        for port in [IKE_PORT, NATT_PORT] {
-            if sockets.contains_key(&(c.local, port)) {
-                continue;
-            }
-            let s = Arc::new(
-                UdpSocket::bind(SocketAddr::new(c.local, port))
-                    .await
-                    .with_context(|| {
-                        format!("{file}: ipsec {}: IKE on {}:{port}", c.name, c.local)
-                    })?,
-            );
-            if port == NATT_PORT {
-                set_espinudp(&s);
-            }
-            let (reader, tx, local) = (s.clone(), tx.clone(), c.local);
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 65536];
-                while let Ok((n, from)) = reader.recv_from(&mut buf).await {
-                    let msg = if port == NATT_PORT {
-                        // IKE carries a zero non-ESP marker; a one-octet 0xff is a NAT
-                        // keepalive; anything else was ESP for the kernel.
-                        match buf.get(..4) {
-                            Some([0, 0, 0, 0]) if n > 4 => buf[4..n].to_vec(),
-                            _ => continue,
-                        }
-                    } else {
-                        buf[..n].to_vec()
-                    };
-                    if tx
-                        .send(Datagram {
-                            local,
-                            port,
-                            from,
-                            msg,
-                        })
-                        .await
-                        .is_err()
-                    {
-                        break;
-                    }
-                }
-            });
-            sockets.insert((c.local, port), s);
-        }
+        bind_ike(&mut sockets, &tx, c, file).await?;
     }
     let xfrm = match Xfrm::open() {
         Ok(x) => Some(x),
@@ -362,23 +452,7 @@ pub async fn start(
         .into_iter()
         .zip(ipsec)
         .enumerate()
-        .map(|(i, (conn, c))| Connector {
-            conn,
-            initiate: c.initiate,
-            segment: c.segment.clone(),
-            reqids: Vec::new(),
-            index: i,
-            if_id: if_ids.get(&i).copied(),
-            sa: None,
-            retry_at: now,
-            backoff: Duration::from_secs(1),
-            last_error: None,
-            children: Vec::new(),
-            reauth_old: None,
-            retire: None,
-            out_pending: Vec::new(),
-            totals: Totals::default(),
-        })
+        .map(|(i, (conn, c))| Connector::new(conn, c, i, if_ids.get(&i).copied(), now))
         .collect();
     let status: SharedStatus = Default::default();
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
@@ -398,6 +472,8 @@ pub async fn start(
         counters: HashMap::new(),
         late_deletes: Vec::new(),
         inbound_first: HashMap::new(),
+        datagrams: tx,
+        file: file.to_string(),
     };
     d.publish();
     info!(
@@ -418,22 +494,30 @@ pub async fn start(
         }
     }
     let (stop_tx, stop_rx) = oneshot::channel();
-    let task = tokio::spawn(async move { d.run(rx, stop_rx).await });
+    let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+    let task = tokio::spawn(async move { d.run(rx, cmd_rx, stop_rx).await });
     Ok(Some(IkeHandle {
         status,
         events: ev_rx,
         stop: Some(stop_tx),
         task,
+        commands: cmd_tx,
     }))
 }
 
 impl Daemon {
-    async fn run(&mut self, mut rx: mpsc::Receiver<Datagram>, mut stop: oneshot::Receiver<()>) {
+    async fn run(
+        &mut self,
+        mut rx: mpsc::Receiver<Datagram>,
+        mut commands: mpsc::UnboundedReceiver<Command>,
+        mut stop: oneshot::Receiver<()>,
+    ) {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         loop {
             tokio::select! {
                 _ = &mut stop => break,
                 Some(d) = rx.recv() => self.on_datagram(d).await,
+                Some(c) = commands.recv() => self.on_command(c).await,
                 _ = tick.tick() => self.on_tick().await,
             }
             self.publish();
@@ -453,6 +537,70 @@ impl Daemon {
         }
         self.late_deletes(now, true);
         info!("ipsec: stopped, SAs deleted");
+    }
+
+    async fn on_command(&mut self, c: Command) {
+        match c {
+            Command::Add {
+                ipsec,
+                conn,
+                index,
+                if_id,
+                done,
+            } => {
+                let r = bind_ike(&mut self.sockets, &self.datagrams, &conn, &self.file).await;
+                if r.is_ok() {
+                    debug_assert_eq!(index, self.connectors.len());
+                    info!("ipsec {}: connector added (reload)", conn.name);
+                    self.connectors.push(Connector::new(
+                        conn,
+                        &ipsec,
+                        index,
+                        if_id,
+                        Instant::now(),
+                    ));
+                }
+                let _ = done.send(r);
+            }
+            Command::Remove { index, done } => {
+                if let Some(k) = self.connectors.get_mut(index) {
+                    k.retired = true;
+                    k.initiate = false;
+                    let conn = k.conn.clone();
+                    info!(
+                        "ipsec {}: connector removed (reload): its SAs go",
+                        conn.name
+                    );
+                    let now = Instant::now();
+                    let spis: Vec<u64> = self
+                        .sas
+                        .iter()
+                        .filter(|(_, s)| Arc::ptr_eq(&s.conn, &conn))
+                        .map(|(spi, _)| *spi)
+                        .collect();
+                    for spi in spis {
+                        let out = self
+                            .sas
+                            .get_mut(&spi)
+                            .map(|s| s.delete(now))
+                            .unwrap_or_default();
+                        self.apply(spi, out).await;
+                        // Not waiting for the peer's answer: the SA and its keys go now.
+                        self.sas.remove(&spi);
+                    }
+                    let children: Vec<ChildSa> = self.connectors[index]
+                        .children
+                        .iter()
+                        .map(|(c, _)| c.clone())
+                        .collect();
+                    for c in children {
+                        self.remove_child(index, c.spi_in);
+                    }
+                    self.connectors[index].sa = None;
+                }
+                let _ = done.send(());
+            }
+        }
     }
 
     /// Runs `f` on every SA and carries out what each asks for.
@@ -495,7 +643,7 @@ impl Daemon {
         let Some(ci) = self
             .connectors
             .iter()
-            .position(|c| c.conn.local == local && c.conn.remote == from_ip)
+            .position(|c| !c.retired && c.conn.local == local && c.conn.remote == from_ip)
         else {
             warn!(
                 "ipsec: IKE_SA_INIT from {from_ip} to {local}: no connector for this pair, dropped"
@@ -1082,7 +1230,7 @@ impl Daemon {
         }
         for ci in 0..self.connectors.len() {
             let c = &self.connectors[ci];
-            if !c.initiate || c.sa.is_some() || now < c.retry_at {
+            if c.retired || !c.initiate || c.sa.is_some() || now < c.retry_at {
                 continue;
             }
             // Beside an SA a reauthentication replaces, INITIAL_CONTACT would make the
@@ -1177,7 +1325,7 @@ impl Daemon {
 
     fn publish(&self) {
         let mut v = Vec::new();
-        for c in &self.connectors {
+        for c in self.connectors.iter().filter(|c| !c.retired) {
             let sa = c.sa.and_then(|s| self.sas.get(&s));
             v.push(IpsecStatus {
                 name: c.conn.name.clone(),
