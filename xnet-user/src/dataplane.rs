@@ -413,6 +413,10 @@ impl Dataplane {
     /// or one where policy-based tunnels' ESP arrives). A filter of that name left by an
     /// agent that died goes first.
     pub fn attach_tunnel_in(&mut self, name: &str) -> Result<()> {
+        // Ours already (a reload applies the tunnels' policy again).
+        if self.tunnel_in.iter().any(|(n, _)| n == name) {
+            return Ok(());
+        }
         let c = std::ffi::CString::new(name)?;
         // Already there (another program's, or ours): fine.
         let _ = tc::qdisc_add_clsact(&c);
@@ -440,6 +444,21 @@ impl Dataplane {
         for (name, link) in self.tunnel_in.drain(..) {
             if let Err(e) = p.detach(link) {
                 log::warn!("detaching {} from {name}: {e}", names::PROG_TUNNEL_IN);
+            }
+        }
+    }
+
+    /// Detaches the decrypted-traffic program from `name` (an interface a reload removed).
+    pub fn detach_tunnel_in_from(&mut self, name: &str) {
+        let Some(i) = self.tunnel_in.iter().position(|(n, _)| n == name) else {
+            return;
+        };
+        let (_, link) = self.tunnel_in.remove(i);
+        if let Ok(p) = TryInto::<&mut SchedClassifier>::try_into(
+            self.ebpf.program_mut(names::PROG_TUNNEL_IN).unwrap(),
+        ) {
+            if let Err(e) = p.detach(link) {
+                log::debug!("detaching {} from {name}: {e}", names::PROG_TUNNEL_IN);
             }
         }
     }

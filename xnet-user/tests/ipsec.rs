@@ -849,3 +849,94 @@ fn a_deleted_child_sa_comes_back_and_a_refused_one_is_shown() {
         .count();
     assert!((1..=4).contains(&asked), "{asked}: {}", charon.log());
 }
+
+/// A reload leaves a connector whose settings did not change alone (same SAs), replaces
+/// one whose settings changed (the peer sees a new IKE SA), removes one (the peer is told:
+/// its SA goes) and adds one back.
+#[test]
+fn reload_touches_only_the_connectors_that_changed() {
+    if !require_root("reload_touches_only_the_connectors_that_changed") {
+        return;
+    }
+    let lab = lab("ike-reload");
+    let (cfg, _) = agent_config(
+        &lab,
+        true,
+        &["aes256gcm16-prfsha384-ecp384"],
+        &["aes256gcm16"],
+    );
+    let charon = charon_before_agent(&lab, &cfg);
+    let agent = Agent::start(&lab, &cfg);
+    wait_until(
+        &agent,
+        "IKE SA and CHILD SA up",
+        Duration::from_secs(20),
+        up,
+    );
+    let spi = |s: &Status| tunnel(s).children[0].spi_in.clone();
+    let first = spi(&agent.status());
+    let reload = |text: &str, what: &str| {
+        let mark = agent.log().len();
+        std::fs::write(
+            &agent.config,
+            text.replace("/run/xnet/demo.sock", agent.socket.to_str().unwrap()),
+        )
+        .unwrap();
+        agent.signal(libc::SIGHUP);
+        wait_until(&agent, what, Duration::from_secs(10), |_| {
+            agent.log()[mark..].contains("reloaded")
+        });
+        agent.log()[mark..].to_string()
+    };
+
+    // An unrelated change (a route): the connector and its SAs stay as they are.
+    let route = "[[routes]]\nsegment = \"prod\"\nprefix = \"10.77.0.0/16\"\nnext_hops = [{ via = \"10.0.1.2\", interface = \"vnet1\" }]\n";
+    let log = reload(&format!("{cfg}\n{route}"), "a route added");
+    assert!(
+        !log.contains("onprem-vpn"),
+        "the connector untouched: {log}"
+    );
+    let s = agent.status();
+    assert!(
+        up(&s) && spi(&s) == first,
+        "same CHILD SA: {:?}",
+        tunnel(&s)
+    );
+
+    // Its settings change: it is replaced (the old SAs deleted, new ones negotiated).
+    let changed = format!("{cfg}\n{route}").replace("dpd_seconds = 2", "dpd_seconds = 3");
+    reload(&changed, "the connector replaced");
+    wait_until(&agent, "a new CHILD SA", Duration::from_secs(20), |s| {
+        up(s) && spi(s) != first
+    });
+    let sas = charon.swanctl("--list-sas").unwrap();
+    assert_eq!(
+        sas.matches("ESTABLISHED").count(),
+        1,
+        "one IKE SA at the peer, the new one: {sas}"
+    );
+
+    // Removed: the peer is told, its SA goes.
+    let without = changed[..changed.find("[[ipsec]]").unwrap()].to_string() + route;
+    let log = reload(&without, "the connector removed");
+    assert!(log.contains("onprem-vpn: connector removed"), "{log}");
+    assert!(agent.status().ipsec.is_empty());
+    let t = Instant::now();
+    while charon
+        .swanctl("--list-sas")
+        .unwrap()
+        .contains("xnet-onprem-vpn")
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "charon still has the SA"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let pol = sh(&format!("ip -n {} xfrm policy", lab.ns("cxp")));
+    assert!(!pol.contains("10.0.3.2"), "its XFRM policies gone: {pol}");
+
+    // And back.
+    reload(&changed, "the connector added again");
+    wait_until(&agent, "up again", Duration::from_secs(20), up);
+}

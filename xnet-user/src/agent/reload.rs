@@ -182,6 +182,7 @@ impl Agent {
                     continue;
                 };
                 self.dp.detach(ifindex)?;
+                self.dp.detach_tunnel_in_from(name);
                 self.dp.remove_interface(ifindex)?;
                 if let Some(i) = self.rules.iter().position(|r| r == name) {
                     self.rules.remove(i);

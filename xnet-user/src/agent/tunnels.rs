@@ -110,6 +110,7 @@ impl Agent {
                 ike.remove(i).await;
             }
             if let Some((name, _)) = self.xfrm_links.remove(&i) {
+                self.dp.detach_tunnel_in_from(&name);
                 if let Some(r) = self.rules.iter().position(|r| *r == name) {
                     self.rules.remove(r);
                     self.kernel.delete_segment_rules(&name).await?;
