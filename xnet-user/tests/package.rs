@@ -102,3 +102,44 @@ fn the_agent_needs_no_capability_beyond_the_units() {
     drop(bird);
     sh(&format!("umount {}", bpffs.display()));
 }
+
+/// systemd's notify protocol (what `Type=notify` waits for), read from the socket the unit
+/// would give: READY=1 once the data plane is programmed, RELOADING=1 then READY=1 around a
+/// SIGHUP, STOPPING=1 on the way out.
+#[test]
+fn the_agent_tells_systemd_when_it_is_ready_reloading_and_stopping() {
+    if !require_root("the_agent_tells_systemd_when_it_is_ready_reloading_and_stopping") {
+        return;
+    }
+    let lab = lab("notify");
+    let path = std::env::temp_dir().join(format!("{}-notify.sock", lab.prefix));
+    let _ = std::fs::remove_file(&path);
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut agent = Agent::start_with_env(
+        &lab,
+        xnet_lab::lab::DEMO_CONFIG,
+        &[("NOTIFY_SOCKET", path.to_str().unwrap())],
+    );
+    let mut buf = [0u8; 512];
+    let mut next = || {
+        let n = sock.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let ready = next();
+    assert!(ready.contains("READY=1"), "{ready}");
+    assert!(ready.contains("STATUS=forwarding: 3 interfaces"), "{ready}");
+    // By then XDP is attached and the routes are in: the status says so.
+    assert!(agent.status().interfaces.iter().all(|i| i.xdp == "native"));
+    agent.signal(libc::SIGHUP);
+    let reloading = next();
+    assert!(
+        reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="),
+        "{reloading}"
+    );
+    assert_eq!(next().trim_end(), "READY=1");
+    assert!(agent.stop().success());
+    assert_eq!(next().trim_end(), "STOPPING=1");
+    let _ = std::fs::remove_file(&path);
+}

@@ -556,7 +556,10 @@ impl Agent {
                 _ = int.recv() => { info!("SIGINT: stopping"); break Exit::Stop; }
                 _ = usr1.recv() => { info!("SIGUSR1: exiting for a graceful restart"); break Exit::Restart; }
                 _ = hup.recv() => {
-                    notify(&[sd_notify::NotifyState::Reloading]);
+                    // With the time: what Type=notify-reload (systemd 253) requires.
+                    let mut reloading = vec![sd_notify::NotifyState::Reloading];
+                    reloading.extend(sd_notify::NotifyState::monotonic_usec_now());
+                    notify(&reloading);
                     self.reload().await;
                     notify(&[sd_notify::NotifyState::Ready]);
                 }

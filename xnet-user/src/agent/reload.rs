@@ -280,11 +280,14 @@ impl Agent {
             self.reconcile_connectors().await?;
         }
 
-        if wanted("flows") && (d.touches("flows") || d.touches("segments")) {
+        // The exporter knows each segment's rate (its selector reports).
+        let rates_changed = d.changes.iter().any(|c| {
+            c.section == "segments"
+                && (c.kind != Kind::Changed || c.fields.iter().any(|f| f == "flow_sample"))
+        });
+        if wanted("flows") && (d.touches("flows") || rates_changed) {
             done.push("flows");
-            if d.touches("flows") {
-                self.restart_flows().await?;
-            }
+            self.restart_flows().await?;
         }
 
         self.reconcile_bfd()?;
