@@ -35,6 +35,16 @@ idle_timeout_secs = 1
 enterprise_number = 32473
 "#;
 
+/// nfcapd, stopped if the test ends early.
+struct Nfcapd(std::process::Child);
+
+impl Drop for Nfcapd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// One flow as `nfdump -o csv` prints it, by column name.
 fn flows(csv: &str) -> Vec<std::collections::HashMap<String, String>> {
     let mut lines = csv.lines().filter(|l| !l.trim().is_empty());
@@ -65,25 +75,27 @@ fn nfcapd_receives_the_sampled_flows_with_their_counts() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let (host, port) = COLLECTOR.split_once(':').unwrap();
-    let mut nfcapd = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &lab.ns("cxp"),
-            "nfcapd",
-            "-b",
-            host,
-            "-p",
-            port,
-            "-t",
-            "3600",
-            "-w",
-        ])
-        .arg(&dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("nfcapd (Debian package nfdump; cargo xtask setup installs it)");
+    let mut nfcapd = Nfcapd(
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &lab.ns("cxp"),
+                "nfcapd",
+                "-b",
+                host,
+                "-p",
+                port,
+                "-t",
+                "3600",
+                "-w",
+            ])
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nfcapd (Debian package nfdump; cargo xtask setup installs it)"),
+    );
     // Every packet of segment prod is sampled (1 in 1): counts compare exactly.
     let config = xnet_lab::lab::DEMO_CONFIG.replacen(
         "name = \"prod\"\ntable = 100\n",
@@ -125,8 +137,8 @@ fn nfcapd_receives_the_sampled_flows_with_their_counts() {
 
     // nfcapd writes its file when it stops.
     // SAFETY: kill(2) on our child.
-    unsafe { libc::kill(nfcapd.id() as i32, libc::SIGTERM) };
-    nfcapd.wait().unwrap();
+    unsafe { libc::kill(nfcapd.0.id() as i32, libc::SIGTERM) };
+    nfcapd.0.wait().unwrap();
     let out = Command::new("nfdump")
         .arg("-R")
         .arg(&dir)
