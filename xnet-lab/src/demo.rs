@@ -159,6 +159,7 @@ pub async fn run(duration: Option<u64>) -> Result<Option<String>> {
                 .iter()
                 .all(|r| r.next_hops.iter().all(|h| h.fast_path))
                 && s.bgp.iter().all(|b| b.state == "Established")
+                && s.bgp_in_data_plane >= 2
                 && s.services
                     .iter()
                     .flat_map(|x| &x.instances)
