@@ -115,46 +115,81 @@ struct BfdPeer {
     local: String,
 }
 
-type Counters<L> = Family<L, Counter<u64>>;
-type Gauges<L> = Family<L, Gauge<f64, AtomicU64>>;
+/// What a label set needs to go into a family.
+trait Labels:
+    Clone + std::hash::Hash + Eq + EncodeLabelSet + std::fmt::Debug + Send + Sync + 'static
+{
+}
+impl<
+        L: Clone + std::hash::Hash + Eq + EncodeLabelSet + std::fmt::Debug + Send + Sync + 'static,
+    > Labels for L
+{
+}
 
-/// Adds one family to `r`, fills it with `fill`.
-fn family<L, M>(
+fn register<M: prometheus_client::registry::Metric>(
     r: &mut Registry,
     name: &str,
     help: &str,
     unit: Option<Unit>,
-    fill: impl FnOnce(&Family<L, M>),
-) where
-    L: Clone + std::hash::Hash + Eq + EncodeLabelSet + std::fmt::Debug + Send + Sync + 'static,
-    M: prometheus_client::metrics::TypedMetric
-        + prometheus_client::encoding::EncodeMetric
-        + Default
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-{
-    let f = Family::<L, M>::default();
-    fill(&f);
+    m: M,
+) {
     match unit {
-        Some(u) => r.register_with_unit(name, help, u, f),
-        None => r.register(name, help, f),
+        Some(u) => r.register_with_unit(name, help, u, m),
+        None => r.register(name, help, m),
     }
 }
 
-/// Adds one gauge without labels.
+/// A counter family with one series per (labels, value).
+fn counters<L: Labels>(
+    r: &mut Registry,
+    name: &str,
+    help: &str,
+    unit: Option<Unit>,
+    series: impl IntoIterator<Item = (L, u64)>,
+) {
+    let f = Family::<L, Counter<u64>>::default();
+    for (l, v) in series {
+        f.get_or_create(&l).inc_by(v);
+    }
+    register(r, name, help, unit, f);
+}
+
+/// A gauge family with one series per (labels, value).
+fn gauges<L: Labels>(
+    r: &mut Registry,
+    name: &str,
+    help: &str,
+    unit: Option<Unit>,
+    series: impl IntoIterator<Item = (L, f64)>,
+) {
+    let f = Family::<L, Gauge<f64, AtomicU64>>::default();
+    for (l, v) in series {
+        f.get_or_create(&l).set(v);
+    }
+    register(r, name, help, unit, f);
+}
+
+/// One gauge without labels.
 fn gauge(r: &mut Registry, name: &str, help: &str, unit: Option<Unit>, v: f64) {
     let g = Gauge::<f64, AtomicU64>::default();
     g.set(v);
-    match unit {
-        Some(u) => r.register_with_unit(name, help, u, g),
-        None => r.register(name, help, g),
-    }
+    register(r, name, help, unit, g);
+}
+
+/// One counter without labels.
+fn counter(r: &mut Registry, name: &str, help: &str, v: u64) {
+    let c = Counter::<u64>::default();
+    c.inc_by(v);
+    register(r, name, help, None, c);
+}
+
+fn up(b: bool) -> f64 {
+    f64::from(u8::from(b))
 }
 
 /// The metrics of one status, in the OpenMetrics text format.
 pub fn encode(s: &Status) -> String {
+    use crate::status::{BgpSessionStatus, InterfaceStatus, IpsecStatus, PolicyStatus};
     let mut r = Registry::with_prefix("xnet");
     r.register(
         "build",
@@ -170,62 +205,46 @@ pub fn encode(s: &Status) -> String {
     );
 
     // The data plane.
-    let outcomes = |i: &crate::status::InterfaceStatus| {
+    let outcomes = |i: &InterfaceStatus| {
+        let l = |o: &str| Itf {
+            interface: i.name.clone(),
+            segment: i.segment.clone(),
+            outcome: o.to_string(),
+        };
         [
-            ("forwarded", i.forwarded, i.forwarded_bytes),
-            ("passed", i.passed, i.passed_bytes),
-            ("dropped", i.dropped, i.dropped_bytes),
+            (l("forwarded"), i.forwarded, i.forwarded_bytes),
+            (l("passed"), i.passed, i.passed_bytes),
+            (l("dropped"), i.dropped, i.dropped_bytes),
         ]
     };
-    let label = |i: &crate::status::InterfaceStatus, o: &str| Itf {
-        interface: i.name.clone(),
-        segment: i.segment.clone(),
-        outcome: o.to_string(),
-    };
-    family(&mut r, "interface_packets", "Packets received on an interface, by what XDP did with them (forwarded, passed to the kernel, dropped)", None, |f: &Counters<Itf>| {
-        for i in &s.interfaces {
-            for (o, p, _) in outcomes(i) {
-                f.get_or_create(&label(i, o)).inc_by(p);
-            }
-        }
-    });
-    family(
+    let per_outcome = || s.interfaces.iter().flat_map(outcomes);
+    counters(&mut r, "interface_packets", "Packets received on an interface, by what XDP did with them (forwarded, passed to the kernel, dropped)", None, per_outcome().map(|(l, p, _)| (l, p)));
+    counters(
         &mut r,
         "interface",
         "Bytes received on an interface (frames from the Ethernet header on), by outcome",
         Some(Unit::Bytes),
-        |f: &Counters<Itf>| {
-            for i in &s.interfaces {
-                for (o, _, b) in outcomes(i) {
-                    f.get_or_create(&label(i, o)).inc_by(b);
-                }
-            }
-        },
+        per_outcome().map(|(l, _, b)| (l, b)),
     );
-    family(&mut r, "datapath_reason_packets", "Packets by interface and reason: forwarded and steered, and why XDP passed a packet to the kernel or dropped it", None, |f: &Counters<ItfReason>| {
-        for i in &s.interfaces {
-            for c in &i.reasons {
-                f.get_or_create(&ItfReason { interface: i.name.clone(), outcome: c.outcome.clone(), reason: c.reason.clone() }).inc_by(c.packets);
-            }
-        }
-    });
-    family(
+    let per_reason = || {
+        s.interfaces.iter().flat_map(|i| {
+            i.reasons.iter().map(move |c| {
+                let l = ItfReason {
+                    interface: i.name.clone(),
+                    outcome: c.outcome.clone(),
+                    reason: c.reason.clone(),
+                };
+                (l, c.packets, c.bytes)
+            })
+        })
+    };
+    counters(&mut r, "datapath_reason_packets", "Packets by interface and reason: forwarded and steered, and why XDP passed a packet to the kernel or dropped it", None, per_reason().map(|(l, p, _)| (l, p)));
+    counters(
         &mut r,
         "datapath_reason",
         "Bytes by interface and reason",
         Some(Unit::Bytes),
-        |f: &Counters<ItfReason>| {
-            for i in &s.interfaces {
-                for c in &i.reasons {
-                    f.get_or_create(&ItfReason {
-                        interface: i.name.clone(),
-                        outcome: c.outcome.clone(),
-                        reason: c.reason.clone(),
-                    })
-                    .inc_by(c.bytes);
-                }
-            }
-        },
+        per_reason().map(|(l, _, b)| (l, b)),
     );
     let t = &s.route_table;
     gauge(
@@ -251,300 +270,212 @@ pub fn encode(s: &Status) -> String {
     );
 
     // Policy and firewalls.
-    let rule = |p: &crate::status::PolicyStatus| Rule {
+    let rule = |p: &PolicyStatus| Rule {
         rule: p.name.clone(),
         segment: p.segment.clone(),
         action: p.action.clone(),
     };
-    family(
+    counters(
         &mut r,
         "policy_rule_hits",
         "Packets that matched a policy rule",
         None,
-        |f: &Counters<Rule>| {
-            for p in &s.policies {
-                f.get_or_create(&rule(p)).inc_by(p.packets);
-            }
-        },
+        s.policies.iter().map(|p| (rule(p), p.packets)),
     );
-    family(
+    counters(
         &mut r,
         "policy_rule",
         "Bytes of the packets that matched a policy rule",
         Some(Unit::Bytes),
-        |f: &Counters<Rule>| {
-            for p in &s.policies {
-                f.get_or_create(&rule(p)).inc_by(p.bytes);
-            }
-        },
+        s.policies.iter().map(|p| (rule(p), p.bytes)),
     );
     let instances = || {
         s.services.iter().flat_map(|svc| {
             svc.instances.iter().map(move |i| {
-                (
-                    Instance {
-                        service: svc.name.clone(),
-                        instance: i.name.clone(),
-                    },
-                    i,
-                )
+                let l = Instance {
+                    service: svc.name.clone(),
+                    instance: i.name.clone(),
+                };
+                (l, i)
             })
         })
     };
-    family(&mut r, "firewall_instance_up", "1 when the instance passes its health checks (in the pool), 0 when it failed them; absent until the first probe answers or fails", None, |f: &Gauges<Instance>| {
-        for (l, i) in instances() {
-            match i.health.as_str() {
-                "up" => f.get_or_create(&l).set(1.0),
-                "down" => f.get_or_create(&l).set(0.0),
-                _ => 0.0,
-            };
-        }
-    });
-    family(
+    gauges(&mut r, "firewall_instance_up", "1 when the instance passes its health checks (in the pool), 0 when it failed them; absent until the first probe answers or fails", None, instances().filter_map(|(l, i)| match i.health.as_str() {
+        "up" => Some((l, 1.0)),
+        "down" => Some((l, 0.0)),
+        _ => None,
+    }));
+    gauges(
         &mut r,
         "firewall_instance_probe_rtt",
         "Round trip of the instance's last answered health probe",
         Some(Unit::Seconds),
-        |f: &Gauges<Instance>| {
-            for (l, i) in instances() {
-                if let Some(ms) = i.probe_rtt_ms {
-                    f.get_or_create(&l).set(ms / 1e3);
-                }
-            }
-        },
+        instances().filter_map(|(l, i)| Some((l, i.probe_rtt_ms? / 1e3))),
     );
-    family(
+    counters(
         &mut r,
         "firewall_instance_steered_packets",
         "Packets steered to the instance",
         None,
-        |f: &Counters<Instance>| {
-            for (l, i) in instances() {
-                f.get_or_create(&l).inc_by(i.packets);
-            }
-        },
+        instances().map(|(l, i)| (l, i.packets)),
     );
-    family(
+    counters(
         &mut r,
         "firewall_instance_steered",
         "Bytes steered to the instance",
         Some(Unit::Bytes),
-        |f: &Counters<Instance>| {
-            for (l, i) in instances() {
-                f.get_or_create(&l).inc_by(i.bytes);
-            }
-        },
+        instances().map(|(l, i)| (l, i.bytes)),
     );
 
     // BGP.
-    let nb = |b: &crate::status::BgpSessionStatus| Neighbor {
+    let nb = |b: &BgpSessionStatus| Neighbor {
         neighbor: b.name.clone(),
         peer: b.peer.clone(),
         segment: b.segment.clone(),
     };
-    family(
+    let bgp_gauge =
+        |r: &mut Registry, name: &str, help: &str, unit, v: fn(&BgpSessionStatus) -> f64| {
+            gauges(r, name, help, unit, s.bgp.iter().map(|b| (nb(b), v(b))));
+        };
+    bgp_gauge(
         &mut r,
         "bgp_session_up",
         "1 when the session is Established",
         None,
-        |f: &Gauges<Neighbor>| {
-            for b in &s.bgp {
-                f.get_or_create(&nb(b))
-                    .set(f64::from(u8::from(b.state == "Established")));
-            }
-        },
+        |b| up(b.state == "Established"),
     );
-    family(&mut r, "bgp_session_state", "The session's FSM state as BGP4-MIB's bgpPeerState numbers it: 1 Idle, 2 Connect, 3 Active, 4 OpenSent, 5 OpenConfirm, 6 Established", None, |f: &Gauges<Neighbor>| {
-        for b in &s.bgp {
-            f.get_or_create(&nb(b)).set(bgp_state_number(&b.state));
-        }
-    });
-    family(
+    bgp_gauge(&mut r, "bgp_session_state", "The session's FSM state as BGP4-MIB's bgpPeerState numbers it: 1 Idle, 2 Connect, 3 Active, 4 OpenSent, 5 OpenConfirm, 6 Established", None, |b| bgp_state_number(&b.state));
+    bgp_gauge(
         &mut r,
         "bgp_session_uptime",
         "How long the session has been Established (0 when it is not)",
         Some(Unit::Seconds),
-        |f: &Gauges<Neighbor>| {
-            for b in &s.bgp {
-                f.get_or_create(&nb(b)).set(b.uptime_secs as f64);
-            }
-        },
+        |b| b.uptime_secs as f64,
     );
-    family(
-        &mut r,
-        "bgp_session_flaps",
-        "Times the session left Established",
-        None,
-        |f: &Counters<Neighbor>| {
-            for b in &s.bgp {
-                f.get_or_create(&nb(b)).inc_by(b.flaps);
-            }
-        },
-    );
-    family(
-        &mut r,
-        "bgp_prefixes_received",
-        "Prefixes the peer announced (each announcement counts)",
-        None,
-        |f: &Counters<Neighbor>| {
-            for b in &s.bgp {
-                f.get_or_create(&nb(b)).inc_by(b.announced_total);
-            }
-        },
-    );
-    family(
-        &mut r,
-        "bgp_prefixes_rejected",
-        "Announced prefixes refused by import policy or for our AS in the path",
-        None,
-        |f: &Counters<Neighbor>| {
-            for b in &s.bgp {
-                f.get_or_create(&nb(b)).inc_by(b.rejected_total);
-            }
-        },
-    );
-    family(
+    bgp_gauge(
         &mut r,
         "bgp_prefixes_accepted",
         "The peer's prefixes in the RIB now",
         None,
-        |f: &Gauges<Neighbor>| {
-            for b in &s.bgp {
-                f.get_or_create(&nb(b)).set(b.received as f64);
-            }
-        },
+        |b| b.received as f64,
     );
-    family(
+    bgp_gauge(
         &mut r,
         "bgp_prefixes_advertised",
         "Prefixes advertised to the peer now",
         None,
-        |f: &Gauges<Neighbor>| {
-            for b in &s.bgp {
-                f.get_or_create(&nb(b)).set(b.sent as f64);
-            }
-        },
+        |b| b.sent as f64,
     );
-    family(
+    let bgp_counter =
+        |r: &mut Registry, name: &str, help: &str, v: fn(&BgpSessionStatus) -> u64| {
+            counters(r, name, help, None, s.bgp.iter().map(|b| (nb(b), v(b))));
+        };
+    bgp_counter(
+        &mut r,
+        "bgp_session_flaps",
+        "Times the session left Established",
+        |b| b.flaps,
+    );
+    bgp_counter(
+        &mut r,
+        "bgp_prefixes_received",
+        "Prefixes the peer announced (each announcement counts)",
+        |b| b.announced_total,
+    );
+    bgp_counter(
+        &mut r,
+        "bgp_prefixes_rejected",
+        "Announced prefixes refused by import policy or for our AS in the path",
+        |b| b.rejected_total,
+    );
+    bgp_counter(
         &mut r,
         "bgp_updates_treated_as_withdraw",
         "UPDATEs whose routes were withdrawn instead (RFC 7606)",
-        None,
-        |f: &Counters<Neighbor>| {
-            for b in &s.bgp {
-                f.get_or_create(&nb(b)).inc_by(b.treated_as_withdraw);
-            }
-        },
+        |b| b.treated_as_withdraw,
     );
 
     // IPsec.
-    let conn = |c: &crate::status::IpsecStatus| Connector {
+    let conn = |c: &IpsecStatus| Connector {
         connector: c.name.clone(),
         segment: c.segment.clone(),
     };
-    family(
+    gauges(
         &mut r,
         "ipsec_ike_sa_up",
         "1 when the connector's IKE SA is established",
         None,
-        |f: &Gauges<Connector>| {
-            for c in &s.ipsec {
-                let up = c.state == "established" || c.state == "no-child-sa";
-                f.get_or_create(&conn(c)).set(f64::from(u8::from(up)));
-            }
-        },
+        s.ipsec.iter().map(|c| {
+            (
+                conn(c),
+                up(c.state == "established" || c.state == "no-child-sa"),
+            )
+        }),
     );
-    family(
+    gauges(
         &mut r,
         "ipsec_child_sas",
         "CHILD SAs installed in the kernel",
         None,
-        |f: &Gauges<Connector>| {
-            for c in &s.ipsec {
-                f.get_or_create(&conn(c))
-                    .set(c.children.iter().filter(|c| c.installed).count() as f64);
-            }
-        },
+        s.ipsec.iter().map(|c| {
+            (
+                conn(c),
+                c.children.iter().filter(|c| c.installed).count() as f64,
+            )
+        }),
     );
-    family(
+    let ipsec_counter = |r: &mut Registry, name: &str, help: &str, v: fn(&IpsecStatus) -> u64| {
+        counters(r, name, help, None, s.ipsec.iter().map(|c| (conn(c), v(c))));
+    };
+    ipsec_counter(
         &mut r,
         "ipsec_ike_rekeys",
         "IKE SA rekeys (either side's)",
-        None,
-        |f: &Counters<Connector>| {
-            for c in &s.ipsec {
-                f.get_or_create(&conn(c)).inc_by(c.totals.ike_rekeys);
-            }
-        },
+        |c| c.totals.ike_rekeys,
     );
-    family(
+    ipsec_counter(
         &mut r,
         "ipsec_child_rekeys",
         "CHILD SA rekeys (either side's)",
-        None,
-        |f: &Counters<Connector>| {
-            for c in &s.ipsec {
-                f.get_or_create(&conn(c)).inc_by(c.totals.child_rekeys);
-            }
-        },
+        |c| c.totals.child_rekeys,
     );
-    family(
+    ipsec_counter(
         &mut r,
         "ipsec_dpd_failures",
         "IKE SAs closed because the peer did not answer dead-peer detection",
-        None,
-        |f: &Counters<Connector>| {
-            for c in &s.ipsec {
-                f.get_or_create(&conn(c)).inc_by(c.totals.dpd_failures);
-            }
-        },
+        |c| c.totals.dpd_failures,
     );
-    let dirs = |c: &crate::status::IpsecStatus| {
-        [
-            ("in", c.totals.bytes_in, c.totals.packets_in),
-            ("out", c.totals.bytes_out, c.totals.packets_out),
-        ]
+    let dirs = || {
+        s.ipsec.iter().flat_map(|c| {
+            let l = |d: &str| ConnectorDir {
+                connector: c.name.clone(),
+                direction: d.into(),
+            };
+            [
+                (l("in"), c.totals.bytes_in, c.totals.packets_in),
+                (l("out"), c.totals.bytes_out, c.totals.packets_out),
+            ]
+        })
     };
-    family(
+    counters(
         &mut r,
         "ipsec",
         "Bytes through the connector's SAs, as the kernel counts them (rekeyed SAs included)",
         Some(Unit::Bytes),
-        |f: &Counters<ConnectorDir>| {
-            for c in &s.ipsec {
-                for (d, b, _) in dirs(c) {
-                    f.get_or_create(&ConnectorDir {
-                        connector: c.name.clone(),
-                        direction: d.into(),
-                    })
-                    .inc_by(b);
-                }
-            }
-        },
+        dirs().map(|(l, b, _)| (l, b)),
     );
-    family(
+    counters(
         &mut r,
         "ipsec_packets",
         "Packets through the connector's SAs",
         None,
-        |f: &Counters<ConnectorDir>| {
-            for c in &s.ipsec {
-                for (d, _, p) in dirs(c) {
-                    f.get_or_create(&ConnectorDir {
-                        connector: c.name.clone(),
-                        direction: d.into(),
-                    })
-                    .inc_by(p);
-                }
-            }
-        },
+        dirs().map(|(l, _, p)| (l, p)),
     );
-    let dropped = Counter::<u64>::default();
-    dropped.inc_by(s.ipsec.first().map_or(0, |c| c.dropped));
-    r.register(
+    counter(
+        &mut r,
         "ike_messages_dropped",
         "IKE messages dropped (malformed, not authentic, unexpected), all connectors",
-        dropped,
+        s.ipsec.first().map_or(0, |c| c.dropped),
     );
 
     // BFD.
@@ -552,58 +483,47 @@ pub fn encode(s: &Status) -> String {
         peer: b.peer.to_string(),
         local: b.local.map(|l| l.to_string()).unwrap_or_default(),
     };
-    family(
+    gauges(
         &mut r,
         "bfd_session_up",
         "1 when the BFD session is Up",
         None,
-        |f: &Gauges<BfdPeer>| {
-            for b in &s.bfd {
-                f.get_or_create(&bp(b))
-                    .set(f64::from(u8::from(b.state == "up")));
-            }
-        },
+        s.bfd.iter().map(|b| (bp(b), up(b.state == "up"))),
     );
-    family(
+    counters(
         &mut r,
         "bfd_session_flaps",
         "Times the BFD session went down after Up",
         None,
-        |f: &Counters<BfdPeer>| {
-            for b in &s.bfd {
-                f.get_or_create(&bp(b)).inc_by(b.flaps.into());
-            }
-        },
+        s.bfd.iter().map(|b| (bp(b), u64::from(b.flaps))),
     );
 
     // Flow export.
     if let Some(f) = &s.flows {
-        for (name, help, v) in [
-            (
-                "flow_samples",
-                "Packets sampled by XDP and read by the exporter",
-                f.samples,
-            ),
-            (
-                "flow_records_exported",
-                "IPFIX flow records sent",
-                f.records_exported,
-            ),
-            (
-                "flow_samples_lost",
-                "Samples of new flows dropped: the flow cache was full (flows.max_flows)",
-                f.lost,
-            ),
-            (
-                "flow_send_errors",
-                "IPFIX messages a collector could not be sent",
-                f.send_errors,
-            ),
-        ] {
-            let c = Counter::<u64>::default();
-            c.inc_by(v);
-            r.register(name, help, c);
-        }
+        counter(
+            &mut r,
+            "flow_samples",
+            "Packets sampled by XDP and read by the exporter",
+            f.samples,
+        );
+        counter(
+            &mut r,
+            "flow_records_exported",
+            "IPFIX flow records sent",
+            f.records_exported,
+        );
+        counter(
+            &mut r,
+            "flow_samples_lost",
+            "Samples of new flows dropped: the flow cache was full (flows.max_flows)",
+            f.lost,
+        );
+        counter(
+            &mut r,
+            "flow_send_errors",
+            "IPFIX messages a collector could not be sent",
+            f.send_errors,
+        );
     }
 
     let mut out = String::new();
