@@ -303,10 +303,9 @@ async fn status_client(
     {
         return;
     }
-    let Ok(body) = answer.await.map(|s| serde_json::to_vec(&s)) else {
+    let Ok(Ok(body)) = answer.await.map(|s| serde_json::to_vec(&s)) else {
         return;
     };
-    let Ok(body) = body else { return };
     match tokio::time::timeout(Duration::from_secs(1), stream.write_all(&body)).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => log::debug!("status client: {e}"),

@@ -55,6 +55,8 @@ struct Prepared {
     config: Config,
     links: HashMap<String, (u32, [u8; 6])>,
     keys: crate::bgp::md5::Keys,
+    /// The connectors with their secrets, as `config.ipsec` lists them.
+    conns: Vec<std::sync::Arc<crate::ike::sa::Conn>>,
 }
 
 impl Agent {
@@ -74,14 +76,13 @@ impl Agent {
             Some(b) => crate::bgp::md5::load_all(b, &file)?,
             None => Default::default(),
         };
-        if !config.ipsec.is_empty() {
-            // The connectors' secrets and certificates read now: a missing one changes nothing.
-            crate::ike::daemon::conns(&config.ipsec, &file)?;
-        }
+        // The connectors' secrets and certificates read now: a missing one changes nothing.
+        let conns = crate::ike::daemon::conns(&config.ipsec, &file)?;
         Ok(Prepared {
             config,
             links,
             keys,
+            conns,
         })
     }
 
@@ -277,7 +278,7 @@ impl Agent {
 
         if wanted("ipsec") && d.touches("ipsec") {
             done.push("ipsec");
-            self.reconcile_connectors().await?;
+            self.reconcile_connectors(&p.conns).await?;
         }
 
         // The exporter knows each segment's rate (its selector reports).

@@ -96,7 +96,12 @@ impl Agent {
     /// A reload's connectors: removed and changed ones go (their SAs deleted, the peer
     /// told; their routes out; their xfrm interface deleted); added and changed ones come
     /// under a new index. Connectors whose settings did not change are not touched.
-    pub(super) async fn reconcile_connectors(&mut self) -> Result<()> {
+    /// `conns`: the connectors of `config.ipsec` with their secrets, read once by the
+    /// reload.
+    pub(super) async fn reconcile_connectors(
+        &mut self,
+        conns: &[std::sync::Arc<crate::ike::sa::Conn>],
+    ) -> Result<()> {
         let target = self.config.ipsec.clone();
         for i in 0..self.connectors.len() {
             let Some(c) = self.connector(i).cloned() else {
@@ -121,16 +126,16 @@ impl Agent {
             self.connectors[i] = None;
             info!("ipsec {}: connector gone (reload)", c.name);
         }
-        let new: Vec<crate::config::Ipsec> = target
+        let (new, new_conns): (Vec<crate::config::Ipsec>, Vec<_>) = target
             .iter()
-            .filter(|t| !self.connectors.iter().flatten().any(|c| c == *t))
-            .cloned()
-            .collect();
+            .zip(conns)
+            .filter(|(t, _)| !self.connectors.iter().flatten().any(|c| c == *t))
+            .map(|(t, c)| (t.clone(), c.clone()))
+            .unzip();
         if new.is_empty() {
             return Ok(());
         }
         let file = self.path.display().to_string();
-        let conns = crate::ike::daemon::conns(&new, &file)?;
         if self.ike.is_none() {
             // No connector ran: the daemon starts with these (indices from 0).
             debug_assert!(self.connectors.is_empty());
@@ -151,7 +156,7 @@ impl Agent {
             .await?;
             return Ok(());
         }
-        for (c, conn) in new.iter().zip(conns) {
+        for (c, conn) in new.iter().zip(new_conns) {
             let i = self.connectors.len();
             self.connectors.push(Some(c.clone()));
             let if_id = self.create_xfrm_interface(i, c).await?;

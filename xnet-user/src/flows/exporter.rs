@@ -90,15 +90,22 @@ impl Exporter {
                         Ok(mut g) => {
                             let now = now_ms();
                             let rb = g.get_inner_mut();
+                            let mut read = 0;
                             while let Some(item) = rb.next() {
                                 if item.len() >= std::mem::size_of::<FlowSample>() {
                                     let s: FlowSample = bytemuck::pod_read_unaligned(
                                         &item[..std::mem::size_of::<FlowSample>()],
                                     );
                                     task.sample(&s, now);
+                                    read += 1;
                                 }
                             }
                             g.clear_ready();
+                            // The shared stats once per batch, not per sample.
+                            let mut st = task.stats.lock().unwrap();
+                            st.samples += read;
+                            st.lost = task.cache.lost;
+                            st.flows_in_cache = task.cache.len();
                         }
                         Err(e) => {
                             warn!("flow samples: {e}");
@@ -151,10 +158,6 @@ impl Task {
     fn sample(&mut self, s: &FlowSample, now_ms: u64) {
         let rate = self.rates.get(&s.segment).copied().unwrap_or(1);
         self.cache.add(s, rate, now_ms);
-        let mut st = self.stats.lock().unwrap();
-        st.samples += 1;
-        st.lost = self.cache.lost;
-        st.flows_in_cache = self.cache.len();
     }
 
     async fn export(&mut self, records: &[Record]) {
