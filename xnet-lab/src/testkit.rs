@@ -565,6 +565,29 @@ instances = [
 ]
 "#;
 
+/// UDP from VNet 1 to on-prem steered through service "fw" (`FIREWALL_SERVICE`).
+pub const STEER_VNET_TO_ONPREM_UDP: &str = r#"
+[[policies]]
+name = "vnet-to-onprem-udp"
+segment = "prod"
+source = "10.1.0.0/16"
+destination = "192.168.0.0/16"
+protocol = "udp"
+action = "steer"
+service = "fw"
+"#;
+
+/// UDP to on-prem port 9999 denied (put it before a rule the same packets match).
+pub const DENY_UDP_9999_TO_ONPREM: &str = r#"
+[[policies]]
+name = "deny-9999"
+segment = "prod"
+destination = "192.168.0.0/16"
+protocol = "udp"
+destination_ports = "9999"
+action = "deny"
+"#;
+
 /// Firewall instances up in `s`.
 pub fn healthy_instances(s: &Status) -> usize {
     s.services

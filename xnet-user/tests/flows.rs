@@ -10,24 +10,7 @@ use xnet_lab::testkit::*;
 
 const COLLECTOR: &str = "127.0.0.1:4739";
 
-const POLICIES: &str = r#"
-[[policies]]
-name = "deny-9999"
-segment = "prod"
-destination = "192.168.0.0/16"
-protocol = "udp"
-destination_ports = "9999"
-action = "deny"
-
-[[policies]]
-name = "vnet-to-onprem-udp"
-segment = "prod"
-source = "10.1.0.0/16"
-destination = "192.168.0.0/16"
-protocol = "udp"
-action = "steer"
-service = "fw"
-
+const FLOWS: &str = r#"
 [flows]
 collectors = ["127.0.0.1:4739"]
 idle_timeout_secs = 1
@@ -103,7 +86,7 @@ fn nfcapd_receives_the_sampled_flows_with_their_counts() {
         1,
     );
     assert_ne!(config, xnet_lab::lab::DEMO_CONFIG);
-    let agent = Agent::start(&lab, &format!("{config}\n{FIREWALL_SERVICE}\n{POLICIES}"));
+    let agent = Agent::start(&lab, &format!("{config}\n{FIREWALL_SERVICE}\n{DENY_UDP_9999_TO_ONPREM}\n{STEER_VNET_TO_ONPREM_UDP}\n{FLOWS}"));
     wait_until(
         &agent,
         "both firewalls healthy",

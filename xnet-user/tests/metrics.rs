@@ -9,40 +9,8 @@ use xnet_lab::testkit::*;
 
 const METRICS: &str = "127.0.0.1:9469";
 
-/// VNet → on-prem UDP steered through "fw"; the dev segment's VNet denied outright.
-const POLICIES: &str = r#"
-[[policies]]
-name = "vnet-to-onprem-udp"
-segment = "prod"
-source = "10.1.0.0/16"
-destination = "192.168.0.0/16"
-protocol = "udp"
-action = "steer"
-service = "fw"
-
-[bgp]
-asn = 65000
-router_id = "10.0.3.1"
-
-[[bgp.neighbors]]
-name = "onprem"
-segment = "prod"
-address = "10.0.3.2"
-remote_asn = 65010
-advertise = "default"
-import = { prefixes = [{ prefix = "172.16.0.0/16" }] }
-"#;
-
-const BIRD_CONF: &str = r#"
-router id 10.0.3.2;
-protocol device {}
-protocol static s4 { ipv4; route 172.16.0.0/16 blackhole; route 172.17.0.0/16 blackhole; }
-protocol bgp cxp {
-  local 10.0.3.2 as 65010;
-  neighbor 10.0.3.1 as 65000;
-  ipv4 { import all; export where proto = "s4"; };
-}
-"#;
+/// Import policy on the demo's BGP neighbour: of BIRD's two prefixes one is refused.
+const IMPORT: &str = "import = { prefixes = [{ prefix = \"172.16.0.0/16\" }] }\n";
 
 /// Waits until Prometheus's answer to `q` is `want` (a scrape after the traffic stopped).
 fn until_value(p: &Prometheus, q: &str, want: f64) {
@@ -68,12 +36,18 @@ fn prometheus_scrapes_the_agent_and_reads_what_status_shows() {
     }
     let lab =
         Lab::create_with_firewalls(&format!("xt{}-prom", std::process::id()), 2).expect("lab");
-    let bird = Bird::with_config(&lab, BIRD_CONF, "172.16.0.1");
+    let bird = Bird::with_config(&lab, xnet_lab::demo::BIRD_CONF, "172.16.0.1");
     let config = xnet_lab::lab::DEMO_CONFIG.replace(
         "[agent]\n",
         &format!("[agent]\nmetrics_listen = \"{METRICS}\"\n"),
     );
-    let agent = Agent::start(&lab, &format!("{config}\n{FIREWALL_SERVICE}\n{POLICIES}"));
+    let agent = Agent::start(
+        &lab,
+        &format!(
+            "{config}\n{FIREWALL_SERVICE}\n{STEER_VNET_TO_ONPREM_UDP}\n{}{IMPORT}",
+            xnet_lab::demo::BGP
+        ),
+    );
     wait_until(
         &agent,
         "BGP up, both firewalls healthy",

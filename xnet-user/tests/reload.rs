@@ -12,28 +12,6 @@ use xnet_lab::lab::Lab;
 use xnet_lab::testkit::*;
 use xnet_user::status::Status;
 
-const STEER: &str = r#"
-[[policies]]
-name = "vnet-to-onprem-udp"
-segment = "prod"
-source = "10.1.0.0/16"
-destination = "192.168.0.0/16"
-protocol = "udp"
-action = "steer"
-service = "fw"
-"#;
-
-/// Inserted before STEER by the reload.
-const DENY_9999: &str = r#"
-[[policies]]
-name = "deny-9999"
-segment = "prod"
-destination = "192.168.0.0/16"
-protocol = "udp"
-destination_ports = "9999"
-action = "deny"
-"#;
-
 /// A third segment and its interface (a veth the test adds to the CXP).
 const LAB_SEGMENT: &str = r#"
 [[segments]]
@@ -119,7 +97,7 @@ fn sighup_applies_every_section_and_leaves_the_rest_running() {
     ));
     let bird = Bird::with_config(&lab, xnet_lab::demo::BIRD_CONF, "172.16.0.1");
     let before = format!(
-        "{}\n{FIREWALL_SERVICE}\n{STEER}\n{BGP}",
+        "{}\n{FIREWALL_SERVICE}\n{STEER_VNET_TO_ONPREM_UDP}\n{BGP}",
         xnet_lab::lab::DEMO_CONFIG
     );
     let agent = Agent::start(&lab, &before);
@@ -140,7 +118,7 @@ fn sighup_applies_every_section_and_leaves_the_rest_running() {
     // The new config: segment dev denies by default now; a segment, an interface and a
     // route added; a deny rule inserted before the steer rule; flow export on.
     let after = format!(
-        "{}\n{LAB_SEGMENT}\n{FIREWALL_SERVICE}\n{DENY_9999}\n{STEER}\n{BGP}\n{FLOWS}",
+        "{}\n{LAB_SEGMENT}\n{FIREWALL_SERVICE}\n{DENY_UDP_9999_TO_ONPREM}\n{STEER_VNET_TO_ONPREM_UDP}\n{BGP}\n{FLOWS}",
         xnet_lab::lab::DEMO_CONFIG.replacen(
             "name = \"dev\"\ntable = 101\n",
             "name = \"dev\"\ntable = 101\ndefault_action = \"deny\"\n",

@@ -6,17 +6,8 @@ use std::time::{Duration, Instant};
 use xnet_lab::lab::Lab;
 use xnet_lab::testkit::*;
 
-/// VNet ⇄ on-prem UDP steered through service "fw" (`FIREWALL_SERVICE`).
-const STEER_POLICIES: &str = r#"
-[[policies]]
-name = "vnet-to-onprem-udp"
-segment = "prod"
-source = "10.1.0.0/16"
-destination = "192.168.0.0/16"
-protocol = "udp"
-action = "steer"
-service = "fw"
-
+/// With `STEER_VNET_TO_ONPREM_UDP`: VNet ⇄ on-prem UDP steered through service "fw".
+const ONPREM_TO_VNET_UDP: &str = r#"
 [[policies]]
 name = "onprem-to-vnet-udp"
 segment = "prod"
@@ -36,7 +27,7 @@ fn steered_flows_cross_one_firewall_both_ways_and_fail_over() {
     let agent = Agent::start(
         &lab,
         &format!(
-            "{}\n{FIREWALL_SERVICE}\n{STEER_POLICIES}",
+            "{}\n{FIREWALL_SERVICE}\n{STEER_VNET_TO_ONPREM_UDP}\n{ONPREM_TO_VNET_UDP}",
             xnet_lab::lab::DEMO_CONFIG
         ),
     );
