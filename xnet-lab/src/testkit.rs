@@ -642,7 +642,23 @@ pub fn wait_until(agent: &Agent, what: &str, limit: Duration, cond: impl Fn(&Sta
 }
 
 pub fn lab(name: &str) -> Lab {
-    Lab::create(&format!("xt{}-{name}", std::process::id())).expect("lab")
+    lab_with_firewalls(name, 0)
+}
+
+/// `lab` with `firewalls` firewall namespaces (`Lab::create_with_firewalls`).
+pub fn lab_with_firewalls(name: &str, firewalls: usize) -> Lab {
+    Lab::create_with_firewalls(&format!("xt{}-{name}", std::process::id()), firewalls).expect("lab")
+}
+
+/// Runs `cmd` (an `xnet` subcommand, say), which must succeed; its standard output.
+pub fn stdout_of(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
 }
 
 // ---- BIRD, and the agent's BGP sessions. ----
@@ -761,19 +777,13 @@ pub fn peer_config(connector: &str, path: &std::path::Path) -> String {
 
 /// `xnet peer-config ARGS --config PATH`: its output, which must succeed.
 pub fn xnet_peer_config(path: &std::path::Path, args: &[&str]) -> String {
-    let out = Command::new(XNET)
-        .arg("peer-config")
-        .args(args)
-        .arg("--config")
-        .arg(path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    stdout_of(
+        Command::new(XNET)
+            .arg("peer-config")
+            .args(args)
+            .arg("--config")
+            .arg(path),
+    )
 }
 
 /// The id of the XDP program attached to `dev` in the lab's CXP.

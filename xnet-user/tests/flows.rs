@@ -52,8 +52,7 @@ fn nfcapd_receives_the_sampled_flows_with_their_counts() {
     if !require_root("nfcapd_receives_the_sampled_flows_with_their_counts") {
         return;
     }
-    let lab =
-        Lab::create_with_firewalls(&format!("xt{}-ipfix", std::process::id()), 2).expect("lab");
+    let lab = lab_with_firewalls("ipfix", 2);
     let dir = std::env::temp_dir().join(format!("{}-nfcapd", lab.prefix));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();

@@ -4,7 +4,6 @@
 
 use std::time::{Duration, Instant};
 
-use xnet_lab::lab::Lab;
 use xnet_lab::testkit::*;
 
 const METRICS: &str = "127.0.0.1:9469";
@@ -34,8 +33,7 @@ fn prometheus_scrapes_the_agent_and_reads_what_status_shows() {
     if !require_root("prometheus_scrapes_the_agent_and_reads_what_status_shows") {
         return;
     }
-    let lab =
-        Lab::create_with_firewalls(&format!("xt{}-prom", std::process::id()), 2).expect("lab");
+    let lab = lab_with_firewalls("prom", 2);
     let bird = Bird::with_config(&lab, xnet_lab::demo::BIRD_CONF, "172.16.0.1");
     let config = xnet_lab::lab::DEMO_CONFIG.replace(
         "[agent]\n",

@@ -5,7 +5,6 @@
 
 use std::time::Duration;
 
-use xnet_lab::lab::Lab;
 use xnet_lab::testkit::*;
 
 /// The unit's CapabilityBoundingSet, as setpriv(1) takes it.
@@ -30,8 +29,7 @@ fn the_agent_needs_no_capability_beyond_the_units() {
         return;
     }
     let caps = unit_capabilities();
-    let lab =
-        Lab::create_with_firewalls(&format!("xt{}-caps", std::process::id()), 1).expect("lab");
+    let lab = lab_with_firewalls("caps", 1);
     let bird = Bird::with_config(&lab, xnet_lab::demo::BIRD_CONF, "172.16.0.1");
     let bpffs = std::env::temp_dir().join(format!("{}-bpffs", lab.prefix));
     std::fs::create_dir_all(&bpffs).unwrap();

@@ -8,7 +8,6 @@
 use std::time::{Duration, Instant};
 
 use xnet_lab::demo::BGP;
-use xnet_lab::lab::Lab;
 use xnet_lab::testkit::*;
 use xnet_user::status::Status;
 
@@ -69,19 +68,13 @@ fn xnet_check_diff(agent: &Agent, config: &str) -> String {
         config.replace("/run/xnet/demo.sock", agent.socket.to_str().unwrap()),
     )
     .unwrap();
-    let out = std::process::Command::new(XNET)
-        .args(["check", "--diff", "--config"])
-        .arg(&path)
-        .arg("--socket")
-        .arg(&agent.socket)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    stdout_of(
+        std::process::Command::new(XNET)
+            .args(["check", "--diff", "--config"])
+            .arg(&path)
+            .arg("--socket")
+            .arg(&agent.socket),
+    )
 }
 
 #[test]
@@ -89,8 +82,7 @@ fn sighup_applies_every_section_and_leaves_the_rest_running() {
     if !require_root("sighup_applies_every_section_and_leaves_the_rest_running") {
         return;
     }
-    let lab =
-        Lab::create_with_firewalls(&format!("xt{}-reload", std::process::id()), 2).expect("lab");
+    let lab = lab_with_firewalls("reload", 2);
     let cxp = lab.ns("cxp");
     sh(&format!(
         "ip -n {cxp} link add lab0 type veth peer name lab0p && ip -n {cxp} link set lab0 up && ip -n {cxp} link set lab0p up && ip -n {cxp} addr add 10.0.9.1/24 dev lab0"

@@ -3,7 +3,6 @@
 
 use std::time::{Duration, Instant};
 
-use xnet_lab::lab::Lab;
 use xnet_lab::testkit::*;
 
 /// With `STEER_VNET_TO_ONPREM_UDP`: VNet ⇄ on-prem UDP steered through service "fw".
@@ -23,7 +22,7 @@ fn steered_flows_cross_one_firewall_both_ways_and_fail_over() {
     if !require_root("steered_flows_cross_one_firewall_both_ways_and_fail_over") {
         return;
     }
-    let lab = Lab::create_with_firewalls(&format!("xt{}-fw", std::process::id()), 2).expect("lab");
+    let lab = lab_with_firewalls("fw", 2);
     let agent = Agent::start(
         &lab,
         &format!(
