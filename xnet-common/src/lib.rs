@@ -183,6 +183,16 @@ pub enum Outcome {
     Dropped,
 }
 
+impl Outcome {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Outcome::Forwarded => "forwarded",
+            Outcome::Passed => "passed",
+            Outcome::Dropped => "dropped",
+        }
+    }
+}
+
 /// Why a packet was not forwarded by XDP: with the interface's slot, the index into the
 /// `COUNTS` per-CPU array (`slot * Reason::COUNT + reason`).
 #[repr(u32)]

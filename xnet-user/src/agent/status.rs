@@ -9,7 +9,6 @@ use crate::config::XdpMode;
 use crate::dataplane::NhKey;
 use crate::routing::Source;
 use crate::status::{self, Status};
-use xnet_common::Outcome;
 
 impl Agent {
     /// What `xnet status` and its friends show: read from the config, the data plane's
@@ -22,6 +21,41 @@ impl Agent {
     /// RIB's first prefixes): what metrics and `xnet top` need, cheap with a full table.
     pub(super) fn status_brief(&mut self) -> Result<Status> {
         self.status_of(false)
+    }
+
+    /// The static routes with their next hops' state, and the neighbours.
+    fn route_tables(&self, s: &mut Status) {
+        let nexthops = self.dp.nexthops();
+        let valid: HashMap<NhKey, bool> = nexthops.iter().copied().collect();
+        let mut routes: Vec<_> = self.statics.iter().collect();
+        routes.sort_by_key(|((seg, net), _)| (*seg, *net));
+        for ((seg, net), hops) in routes {
+            s.routes.push(status::RouteStatus {
+                segment: self.segment_name(*seg).to_string(),
+                prefix: net.to_string(),
+                next_hops: hops
+                    .iter()
+                    .map(|h| status::NextHopStatus {
+                        via: h.via.to_string(),
+                        interface: self.link_name(h.ifindex),
+                        fast_path: valid.get(h).copied().unwrap_or(false),
+                    })
+                    .collect(),
+            });
+        }
+        for (key, _) in nexthops
+            .into_iter()
+            .filter(|(k, _)| k.ifindex != crate::dataplane::TUNNEL)
+        {
+            s.neighbours.push(status::NeighbourStatus {
+                interface: self.link_name(key.ifindex),
+                ip: key.via.to_string(),
+                mac: self
+                    .dp
+                    .neighbour(key.ifindex, key.via)
+                    .map(|m| status::mac_string(&m)),
+            });
+        }
     }
 
     fn status_of(&mut self, tables: bool) -> Result<Status> {
@@ -65,12 +99,7 @@ impl Agent {
                         r.iter()
                             .map(|(r, c)| status::ReasonCount {
                                 reason: r.name().to_string(),
-                                outcome: match r.outcome() {
-                                    Outcome::Forwarded => "forwarded",
-                                    Outcome::Passed => "passed",
-                                    Outcome::Dropped => "dropped",
-                                }
-                                .to_string(),
+                                outcome: r.outcome().name().to_string(),
                                 packets: c.packets,
                                 bytes: c.bytes,
                             })
@@ -79,37 +108,8 @@ impl Agent {
                     .unwrap_or_default(),
             });
         }
-        let valid: HashMap<NhKey, bool> = self.dp.nexthops().into_iter().collect();
-        let mut routes: Vec<_> = self.statics.iter().filter(|_| tables).collect();
-        routes.sort_by_key(|((seg, net), _)| (*seg, *net));
-        for ((seg, net), hops) in routes {
-            s.routes.push(status::RouteStatus {
-                segment: self.segment_name(*seg).to_string(),
-                prefix: net.to_string(),
-                next_hops: hops
-                    .iter()
-                    .map(|h| status::NextHopStatus {
-                        via: h.via.to_string(),
-                        interface: self.link_name(h.ifindex),
-                        fast_path: valid.get(h).copied().unwrap_or(false),
-                    })
-                    .collect(),
-            });
-        }
-        for (key, _) in self
-            .dp
-            .nexthops()
-            .into_iter()
-            .filter(|(k, _)| tables && k.ifindex != crate::dataplane::TUNNEL)
-        {
-            s.neighbours.push(status::NeighbourStatus {
-                interface: self.link_name(key.ifindex),
-                ip: key.via.to_string(),
-                mac: self
-                    .dp
-                    .neighbour(key.ifindex, key.via)
-                    .map(|m| status::mac_string(&m)),
-            });
+        if tables {
+            self.route_tables(&mut s);
         }
         let hits = self.dp.rule_counters(self.config.policies.len())?;
         for (p, c) in self.config.policies.iter().zip(hits) {
