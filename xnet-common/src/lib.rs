@@ -380,7 +380,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<policy::RuleValue>(), 24);
         assert_eq!(
             core::mem::size_of::<policy::Service>(),
-            8 + 4 * policy::MAX_INSTANCES
+            8 + 4 * policy::MAX_INSTANCES + policy::MAGLEV_TABLE
         );
     }
 

@@ -141,15 +141,26 @@ pub struct RuleValue {
 /// `RuleValue::to_v4_root` when the packet stays in its segment.
 pub const STAY: u32 = u32::MAX;
 
-/// A firewall service: its healthy instances (indexes into `NEXTHOPS`).
+/// Slots of a service's Maglev lookup table: a prime far above `MAX_INSTANCES`, so a
+/// change of the pool moves few flows beyond those that must move.
+pub const MAGLEV_SLOTS: u32 = 1021;
+/// `Service::table`'s length: `MAGLEV_SLOTS` rounded up to a power of two (the verifier
+/// sees the index masked).
+pub const MAGLEV_TABLE: usize = 1024;
+
+/// A firewall service: its pool (next-hop ids in `NEXTHOPS`) and the Maglev table that
+/// spreads flows over it by their symmetric hash.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct Service {
+    /// Instances in the pool; 0: none (the failure mode applies).
     pub count: u32,
     /// 1: drop when no instance is healthy; 0: bypass (route normally).
     pub fail_closed: u32,
     pub members: [u32; MAX_INSTANCES],
+    /// Slot (hash scaled onto `MAGLEV_SLOTS`) → index into `members`.
+    pub table: [u8; MAGLEV_TABLE],
 }
 
 /// Packets and bytes (per CPU in the maps).

@@ -2,7 +2,7 @@
 //! `xnet_common::policy`) and the steering of matched flows to firewall instances.
 
 use xnet_common::policy::{
-    ClassKey, Counter, RuleKey, RuleValue, MAX_INSTANCES, MAX_TUPLES, META_CLASS_ROOTS, META_EPOCH,
+    ClassKey, Counter, RuleKey, RuleValue, MAGLEV_SLOTS, MAGLEV_TABLE, MAX_INSTANCES, MAX_TUPLES, META_CLASS_ROOTS, META_EPOCH,
     META_TUPLES_GEN0, NO_RULE, PORTS,
 };
 
@@ -196,10 +196,14 @@ pub fn steer(service: u32, hash: u32, bytes: u64) -> Steer {
             Steer::Bypass
         };
     }
-    let slot = ((hash as u64 * n as u64) >> 32) as usize;
-    // SAFETY: reading a local; hides the range from LLVM so the verifier sees the mask.
-    let slot = unsafe { core::ptr::read_volatile(&slot) } & (MAX_INSTANCES - 1);
-    let member = s.members[slot];
+    // Maglev: the hash picks a slot, the slot an instance; the agent fills the table so
+    // a pool change moves only the flows that must move, the same on every node.
+    let slot = ((hash as u64 * MAGLEV_SLOTS as u64) >> 32) as usize;
+    // SAFETY: reading locals; hides the ranges from LLVM so the verifier sees the masks.
+    let slot = unsafe { core::ptr::read_volatile(&slot) } & (MAGLEV_TABLE - 1);
+    let index = s.table[slot] as usize;
+    let index = unsafe { core::ptr::read_volatile(&index) } & (MAX_INSTANCES - 1);
+    let member = s.members[index];
     match NEXTHOPS.get(member) {
         Some(nh) if nh.flags & xnet_common::NH_F_VALID != 0 => {
             count(NH_STATS.get_ptr_mut(member), bytes);

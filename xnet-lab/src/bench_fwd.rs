@@ -441,10 +441,10 @@ pub fn run(v4: &[IpNet], opts: &Options) -> Result<()> {
     };
     dp.set_neighbour(v.xfx, fwx.via, Some(v.mac["fwx0"]))?;
     dp.set_service(1, &[fwx], true)?;
-    dp.set_service_health(1, &[fwx], true)?;
+    dp.set_service_health(1, &[("fwx".into(), fwx)], true)?;
     dp.set_route(1, DST_NET.parse()?, &[sink])?;
     dp.set_service(0, &[fw], true)?;
-    dp.set_service_health(0, &[fw], true)?;
+    dp.set_service_health(0, &[("fw".into(), fw)], true)?;
     {
         let mut nh: Array<_, NextHop> =
             Array::try_from(dp.ebpf_mut().map_mut(names::MAP_BENCH_NH).unwrap())?;

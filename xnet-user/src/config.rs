@@ -84,6 +84,21 @@ pub struct AgentSettings {
     pub ike_cookie_threshold: usize,
     /// Where Prometheus scrapes `/metrics` (e.g. "127.0.0.1:9469"); absent: no metrics.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Run as a node of a cluster: the config comes from etcd (this file holds the
+    /// node's own settings); `xnet run --etcd --cluster --node` set the same.
+    pub cluster: Option<ClusterSettings>,
+}
+
+/// `[agent.cluster]`: where the cluster's store is and who we are in it.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSettings {
+    /// etcd client URLs (http://host:2379), any member of the etcd cluster.
+    pub etcd: Vec<String>,
+    /// The cluster's name: its keys are under /xnet/<name>/.
+    pub name: String,
+    /// This node's name, unique in the cluster.
+    pub node: String,
 }
 
 impl Default for AgentSettings {
@@ -97,6 +112,7 @@ impl Default for AgentSettings {
             pin_dir: PathBuf::from("/sys/fs/bpf/xnet"),
             ike_cookie_threshold: 100,
             metrics_listen: None,
+            cluster: None,
         }
     }
 }
@@ -303,7 +319,21 @@ impl Config {
         crate::policy::validate(&self.rules(), self)?;
         self.validate_bgp()?;
         self.validate_ipsec()?;
-        self.validate_flows()
+        self.validate_flows()?;
+        self.validate_cluster()
+    }
+
+    fn validate_cluster(&self) -> Result<(), (String, String)> {
+        let Some(c) = &self.agent.cluster else {
+            return Ok(());
+        };
+        if c.etcd.is_empty() {
+            return Err(("agent.cluster.etcd".into(), "at least one etcd URL".into()));
+        }
+        for (field, v) in [("name", &c.name), ("node", &c.node)] {
+            crate::cluster::check_name(v).map_err(|why| (format!("agent.cluster.{field}"), why))?;
+        }
+        Ok(())
     }
 
     fn validate_flows(&self) -> Result<(), (String, String)> {

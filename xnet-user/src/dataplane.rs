@@ -982,7 +982,7 @@ impl Dataplane {
         &mut self,
         id: u32,
         instances: &[NhKey],
-        healthy: &[NhKey],
+        healthy: &[(String, NhKey)],
         fail_closed: bool,
     ) -> Result<()> {
         if id >= MAX_SERVICES {
@@ -998,29 +998,32 @@ impl Dataplane {
         self.set_service_health(id, healthy, fail_closed)
     }
 
-    /// The instances of service `id` that traffic may use now.
+    /// The instances of service `id` that traffic may use now: their names (which place
+    /// them in the Maglev table) and keys.
     pub fn set_service_health(
         &mut self,
         id: u32,
-        healthy: &[NhKey],
+        pool: &[(String, NhKey)],
         fail_closed: bool,
     ) -> Result<()> {
-        let members: Vec<u32> = self
-            .services
-            .get(&id)
-            .map(|v| {
-                v.iter()
-                    .filter(|(k, _)| healthy.contains(k))
-                    .map(|(_, n)| *n)
-                    .collect()
+        let declared = self.services.get(&id);
+        let pool: Vec<(&str, u32)> = pool
+            .iter()
+            .filter_map(|(name, k)| {
+                let (_, nh) = declared?.iter().find(|(d, _)| d == k)?;
+                Some((name.as_str(), *nh))
             })
-            .unwrap_or_default();
-        let mut value = Service {
-            count: members.len() as u32,
-            fail_closed: fail_closed as u32,
-            members: [0; MAX_INSTANCES],
-        };
-        value.members[..members.len()].copy_from_slice(&members);
+            .take(MAX_INSTANCES)
+            .collect();
+        let mut value = <Service as bytemuck::Zeroable>::zeroed();
+        value.count = pool.len() as u32;
+        value.fail_closed = fail_closed as u32;
+        for (i, (_, nh)) in pool.iter().enumerate() {
+            value.members[i] = *nh;
+        }
+        let names: Vec<&str> = pool.iter().map(|(n, _)| *n).collect();
+        let table = crate::maglev::table(&names);
+        value.table[..table.len()].copy_from_slice(&table);
         let mut arr: Array<_, Service> = self.map_mut(names::MAP_SERVICES)?;
         arr.set(id, &value, 0)?;
         Ok(())

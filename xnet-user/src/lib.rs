@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod bfd;
 pub mod bgp;
+pub mod cluster;
 pub mod config;
 pub mod config_diff;
 pub mod dataplane;
@@ -12,6 +13,7 @@ pub mod health;
 pub mod ike;
 pub mod kernel;
 pub mod lpm;
+pub mod maglev;
 pub mod metrics;
 pub mod nexthop_groups;
 pub mod peer_config;

@@ -24,9 +24,23 @@ enum Command {
     /// routes stay, BGP peers keep our routes; the next `xnet run` takes over without
     /// dropping traffic.
     Run {
-        /// The TOML config (see xnet-user/config/demo-lab.toml for an example).
+        /// The TOML config (see xnet-user/config/demo-lab.toml for an example); in a
+        /// cluster, the node's own settings, merged over the cluster's document.
         #[arg(short, long)]
         config: PathBuf,
+        #[command(flatten)]
+        cluster: ClusterArgs,
+    },
+    /// The cluster's config in etcd: read it, or write a new revision.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// A cluster's nodes as etcd has them: the config revision each applies, what it
+    /// refused, how it sees the firewall instances and the pool it steers over.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
     },
     /// Validate a config without touching the system; with --diff, also show what a reload
     /// (SIGHUP) would change in the running agent.
@@ -115,6 +129,65 @@ enum Command {
     },
 }
 
+/// `xnet run` as a node of a cluster: all three or none.
+#[derive(clap::Args)]
+struct ClusterArgs {
+    /// etcd client URLs, comma-separated (http://10.99.0.11:2379,…).
+    #[arg(long, value_delimiter = ',', requires_all = ["cluster", "node"])]
+    etcd: Vec<String>,
+    /// The cluster's name (its keys are under /xnet/<cluster>/).
+    #[arg(long, requires = "etcd")]
+    cluster: Option<String>,
+    /// This node's name in the cluster.
+    #[arg(long, requires = "etcd")]
+    node: Option<String>,
+}
+
+/// Where a cluster is.
+#[derive(clap::Args)]
+struct Store {
+    /// etcd client URLs, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    etcd: Vec<String>,
+    /// The cluster's name.
+    #[arg(long)]
+    cluster: String,
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate FILE and write it as the cluster's config, if nobody wrote one since the
+    /// revision read (compare-and-swap): every node applies it as one reload.
+    Push {
+        file: PathBuf,
+        #[command(flatten)]
+        store: Store,
+        /// A node's own file to validate the document with (repeatable); without one the
+        /// document must be a complete config by itself.
+        #[arg(long)]
+        local: Vec<PathBuf>,
+        /// Write only if the config is still at this revision (the one `xnet config get`
+        /// printed when you started editing); default: the revision read just before.
+        #[arg(long)]
+        revision: Option<i64>,
+    },
+    /// Print the cluster's config (its revision on standard error).
+    Get {
+        #[command(flatten)]
+        store: Store,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    Status {
+        #[command(flatten)]
+        store: Store,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     // Milliseconds: failovers and convergence are read off these timestamps.
@@ -129,7 +202,35 @@ async fn main() {
 
 async fn real_main() -> Result<()> {
     match Cli::parse().command {
-        Command::Run { config } => agent::run(&config).await,
+        Command::Run { config, cluster } => {
+            let cluster = match (cluster.cluster, cluster.node) {
+                (Some(name), Some(node)) => Some(xnet_user::config::ClusterSettings {
+                    etcd: cluster.etcd,
+                    name,
+                    node,
+                }),
+                _ => None,
+            };
+            agent::run(&config, cluster).await
+        }
+        Command::Config {
+            command:
+                ConfigCommand::Push {
+                    file,
+                    store,
+                    local,
+                    revision,
+                },
+        } => {
+            xnet_user::cluster::cli::push(&store.etcd, &store.cluster, &file, &local, revision)
+                .await
+        }
+        Command::Config {
+            command: ConfigCommand::Get { store },
+        } => xnet_user::cluster::cli::get(&store.etcd, &store.cluster).await,
+        Command::Cluster {
+            command: ClusterCommand::Status { store, json },
+        } => xnet_user::cluster::cli::status(&store.etcd, &store.cluster, json).await,
         Command::Check {
             config,
             diff,

@@ -51,6 +51,20 @@ pub struct Status {
     /// they are kept).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub running_config: Option<crate::config::Config>,
+    /// As a node of a cluster.
+    #[serde(default)]
+    pub cluster: Option<ClusterStatus>,
+}
+
+/// A cluster node's view: etcd reachable, the config revision in force, the live nodes.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ClusterStatus {
+    pub cluster: String,
+    pub node: String,
+    pub etcd_connected: bool,
+    pub applied_revision: i64,
+    pub refused: Option<crate::cluster::Refusal>,
+    pub members: Vec<String>,
 }
 
 /// The last failure BFD detected, with how long each step took.
@@ -204,6 +218,9 @@ pub struct InstanceStatus {
     /// The last answered probe's round trip (milliseconds).
     #[serde(default)]
     pub probe_rtt_ms: Option<f64>,
+    /// In the pool flows are steered over (its own health; in a cluster, the majority's).
+    #[serde(default)]
+    pub in_pool: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

@@ -107,8 +107,15 @@ impl Lab {
             .unwrap();
         dp.set_neighbour(f, "10.0.9.3".parse().unwrap(), Some(MAC_FW2))
             .unwrap();
-        dp.set_service_health(0, &[nh(f, "10.0.9.1"), nh(f, "10.0.9.2")], true)
-            .unwrap();
+        dp.set_service_health(
+            0,
+            &[
+                ("fw1".into(), nh(f, "10.0.9.1")),
+                ("fw2".into(), nh(f, "10.0.9.2")),
+            ],
+            true,
+        )
+        .unwrap();
         let mut lab = Lab {
             dp,
             a,
@@ -267,6 +274,109 @@ action = "deny"
     });
 }
 
+/// The instance XDP steers each flow to, by the instance's MAC, for flows from VNet port
+/// 20000 + i to on-prem port 443.
+fn instances_of_flows(
+    lab: &mut Lab,
+    macs: &[(&'static str, [u8; 6])],
+    flows: u16,
+) -> Vec<&'static str> {
+    (0..flows)
+        .map(|port| {
+            let (act, out, why) =
+                lab.send(lab.a, &udp4("10.1.0.5", "10.2.0.7", 64, 20000 + port, 443));
+            assert_eq!((act, why), (XDP_REDIRECT, "steered"));
+            macs.iter()
+                .find(|(_, m)| out[..6] == m[..])
+                .expect("an instance's MAC")
+                .0
+        })
+        .collect()
+}
+
+#[test]
+fn xdp_steers_by_maglev_so_one_of_three_failing_moves_only_its_flows() {
+    if !require_root("xdp_steers_by_maglev_so_one_of_three_failing_moves_only_its_flows") {
+        return;
+    }
+    in_private_netns(|| {
+        let mut lab = Lab::new(
+            r#"
+[[policies]]
+name = "vnet-to-onprem"
+segment = "prod"
+source = "vnet"
+destination = "onprem"
+action = "steer"
+service = "fw"
+"#,
+        );
+        let f = lab.f;
+        let key = |via: &str| NhKey {
+            ifindex: f,
+            via: via.parse().unwrap(),
+        };
+        let macs = [
+            ("fw1", MAC_FW1),
+            ("fw2", MAC_FW2),
+            ("fw3", [0x02, 0, 0, 0, 0xf1, 0x03]),
+        ];
+        let vias = ["10.0.9.1", "10.0.9.2", "10.0.9.4"];
+        lab.dp.set_service(0, &vias.map(key), true).unwrap();
+        lab.dp
+            .set_neighbour(f, "10.0.9.4".parse().unwrap(), Some(macs[2].1))
+            .unwrap();
+        let pool = |names: &[usize]| -> Vec<(String, NhKey)> {
+            names
+                .iter()
+                .map(|&i| (macs[i].0.to_string(), key(vias[i])))
+                .collect()
+        };
+        const FLOWS: u16 = 3000;
+        lab.dp
+            .set_service_health(0, &pool(&[0, 1, 2]), true)
+            .unwrap();
+        let before = instances_of_flows(&mut lab, &macs, FLOWS);
+        // What userspace computes is what XDP does: the table maps each flow's hash.
+        for (i, name) in ["fw1", "fw2", "fw3"].iter().enumerate() {
+            let n = before.iter().filter(|x| *x == name).count();
+            assert!(
+                n > 800 && n < 1200,
+                "instance {i} carries {n} of {FLOWS} flows"
+            );
+        }
+        // Another node lists the pool in another order: the same instance per flow.
+        lab.dp
+            .set_service_health(0, &pool(&[2, 0, 1]), true)
+            .unwrap();
+        assert_eq!(instances_of_flows(&mut lab, &macs, FLOWS), before);
+
+        // fw2 leaves: its flows move, nobody else's.
+        lab.dp.set_service_health(0, &pool(&[0, 2]), true).unwrap();
+        let after = instances_of_flows(&mut lab, &macs, FLOWS);
+        let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count();
+        let needless = before
+            .iter()
+            .zip(&after)
+            .filter(|(b, a)| b != a && **b != "fw2")
+            .count();
+        eprintln!(
+            "one of 3 instances failed: {moved} of {FLOWS} flows moved ({:.3}; ideal 0.333), {needless} of them needlessly",
+            moved as f64 / FLOWS as f64
+        );
+        assert!(after.iter().all(|x| *x != "fw2"));
+        assert!(
+            needless * 100 < FLOWS as usize * 3,
+            "at most 3% of flows move that did not have to: {needless}"
+        );
+        // It comes back: the flows return to where they were.
+        lab.dp
+            .set_service_health(0, &pool(&[0, 1, 2]), true)
+            .unwrap();
+        assert_eq!(instances_of_flows(&mut lab, &macs, FLOWS), before);
+    });
+}
+
 #[test]
 fn steering_is_symmetric_and_not_repeated_on_return() {
     if !require_root("steering_is_symmetric_and_not_repeated_on_return") {
@@ -382,10 +492,13 @@ to_segment = "prod"
         lab.dp
             .set_service_health(
                 0,
-                &[NhKey {
-                    ifindex: f,
-                    via: "10.0.9.2".parse().unwrap(),
-                }],
+                &[(
+                    "fw2".into(),
+                    NhKey {
+                        ifindex: f,
+                        via: "10.0.9.2".parse().unwrap(),
+                    },
+                )],
                 true,
             )
             .unwrap();

@@ -37,6 +37,13 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // its IPFIX flows.
     "prometheus",
     "nfdump",
+    // The cluster: three real etcd members (etcdctl reads the leader in tests), and
+    // protoc with protobuf's well-known types, which the etcd-client crate's build needs
+    // for etcd's gRPC API.
+    "etcd-server",
+    "etcd-client",
+    "protobuf-compiler",
+    "libprotobuf-dev",
     // The package: strip, and systemd-analyze to verify its unit (dpkg-deb is dpkg's).
     "binutils",
     "systemd",

@@ -7,6 +7,7 @@
 
 mod bfd;
 mod bgp;
+mod cluster;
 mod forwarding;
 mod handover;
 mod reload;
@@ -114,11 +115,32 @@ struct Agent {
     /// IPFIX flow export (with `[flows]`), and the ring buffer while there is none.
     flows: Option<crate::flows::exporter::Exporter>,
     flow_ring: Option<aya::maps::RingBuf<aya::maps::MapData>>,
+    /// As a node of a cluster: its link to etcd and the cluster's view.
+    cluster: Option<cluster::Node>,
 }
 
-/// Runs the agent on `path` until SIGINT or SIGTERM.
-pub async fn run(path: &Path) -> Result<()> {
-    let config = Config::load(path)?;
+/// Now, in Unix seconds.
+fn now_unix() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Runs the agent on `path` until SIGINT or SIGTERM; as a node of cluster `cluster` (or
+/// the file's `[agent.cluster]`), `path` is the node's own file and the rest of the config
+/// comes from etcd.
+pub async fn run(path: &Path, cluster: Option<crate::config::ClusterSettings>) -> Result<()> {
+    let cluster = match cluster {
+        Some(c) => Some(c),
+        None => local_cluster_settings(path)?,
+    };
+    let (config, cluster) = match cluster {
+        Some(s) => {
+            let (c, node) = cluster::join(s, path).await?;
+            (c, Some(node))
+        }
+        None => (Config::load(path)?, None),
+    };
     let kernel = Kernel::connect()?;
     // Resolve every interface before touching anything, so a typo changes nothing.
     let mut links = HashMap::new();
@@ -172,15 +194,14 @@ pub async fn run(path: &Path) -> Result<()> {
         failovers: Default::default(),
         failover_started: HashMap::new(),
         bgp_counts: HashMap::new(),
-        started_unix: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0.0, |d| d.as_secs_f64()),
+        started_unix: now_unix(),
         requests,
         request_tx,
         tables: HashMap::new(),
         connectors: Vec::new(),
         flows: None,
         flow_ring: None,
+        cluster,
     };
     let result = match agent.start(routes).await {
         Ok(()) => {
@@ -221,6 +242,22 @@ enum Exit {
     Restart,
 }
 
+/// `[agent.cluster]` of the node's file, read before the rest (which may be incomplete
+/// without the cluster's document).
+fn local_cluster_settings(path: &Path) -> Result<Option<crate::config::ClusterSettings>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    let t: toml::Table = text.parse().with_context(|| path.display().to_string())?;
+    let Some(c) = t.get("agent").and_then(|a| a.get("cluster")) else {
+        return Ok(None);
+    };
+    let c: crate::config::ClusterSettings = c
+        .clone()
+        .try_into()
+        .with_context(|| format!("{}: agent.cluster", path.display()))?;
+    Ok(Some(c))
+}
+
 fn route_set(config: &Config, links: &HashMap<String, (u32, [u8; 6])>) -> RouteSet {
     config
         .routes
@@ -259,6 +296,13 @@ async fn recv_tunnel(
 async fn recv_bfd(b: &mut Option<crate::bfd::driver::Bfd>) -> Option<crate::bfd::driver::Event> {
     match b {
         Some(b) => b.events.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn recv_cluster(n: &mut Option<cluster::Node>) -> Option<crate::cluster::store::Event> {
+    match n {
+        Some(n) => n.store.events.recv().await,
         None => std::future::pending().await,
     }
 }
@@ -377,6 +421,7 @@ impl Agent {
             f.flush().await;
         }
         self.start_services().await?;
+        self.publish_health();
         self.apply_policy()?;
         self.start_bgp().await?;
         self.connectors = self.config.ipsec.iter().cloned().map(Some).collect();
@@ -564,6 +609,7 @@ impl Agent {
                 }
                 Some(ev) = recv_bfd(&mut self.bfd) => self.on_bfd(ev).await,
                 Some(ev) = recv_tunnel(&mut self.ike) => self.on_tunnel(ev).await,
+                Some(ev) = recv_cluster(&mut self.cluster) => self.on_cluster(ev).await,
                 Some(ev) = recv_bgp(&mut self.bgp) => {
                     self.on_bgp(ev).await;
                     self.maybe_finish_restart().await;

@@ -86,51 +86,58 @@ impl Agent {
         })
     }
 
-    /// SIGHUP.
+    /// SIGHUP: the file again (in a cluster: the document in force with the node's file).
     pub(super) async fn reload(&mut self) {
-        let file = self.path.display().to_string();
-        let new = match Config::load(&self.path) {
-            Ok(c) => c,
-            Err(e) => {
-                error!("reload rejected, nothing changed: {e}");
-                return;
+        match self.load_config() {
+            Ok(c) => {
+                let _ = self.reload_with(c, &self.path.display().to_string()).await;
             }
-        };
+            Err(e) => error!("reload rejected, nothing changed: {e}"),
+        }
+    }
+
+    /// Applies `new` (from `source`, for the log) as one reload: all of it, or on a
+    /// failure partway the running config again; Err says why it is not in force.
+    pub(super) async fn reload_with(&mut self, new: Config, source: &str) -> Result<(), String> {
         let d = diff(&self.config, &new);
         if d.is_empty() {
-            info!("reload: {file}: no change");
-            return;
+            info!("reload: {source}: no change");
+            return Ok(());
         }
         if let Some(why) = reload_refusal(&d) {
-            error!("reload rejected, nothing changed: {file}: {why}");
-            return;
+            error!("reload rejected, nothing changed: {source}: {why}");
+            return Err(why);
         }
         let prepared = match self.prepare(new).await {
             Ok(p) => p,
             Err(e) => {
                 error!("reload rejected, nothing changed: {e:#}");
-                return;
+                return Err(format!("{e:#}"));
             }
         };
         info!(
-            "reload: {file}: {}",
+            "reload: {source}: {}",
             d.to_string().trim_end().replace('\n', "; ")
         );
         let running = self.config.clone();
         let mut done = Vec::new();
         match self.apply_config(prepared, &mut done, None).await {
-            Ok(()) => info!(
-                "reloaded {file}: {} changes applied ({} routes)",
-                d.changes.len(),
-                self.statics.len()
-            ),
+            Ok(()) => {
+                info!(
+                    "reloaded {source}: {} changes applied ({} routes)",
+                    d.changes.len(),
+                    self.statics.len()
+                );
+                Ok(())
+            }
             Err(e) => {
                 error!("reload failed, rolling back: {e:#}");
+                let why = format!("applying it failed, rolled back: {e:#}");
                 let back = match self.prepare(running).await {
                     Ok(p) => p,
                     Err(e) => {
                         error!("rollback impossible: {e:#}");
-                        return;
+                        return Err(why);
                     }
                 };
                 let undo = done.clone();
@@ -145,6 +152,7 @@ impl Agent {
                         redone.join(", ")
                     ),
                 }
+                Err(why)
             }
         }
     }

@@ -79,16 +79,12 @@ impl Agent {
             let health = kept[si]
                 .take()
                 .unwrap_or_else(|| vec![InstanceHealth::default(); svc.instances.len()]);
-            let healthy: Vec<NhKey> = keys
-                .iter()
-                .zip(&health)
-                .filter(|(_, h)| h.up == Some(true))
-                .map(|(k, _)| *k)
-                .collect();
+            self.health.push(health);
+            let pool = self.pool(si);
             self.dp.set_service_with_health(
                 si as u32,
                 &keys,
-                &healthy,
+                &pool,
                 svc.failure_mode == FailureMode::Closed,
             )?;
             for k in &keys {
@@ -97,7 +93,6 @@ impl Agent {
             for (ii, inst) in svc.instances.iter().enumerate() {
                 health::spawn(si, ii, inst.via, svc.health.clone(), tx.clone());
             }
-            self.health.push(health);
             info!(
                 "service {}: {} instances, fail-{}, {:?} health check every {} ms",
                 svc.name,
@@ -170,11 +165,35 @@ impl Agent {
                 svc.name, inst.name, inst.via, threshold
             );
         }
-        let healthy: Vec<NhKey> = (0..svc.instances.len())
-            .filter(|&i| self.health[p.service][i].up == Some(true))
-            .map(|i| self.instance_key(p.service, i))
-            .collect();
-        if healthy.is_empty() {
+        self.publish_health();
+        self.set_pool(p.service)
+    }
+
+    /// The instances of service `si` that traffic may use, by name and key: those this
+    /// node sees healthy; in a cluster, those a majority of its live nodes see healthy.
+    pub(super) fn pool(&self, si: usize) -> Vec<(String, NhKey)> {
+        let svc = &self.config.services[si];
+        let local: Vec<Option<bool>> = self.health[si].iter().map(|h| h.up).collect();
+        let members = match &self.cluster {
+            Some(c) => {
+                let names: Vec<&str> = svc.instances.iter().map(|i| i.name.as_str()).collect();
+                c.pool(&svc.name, &names, &local)
+            }
+            None => local.iter().map(|h| *h == Some(true)).collect(),
+        };
+        members
+            .iter()
+            .enumerate()
+            .filter(|(_, up)| **up)
+            .map(|(i, _)| (svc.instances[i].name.clone(), self.instance_key(si, i)))
+            .collect()
+    }
+
+    /// Writes service `si`'s pool into the data plane.
+    pub(super) fn set_pool(&mut self, si: usize) -> Result<()> {
+        let svc = &self.config.services[si];
+        let pool = self.pool(si);
+        if pool.is_empty() {
             warn!(
                 "service {}: no healthy instance: traffic is {}",
                 svc.name,
@@ -186,8 +205,7 @@ impl Agent {
             );
         }
         let closed = svc.failure_mode == FailureMode::Closed;
-        self.dp
-            .set_service_health(p.service as u32, &healthy, closed)
+        self.dp.set_service_health(si as u32, &pool, closed)
     }
 }
 

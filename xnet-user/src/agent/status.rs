@@ -126,6 +126,7 @@ impl Agent {
             });
         }
         for (si, svc) in self.config.services.iter().enumerate() {
+            let pool = self.pool(si);
             let mut instances = Vec::new();
             for (ii, inst) in svc.instances.iter().enumerate() {
                 let c = self.dp.steered_to(self.instance_key(si, ii))?;
@@ -151,6 +152,7 @@ impl Agent {
                         .and_then(|h| h.get(ii))
                         .and_then(|h| h.rtt)
                         .map(|d| d.as_secs_f64() * 1e3),
+                    in_pool: pool.iter().any(|(n, _)| *n == inst.name),
                 });
             }
             s.services.push(status::ServiceStatus {
@@ -159,6 +161,7 @@ impl Agent {
                 instances,
             });
         }
+        s.cluster = self.cluster.as_ref().map(|n| n.status());
         if let Some(bgp) = &self.bgp {
             // The first prefixes in order: the RIB keeps them, a full table is not walked.
             let first = if tables { self.rib.first() } else { Vec::new() };
