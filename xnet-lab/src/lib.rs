@@ -9,6 +9,7 @@ pub mod bench_failover;
 pub mod bench_fwd;
 pub mod bench_ike;
 pub mod charon;
+pub mod cluster;
 pub mod demo;
 pub mod lab;
 pub mod testkit;

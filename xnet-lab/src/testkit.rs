@@ -285,7 +285,19 @@ impl Agent {
             "cxp" => std::env::temp_dir().join(&lab.prefix),
             _ => std::env::temp_dir().join(format!("{}-{host}", lab.prefix)),
         };
-        std::fs::create_dir_all(&dir).unwrap();
+        Self::spawn(&lab.ns(host), &dir, config, env, wrapper)
+    }
+
+    /// The agent in namespace `ns` with `config` written to `dir`/xnet.toml (the demo
+    /// socket path replaced by `dir`/xnet.sock), once its next hops are on the fast path.
+    pub fn spawn(
+        ns: &str,
+        dir: &std::path::Path,
+        config: &str,
+        env: &[(&str, &str)],
+        wrapper: &[&str],
+    ) -> Agent {
+        std::fs::create_dir_all(dir).unwrap();
         let socket = dir.join("xnet.sock");
         let path = dir.join("xnet.toml");
         let stderr = dir.join("agent.log");
@@ -295,7 +307,7 @@ impl Agent {
         )
         .unwrap();
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &lab.ns(host)])
+        cmd.args(["netns", "exec", ns])
             .args(wrapper)
             .arg(XNET)
             .args(["run", "--config", path.to_str().unwrap()]);
@@ -307,7 +319,7 @@ impl Agent {
             .unwrap();
         let mut agent = Agent {
             child: Some(child),
-            ns: lab.ns(host),
+            ns: ns.to_string(),
             socket,
             config: path,
             stderr,
