@@ -279,6 +279,20 @@ impl ClusterLab {
         Ok(())
     }
 
+    /// Node `node`'s host goes away with its agent: every link of it down (so its peers'
+    /// routes through it go too).
+    pub fn node_links_down(&self, node: &str) -> Result<()> {
+        let ns = self.ns(node);
+        let links = ["onprem", "vnet", "m0"]
+            .map(String::from)
+            .into_iter()
+            .chain((1..=FIREWALLS).map(|k| format!("fw{k}")));
+        for l in links {
+            ip(&format!("-n {ns} link set dev {l} down"))?;
+        }
+        Ok(())
+    }
+
     /// Firewall `k` counts each test flow's requests and replies (nftables).
     fn count_flows(&self, k: usize) -> Result<()> {
         let mut script =
@@ -311,8 +325,11 @@ impl ClusterLab {
             if w.len() < 9 || w[0] != "udp" || w[7] != "packets" {
                 continue;
             }
-            let (Ok(s), Ok(d), Ok(n)) = (w[2].parse::<u16>(), w[5].parse::<u16>(), w[8].parse::<u64>())
-            else {
+            let (Ok(s), Ok(d), Ok(n)) = (
+                w[2].parse::<u16>(),
+                w[5].parse::<u16>(),
+                w[8].parse::<u64>(),
+            ) else {
                 continue;
             };
             if d == ECHO_PORT {
@@ -634,7 +651,12 @@ pub fn exchange(lab: &ClusterLab, flows: u16, per_flow: usize) -> Vec<usize> {
 }
 
 /// One flow's requests every `interval` for `duration`: (sent, replies).
-pub fn stream(lab: &ClusterLab, port: u16, interval: Duration, duration: Duration) -> (usize, usize) {
+pub fn stream(
+    lab: &ClusterLab,
+    port: u16,
+    interval: Duration,
+    duration: Duration,
+) -> (usize, usize) {
     let echo = Echo::start(lab);
     let s = in_netns(&lab.ns("vnet"), move || {
         let s = UdpSocket::bind((VNET_HOST, port)).unwrap();

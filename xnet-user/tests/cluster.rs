@@ -38,16 +38,26 @@ fn up(lab: &ClusterLab) -> (Agent, Agent) {
     let a = lab.start_node("a");
     let b = lab.start_node("b");
     for n in [&a, &b] {
-        wait_until(n, "BGP up, both nodes live, three instances in the pool", Duration::from_secs(20), |s| {
-            established(s) == 2
-                && s.cluster.as_ref().is_some_and(|c| c.members.len() == 2)
-                && pool(s).len() == 3
-        });
+        wait_until(
+            n,
+            "BGP up, both nodes live, three instances in the pool",
+            Duration::from_secs(20),
+            |s| {
+                established(s) == 2
+                    && s.cluster.as_ref().is_some_and(|c| c.members.len() == 2)
+                    && pool(s).len() == 3
+            },
+        );
     }
     // Both routers' routes to the far side in place, the first packets' ARP done.
     let t = Instant::now();
     while exchange(lab, 1, 2) != vec![2] {
-        assert!(t.elapsed() < Duration::from_secs(10), "no path VNet ⇄ on-prem: {}\n{}", a.log(), b.log());
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "no path VNet ⇄ on-prem: {}\n{}",
+            a.log(),
+            b.log()
+        );
     }
     (a, b)
 }
@@ -60,8 +70,16 @@ fn flows_and_their_instance(lab: &ClusterLab) -> BTreeMap<u16, usize> {
     };
     let earlier = counts();
     let got = exchange(lab, FLOWS, PER_FLOW);
-    let lost: Vec<usize> = got.iter().enumerate().filter(|(_, n)| **n != PER_FLOW).map(|(i, _)| i).collect();
-    assert!(lost.is_empty(), "flows without all their replies: {lost:?} ({got:?})");
+    let lost: Vec<usize> = got
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| **n != PER_FLOW)
+        .map(|(i, _)| i)
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "flows without all their replies: {lost:?} ({got:?})"
+    );
     // What each instance forwarded of this exchange.
     let seen: Vec<BTreeMap<u16, (u64, u64)>> = counts()
         .into_iter()
@@ -103,7 +121,9 @@ fn share(at: &BTreeMap<u16, usize>) -> [usize; FIREWALLS] {
 
 #[test]
 fn both_directions_meet_one_instance_across_nodes_and_only_a_dead_instances_flows_move() {
-    if !require_root("both_directions_meet_one_instance_across_nodes_and_only_a_dead_instances_flows_move") {
+    if !require_root(
+        "both_directions_meet_one_instance_across_nodes_and_only_a_dead_instances_flows_move",
+    ) {
         return;
     }
     let lab = lab("s");
@@ -111,19 +131,34 @@ fn both_directions_meet_one_instance_across_nodes_and_only_a_dead_instances_flow
     let (sa, sb) = (a.status().reason("steered"), b.status().reason("steered"));
     let before = flows_and_their_instance(&lab);
     eprintln!("{FLOWS} flows over fw1..fw3: {:?}", share(&before));
-    assert!(share(&before).iter().all(|&n| n > 0), "every instance carries flows");
+    assert!(
+        share(&before).iter().all(|&n| n > 0),
+        "every instance carries flows"
+    );
     // Requests crossed b (the VNet prefers it), replies a (on-prem prefers it).
     let steered = FLOWS as u64 * PER_FLOW as u64;
-    assert!(a.status().reason("steered") - sa >= steered, "node a steered the replies");
-    assert!(b.status().reason("steered") - sb >= steered, "node b steered the requests");
+    assert!(
+        a.status().reason("steered") - sa >= steered,
+        "node a steered the replies"
+    );
+    assert!(
+        b.status().reason("steered") - sb >= steered,
+        "node b steered the requests"
+    );
 
     // fw2 dies: both nodes' probes fail, the cluster's pool is fw1 and fw3 on both.
     lab.set_firewall(2, false).unwrap();
     for n in [&a, &b] {
-        wait_until(n, "fw2 out of the pool", Duration::from_secs(3), |s| pool(s) == ["fw1", "fw3"]);
+        wait_until(n, "fw2 out of the pool", Duration::from_secs(3), |s| {
+            pool(s) == ["fw1", "fw3"]
+        });
     }
     let after = flows_and_their_instance(&lab);
-    let moved: Vec<u16> = before.keys().filter(|p| before[p] != after[p]).copied().collect();
+    let moved: Vec<u16> = before
+        .keys()
+        .filter(|p| before[p] != after[p])
+        .copied()
+        .collect();
     let needless = moved.iter().filter(|p| before[p] != 2).count();
     let on_fw2 = share(&before)[1];
     eprintln!(
@@ -133,29 +168,54 @@ fn both_directions_meet_one_instance_across_nodes_and_only_a_dead_instances_flow
     );
     assert!(after.values().all(|&k| k != 2));
     // Maglev's table moves a few slots beyond the dead instance's (under 3% of flows).
-    assert!(needless * 100 <= FLOWS as usize * 5, "flows moved needlessly: {needless}");
+    assert!(
+        needless * 100 <= FLOWS as usize * 5,
+        "flows moved needlessly: {needless}"
+    );
 
     // It comes back; then node b alone loses fw1: one of two live nodes is no majority,
     // so fw1 leaves the pool of both nodes (a still sees it up) and the flows stay
     // symmetric.
     lab.set_firewall(2, true).unwrap();
     for n in [&a, &b] {
-        wait_until(n, "fw2 back in the pool", Duration::from_secs(3), |s| pool(s).len() == 3);
+        wait_until(n, "fw2 back in the pool", Duration::from_secs(3), |s| {
+            pool(s).len() == 3
+        });
     }
-    assert_eq!(flows_and_their_instance(&lab), before, "the flows went back where they were");
+    assert_eq!(
+        flows_and_their_instance(&lab),
+        before,
+        "the flows went back where they were"
+    );
     sh(&format!("ip -n {} link set dev fw1 down", lab.ns("b")));
     for n in [&a, &b] {
-        wait_until(n, "fw1 out of both nodes' pools", Duration::from_secs(3), |s| pool(s) == ["fw2", "fw3"]);
+        wait_until(
+            n,
+            "fw1 out of both nodes' pools",
+            Duration::from_secs(3),
+            |s| pool(s) == ["fw2", "fw3"],
+        );
     }
     let fw1_health = |s: &Status| s.services[0].instances[0].health.clone();
-    assert_eq!(fw1_health(&a.status()), "up", "node a's own probes still answer");
+    assert_eq!(
+        fw1_health(&a.status()),
+        "up",
+        "node a's own probes still answer"
+    );
     assert_eq!(fw1_health(&b.status()), "down");
     let split = flows_and_their_instance(&lab);
     assert!(split.values().all(|&k| k != 1));
     sh(&format!("ip -n {} link set dev fw1 up", lab.ns("b")));
 
     // `xnet cluster status` shows both nodes, what they applied and see.
-    let (ok, out) = lab.xnet(&["cluster", "status", "--etcd", &lab.endpoints(), "--cluster", CLUSTER]);
+    let (ok, out) = lab.xnet(&[
+        "cluster",
+        "status",
+        "--etcd",
+        &lab.endpoints(),
+        "--cluster",
+        CLUSTER,
+    ]);
     assert!(ok, "{out}");
     eprintln!("{out}");
     assert!(out.contains("2 live nodes"), "{out}");
@@ -202,9 +262,17 @@ fn a_pushed_config_runs_on_both_nodes_within_a_second_and_a_bad_one_on_none() {
     assert!(ok, "{out}");
     let rev = pushed_revision(&out);
     for n in [&a, &b] {
-        wait_until(n, "the new revision in force", Duration::from_secs(1), |s| applied(s) == rev);
+        wait_until(
+            n,
+            "the new revision in force",
+            Duration::from_secs(1),
+            |s| applied(s) == rev,
+        );
     }
-    eprintln!("config revision {rev} in force on both nodes {} ms after `xnet config push` started", t.elapsed().as_millis());
+    eprintln!(
+        "config revision {rev} in force on both nodes {} ms after `xnet config push` started",
+        t.elapsed().as_millis()
+    );
     for n in [&a, &b] {
         assert!(n.status().policies.iter().any(|p| p.name == "deny-9999"));
     }
@@ -214,17 +282,33 @@ fn a_pushed_config_runs_on_both_nodes_within_a_second_and_a_bad_one_on_none() {
     // A stale revision: refused by the compare-and-swap, nothing written.
     let endpoints = lab.endpoints();
     let (ok, out) = lab.xnet(&[
-        "config", "push", lab.document_file(DOCUMENT, "c.toml").to_str().unwrap(), "--etcd", &endpoints,
-        "--cluster", CLUSTER, "--local", lab.dir.join("node-a/xnet.toml").to_str().unwrap(), "--revision", &first.to_string(),
+        "config",
+        "push",
+        lab.document_file(DOCUMENT, "c.toml").to_str().unwrap(),
+        "--etcd",
+        &endpoints,
+        "--cluster",
+        CLUSTER,
+        "--local",
+        lab.dir.join("node-a/xnet.toml").to_str().unwrap(),
+        "--revision",
+        &first.to_string(),
     ]);
-    assert!(!ok && out.contains(&format!("at revision {rev}, not {first}")), "{out}");
+    assert!(
+        !ok && out.contains(&format!("at revision {rev}, not {first}")),
+        "{out}"
+    );
     // An invalid document is refused by push itself.
-    let bad = lab.document_file(&DOCUMENT.replace("table = 100", "table = \"x\""), "bad.toml");
+    let bad = lab.document_file(
+        &DOCUMENT.replace("table = 100", "table = \"x\""),
+        "bad.toml",
+    );
     let (ok, out) = lab.push(&bad);
     assert!(!ok && out.contains("segments[0].table"), "{out}");
 
     // One written past push's check: every node refuses it whole and keeps the last.
-    lab.put_unchecked(&DOCUMENT.replace("protocol = \"udp\"", "protocol = \"udpx\"")).unwrap();
+    lab.put_unchecked(&DOCUMENT.replace("protocol = \"udp\"", "protocol = \"udpx\""))
+        .unwrap();
     for n in [&a, &b] {
         wait_until(n, "the bad revision refused", Duration::from_secs(2), |s| {
             s.cluster.as_ref().is_some_and(|c| c.refused.is_some())
@@ -235,7 +319,14 @@ fn a_pushed_config_runs_on_both_nodes_within_a_second_and_a_bad_one_on_none() {
         assert!(why.contains("protocol"), "{why}");
     }
     assert_eq!(exchange(&lab, 10, 2), vec![2; 10], "forwarding goes on");
-    let (_, out) = lab.xnet(&["cluster", "status", "--etcd", &endpoints, "--cluster", CLUSTER]);
+    let (_, out) = lab.xnet(&[
+        "cluster",
+        "status",
+        "--etcd",
+        &endpoints,
+        "--cluster",
+        CLUSTER,
+    ]);
     assert!(out.contains("(behind)") && out.contains("udpx"), "{out}");
 }
 
@@ -244,7 +335,10 @@ fn connected(s: &Status) -> bool {
 }
 
 fn members(s: &Status) -> Vec<String> {
-    s.cluster.as_ref().map(|c| c.members.clone()).unwrap_or_default()
+    s.cluster
+        .as_ref()
+        .map(|c| c.members.clone())
+        .unwrap_or_default()
 }
 
 #[test]
@@ -260,13 +354,21 @@ fn etcd_failures_and_a_dead_node_do_not_stop_forwarding() {
     let leader = lab.etcd_leader().expect("a leader");
     let (sent, got) = std::thread::scope(|s| {
         let h = s.spawn(|| {
-            stream(&lab, FLOW_PORT + MAX_FLOWS - 1, Duration::from_millis(2), Duration::from_secs(3))
+            stream(
+                &lab,
+                FLOW_PORT + MAX_FLOWS - 1,
+                Duration::from_millis(2),
+                Duration::from_secs(3),
+            )
         });
         std::thread::sleep(Duration::from_millis(800));
         lab.kill_etcd(leader);
         h.join().unwrap()
     });
-    eprintln!("the etcd leader (member {}) killed during a flow: {got} of {sent} requests answered", leader + 1);
+    eprintln!(
+        "the etcd leader (member {}) killed during a flow: {got} of {sent} requests answered",
+        leader + 1
+    );
     assert_eq!(got, sent);
     // The nodes carry on with the two members left; the cluster still takes a config.
     for n in [&a, &b] {
@@ -276,41 +378,84 @@ fn etcd_failures_and_a_dead_node_do_not_stop_forwarding() {
     assert!(ok, "{out}");
     let rev = pushed_revision(&out);
     for n in [&a, &b] {
-        wait_until(n, "the new revision in force", Duration::from_secs(2), |s| applied(s) == rev);
+        wait_until(
+            n,
+            "the new revision in force",
+            Duration::from_secs(2),
+            |s| applied(s) == rev,
+        );
     }
     assert_eq!(flows_and_their_instance(&lab), before);
 
     // Node b loses etcd: it says so, forwards on with what it has; its key expires.
     sh(&format!("ip -n {} link set dev b down", lab.ns("sw")));
-    wait_until(&b, "node b knows it lost etcd", Duration::from_secs(3), |s| !connected(s));
-    wait_until(&a, "node b's key expired", Duration::from_secs(6), |s| members(s) == ["a"]);
-    assert_eq!(flows_and_their_instance(&lab), before, "forwarding as before");
+    wait_until(
+        &b,
+        "node b knows it lost etcd",
+        Duration::from_secs(3),
+        |s| !connected(s),
+    );
+    wait_until(&a, "node b's key expired", Duration::from_secs(6), |s| {
+        members(s) == ["a"]
+    });
+    assert_eq!(
+        flows_and_their_instance(&lab),
+        before,
+        "forwarding as before"
+    );
     // A revision b cannot see: a applies it; b keeps its own until it is back.
     let (ok, out) = lab.push(&lab.document_file(DOCUMENT, "cluster.toml"));
     assert!(ok, "{out}");
     let rev2 = pushed_revision(&out);
-    wait_until(&a, "node a applies it", Duration::from_secs(2), |s| applied(s) == rev2);
+    wait_until(&a, "node a applies it", Duration::from_secs(2), |s| {
+        applied(s) == rev2
+    });
     assert_eq!(applied(&b.status()), rev);
     sh(&format!("ip -n {} link set dev b up", lab.ns("sw")));
     let t = Instant::now();
-    wait_until(&b, "node b back, with the revision it missed", Duration::from_secs(6), |s| {
-        connected(s) && applied(s) == rev2
-    });
-    eprintln!("node b rejoined and applied revision {rev2} {} ms after its link came back", t.elapsed().as_millis());
+    wait_until(
+        &b,
+        "node b back, with the revision it missed",
+        Duration::from_secs(6),
+        |s| connected(s) && applied(s) == rev2,
+    );
+    eprintln!(
+        "node b rejoined and applied revision {rev2} {} ms after its link came back",
+        t.elapsed().as_millis()
+    );
 
-    // Node a dies: on-prem's BIRD sees its session close and sends everything to b,
-    // which steers each flow to the same instance as before.
+    // Node a dies (its agent and its links): on-prem's BIRD sees its session close and
+    // sends everything to b, which steers each flow to the same instance as before.
     let steered = b.status().reason("steered");
     let mut child = a.child.take().unwrap();
     child.kill().unwrap();
     child.wait().unwrap();
+    lab.node_links_down("a").unwrap();
     let t = Instant::now();
     while exchange(&lab, 1, 1) != vec![1] {
-        assert!(t.elapsed() < Duration::from_secs(10), "no path through node b: {}", b.log());
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "no path through node b: on-prem's BIRD:\n{}\nVNet's BIRD:\n{}\nnode b: {}",
+            lab.birdc("onprem", "show route"),
+            lab.birdc("vnet", "show route"),
+            b.log()
+        );
     }
-    eprintln!("node a killed: traffic through node b after {} ms", t.elapsed().as_millis());
-    assert_eq!(flows_and_their_instance(&lab), before, "the same instance for every flow");
+    eprintln!(
+        "node a killed: traffic through node b after {} ms",
+        t.elapsed().as_millis()
+    );
+    assert_eq!(
+        flows_and_their_instance(&lab),
+        before,
+        "the same instance for every flow"
+    );
     let both_ways = 2 * FLOWS as u64 * PER_FLOW as u64;
-    assert!(b.status().reason("steered") - steered >= both_ways, "node b carries both directions");
-    wait_until(&b, "node a's key expired", Duration::from_secs(6), |s| members(s) == ["b"]);
+    assert!(
+        b.status().reason("steered") - steered >= both_ways,
+        "node b carries both directions"
+    );
+    wait_until(&b, "node a's key expired", Duration::from_secs(6), |s| {
+        members(s) == ["b"]
+    });
 }

@@ -88,15 +88,33 @@ impl Drop for Store {
     }
 }
 
-/// A client of the etcd cluster: requests time out instead of hanging on a lost member.
+/// A client of the first etcd member in `endpoints` that answers and has a leader.
+/// One member, not a balanced set: etcd-client's balancing still sends requests to a
+/// member that died (connection refused); on any failure the caller connects again and
+/// gets the next live one. Requests time out instead of hanging on a lost member.
 pub async fn connect(endpoints: &[String]) -> Result<Client> {
-    let opts = ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(1))
-        .with_timeout(Duration::from_secs(2))
-        .with_keep_alive(Duration::from_secs(1), Duration::from_secs(1));
-    Client::connect(endpoints, Some(opts))
-        .await
-        .with_context(|| format!("etcd at {}", endpoints.join(",")))
+    let mut errors = Vec::new();
+    for e in endpoints {
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_millis(500))
+            .with_timeout(Duration::from_secs(2))
+            .with_keep_alive(Duration::from_secs(1), Duration::from_secs(1))
+            .with_require_leader(true);
+        let answer = async {
+            let mut c = Client::connect([e], Some(opts)).await?;
+            let s = c.status().await?;
+            if s.leader() == 0 {
+                bail!("no leader");
+            }
+            Ok(c)
+        };
+        match tokio::time::timeout(Duration::from_secs(1), answer).await {
+            Ok(Ok(c)) => return Ok(c),
+            Ok(Err(err)) => errors.push(format!("{e}: {err:#}")),
+            Err(_) => errors.push(format!("{e}: no answer within 1 s")),
+        }
+    }
+    bail!("no etcd member answers: {}", errors.join("; "))
 }
 
 /// One connection's life: lease, record, initial read, then watch and renew until
