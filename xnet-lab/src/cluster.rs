@@ -34,6 +34,8 @@ pub const VNET_HOST: &str = "10.1.0.1";
 pub const FLOW_PORT: u16 = 20000;
 pub const MAX_FLOWS: u16 = 120;
 pub const ECHO_PORT: u16 = 7;
+/// Where each node serves its metrics, in its namespace.
+pub const METRICS: &str = "127.0.0.1:9469";
 
 /// The cluster's document: everything but the nodes' addresses.
 pub const DOCUMENT: &str = r#"# The cluster lab's config, shared by every node (pushed with `xnet config push`).
@@ -498,6 +500,7 @@ impl ClusterLab {
 [agent]
 socket = "/run/xnet/demo.sock"
 route_table_groups = 2048
+metrics_listen = "{METRICS}"
 
 [agent.cluster]
 etcd = [{etcd}]

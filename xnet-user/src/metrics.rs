@@ -526,6 +526,45 @@ pub fn encode(s: &Status) -> String {
         );
     }
 
+    // As a node of a cluster.
+    if let Some(c) = &s.cluster {
+        gauge(
+            &mut r,
+            "cluster_etcd_connected",
+            "1 while etcd answers; 0: the node forwards with the config in force and its own probes",
+            None,
+            c.etcd_connected as u8 as f64,
+        );
+        gauge(
+            &mut r,
+            "cluster_config_revision",
+            "The etcd revision of the cluster config in force",
+            None,
+            c.applied_revision as f64,
+        );
+        gauge(
+            &mut r,
+            "cluster_config_refused_revision",
+            "The latest config revision the node refused (0: none since the one in force)",
+            None,
+            c.refused.as_ref().map_or(0.0, |x| x.revision as f64),
+        );
+        gauge(
+            &mut r,
+            "cluster_nodes",
+            "Live nodes of the cluster as this node last saw them",
+            None,
+            c.members.len() as f64,
+        );
+    }
+    gauges(
+        &mut r,
+        "firewall_instance_in_pool",
+        "1 when flows are steered to the instance (its own health; in a cluster, the majority's view)",
+        None,
+        instances().map(|(l, i)| (l, i.in_pool as u8 as f64)),
+    );
+
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &r).expect("writing to a String");
     out
@@ -581,6 +620,7 @@ mod tests {
                         health: "up".into(),
                         probe_rtt_ms: Some(1.5),
                         packets: 7,
+                        in_pool: true,
                         ..Default::default()
                     },
                     InstanceStatus {
@@ -614,6 +654,17 @@ mod tests {
                 },
                 ..Default::default()
             }],
+            cluster: Some(crate::status::ClusterStatus {
+                cluster: "eu".into(),
+                node: "a".into(),
+                etcd_connected: false,
+                applied_revision: 12,
+                refused: Some(crate::cluster::Refusal {
+                    revision: 13,
+                    reason: "bad".into(),
+                }),
+                members: vec!["a".into(), "b".into()],
+            }),
             ..Default::default()
         }
     }
@@ -639,6 +690,12 @@ mod tests {
             r#"xnet_ipsec_bytes_total{connector="azure",direction="in"} 1000"#,
             r#"xnet_ipsec_ike_sa_up{connector="azure",segment="prod"} 1.0"#,
             "xnet_agent_start_time_seconds 1700000000.5",
+            r#"xnet_firewall_instance_in_pool{service="fw",instance="fw1"} 1.0"#,
+            r#"xnet_firewall_instance_in_pool{service="fw",instance="fw2"} 0.0"#,
+            "xnet_cluster_etcd_connected 0.0",
+            "xnet_cluster_config_revision 12.0",
+            "xnet_cluster_config_refused_revision 13.0",
+            "xnet_cluster_nodes 2.0",
             r#"xnet_build_info{version=""#,
             "# EOF",
         ] {

@@ -308,6 +308,24 @@ impl Status {
     pub fn render(&self) -> String {
         let mut s = String::new();
         let _ = writeln!(s, "config: {}", self.config);
+        if let Some(c) = &self.cluster {
+            let _ = writeln!(
+                s,
+                "cluster: {} node {}: config revision {} in force; etcd {}; live nodes: {}",
+                c.cluster,
+                c.node,
+                c.applied_revision,
+                if c.etcd_connected {
+                    "reached"
+                } else {
+                    "NOT reached: forwarding with the config in force and this node's own probes"
+                },
+                c.members.join(", ")
+            );
+            if let Some(r) = &c.refused {
+                let _ = writeln!(s, "  refused revision {}: {}", r.revision, r.reason);
+            }
+        }
         let _ = writeln!(s, "\nINTERFACE        IFINDEX  SEGMENT      XDP      MAC                        RX   FORWARDED      PASSED     DROPPED");
         for i in &self.interfaces {
             let _ = writeln!(
@@ -469,18 +487,19 @@ impl Status {
                 i, p.name, p.segment, p.action, p.packets, p.bytes
             );
         }
-        let _ = writeln!(s, "\nSERVICE          FAILURE  INSTANCE         VIA                      INTERFACE        HEALTH       PACKETS          BYTES");
+        let _ = writeln!(s, "\nSERVICE          FAILURE  INSTANCE         VIA                      INTERFACE        HEALTH   POOL      PACKETS          BYTES");
         for svc in &self.services {
             for i in &svc.instances {
                 let _ = writeln!(
                     s,
-                    "{:<16} {:<8} {:<16} {:<24} {:<16} {:<8} {:>12} {:>14}",
+                    "{:<16} {:<8} {:<16} {:<24} {:<16} {:<8} {:<4} {:>12} {:>14}",
                     svc.name,
                     svc.failure_mode,
                     i.name,
                     i.via,
                     i.interface,
                     i.health,
+                    if i.in_pool { "in" } else { "out" },
                     i.packets,
                     i.bytes
                 );

@@ -395,6 +395,17 @@ fn etcd_failures_and_a_dead_node_do_not_stop_forwarding() {
         Duration::from_secs(3),
         |s| !connected(s),
     );
+    let m = http_get(&lab.ns("b"), METRICS, "/metrics").unwrap();
+    assert!(m.contains("xnet_cluster_etcd_connected 0.0"), "{m}");
+    let text = stdout_of(
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &lab.ns("b")])
+            .arg(XNET)
+            .arg("status")
+            .arg("--socket")
+            .arg(&b.socket),
+    );
+    assert!(text.contains("etcd NOT reached"), "{text}");
     wait_until(&a, "node b's key expired", Duration::from_secs(6), |s| {
         members(s) == ["a"]
     });
