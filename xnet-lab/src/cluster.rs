@@ -727,3 +727,71 @@ impl Drop for Echo {
         }
     }
 }
+
+/// `xnet-lab cluster` (what `cargo xtask lab cluster` starts): the lab up with both nodes
+/// running the pushed document, test flows across, what to try; torn down on Ctrl-C or
+/// after `duration` seconds.
+pub async fn run(duration: Option<u64>) -> Result<()> {
+    let (lab, a, b, report) = tokio::task::spawn_blocking(|| -> Result<_> {
+        let lab = ClusterLab::create("xnet-cluster")?;
+        let doc = lab.document_file(DOCUMENT, "cluster.toml");
+        let (ok, out) = lab.push(&doc);
+        if !ok {
+            bail!("xnet config push: {out}");
+        }
+        let a = lab.start_node("a");
+        let b = lab.start_node("b");
+        let t = Instant::now();
+        while exchange(&lab, 1, 1) != vec![1] {
+            if t.elapsed() > Duration::from_secs(20) {
+                bail!("no path VNet ⇄ on-prem after 20 s:\n{}\n{}", a.log(), b.log());
+            }
+        }
+        let got = exchange(&lab, 60, 3);
+        let mut report = format!(
+            "60 UDP flows VNet → on-prem (requests through node b) and back (replies through node a): {} of 180 answered\n",
+            got.iter().sum::<usize>()
+        );
+        for k in 1..=FIREWALLS {
+            let n = lab.firewall_flows(k);
+            report += &format!(
+                "  fw{k} saw {} flows, every one both ways: {}\n",
+                n.len(),
+                n.values().all(|(q, r)| *q > 0 && *r > 0)
+            );
+        }
+        report += &lab.xnet(&["cluster", "status", "--etcd", &lab.endpoints(), "--cluster", CLUSTER]).1;
+        Ok((lab, a, b, report))
+    })
+    .await??;
+    let p = &lab.prefix;
+    let e = lab.endpoints();
+    let d = lab.dir.display();
+    let x = crate::testkit::XNET;
+    println!(
+        "\n=== the cluster lab is up ===\n{report}\n\
+         namespaces: {p}-a and {p}-b (the CXP nodes), {p}-etcd1..3, {p}-onprem and {p}-vnet (BIRD), {p}-fw1..3, {p}-sw (management bridge)\n\
+         try:\n\
+         \x20 ip netns exec {p}-a {x} cluster status --etcd {e} --cluster {CLUSTER}\n\
+         \x20 ip netns exec {p}-a {x} policy --socket {}      (node b: --socket {})\n\
+         \x20 edit {d}/cluster.toml, then: ip netns exec {p}-a {x} config push {d}/cluster.toml --etcd {e} --cluster {CLUSTER} --local {d}/node-a/xnet.toml\n\
+         \x20 an instance dies:  ip -n {p}-fw2 link set dev e1 down; ip -n {p}-fw2 link set dev e2 down\n\
+         \x20 node b loses etcd: ip -n {p}-sw link set dev b down\n\
+         \x20 an etcd member dies: kill the `etcd --name e1` process\n\
+         logs: {d}/node-a/agent.log, {d}/node-b/agent.log, {d}/etcd1.log\n\
+         Ctrl-C tears it down.",
+        a.socket.display(),
+        b.socket.display()
+    );
+    match duration {
+        Some(s) => tokio::time::sleep(Duration::from_secs(s)).await,
+        None => tokio::signal::ctrl_c().await?,
+    }
+    tokio::task::spawn_blocking(move || {
+        drop((a, b));
+        drop(lab);
+    })
+    .await?;
+    println!("cluster lab torn down");
+    Ok(())
+}

@@ -21,6 +21,13 @@ enum Command {
         #[arg(long)]
         duration: Option<u64>,
     },
+    /// The cluster lab (what `cargo xtask lab cluster` starts): three etcd members, two
+    /// CXP nodes, BIRD on both sides, three firewalls; Ctrl-C tears it down. Needs root.
+    Cluster {
+        /// Stop after this many seconds instead of waiting for Ctrl-C.
+        #[arg(long)]
+        duration: Option<u64>,
+    },
     /// Benchmarks (what `cargo xtask bench` runs): XDP ns/packet with the full Internet
     /// table, beside a parse-only baseline and the kernel's LPM trie. Needs root.
     Bench {
@@ -120,5 +127,6 @@ async fn real_main() -> Result<()> {
             tokio::task::spawn_blocking(move || xnet_lab::bench_ike::run(tunnels)).await?
         }
         Command::Demo { duration } => xnet_lab::demo::run(duration).await.map(|_| ()),
+        Command::Cluster { duration } => xnet_lab::cluster::run(duration).await,
     }
 }

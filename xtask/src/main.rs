@@ -94,7 +94,9 @@ enum Cmd {
     },
     /// Bring one scenario up in the VM for a person to poke at: s1 (site-to-site IPsec), s3 (vWAN hub and migration),
     /// s4 (transit VNet), s5 (firewall steering), s6 (private peering). A shell opens on
-    /// the VM's console once it is up, with what to try; `exit` tears it down.
+    /// the VM's console once it is up, with what to try; `exit` tears it down. `cluster`:
+    /// two nodes on three etcd members with BIRD and three firewalls, in namespaces on
+    /// this host (no VM); Ctrl-C tears it down.
     Lab { scenario: String },
     /// Fuzz the BGP and IKEv2 message decoders (cargo-fuzz, libFuzzer), each for a while.
     Fuzz {
@@ -164,6 +166,11 @@ fn real_main() -> Result<()> {
                 package::verify(&deb)?;
             }
             Ok(())
+        }
+        Cmd::Lab { scenario } if scenario == "cluster" => {
+            // Namespaces on this host, no VM: etcd, BIRD and the firewalls run here.
+            let xnet = build(&root)?;
+            run(Command::new(lab_binary(&xnet)).arg("cluster"))
         }
         Cmd::Lab { scenario } => lab(&root, &scenario),
         Cmd::VmTest {
