@@ -5,6 +5,7 @@
 
 pub mod bench;
 pub mod bench_bgp;
+pub mod bench_cluster;
 pub mod bench_failover;
 pub mod bench_fwd;
 pub mod bench_ike;

@@ -53,6 +53,9 @@ enum Command {
         /// Only the forwarding benchmark (packets per second through veths).
         #[arg(long)]
         fwd_only: bool,
+        /// Only the cluster benchmarks (flows moved by a pool change, config propagation).
+        #[arg(long)]
+        cluster_only: bool,
         /// IKE SAs the IKE setup benchmark establishes.
         #[arg(long, default_value_t = 1000)]
         tunnels: usize,
@@ -80,8 +83,16 @@ async fn real_main() -> Result<()> {
             ike_only,
             failover_only,
             fwd_only,
+            cluster_only,
             tunnels,
         } => {
+            if cluster_only {
+                xnet_lab::bench_cluster::pool_change();
+                return tokio::task::spawn_blocking(|| {
+                    xnet_lab::bench_cluster::config_propagation(10)
+                })
+                .await?;
+            }
             if fwd_only {
                 let opts = xnet_lab::bench::Options {
                     table_dir,
@@ -124,7 +135,13 @@ async fn real_main() -> Result<()> {
                 tokio::task::spawn_blocking(move || xnet_lab::bench_failover::run(&v4, &v6))
                     .await??;
             }
-            tokio::task::spawn_blocking(move || xnet_lab::bench_ike::run(tunnels)).await?
+            if bgp_only {
+                return tokio::task::spawn_blocking(move || xnet_lab::bench_ike::run(tunnels))
+                    .await?;
+            }
+            tokio::task::spawn_blocking(move || xnet_lab::bench_ike::run(tunnels)).await??;
+            xnet_lab::bench_cluster::pool_change();
+            tokio::task::spawn_blocking(|| xnet_lab::bench_cluster::config_propagation(10)).await?
         }
         Command::Demo { duration } => xnet_lab::demo::run(duration).await.map(|_| ()),
         Command::Cluster { duration } => xnet_lab::cluster::run(duration).await,
