@@ -506,6 +506,7 @@ metrics_listen = "{METRICS}"
 etcd = [{etcd}]
 name = "{CLUSTER}"
 node = "{node}"
+cache = "{cache}"
 
 [bgp]
 router_id = "{onprem_mine}"
@@ -524,6 +525,11 @@ instances = [
 {instances}
 ]
 "#,
+            cache = self
+                .dir
+                .join(format!("node-{node}"))
+                .join("cluster.toml")
+                .display(),
             etcd = self
                 .endpoints()
                 .split(',')

@@ -99,6 +99,18 @@ pub struct ClusterSettings {
     pub name: String,
     /// This node's name, unique in the cluster.
     pub node: String,
+    /// Where the node keeps the cluster's document in force, so it starts with it when
+    /// etcd cannot be reached (default /var/lib/xnet/cluster-<name>.toml).
+    #[serde(default)]
+    pub cache: Option<PathBuf>,
+}
+
+impl ClusterSettings {
+    pub fn cache_path(&self) -> PathBuf {
+        self.cache
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("/var/lib/xnet/cluster-{}.toml", self.name)))
+    }
 }
 
 impl Default for AgentSettings {

@@ -208,6 +208,7 @@ async fn real_main() -> Result<()> {
                     etcd: cluster.etcd,
                     name,
                     node,
+                    cache: None,
                 }),
                 _ => None,
             };
@@ -236,6 +237,21 @@ async fn real_main() -> Result<()> {
             diff,
             socket,
         } => {
+            if let Some(s) = xnet_user::cluster::settings_in(&config)? {
+                // A node's own file: the rest comes from etcd, which a check does not ask
+                // (a node must start from its cache while etcd is away).
+                if diff {
+                    anyhow::bail!("--diff: {} is a cluster node's file; `xnet config push --local` validates it with the cluster's document", config.display());
+                }
+                println!(
+                    "{}: node {} of cluster {} (etcd {}): ok; the rest of its config comes from etcd",
+                    config.display(),
+                    s.node,
+                    s.name,
+                    s.etcd.join(",")
+                );
+                return Ok(());
+            }
             let c = Config::load(&config)?;
             if diff {
                 let running = status::fetch_config(&socket).await?;

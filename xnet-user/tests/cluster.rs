@@ -347,7 +347,7 @@ fn etcd_failures_and_a_dead_node_do_not_stop_forwarding() {
         return;
     }
     let lab = lab("f");
-    let (mut a, b) = up(&lab);
+    let (mut a, mut b) = up(&lab);
     let before = flows_and_their_instance(&lab);
 
     // The etcd leader dies while a flow runs: no request goes unanswered.
@@ -434,6 +434,26 @@ fn etcd_failures_and_a_dead_node_do_not_stop_forwarding() {
         "node b rejoined and applied revision {rev2} {} ms after its link came back",
         t.elapsed().as_millis()
     );
+
+    // Node b restarts while etcd is away: it starts with the revision it last applied
+    // (its cache), forwards, and says it has no etcd.
+    b.stop();
+    drop(b);
+    sh(&format!("ip -n {} link set dev b down", lab.ns("sw")));
+    b = lab.start_node("b");
+    wait_until(
+        &b,
+        "node b up from its cache",
+        Duration::from_secs(10),
+        |s| applied(s) == rev2 && !connected(s) && established(s) == 2,
+    );
+    assert_eq!(
+        flows_and_their_instance(&lab),
+        before,
+        "node b forwards from its cache"
+    );
+    sh(&format!("ip -n {} link set dev b up", lab.ns("sw")));
+    wait_until(&b, "node b reaches etcd", Duration::from_secs(6), connected);
 
     // Node a dies (its agent and its links): on-prem's BIRD sees its session close and
     // sends everything to b, which steers each flow to the same instance as before.

@@ -65,8 +65,48 @@ fn effective(
     Ok(c)
 }
 
+/// Keeps the document in force where the node starts from when etcd is away.
+fn save(s: &ClusterSettings, revision: i64, doc: &str) {
+    let path = s.cache_path();
+    let body = format!(
+        "# xnet: cluster {} config revision {revision}, as applied (etcd holds the original)\n{doc}",
+        s.name
+    );
+    let tmp = path.with_extension("tmp");
+    let r = path
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| std::fs::write(&tmp, body))
+        .and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = r {
+        warn!(
+            "cluster {}: cannot keep the config in {}: {e}",
+            s.name,
+            path.display()
+        );
+    }
+}
+
+/// The document `save` kept: (revision, text).
+fn cached(s: &ClusterSettings) -> Option<(i64, String)> {
+    let text = std::fs::read_to_string(s.cache_path()).ok()?;
+    let (first, doc) = text.split_once('\n')?;
+    let revision = first
+        .split("config revision ")
+        .nth(1)?
+        .split(',')
+        .next()?
+        .parse()
+        .ok()?;
+    Some((revision, doc.to_string()))
+}
+
+/// How long a starting node waits for etcd before it runs the cached document.
+const WAIT_FOR_ETCD: Duration = Duration::from_secs(3);
+
 /// Joins the cluster and waits for its first config that validates with the node's
-/// file `local`; returns it with the node's state.
+/// file `local` (or, with etcd away for `WAIT_FOR_ETCD`, the one it last applied);
+/// returns it with the node's state.
 pub(super) async fn join(s: ClusterSettings, local: &Path) -> Result<(Config, Node)> {
     let record = NodeRecord {
         node: s.node.clone(),
@@ -82,14 +122,38 @@ pub(super) async fn join(s: ClusterSettings, local: &Path) -> Result<(Config, No
     let mut refused = None;
     let mut waiting = tokio::time::interval(Duration::from_secs(5));
     waiting.tick().await;
+    let fallback = tokio::time::sleep(WAIT_FOR_ETCD);
+    tokio::pin!(fallback);
+    let mut fell_back = false;
     loop {
         tokio::select! {
+            () = &mut fallback, if !fell_back => {
+                fell_back = true;
+                if view.connected {
+                    continue;
+                }
+                let Some((revision, text)) = cached(&s) else { continue };
+                match effective(&s, revision, &text, local) {
+                    Ok(c) => {
+                        warn!(
+                            "cluster {}: etcd not reached in {} s: starting with revision {revision}, the last applied ({})",
+                            s.name,
+                            WAIT_FOR_ETCD.as_secs(),
+                            s.cache_path().display()
+                        );
+                        let node = Node { settings: s, store, view, doc: (revision, text), refused };
+                        return Ok((c, node));
+                    }
+                    Err(e) => warn!("cluster {}: the cached config does not validate: {e}", s.name),
+                }
+            }
             ev = store.events.recv() => match ev.context("the etcd task ended")? {
                 Event::Connected(c) => view.connected = c,
                 Event::Members(m) => view.members = m,
                 Event::Config { revision, text } => match effective(&s, revision, &text, local) {
                     Ok(c) => {
                         info!("cluster {}: config revision {revision} valid with {}", s.name, local.display());
+                        save(&s, revision, &text);
                         let node = Node { settings: s, store, view, doc: (revision, text), refused };
                         return Ok((c, node));
                     }
@@ -163,6 +227,7 @@ impl Agent {
                 match outcome {
                     Ok(()) => {
                         info!("cluster {name}: config revision {revision} in force");
+                        save(&node.settings, revision, &text);
                         node.doc = (revision, text);
                         node.refused = None;
                     }

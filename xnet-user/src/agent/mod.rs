@@ -132,7 +132,7 @@ fn now_unix() -> f64 {
 pub async fn run(path: &Path, cluster: Option<crate::config::ClusterSettings>) -> Result<()> {
     let cluster = match cluster {
         Some(c) => Some(c),
-        None => local_cluster_settings(path)?,
+        None => crate::cluster::settings_in(path)?,
     };
     let (config, cluster) = match cluster {
         Some(s) => {
@@ -240,22 +240,6 @@ enum Exit {
     Stop,
     /// Leave forwarding running for the next agent (SIGUSR1).
     Restart,
-}
-
-/// `[agent.cluster]` of the node's file, read before the rest (which may be incomplete
-/// without the cluster's document).
-fn local_cluster_settings(path: &Path) -> Result<Option<crate::config::ClusterSettings>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{}: cannot read", path.display()))?;
-    let t: toml::Table = text.parse().with_context(|| path.display().to_string())?;
-    let Some(c) = t.get("agent").and_then(|a| a.get("cluster")) else {
-        return Ok(None);
-    };
-    let c: crate::config::ClusterSettings = c
-        .clone()
-        .try_into()
-        .with_context(|| format!("{}: agent.cluster", path.display()))?;
-    Ok(Some(c))
 }
 
 fn route_set(config: &Config, links: &HashMap<String, (u32, [u8; 6])>) -> RouteSet {

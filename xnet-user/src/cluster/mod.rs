@@ -15,6 +15,31 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+/// `[agent.cluster]` of a node's file, read alone: the rest of the file may be
+/// incomplete without the cluster's document.
+pub fn settings_in(
+    path: &std::path::Path,
+) -> anyhow::Result<Option<crate::config::ClusterSettings>> {
+    use anyhow::Context;
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).with_context(|| format!("{file}: cannot read"))?;
+    let t: toml::Table = text.parse().with_context(|| file.clone())?;
+    let Some(c) = t.get("agent").and_then(|a| a.get("cluster")) else {
+        return Ok(None);
+    };
+    let c: crate::config::ClusterSettings = c
+        .clone()
+        .try_into()
+        .with_context(|| format!("{file}: agent.cluster"))?;
+    for (field, v) in [("name", &c.name), ("node", &c.node)] {
+        check_name(v).map_err(|why| anyhow::anyhow!("{file}: agent.cluster.{field}: {why}"))?;
+    }
+    if c.etcd.is_empty() {
+        anyhow::bail!("{file}: agent.cluster.etcd: at least one etcd URL");
+    }
+    Ok(Some(c))
+}
+
 /// The key of the cluster's config document.
 pub fn config_key(cluster: &str) -> String {
     format!("/xnet/{cluster}/config")
