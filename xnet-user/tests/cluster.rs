@@ -298,6 +298,28 @@ fn a_pushed_config_runs_on_both_nodes_within_a_second_and_a_bad_one_on_none() {
         !ok && out.contains(&format!("at revision {rev}, not {first}")),
         "{out}"
     );
+    // Without a node's file the document is incomplete (no neighbour or instance has its
+    // address): push says what is missing where.
+    let (ok, out) = lab.xnet(&[
+        "config",
+        "push",
+        doc.to_str().unwrap(),
+        "--etcd",
+        &endpoints,
+        "--cluster",
+        CLUSTER,
+    ]);
+    assert!(
+        !ok && out.contains("deny.toml: line 71: missing field `address`"),
+        "{out}"
+    );
+    // A node's own file checks alone (what the unit's ExecStartPre runs).
+    let (ok, out) = lab.xnet(&[
+        "check",
+        "--config",
+        lab.dir.join("node-a/xnet.toml").to_str().unwrap(),
+    ]);
+    assert!(ok && out.contains("node a of cluster lab"), "{out}");
     // An invalid document is refused by push itself.
     let bad = lab.document_file(
         &DOCUMENT.replace("table = 100", "table = \"x\""),
