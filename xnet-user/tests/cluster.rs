@@ -350,6 +350,18 @@ fn a_pushed_config_runs_on_both_nodes_within_a_second_and_a_bad_one_on_none() {
         CLUSTER,
     ]);
     assert!(out.contains("(behind)") && out.contains("udpx"), "{out}");
+
+    // SIGHUP on a node re-reads its own file over the revision in force.
+    let file = lab.dir.join("node-b/xnet.toml");
+    let mut text = std::fs::read_to_string(&file).unwrap();
+    text += "\n[[routes]]\nsegment = \"prod\"\nprefix = \"10.77.0.0/16\"\nnext_hops = [{ interface = \"vnet\", via = \"172.18.2.2\" }]\n";
+    std::fs::write(&file, text).unwrap();
+    b.signal(libc::SIGHUP);
+    wait_until(&b, "node b's own route", Duration::from_secs(2), |s| {
+        s.routes.iter().any(|r| r.prefix == "10.77.0.0/16")
+    });
+    assert_eq!(applied(&b.status()), rev, "still the revision in force");
+    assert!(!a.status().routes.iter().any(|r| r.prefix == "10.77.0.0/16"));
 }
 
 fn connected(s: &Status) -> bool {
