@@ -77,13 +77,8 @@ pub fn config_propagation(pushes: usize) -> Result<()> {
         bail!("push: {out}");
     }
     let nodes = [lab.start_node("a"), lab.start_node("b")];
-    let deny = DOCUMENT.replacen(
-        "[[policies]]",
-        "[[policies]]\nname = \"deny-9999\"\nsegment = \"prod\"\nprotocol = \"udp\"\ndestination_ports = \"9999\"\naction = \"deny\"\n\n[[policies]]",
-        1,
-    );
     let files = [
-        lab.document_file(&deny, "deny.toml"),
+        lab.document_file(&crate::cluster::document_with_deny(), "deny.toml"),
         lab.document_file(DOCUMENT, "cluster.toml"),
     ];
     let mut ms = Vec::new();

@@ -118,6 +118,16 @@ advertise = "custom"
 prefixes = ["192.168.0.0/16"]
 "#;
 
+/// `DOCUMENT` with a deny of UDP to port 9999 before the steering rules: a second
+/// revision to push.
+pub fn document_with_deny() -> String {
+    DOCUMENT.replacen(
+        "[[policies]]",
+        "[[policies]]\nname = \"deny-9999\"\nsegment = \"prod\"\nprotocol = \"udp\"\ndestination_ports = \"9999\"\naction = \"deny\"\n\n[[policies]]",
+        1,
+    )
+}
+
 /// Node `node`'s index: 1 for a, 2 for b.
 pub fn node_index(node: &str) -> u8 {
     NODES.iter().position(|n| *n == node).expect("a lab node") as u8 + 1

@@ -224,15 +224,6 @@ fn both_directions_meet_one_instance_across_nodes_and_only_a_dead_instances_flow
     }
 }
 
-/// The document with a deny of UDP to port 9999 before the steering rules.
-fn with_deny() -> String {
-    DOCUMENT.replacen(
-        "[[policies]]",
-        "[[policies]]\nname = \"deny-9999\"\nsegment = \"prod\"\nprotocol = \"udp\"\ndestination_ports = \"9999\"\naction = \"deny\"\n\n[[policies]]",
-        1,
-    )
-}
-
 fn applied(s: &Status) -> i64 {
     s.cluster.as_ref().map_or(0, |c| c.applied_revision)
 }
@@ -256,7 +247,7 @@ fn a_pushed_config_runs_on_both_nodes_within_a_second_and_a_bad_one_on_none() {
     let first = applied(&a.status());
     assert_eq!(applied(&b.status()), first);
 
-    let doc = lab.document_file(&with_deny(), "deny.toml");
+    let doc = lab.document_file(&document_with_deny(), "deny.toml");
     let t = Instant::now();
     let (ok, out) = lab.push(&doc);
     assert!(ok, "{out}");
@@ -408,7 +399,7 @@ fn etcd_failures_and_a_dead_node_do_not_stop_forwarding() {
     for n in [&a, &b] {
         wait_until(n, "etcd reached", Duration::from_secs(5), connected);
     }
-    let (ok, out) = lab.push(&lab.document_file(&with_deny(), "deny.toml"));
+    let (ok, out) = lab.push(&lab.document_file(&document_with_deny(), "deny.toml"));
     assert!(ok, "{out}");
     let rev = pushed_revision(&out);
     for n in [&a, &b] {
