@@ -237,11 +237,10 @@ impl ClusterLab {
             lab.count_flows(k)?;
         }
         lab.start_etcd()?;
-        for (host, asn, net, preferred) in [
-            ("onprem", 65010, "192.168.0.0/16", 1u8),
-            ("vnet", 65020, "10.1.0.0/16", 2),
-        ] {
-            let bird = lab.start_bird(host, asn, net, preferred)?;
+        for host in ["onprem", "vnet"] {
+            // ECMP (`set_multipath`) hashes each flow's 5-tuple onto one node.
+            sysctl(&lab.ns(host), "net.ipv4.fib_multipath_hash_policy=1")?;
+            let bird = lab.start_bird(host)?;
             lab.birds.push(bird);
         }
         Ok(lab)
@@ -442,23 +441,54 @@ impl ClusterLab {
             .map(|_| ())
     }
 
-    /// BIRD in `host`: announces `net` to both nodes and prefers node `preferred`'s routes.
-    fn start_bird(&self, host: &str, asn: u32, net: &str, preferred: u8) -> Result<Child> {
-        let ns = self.ns(host);
-        let id = link_addresses(1, if host == "onprem" { 1 } else { 2 }).1;
+    /// BIRD's config in `host` (on-prem or the VNet): it announces its network to both
+    /// nodes and prefers on-prem node a's routes, the VNet node b's; with `multipath`,
+    /// both nodes' equally, installed as one ECMP route (hashed by 5-tuple).
+    fn bird_conf(&self, host: &str, multipath: bool) -> String {
+        let (asn, net, preferred, l) = match host {
+            "onprem" => (65010, "192.168.0.0/16", 1, 1),
+            _ => (65020, "10.1.0.0/16", 2, 2),
+        };
+        let id = link_addresses(1, l).1;
         let mut conf = format!(
-            "router id {id};\nprotocol device {{}}\nprotocol static nets {{ ipv4; route {net} blackhole; }}\nprotocol kernel {{ ipv4 {{ export where source = RTS_BGP; }}; }}\n"
+            "router id {id};\nprotocol device {{}}\nprotocol static nets {{ ipv4; route {net} blackhole; }}\nprotocol kernel {{ ipv4 {{ export where source = RTS_BGP; }}; merge paths yes; }}\n"
         );
         for node in NODES {
             let x = node_index(node);
-            let (theirs, mine) = link_addresses(x, if host == "onprem" { 1 } else { 2 });
-            let pref = if x == preferred { 200 } else { 100 };
+            let (theirs, mine) = link_addresses(x, l);
+            let pref = if x == preferred && !multipath {
+                200
+            } else {
+                100
+            };
             conf += &format!(
                 "protocol bgp {node} {{\n  local {mine} as {asn};\n  neighbor {theirs} as 65000;\n  hold time 3;\n  connect retry time 1;\n  error wait time 1, 2;\n  ipv4 {{ import filter {{ bgp_local_pref = {pref}; accept; }}; export where proto = \"nets\"; }};\n}}\n"
             );
         }
+        conf
+    }
+
+    /// Both routers spread flows over both nodes (ECMP), or go back to preferring one
+    /// node each (`birdc configure`).
+    pub fn set_multipath(&self, on: bool) -> Result<()> {
+        for host in ["onprem", "vnet"] {
+            std::fs::write(
+                self.dir.join(format!("bird-{host}.conf")),
+                self.bird_conf(host, on),
+            )?;
+            let out = self.birdc(host, "configure");
+            if !out.contains("Reconfigured") {
+                bail!("birdc configure in {host}: {out}");
+            }
+        }
+        Ok(())
+    }
+
+    /// BIRD in `host` with `bird_conf`.
+    fn start_bird(&self, host: &str) -> Result<Child> {
+        let ns = self.ns(host);
         let path = self.dir.join(format!("bird-{host}.conf"));
-        std::fs::write(&path, conf)?;
+        std::fs::write(&path, self.bird_conf(host, false))?;
         let socket = self.dir.join(format!("bird-{host}.ctl"));
         Command::new("ip")
             .args(["netns", "exec", &ns, "bird", "-f", "-c"])

@@ -206,6 +206,11 @@ fn both_directions_meet_one_instance_across_nodes_and_only_a_dead_instances_flow
     let split = flows_and_their_instance(&lab);
     assert!(split.values().all(|&k| k != 1));
     sh(&format!("ip -n {} link set dev fw1 up", lab.ns("b")));
+    for n in [&a, &b] {
+        wait_until(n, "fw1 back", Duration::from_secs(3), |s| {
+            pool(s).len() == 3
+        });
+    }
 
     // `xnet cluster status` shows both nodes, what they applied and see.
     let (ok, out) = lab.xnet(&[
@@ -221,6 +226,38 @@ fn both_directions_meet_one_instance_across_nodes_and_only_a_dead_instances_flow
     assert!(out.contains("2 live nodes"), "{out}");
     for node in NODES {
         assert!(out.lines().any(|l| l.starts_with(node)), "{out}");
+    }
+
+    // Multipath: both routers hash each flow onto either node (ECMP), so requests and
+    // replies cross the nodes in every combination; each flow still meets one instance.
+    lab.set_multipath(true).unwrap();
+    let t = Instant::now();
+    for (host, net) in [("onprem", "10.1.0.0/16"), ("vnet", "192.168.0.0/16")] {
+        while sh(&format!("ip -n {} route show {net}", lab.ns(host)))
+            .matches("nexthop")
+            .count()
+            < 2
+        {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "{host}: no ECMP route to {net}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    // Packets each node received from each side during the flows.
+    let rx = |s: &Status| ["onprem", "vnet"].map(|n| s.interface(n).map_or(0, |i| i.rx));
+    let before_rx = [rx(&a.status()), rx(&b.status())];
+    assert_eq!(flows_and_their_instance(&lab), before);
+    let after_rx = [rx(&a.status()), rx(&b.status())];
+    let per_direction = FLOWS as u64 * PER_FLOW as u64;
+    for (n, node) in NODES.iter().enumerate() {
+        let [from_onprem, from_vnet] = [0, 1].map(|d| after_rx[n][d] - before_rx[n][d]);
+        eprintln!("multipath: node {node} received {from_vnet} requests and {from_onprem} replies of {per_direction} each");
+        assert!(
+            from_onprem > per_direction / 4 && from_vnet > per_direction / 4,
+            "node {node} carries a share of both directions"
+        );
     }
 }
 
