@@ -132,6 +132,61 @@ pub fn render(
             let pool = r.pool.get(svc).map(|p| p.join(" ")).unwrap_or_default();
             let _ = writeln!(s, "  {n:<14} sees: {:<30} pool: {pool}", seen.join(", "));
         }
+        let pools: std::collections::BTreeSet<_> =
+            members.values().map(|r| r.pool.get(svc)).collect();
+        if pools.len() > 1 {
+            let _ = writeln!(
+                s,
+                "  the pools differ: a flow crossing two of these nodes may meet two instances (a node without etcd steers by its own probes)"
+            );
+        }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::{NodeRecord, Refusal};
+    use std::collections::BTreeMap;
+
+    fn node(name: &str, applied: i64, pool: &[&str]) -> (String, NodeRecord) {
+        let mut r = NodeRecord {
+            node: name.into(),
+            version: "0.1.0".into(),
+            applied_revision: applied,
+            ..Default::default()
+        };
+        r.health.insert(
+            "fw".into(),
+            BTreeMap::from([("fw1".into(), true), ("fw2".into(), pool.contains(&"fw2"))]),
+        );
+        r.pool
+            .insert("fw".into(), pool.iter().map(|s| s.to_string()).collect());
+        (name.into(), r)
+    }
+
+    #[test]
+    fn status_shows_revisions_refusals_views_and_disagreement() {
+        let mut m: BTreeMap<String, NodeRecord> =
+            [node("a", 7, &["fw1", "fw2"]), node("b", 6, &["fw1"])].into();
+        m.get_mut("b").unwrap().refused = Some(Refusal {
+            revision: 7,
+            reason: "segments[0].table: invalid type".into(),
+        });
+        let s = render("eu", 7, &m);
+        assert!(
+            s.starts_with("cluster eu: config revision 7, 2 live nodes\n"),
+            "{s}"
+        );
+        let b = s.lines().find(|l| l.starts_with("b ")).unwrap();
+        assert!(
+            b.contains("6 (behind)") && b.contains("revision 7: segments[0].table"),
+            "{b}"
+        );
+        assert!(s.contains("sees: fw1 up, fw2 down"), "{s}");
+        assert!(s.contains("the pools differ"), "{s}");
+        m.insert("b".into(), node("b", 7, &["fw1", "fw2"]).1);
+        assert!(!render("eu", 7, &m).contains("differ"));
+    }
 }
