@@ -106,6 +106,17 @@ pub struct ClusterSettings {
 }
 
 impl ClusterSettings {
+    /// (field, reason) of the first setting that is wrong.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        if self.etcd.is_empty() {
+            return Err(("agent.cluster.etcd".into(), "at least one etcd URL".into()));
+        }
+        for (field, v) in [("name", &self.name), ("node", &self.node)] {
+            crate::cluster::check_name(v).map_err(|why| (format!("agent.cluster.{field}"), why))?;
+        }
+        Ok(())
+    }
+
     pub fn cache_path(&self) -> PathBuf {
         self.cache
             .clone()
@@ -336,16 +347,10 @@ impl Config {
     }
 
     fn validate_cluster(&self) -> Result<(), (String, String)> {
-        let Some(c) = &self.agent.cluster else {
-            return Ok(());
-        };
-        if c.etcd.is_empty() {
-            return Err(("agent.cluster.etcd".into(), "at least one etcd URL".into()));
-        }
-        for (field, v) in [("name", &c.name), ("node", &c.node)] {
-            crate::cluster::check_name(v).map_err(|why| (format!("agent.cluster.{field}"), why))?;
-        }
-        Ok(())
+        self.agent
+            .cluster
+            .as_ref()
+            .map_or(Ok(()), ClusterSettings::validate)
     }
 
     fn validate_flows(&self) -> Result<(), (String, String)> {

@@ -31,12 +31,8 @@ pub fn settings_in(
         .clone()
         .try_into()
         .with_context(|| format!("{file}: agent.cluster"))?;
-    for (field, v) in [("name", &c.name), ("node", &c.node)] {
-        check_name(v).map_err(|why| anyhow::anyhow!("{file}: agent.cluster.{field}: {why}"))?;
-    }
-    if c.etcd.is_empty() {
-        anyhow::bail!("{file}: agent.cluster.etcd: at least one etcd URL");
-    }
+    c.validate()
+        .map_err(|(field, why)| anyhow::anyhow!("{file}: {field}: {why}"))?;
     Ok(Some(c))
 }
 
