@@ -56,6 +56,13 @@ pub struct Status {
     pub cluster: Option<ClusterStatus>,
 }
 
+/// Now, in Unix seconds (what `started_unix` and the like are compared with).
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
 /// A cluster node's view: etcd reachable, the config revision in force, the live nodes.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct ClusterStatus {

@@ -320,12 +320,6 @@ pub fn draw(f: &mut Frame, v: &View) {
     f.render_widget(Paragraph::new(" q: quit"), help);
 }
 
-fn unix_now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
-}
-
 /// Two samples `interval` apart, drawn once into a `width`×`height` text screen (for a
 /// terminal that is not one, and for tests).
 pub async fn once(socket: &Path, interval: Duration, width: u16, height: u16) -> Result<String> {
@@ -333,7 +327,12 @@ pub async fn once(socket: &Path, interval: Duration, width: u16, height: u16) ->
     let t = Instant::now();
     tokio::time::sleep(interval).await;
     let b = status::fetch_brief(socket).await?;
-    let v = view(Some(&a), &b, t.elapsed().as_secs_f64(), unix_now());
+    let v = view(
+        Some(&a),
+        &b,
+        t.elapsed().as_secs_f64(),
+        crate::status::unix_now(),
+    );
     let mut term = ratatui::Terminal::new(ratatui::backend::TestBackend::new(width, height))?;
     term.draw(|f| draw(f, &v))?;
     let buf = term.backend().buffer();
@@ -353,7 +352,7 @@ pub async fn run(socket: &Path, interval: Duration) -> Result<()> {
     // Fail before the screen changes if the agent is not there.
     let mut prev = status::fetch_brief(socket).await?;
     let mut prev_at = Instant::now();
-    let mut v = view(None, &prev, 0.0, unix_now());
+    let mut v = view(None, &prev, 0.0, crate::status::unix_now());
     let mut term = ratatui::init();
     let result: Result<()> = async {
         loop {
@@ -377,7 +376,12 @@ pub async fn run(socket: &Path, interval: Duration) -> Result<()> {
             }
             let cur = status::fetch_brief(socket).await?;
             let now = Instant::now();
-            v = view(Some(&prev), &cur, (now - prev_at).as_secs_f64(), unix_now());
+            v = view(
+                Some(&prev),
+                &cur,
+                (now - prev_at).as_secs_f64(),
+                crate::status::unix_now(),
+            );
             prev = cur;
             prev_at = now;
         }

@@ -111,7 +111,7 @@ pub(super) async fn join(s: ClusterSettings, local: &Path) -> Result<(Config, No
     let record = NodeRecord {
         node: s.node.clone(),
         version: env!("CARGO_PKG_VERSION").into(),
-        started_unix: super::now_unix(),
+        started_unix: crate::status::unix_now(),
         ..Default::default()
     };
     let mut store = Store::start(s.etcd.clone(), s.name.clone(), record);

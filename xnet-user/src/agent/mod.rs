@@ -119,13 +119,6 @@ struct Agent {
     cluster: Option<cluster::Node>,
 }
 
-/// Now, in Unix seconds.
-fn now_unix() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
-}
-
 /// Runs the agent on `path` until SIGINT or SIGTERM; as a node of cluster `cluster` (or
 /// the file's `[agent.cluster]`), `path` is the node's own file and the rest of the config
 /// comes from etcd.
@@ -194,7 +187,7 @@ pub async fn run(path: &Path, cluster: Option<crate::config::ClusterSettings>) -
         failovers: Default::default(),
         failover_started: HashMap::new(),
         bgp_counts: HashMap::new(),
-        started_unix: now_unix(),
+        started_unix: crate::status::unix_now(),
         requests,
         request_tx,
         tables: HashMap::new(),

@@ -92,9 +92,7 @@ pub fn render(
         "{:<16} {:<10} {:<9} {:<10} REFUSED",
         "NODE", "VERSION", "APPLIED", "UP (s)"
     );
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64());
+    let now = crate::status::unix_now();
     for (n, r) in members {
         let applied = if r.applied_revision == revision {
             format!("{}", r.applied_revision)
