@@ -2,8 +2,8 @@
 //! `xnet_common::policy`) and the steering of matched flows to firewall instances.
 
 use xnet_common::policy::{
-    ClassKey, Counter, RuleKey, RuleValue, MAGLEV_SLOTS, MAGLEV_TABLE, MAX_INSTANCES, MAX_TUPLES, META_CLASS_ROOTS, META_EPOCH,
-    META_TUPLES_GEN0, NO_RULE, PORTS,
+    ClassKey, Counter, RuleKey, RuleValue, MAGLEV_SLOTS, MAGLEV_TABLE, MAX_INSTANCES, MAX_TUPLES,
+    META_CLASS_ROOTS, META_EPOCH, META_TUPLES_GEN0, NO_RULE, PORTS,
 };
 
 use crate::maps::{
