@@ -274,6 +274,17 @@ action = "deny"
     });
 }
 
+/// VNet → on-prem steered through service "fw".
+const STEER_VNET_TO_ONPREM: &str = r#"
+[[policies]]
+name = "vnet-to-onprem"
+segment = "prod"
+source = "vnet"
+destination = "onprem"
+action = "steer"
+service = "fw"
+"#;
+
 /// The instance XDP steers each flow to, by the instance's MAC, for flows from VNet port
 /// 20000 + i to on-prem port 443.
 fn instances_of_flows(
@@ -300,17 +311,7 @@ fn xdp_steers_by_maglev_so_one_of_three_failing_moves_only_its_flows() {
         return;
     }
     in_private_netns(|| {
-        let mut lab = Lab::new(
-            r#"
-[[policies]]
-name = "vnet-to-onprem"
-segment = "prod"
-source = "vnet"
-destination = "onprem"
-action = "steer"
-service = "fw"
-"#,
-        );
+        let mut lab = Lab::new(STEER_VNET_TO_ONPREM);
         let f = lab.f;
         let key = |via: &str| NhKey {
             ifindex: f,
@@ -383,16 +384,8 @@ fn steering_is_symmetric_and_not_repeated_on_return() {
         return;
     }
     in_private_netns(|| {
-        let mut lab = Lab::new(
-            r#"
-[[policies]]
-name = "vnet-to-onprem"
-segment = "prod"
-source = "vnet"
-destination = "onprem"
-action = "steer"
-service = "fw"
-
+        let mut lab = Lab::new(&format!(
+            r#"{STEER_VNET_TO_ONPREM}
 [[policies]]
 name = "onprem-to-vnet"
 segment = "prod"
@@ -400,8 +393,8 @@ source = "onprem"
 destination = "vnet"
 action = "steer"
 service = "fw"
-"#,
-        );
+"#
+        ));
         let (a, b, f) = (lab.a, lab.b, lab.f);
         let mut per_instance = [0; 2];
         for port in 0..400u16 {
