@@ -27,15 +27,6 @@ pub(super) struct Node {
 }
 
 impl Node {
-    pub(super) fn pool(
-        &self,
-        service: &str,
-        instances: &[&str],
-        local: &[Option<bool>],
-    ) -> Vec<bool> {
-        self.view.pool(service, instances, local)
-    }
-
     pub(super) fn status(&self) -> crate::status::ClusterStatus {
         crate::status::ClusterStatus {
             cluster: self.settings.name.clone(),

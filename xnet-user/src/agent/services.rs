@@ -177,7 +177,7 @@ impl Agent {
         let members = match &self.cluster {
             Some(c) => {
                 let names: Vec<&str> = svc.instances.iter().map(|i| i.name.as_str()).collect();
-                c.pool(&svc.name, &names, &local)
+                c.view.pool(&svc.name, &names, &local)
             }
             None => local.iter().map(|h| *h == Some(true)).collect(),
         };
