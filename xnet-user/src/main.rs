@@ -180,6 +180,7 @@ enum ConfigCommand {
 
 #[derive(Subcommand)]
 enum ClusterCommand {
+    /// The live nodes: version, config revision applied, refusals, instance views, pools.
     Status {
         #[command(flatten)]
         store: Store,
